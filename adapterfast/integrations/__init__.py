@@ -1,0 +1,1 @@
+"""Integrations that put adapterfast adapters into real models (transformers, PEFT, AdapterHub)."""

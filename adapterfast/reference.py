@@ -1,0 +1,155 @@
+"""The adapter op in plain eager PyTorch: the specification every backend is tested against.
+
+    y = residual + scale * dropout_p(up(act(down(x) + b_down)) + b_up),   residual = x by default
+
+``adapter`` is the op as autograd sees it (used for gradcheck and as the float64 oracle in tests).
+``forward`` and ``backward`` are the same op split the way the custom ops split it, with the
+backward written out by hand, so the reference is also the fallback backend.
+
+Precision rules shared by all backends: the matmul operands are in x's dtype (fp32 weights are
+cast down for fp16/bf16 activations, as autocast does), accumulation is in fp32 (or float64 for
+float64 inputs), the pre-activation ``h`` is kept in fp32 (float64 for float64), ``y`` and ``dx``
+come back in x's dtype and the weight gradients in the weights' dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import dropout as _dropout
+from .activations import LEAKY_RELU_SLOPE
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_QUICK_GELU_ALPHA = 1.702
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(h)`` for a canonical activation name."""
+    if activation == "relu":
+        return torch.relu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "silu":
+        return F.silu(h)
+    if activation == "tanh":
+        return torch.tanh(h)
+    if activation == "sigmoid":
+        return torch.sigmoid(h)
+    if activation == "leaky_relu":
+        return F.leaky_relu(h, LEAKY_RELU_SLOPE)
+    if activation == "identity":
+        return h
+    if activation == "quick_gelu":
+        return h * torch.sigmoid(_QUICK_GELU_ALPHA * h)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def activate_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act'(h)``, the derivative the backward multiplies by."""
+    if activation == "relu":
+        return (h > 0).to(h.dtype)
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(h * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
+        return cdf + h * pdf
+    if activation == "gelu_tanh":
+        inner = _SQRT_2_OVER_PI * (h + 0.044715 * h**3)
+        t = torch.tanh(inner)
+        return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * h * h)
+    if activation == "silu":
+        s = torch.sigmoid(h)
+        return s * (1.0 + h * (1.0 - s))
+    if activation == "tanh":
+        t = torch.tanh(h)
+        return 1.0 - t * t
+    if activation == "sigmoid":
+        s = torch.sigmoid(h)
+        return s * (1.0 - s)
+    if activation == "leaky_relu":
+        return torch.where(h > 0, torch.ones_like(h), torch.full_like(h, LEAKY_RELU_SLOPE))
+    if activation == "identity":
+        return torch.ones_like(h)
+    if activation == "quick_gelu":
+        s = torch.sigmoid(_QUICK_GELU_ALPHA * h)
+        return s + _QUICK_GELU_ALPHA * h * s * (1.0 - s)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def branch_scale(mask: torch.Tensor | None, scale: float, p: float) -> torch.Tensor | float:
+    """The factor on the adapter branch: ``scale / (1 - p)`` where kept, 0 where dropped."""
+    if mask is None:
+        return scale
+    return mask * (scale / (1.0 - p))
+
+
+def dropout_mask(seed: int | torch.Tensor | None, p: float, rows: int, cols: int, device) -> torch.Tensor | None:
+    if p == 0.0 or seed is None:
+        return None
+    return _dropout.keep_mask(int(seed), p, rows, cols, device)
+
+
+def adapter(x, w_down, w_up, b_down=None, b_up=None, *, activation="relu", scale=1.0,
+            dropout_p=0.0, seed=None, residual=None):
+    """The op on 2-D ``x`` ``[N, d]``, differentiable by autograd, in x's dtype throughout."""
+    h = F.linear(x, w_down.to(x.dtype), None if b_down is None else b_down.to(x.dtype))
+    u = F.linear(activate(h, activation), w_up.to(x.dtype), None if b_up is None else b_up.to(x.dtype))
+    mask = dropout_mask(seed, dropout_p, x.shape[0], x.shape[1], x.device)
+    return (x if residual is None else residual) + branch_scale(mask, scale, dropout_p) * u
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` with operands rounded to ``dtype`` and the product accumulated in fp32 (or float64)."""
+    acc = _acc_dtype(dtype)
+    return torch.matmul(a.to(dtype).to(acc), b.to(dtype).to(acc))
+
+
+def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+    """Returns ``(y, h)``: ``y`` ``[N, d]`` in x's dtype and the pre-activation ``h`` ``[N, r]`` in fp32."""
+    dtype = x.dtype
+    h = _matmul(x, w_down.t(), dtype)
+    if b_down is not None:
+        h = h + b_down.to(h.dtype)
+    a = activate(h, activation)
+    u = _matmul(a, w_up.t(), dtype)
+    if b_up is not None:
+        u = u + b_up.to(u.dtype)
+    mask = dropout_mask(seed, dropout_p, x.shape[0], x.shape[1], x.device)
+    res = x if residual is None else residual
+    y = res.to(u.dtype) + branch_scale(mask, scale, dropout_p) * u
+    return y.to(dtype), h
+
+
+def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed):
+    """Returns ``(dx, dw_down, db_down, dw_up, db_up)``.
+
+    With ``m`` the kept-mask and ``s = scale / (1 - p)``, ``a = act(h)``:
+        gz      = g * m * s                      gradient at the up-projection output  [N, d]
+        db_up   = sum_rows gz                    dw_up   = gz^T a                     [d, r]
+        dh      = (gz @ w_up) * act'(h)          gradient at the pre-activation       [N, r]
+        db_down = sum_rows dh                    dw_down = dh^T x                     [r, d]
+        dx      = dh @ w_down  (+ g when the residual is x)
+    """
+    dtype = x.dtype
+    acc = _acc_dtype(dtype)
+    g = grad_y.to(acc)
+    mask = dropout_mask(seed, dropout_p, x.shape[0], x.shape[1], x.device)
+    gz = g * branch_scale(mask, scale, dropout_p)
+    a = activate(h, activation)
+    dw_up = _matmul(gz.t(), a, dtype)
+    db_up = gz.sum(0)
+    dh = _matmul(gz, w_up, dtype) * activate_grad(h, activation)
+    dw_down = _matmul(dh.t(), x, dtype)
+    db_down = dh.sum(0)
+    dx = _matmul(dh, w_down, dtype)
+    if residual_is_x:
+        dx = dx + g
+    wd = w_down.dtype
+    return (dx.to(dtype), dw_down.to(wd), db_down.to(wd), dw_up.to(w_up.dtype), db_up.to(w_up.dtype))
