@@ -7,7 +7,7 @@ eager adapters in a model for it. Triton kernels run CUDA tensors, C++ kernels C
 the eager reference everything else; ``backends()`` says which are available.
 """
 from . import ops as _ops  # registers the custom ops
-from .backends import backends, use_backend
+from .dispatch import backends, use_backend
 from .functional import fused_adapter
 from .modules import Adapter, replace_adapters
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import dispatch
 
 
 def _seed(seed: Optional[Tensor]) -> int:
@@ -38,7 +38,7 @@ def adapter_forward(
     dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, h)``: the output ``[N, d]`` and the pre-activation ``[N, r]`` kept for backward."""
-    backend = backends.select(x, w_down.shape[0])
+    backend = dispatch.select(x, w_down.shape[0])
     return backend.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, _seed(seed))
 
 
@@ -64,7 +64,7 @@ def adapter_backward(
     dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the bias gradients are always computed."""
-    backend = backends.select(x, w_down.shape[0])
+    backend = dispatch.select(x, w_down.shape[0])
     return backend.backward(
         grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, _seed(seed)
     )

@@ -1,0 +1,126 @@
+"""Adapter and replace_adapters: drop-in for the seed's eager adapter, in a real layer and in training."""
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adapterfast
+from adapterfast import Adapter, dispatch, replace_adapters
+
+from helpers import SeedAdapter, ToyTransformerLayer, rel_err
+
+BACKENDS = [name for name in ("reference", "cpu", "triton") if dispatch.backends()[name].available]
+
+
+def test_state_dict_interchangeable_with_seed():
+    seed = SeedAdapter(32, 8)
+    fused = Adapter(32, 8)
+    fused.load_state_dict(seed.state_dict())
+    seed.load_state_dict(fused.state_dict())
+    x = torch.randn(5, 32)
+    assert rel_err(fused(x), seed(x)) < 1e-6
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(d_model=0), ValueError, "d_model must be >= 1"),
+    (dict(d_model=16, r=0), ValueError, "r must be >= 1"),
+    (dict(d_model=16.0), TypeError, "d_model must be an int"),
+    (dict(d_model=16, activation="nope"), ValueError, "unknown activation"),
+    (dict(d_model=16, dropout=1.5), ValueError, "dropout must be in [0, 1)"),
+])
+def test_constructor_errors(kwargs, error, words):
+    with pytest.raises(error) as info:
+        Adapter(**kwargs)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("act, name", [
+    (nn.ReLU(), "relu"), (nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"), (nn.SiLU(), "silu"),
+    (nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid"), (nn.LeakyReLU(), "leaky_relu"), (nn.Identity(), "identity"),
+])
+def test_from_module_each_activation(act, name):
+    seed = SeedAdapter(24, 6)
+    seed.act = act
+    fused = Adapter.from_module(seed)
+    assert fused.activation == name
+    assert fused.down is seed.down and fused.up is seed.up
+    x = torch.randn(4, 24)
+    with adapterfast.use_backend("reference"):
+        assert rel_err(fused(x), seed(x)) < 1e-6
+
+
+def test_from_module_rejects_what_it_cannot_compute():
+    seed = SeedAdapter(16, 4)
+    seed.act = nn.LeakyReLU(0.2)
+    with pytest.raises(TypeError, match="not an activation the fused op computes"):
+        Adapter.from_module(seed)
+    with pytest.raises(TypeError, match="no `down`/`up` nn.Linear"):
+        Adapter.from_module(nn.Linear(3, 3))
+
+
+class NoResidual(SeedAdapter):
+    def forward(self, x):
+        return self.up(self.act(self.down(x)))
+
+
+def test_replace_leaves_other_computations_alone(caplog):
+    model = nn.Sequential(SeedAdapter(16, 4), NoResidual(16, 4))
+    with caplog.at_level(logging.WARNING, logger="adapterfast"):
+        assert replace_adapters(model) == 1
+    assert isinstance(model[0], Adapter) and isinstance(model[1], NoResidual)
+    assert "left 1 (NoResidual) alone" in caplog.text
+
+
+def test_replace_keeps_dtype_device_and_requires_grad():
+    model = nn.Sequential(SeedAdapter(16, 4)).to(torch.float64)
+    model[0].down.weight.requires_grad_(False)
+    assert replace_adapters(model) == 1
+    assert model[0].down.weight.dtype == torch.float64
+    assert not model[0].down.weight.requires_grad and model[0].up.weight.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_toy_transformer_outputs_and_grads(backend):
+    torch.manual_seed(0)
+    eager = ToyTransformerLayer()
+    fused = copy.deepcopy(eager)
+    assert replace_adapters(fused) == 1
+    assert isinstance(fused.adapter, Adapter)
+    x = torch.randn(2, 5, 32)
+    with adapterfast.use_backend(backend):
+        y = fused(x)
+        y.square().sum().backward()
+    eager(x).square().sum().backward()
+    assert rel_err(y, eager(x)) < 1e-5
+    for (name, p), q in zip(fused.named_parameters(), eager.parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-4, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_twenty_training_steps_same_losses(backend):
+    torch.manual_seed(0)
+    eager = ToyTransformerLayer()
+    fused = copy.deepcopy(eager)
+    replace_adapters(fused)
+    data = [(torch.randn(4, 6, 32), torch.randn(4, 6, 32)) for _ in range(20)]
+
+    def train(model):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        losses = []
+        for x, target in data:
+            loss = (model(x) - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    with adapterfast.use_backend(backend):
+        fused_losses = train(fused)
+    eager_losses = train(eager)
+    assert fused_losses[-1] < fused_losses[0]
+    for a, b in zip(fused_losses, eager_losses):
+        assert abs(a - b) <= 1e-4 * abs(b)
