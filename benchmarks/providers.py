@@ -1,0 +1,145 @@
+"""The implementations measured side by side, all holding the same weights.
+
+- ``eager``: the seed's adapter module, ``x + up(act(down(x)))`` with bias-free ``nn.Linear``s
+  (the baseline every ratio is taken against);
+- ``compile`` / ``compile_max_autotune``: ``torch.compile`` of a copy of that module
+  (default mode; ``max-autotune`` is offered on CUDA);
+- ``adapterhub``: the AdapterHub ``adapters`` bottleneck layer (``adapters.methods.modeling.Adapter``)
+  built standalone with a sequential, no-layer-norm config and called as ``layer(x, residual=x)``.
+  Its ``nn.Linear``s always carry biases (zeroed here, trainable as in real use) and its forward
+  multiplies by ``scaling`` and applies ``nn.Dropout(0.0)``: that is what the library runs;
+- ``adapterfast``: ``adapterfast.Adapter`` with the seed's weights loaded.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+ORDER = ("eager", "compile", "compile_max_autotune", "adapterhub", "adapterfast")
+LABELS = {
+    "eager": "eager (seed)",
+    "compile": "torch.compile",
+    "compile_max_autotune": "torch.compile max-autotune",
+    "adapterhub": "AdapterHub adapters",
+    "adapterfast": "adapterfast",
+}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class SeedAdapter(nn.Module):
+    """The seed's eager adapter, with the activation as a parameter."""
+
+    def __init__(self, d_model: int, r: int = 16, activation: str = "relu"):
+        super().__init__()
+        self.down = nn.Linear(d_model, r, bias=False)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(r, d_model, bias=False)
+
+    def forward(self, x):
+        return x + self.up(self.act(self.down(x)))
+
+
+class AdapterHubLayer(nn.Module):
+    """AdapterHub's bottleneck layer called the way its model integration calls it (residual = x)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x, residual_input=x)[0]
+
+
+@dataclasses.dataclass
+class Provider:
+    name: str
+    module: nn.Module | None
+    params: list
+    skip: str | None = None  # why this provider is not measured here
+    note: str | None = None  # what is worth knowing about how it was built
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.name, self.name)
+
+
+def _adapterhub(seed: SeedAdapter, d: int, r: int, activation: str) -> tuple[nn.Module | None, str | None]:
+    try:
+        from adapters.configuration import SeqBnConfig
+        from adapters.methods.modeling import Adapter as HubAdapter
+    except Exception as error:  # not installed, or an incompatible transformers
+        return None, f"AdapterHub `adapters` not importable: {type(error).__name__}: {error}"
+    try:
+        config = SeqBnConfig(reduction_factor=max(d // r, 1), non_linearity=activation, scaling=1.0,
+                             dropout=0.0, ln_before=False, ln_after=False, use_gating=False,
+                             adapter_residual_before_ln=False)
+        layer = HubAdapter("bench", input_size=d, down_sample=r, config=config)
+        down = layer.adapter_down[0]
+        with torch.no_grad():
+            down.weight.copy_(seed.down.weight)
+            down.bias.zero_()
+            layer.adapter_up.weight.copy_(seed.up.weight)
+            layer.adapter_up.bias.zero_()
+    except Exception as error:
+        return None, f"could not build AdapterHub's Adapter standalone: {type(error).__name__}: {error}"
+    return AdapterHubLayer(layer), None
+
+
+def build(names, d: int, r: int, activation: str, dtype: torch.dtype, device: str, seed: int = 0) -> list[Provider]:
+    """The providers named in ``names`` (in ``ORDER``), each with the same weights, in train mode."""
+    torch.manual_seed(seed)
+    eager = SeedAdapter(d, r, activation)
+    providers = []
+    for name in [n for n in ORDER if n in names]:
+        module, skip, note = None, None, None
+        if name == "eager":
+            module = eager
+        elif name in ("compile", "compile_max_autotune"):
+            if name == "compile_max_autotune" and device != "cuda":
+                skip = "max-autotune is measured on CUDA only"
+            else:
+                mode = "max-autotune" if name == "compile_max_autotune" else "default"
+                module = torch.compile(copy.deepcopy(eager), mode=mode, dynamic=False)
+                note = f"torch.compile(mode={mode!r}, dynamic=False)"
+        elif name == "adapterhub":
+            module, skip = _adapterhub(eager, d, r, activation)
+            note = "adapters.methods.modeling.Adapter, SeqBnConfig, biases zeroed (trainable), scaling=1.0"
+        elif name == "adapterfast":
+            import adapterfast
+
+            module = adapterfast.Adapter(d, r, activation=activation)
+            module.load_state_dict(eager.state_dict())
+        else:
+            raise ValueError(f"unknown provider {name!r}; choose from {', '.join(ORDER)}")
+        if module is not None:
+            module = module.to(device=device, dtype=dtype).train()
+        params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        providers.append(Provider(name, module, params, skip, note))
+    return providers
+
+
+def adapterfast_backend(x: torch.Tensor, r: int) -> str:
+    """Which adapterfast backend computes this input (``cpu``, ``triton`` or ``reference``)."""
+    import importlib
+
+    for name in ("adapterfast.dispatch", "adapterfast.backends"):
+        try:
+            chooser = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(chooser, "select", None)):
+            try:
+                module = chooser.select(x, r).__name__
+            except Exception as error:
+                return f"error: {type(error).__name__}: {error}"
+            return {"adapterfast.kernels": "triton", "adapterfast.cpu": "cpu"}.get(module, module.rsplit(".", 1)[-1])
+    try:  # only the public report is there: infer from availability
+        import adapterfast
+
+        fused = "triton" if x.device.type == "cuda" else "cpu"
+        return fused if adapterfast.backends()[fused].available else "reference"
+    except Exception as error:
+        return f"unknown ({type(error).__name__}: {error})"
