@@ -1,1 +1,59 @@
-"""Triton kernels for the fused adapter (being written)."""
+"""Triton backend of the adapter op (installed as ``adapterfast.kernels``).
+
+``forward`` and ``backward`` have the signatures and semantics of ``adapterfast.reference``'s, on
+2-D ``[N, d]`` inputs of any strides, for ranks ``1 <= r <= 256`` (larger ranks raise
+``ValueError``; the ops layer sends them to the reference).
+
+- ``forward_kernel.py``: the forward, one fused kernel;
+- ``backward_kernels.py``: the backward, a row kernel (dh, dx) then a column-tile kernel
+  (deterministic weight and bias gradients);
+- ``config.py``: block sizes, one table for the launchers and ``adapterfast.compile_check``;
+- ``philox.py``: the dropout mask; ``activations.py``: act and act';
+- ``launch.py``: what the launchers share.
+"""
+from __future__ import annotations
+
+if __name__ != "adapterfast.kernels":
+    raise ImportError(
+        f"adapterfast's kernels/ folder was imported as {__name__!r}; it is the package "
+        "adapterfast.kernels (a repository checkout on sys.path shadows other packages named 'kernels')"
+    )
+
+import contextlib
+
+import torch
+
+from adapterfast.activations import ACTIVATIONS
+
+from . import backward_kernels, forward_kernel
+from .config import block_r
+
+__all__ = ["forward", "backward"]
+
+
+def _check(x, w_down, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; the kernels implement {', '.join(ACTIVATIONS)}")
+    if x.dim() != 2:
+        raise ValueError(f"the kernels take 2-D x [N, d], got shape {tuple(x.shape)}")
+    block_r(w_down.shape[0])
+
+
+def _on_device(x):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+    """Returns ``(y, h)``: ``y`` ``[N, d]`` contiguous in x's dtype, ``h = x Wd^T + bd`` ``[N, r]`` fp32."""
+    _check(x, w_down, activation)
+    with _on_device(x):
+        return forward_kernel.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+
+
+def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed):
+    """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the weight gradients are bitwise reproducible."""
+    _check(x, w_down, activation)
+    with _on_device(x):
+        return backward_kernels.backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation,
+                                         scale, dropout_p, seed)

@@ -83,19 +83,28 @@ def test_replace_keeps_dtype_device_and_requires_grad():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_toy_transformer_outputs_and_grads(backend):
+    """The swapped layer is as accurate as the eager fp32 layer, both measured against float64.
+
+    Some gradients here (the attention projections behind two layer norms) are small and
+    ill-conditioned, so fp32 eager itself is only ~1e-3 from the float64 truth on them.
+    """
     torch.manual_seed(0)
     eager = ToyTransformerLayer()
     fused = copy.deepcopy(eager)
+    truth = copy.deepcopy(eager).double()
     assert replace_adapters(fused) == 1
     assert isinstance(fused.adapter, Adapter)
     x = torch.randn(2, 5, 32)
     with adapterfast.use_backend(backend):
         y = fused(x)
         y.square().sum().backward()
-    eager(x).square().sum().backward()
-    assert rel_err(y, eager(x)) < 1e-5
-    for (name, p), q in zip(fused.named_parameters(), eager.parameters()):
-        assert rel_err(p.grad, q.grad) < 1e-4, name
+    y_eager = eager(x)
+    y_eager.square().sum().backward()
+    y_truth = truth(x.double())
+    y_truth.square().sum().backward()
+    assert rel_err(y, y_truth) <= 2 * rel_err(y_eager, y_truth) + 1e-6
+    for (name, p), q, t in zip(fused.named_parameters(), eager.parameters(), truth.parameters()):
+        assert rel_err(p.grad, t.grad) <= 2 * rel_err(q.grad, t.grad) + 1e-5, name
 
 
 @pytest.mark.slow

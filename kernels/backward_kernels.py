@@ -1,0 +1,201 @@
+"""Backward kernels of the adapter op.
+
+With ``g`` the gradient of y, ``m`` the kept-mask, ``s = scale / (1 - p)`` (``scale`` without
+dropout), ``a = act(h)``:
+
+    gz      = g * m * s                      gradient at the up-projection output  [N, d]
+    da      = gz @ Wu                        gradient at the activation output     [N, r]
+    dh      = da * act'(h)                   gradient at the pre-activation        [N, r]
+    dx      = dh @ Wd  (+ g when the residual is x)                                [N, d]
+    dWu     = gz^T a        dbu = sum_rows gz                                      [d, r], [d]
+    dWd     = dh^T x        dbd = sum_rows dh                                      [r, d], [r]
+
+Matmul operands are in x's dtype (gz, a, dh, the weights are rounded to it), accumulation fp32.
+
+Two kernels, because dh needs a full reduction over d before anything that uses it:
+
+1. ``adapter_backward_dx_kernel``, shaped like the forward: a program owns ``BLOCK_M`` rows,
+   accumulates ``da`` over d-chunks in registers (regenerating the dropout mask from the seed),
+   forms ``dh = da * act'(h)``, writes it (``[N, r]`` fp32, for kernel 2), then produces ``dx``
+   chunk by chunk from ``dh`` and ``Wd`` (adding g again when the residual is x).
+2. ``adapter_backward_dw_kernel``: a program owns a ``BLOCK_D`` column tile and one of S fixed
+   row slices; per ``BLOCK_M`` rows it loads g (mask again), x, h and dh and accumulates
+   ``dWu^T[:, tile]``, ``dWd[:, tile]`` (both ``[BLOCK_R, BLOCK_D]``, so both dots share one warp
+   layout) and ``dbu[tile]`` in registers, then writes them as fp32 partials ``[S, ...]``. The
+   launcher sums the S partials with torch (fixed order, no atomics), so the weight gradients
+   are bitwise reproducible; S depends only on the shapes and the device
+   (``config.row_slices``). ``dbd = dh.sum(0)`` in torch.
+
+Bytes moved per backward, for ``[N, d]`` tensors in ``e``-byte elements and rank r:
+- HBM, ``[N, d]`` passes: read g, write dx (kernel 1); read g, read x (kernel 2): 4 passes,
+  against the fused floor of 3 and ~7 for eager PyTorch. Kernel 1 re-reads its rows of g for
+  the residual right after reading them: from L2 while the rows in flight fit in it (as for the
+  forward's residual), else up to one more pass. Small tensors: h read twice, dh written
+  once and read once (``4 N r`` bytes each); partials ``S (2 r + 1) d * 4`` bytes written and read.
+- L2: kernel 2 re-reads the rows of h and dh once per column tile (``d / BLOCK_D`` times);
+  column tiles of one row slice run side by side, so those reads hit L2. Every program of
+  either kernel reads its weights from L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import config as _config
+from .activations import activate, activate_grad
+from .launch import Launch, dot_precision, dropout_args
+from .philox import branch_factor
+
+
+@triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])
+def adapter_backward_dx_kernel(
+    g_ptr, w_down_ptr, w_up_ptr, h_ptr, dh_ptr, dx_ptr,
+    n_rows, d, r,
+    stride_gm, stride_gd, stride_wd_r, stride_wd_d, stride_wu_d, stride_wu_r,
+    scale, key_lo, key_hi, threshold,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, RESIDUAL_IS_X: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``dh`` and ``dx`` for rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)``; dh and dx are contiguous."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < r
+
+    da = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for start in range(0, d, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < d
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd,
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        gz = g * branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
+        w_up = tl.load(w_up_ptr + cols[:, None] * stride_wu_d + ranks[None, :] * stride_wu_r,
+                       mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
+        da = tl.dot(gz.to(DOT_DTYPE), w_up.to(DOT_DTYPE), da, input_precision=INPUT_PRECISION)
+
+    hr_mask = row_mask[:, None] & rank_mask[None, :]
+    h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
+    dh = da * activate_grad(h, ACTIVATION)
+    tl.store(dh_ptr + rows[:, None] * r + ranks[None, :], dh, mask=hr_mask)
+    dh = dh.to(DOT_DTYPE)
+
+    for start in range(0, d, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < d
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        w_down = tl.load(w_down_ptr + ranks[:, None] * stride_wd_r + cols[None, :] * stride_wd_d,
+                         mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+        dx = tl.dot(dh, w_down.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+        if RESIDUAL_IS_X:
+            dx += tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd,
+                          mask=tile_mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows[:, None] * d + cols[None, :], dx.to(DOT_DTYPE), mask=tile_mask)
+
+
+@triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])
+def adapter_backward_dw_kernel(
+    g_ptr, x_ptr, h_ptr, dh_ptr, dw_down_part_ptr, dw_up_part_ptr, db_up_part_ptr,
+    n_rows, d, r, blocks_per_slice,
+    stride_gm, stride_gd, stride_xm, stride_xd,
+    scale, key_lo, key_hi, threshold,
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Partial dWu, dbu, dWd of row slice ``pid(1)`` for column tile ``pid(0)``.
+
+    Partials are contiguous: ``dw_down_part [S, r, d]``, ``dw_up_part [S, d, r]``, ``db_up_part [S, d]``.
+    """
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < d
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < r
+    slice_id = tl.program_id(1).to(tl.int64)
+
+    dw_up_t = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    dw_down = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    db_up = tl.zeros((BLOCK_D,), tl.float32)
+    for block in range(0, blocks_per_slice):
+        rows = (slice_id * blocks_per_slice + block) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        hr_mask = row_mask[:, None] & rank_mask[None, :]
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd,
+                    mask=tile_mask, other=0.0).to(tl.float32)
+        gz = g * branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=tile_mask, other=0.0)
+        h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
+        a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(DOT_DTYPE)
+        dh = tl.load(dh_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0).to(DOT_DTYPE)
+        dw_up_t = tl.dot(tl.trans(a), gz.to(DOT_DTYPE), dw_up_t, input_precision=INPUT_PRECISION)
+        dw_down = tl.dot(tl.trans(dh), x.to(DOT_DTYPE), dw_down, input_precision=INPUT_PRECISION)
+        db_up += tl.sum(gz, axis=0)
+
+    dw_mask = rank_mask[:, None] & col_mask[None, :]
+    tl.store(dw_down_part_ptr + (slice_id * r + ranks[:, None]) * d + cols[None, :], dw_down, mask=dw_mask)
+    tl.store(dw_up_part_ptr + (slice_id * d + cols[None, :]) * r + ranks[:, None], dw_up_t, mask=dw_mask)
+    tl.store(db_up_part_ptr + slice_id * d + cols, db_up, mask=col_mask)
+
+
+def _zero_grads(x, w_down, w_up):
+    r, d = w_down.shape
+    dev = x.device
+    return (torch.zeros((r, d), dtype=w_down.dtype, device=dev), torch.zeros((r,), dtype=w_down.dtype, device=dev),
+            torch.zeros((d, r), dtype=w_up.dtype, device=dev), torch.zeros((d,), dtype=w_up.dtype, device=dev))
+
+
+def plan(grad_y, x, w_down, w_up, h, residual_is_x, activation, scale, dropout_p, seed):
+    """Allocates dx, dh and the fp32 partials; returns them with the two launches (empty when N == 0)."""
+    n_rows, d = x.shape
+    r = w_down.shape[0]
+    cfgs = _config.choose(d, r, x.dtype)
+    dev = x.device
+    dx = torch.empty((n_rows, d), dtype=x.dtype, device=dev)
+    dh = torch.empty((n_rows, r), dtype=torch.float32, device=dev)
+    slices = _config.row_slices(n_rows, d, r, cfgs.backward_dw, _config.sm_count(dev)) if n_rows else 0
+    parts = (torch.empty((slices, r, d), dtype=torch.float32, device=dev),
+             torch.empty((slices, d, r), dtype=torch.float32, device=dev),
+             torch.empty((slices, d), dtype=torch.float32, device=dev))
+    if n_rows == 0:
+        return dx, dh, parts, []
+    h = h.to(torch.float32).contiguous()
+    has_dropout, eff_scale, key_lo, key_hi, threshold = dropout_args(scale, dropout_p, seed)
+    shared = dict(ACTIVATION=activation, HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(x.dtype),
+                  DOT_DTYPE=_tl_dtype(x.dtype))
+
+    c = cfgs.backward_dx
+    dx_launch = Launch(
+        adapter_backward_dx_kernel, (triton.cdiv(n_rows, c.block_m),),
+        (grad_y, w_down, w_up, h, dh, dx, n_rows, d, r, grad_y.stride(0), grad_y.stride(1),
+         w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1), eff_scale, key_lo, key_hi, threshold),
+        dict(shared, RESIDUAL_IS_X=bool(residual_is_x), BLOCK_M=c.block_m, BLOCK_D=c.block_d, BLOCK_R=c.block_r),
+        c)
+
+    c = cfgs.backward_dw
+    blocks_per_slice = triton.cdiv(triton.cdiv(n_rows, c.block_m), slices)
+    dw_launch = Launch(
+        adapter_backward_dw_kernel, (triton.cdiv(d, c.block_d), slices),
+        (grad_y, x, h, dh, *parts, n_rows, d, r, blocks_per_slice,
+         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), eff_scale, key_lo, key_hi, threshold),
+        dict(shared, BLOCK_M=c.block_m, BLOCK_D=c.block_d, BLOCK_R=c.block_r), c)
+    return dx, dh, parts, [dx_launch, dw_launch]
+
+
+def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed):
+    """Returns ``(dx, dw_down, db_down, dw_up, db_up)`` (see the module docstring for the chain rule)."""
+    dx, dh, parts, launches = plan(grad_y, x, w_down, w_up, h, residual_is_x, activation, scale, dropout_p, seed)
+    if not launches:
+        return (dx, *_zero_grads(x, w_down, w_up))
+    for launch in launches:
+        launch()
+    dw_down_part, dw_up_part, db_up_part = parts
+    return (dx, dw_down_part.sum(0).to(w_down.dtype), dh.sum(0).to(w_down.dtype),
+            dw_up_part.sum(0).to(w_up.dtype), db_up_part.sum(0).to(w_up.dtype))
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return _TL_DTYPES[dtype]

@@ -1,0 +1,119 @@
+"""Block sizes for every kernel, in one table shared by the launchers and ``compile_check``.
+
+``choose(d, r, dtype)`` returns the configuration of the three kernels for a problem. It depends
+on the rank bucket (``r`` padded to a power of two >= 16, the ``tl.dot`` minimum) and on whether
+the operands are fp32; it does not vary with ``d`` (tails are masked), so ``compile_check``
+covers every configuration the launchers can produce by enumerating dtypes and rank buckets.
+
+How the entries were chosen (``python -m adapterfast.compile_check`` and ptxas on sm_80 and
+sm_90, with dropout on, whose Philox state of 4 words per tile element is a large register
+consumer): no spills, at most ~230 registers with 8 warps, shared memory well under sm_80's
+limit, tensor cores for 16-bit operands.
+- forward / backward-dx: a program owns ``block_m`` rows and keeps a ``[block_m, block_r]`` fp32
+  accumulator over the whole pass over d. ``block_m`` is kept at 64 where registers allow,
+  because every program re-reads the (L2-resident) weights: weight bytes per row are
+  ``~r / block_m`` times the activation bytes per row.
+- backward-dw: a program owns a ``block_d`` column tile and keeps two ``[block_r, block_d]``
+  fp32 accumulators (the dW_up^T and dW_down tiles); larger ``block_d`` means fewer re-reads of
+  the ``[N, r]`` h and dh per row, larger ``block_r`` forces ``block_m`` and ``block_d`` down.
+  Triton gives the two dots of its loop one warp layout, along the longer of their dimensions;
+  for ``block_r >= 64`` that is the rank, replicated over the warps when ``block_m`` is large.
+- fp32 operands use FMA dots (exact mode) or tf32, whose operands take twice the registers and
+  shared memory: narrower tiles and, for backward-dw, no software pipelining.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_R = 256
+R_BUCKETS = (16, 32, 64, 128, 256)
+FP_FUSION = True
+DEFAULT_SM_COUNT = 132
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes and launch options of one kernel."""
+
+    block_m: int
+    block_d: int
+    block_r: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return (f"M{self.block_m}-D{self.block_d}-R{self.block_r}"
+                f"-w{self.num_warps}-s{self.num_stages}")
+
+    def options(self) -> dict:
+        """Launch/compile options: ``kernel[grid](..., **config.options())``."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages,
+                "enable_fp_fusion": FP_FUSION}
+
+
+@dataclass(frozen=True)
+class Configs:
+    forward: Config
+    backward_dx: Config
+    backward_dw: Config
+
+
+def block_r(r: int) -> int:
+    """``r`` padded to a power of two >= 16."""
+    if not 1 <= r <= MAX_R:
+        raise ValueError(f"the Triton backend supports 1 <= r <= {MAX_R}, got r={r}")
+    return max(16, 1 << (r - 1).bit_length())
+
+
+# kernel -> operand kind -> rank bucket -> (block_m, block_d, num_warps, num_stages)
+_TABLE = {
+    "forward": {
+        "16bit": {16: (64, 64, 8, 3), 32: (64, 64, 8, 3), 64: (64, 64, 8, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2)},
+        "fp32": {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 16, 8, 2), 256: (32, 16, 8, 2)},
+    },
+    "backward_dx": {
+        "16bit": {16: (64, 64, 8, 3), 32: (64, 64, 8, 3), 64: (64, 64, 8, 3), 128: (64, 64, 8, 3), 256: (32, 64, 8, 2)},
+        "fp32": {16: (64, 32, 8, 2), 32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (64, 16, 8, 2), 256: (32, 16, 8, 2)},
+    },
+    "backward_dw": {
+        "16bit": {16: (32, 64, 8, 2), 32: (32, 64, 8, 2), 64: (16, 64, 8, 2), 128: (16, 64, 8, 2), 256: (16, 32, 8, 2)},
+        "fp32": {16: (16, 64, 8, 1), 32: (16, 64, 8, 1), 64: (16, 64, 8, 1), 128: (16, 16, 8, 1), 256: (16, 16, 8, 1)},
+    },
+}
+
+
+def choose(d: int, r: int, dtype: torch.dtype) -> Configs:
+    """The configuration of the forward, backward-dx and backward-dw kernels for ``[N, d]`` x and rank r."""
+    br = block_r(r)
+    kind = "fp32" if dtype == torch.float32 else "16bit"
+
+    def entry(kernel: str) -> Config:
+        block_m, block_d, num_warps, num_stages = _TABLE[kernel][kind][br]
+        return Config(block_m, block_d, br, num_warps, num_stages)
+
+    return Configs(forward=entry("forward"), backward_dx=entry("backward_dx"), backward_dw=entry("backward_dw"))
+
+
+def row_slices(n_rows: int, d: int, r: int, config: Config, sm_count: int) -> int:
+    """The number S of row slices of the weight-gradient kernel (its fp32 partials are ``[S, ...]``).
+
+    Enough programs to fill the GPU (``~2 * sm_count`` over the column tiles), but partials
+    that cost at most a quarter of one 16-bit ``[N, d]`` pass: they are written and read once,
+    ``2 * S * (2 r + 1) * d * 4 ~= 16 S r d`` bytes against ``2 N d``, so ``S <= N / (32 r)``.
+    S depends only on the shapes and the device's SM count, so the reduction order, and
+    therefore every bit of the result, is the same on every run on that device.
+    """
+    block_rows = -(-n_rows // config.block_m)
+    col_tiles = -(-d // config.block_d)
+    fill = -(-2 * sm_count // col_tiles)
+    traffic = max(1, n_rows // (32 * r))
+    return max(1, min(fill, traffic, block_rows))
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a fixed default off CUDA, e.g. under the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT

@@ -1,0 +1,110 @@
+"""Forward kernel: ``y = residual + s * mask * (act(x Wd^T + bd) Wu^T + bu)`` and ``h = x Wd^T + bd``.
+
+One kernel, one program per ``BLOCK_M`` rows:
+
+1. ``h = x_rows @ Wd^T`` accumulated in fp32 over d-chunks of ``BLOCK_D`` (``tl.dot`` with the
+   weights cast to x's dtype); ``h`` (``[BLOCK_M, BLOCK_R]``, r padded and masked) stays in
+   registers. Add ``bd``, store h (fp32, the only saved activation), ``a = act(h)`` in x's dtype.
+2. For each d-chunk: ``u = a @ Wu^T[:, chunk] + bu``, the Philox dropout factor, the residual,
+   and the store of ``y``.
+
+Bytes moved per forward, for ``[N, d]`` x in ``e``-byte elements and rank r:
+- HBM: read x (``N d e``), write y (``N d e``), write h (``4 N r``): the 2-pass floor of
+  DESIGN.md. The residual (x itself by default) is re-read in step 2 right after step 1 read the
+  same rows: that read is served from L2 while the rows of the programs in flight
+  (``BLOCK_M * d * e`` bytes each: 96 KB for d = 768 in bf16, 512 KB for d = 4096) fit in it,
+  and costs up to one more read pass beyond that. A separate residual adds one read pass.
+- L2: every program reads both weights (``2 r d e_w``), i.e. ``r / BLOCK_M`` times the bytes of
+  its rows; they are small and stay L2-resident.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import config as _config
+from .activations import activate
+from .launch import Launch, dot_precision, dropout_args
+from .philox import branch_factor
+
+
+@triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])
+def adapter_forward_kernel(
+    x_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr, res_ptr, y_ptr, h_ptr,
+    n_rows, d, r,
+    stride_xm, stride_xd, stride_wd_r, stride_wd_d, stride_wu_d, stride_wu_r, stride_rm, stride_rd,
+    scale, key_lo, key_hi, threshold,
+    ACTIVATION: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One program: rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)``; y and h are contiguous."""
+    dtype = x_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    ranks = tl.arange(0, BLOCK_R)
+    rank_mask = ranks < r
+
+    h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for start in range(0, d, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < d
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd,
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        w_down_t = tl.load(w_down_ptr + cols[:, None] * stride_wd_d + ranks[None, :] * stride_wd_r,
+                           mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
+        h = tl.dot(x, w_down_t.to(dtype), h, input_precision=INPUT_PRECISION)
+    if HAS_B_DOWN:
+        h += tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(h_ptr + rows[:, None] * r + ranks[None, :], h, mask=row_mask[:, None] & rank_mask[None, :])
+    a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(dtype)
+
+    for start in range(0, d, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < d
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        w_up_t = tl.load(w_up_ptr + ranks[:, None] * stride_wu_r + cols[None, :] * stride_wu_d,
+                         mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+        u = tl.dot(a, w_up_t.to(dtype), input_precision=INPUT_PRECISION)
+        if HAS_B_UP:
+            u += tl.load(b_up_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        factor = branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
+        res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rd, mask=tile_mask, other=0.0)
+        y = res.to(tl.float32) + factor * u
+        tl.store(y_ptr + rows[:, None] * d + cols[None, :], y.to(dtype), mask=tile_mask)
+
+
+def plan(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+    """Allocates ``(y, h)`` and returns them with the launch that fills them (None when N == 0)."""
+    n_rows, d = x.shape
+    r = w_down.shape[0]
+    cfg = _config.choose(d, r, x.dtype).forward
+    y = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
+    h = torch.empty((n_rows, r), dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, h, None
+    res = x if residual is None else residual
+    has_dropout, eff_scale, key_lo, key_hi, threshold = dropout_args(scale, dropout_p, seed)
+    args = (
+        x, w_down, w_down if b_down is None else b_down, w_up, w_up if b_up is None else b_up, res, y, h,
+        n_rows, d, r,
+        x.stride(0), x.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
+        res.stride(0), res.stride(1),
+        eff_scale, key_lo, key_hi, threshold,
+    )
+    constexprs = dict(
+        ACTIVATION=activation, HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
+        HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r,
+    )
+    launch = Launch(adapter_forward_kernel, (triton.cdiv(n_rows, cfg.block_m),), args, constexprs, cfg)
+    return y, h, launch
+
+
+def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+    """Returns ``(y, h)``: ``y`` ``[N, d]`` in x's dtype, the pre-activation ``h`` ``[N, r]`` fp32."""
+    y, h, launch = plan(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+    if launch is not None:
+        launch()
+    return y, h

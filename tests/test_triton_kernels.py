@@ -1,0 +1,308 @@
+"""The Triton backend (``adapterfast.kernels``) against the float64 reference.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1`` is
+set here, before Triton is imported, whatever conftest does); with one they run compiled on
+CUDA tensors. The interpreter cannot check bf16 dots (it returns garbage), ``tl.dot`` K >= 16,
+out-of-bounds loads or races: ``test_compile_check.py`` compiles every variant for sm_80/sm_90.
+
+Every comparison is a relative error ``||out - ref|| / ||ref||`` per output and per gradient,
+against ``reference.adapter`` differentiated by autograd in float64 from the same (rounded)
+inputs: fp32 < 1e-5, fp16/bf16 < 1e-2.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from adapterfast import dropout, kernels, reference  # noqa: E402
+from adapterfast.activations import ACTIVATIONS  # noqa: E402
+from adapterfast.kernels import config, launch, philox  # noqa: E402
+from adapterfast.kernels.forward_kernel import adapter_forward_kernel  # noqa: E402
+
+from helpers import rel_err  # noqa: E402
+
+INTERPRETED = type(adapter_forward_kernel).__name__ == "InterpretedFunction"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("adapterfast.kernels was imported without TRITON_INTERPRET and there is no GPU",
+                allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+SEED = (0x1234ABCD << 32) | 0x9E3779B9  # both key words, the low one with its top bit set
+
+
+def make_inputs(n, d, r, dtype, *, bias=True, residual=False, weight_dtype=None):
+    g = torch.Generator().manual_seed(n * 1000003 + d * 101 + r)
+    wdt = weight_dtype or dtype
+
+    def rand(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dt)
+
+    return dict(
+        x=rand(n, d), w_down=rand(r, d, scale=d**-0.5, dt=wdt), w_up=rand(d, r, scale=r**-0.5, dt=wdt),
+        b_down=rand(r, scale=0.1, dt=wdt) if bias else None, b_up=rand(d, scale=0.1, dt=wdt) if bias else None,
+        residual=rand(n, d) if residual else None, grad=rand(n, d),
+    )
+
+
+def run_kernels(t, activation, scale, p, seed):
+    y, h = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"],
+                           activation, scale, p, seed)
+    grads = kernels.backward(t["grad"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], h,
+                             t["residual"] is None, activation, scale, p, seed)
+    return y, h, grads
+
+
+def run_oracle(t, activation, scale, p, seed, dot_dtype):
+    """``(y, h, grads)`` in float64 by autograd; weights rounded to the dot dtype as the kernels do."""
+    def leaf(v, dt=None):
+        if v is None:
+            return None
+        return (v if dt is None else v.to(dt)).detach().to("cpu", torch.float64).requires_grad_()
+
+    x, res = leaf(t["x"]), leaf(t["residual"])
+    wd, wu = leaf(t["w_down"], dot_dtype), leaf(t["w_up"], dot_dtype)
+    bd, bu = leaf(t["b_down"]), leaf(t["b_up"])
+    y = reference.adapter(x, wd, wu, bd, bu, activation=activation, scale=scale, dropout_p=p, seed=seed,
+                          residual=res)
+    h = x @ wd.t() + (0 if bd is None else bd)
+    params = [x, wd, bd, wu, bu]
+    used = [v for v in params if v is not None]
+    got = iter(torch.autograd.grad(y, used, t["grad"].to("cpu", torch.float64)))
+    grads = [next(got) if v is not None else None for v in params]
+    return y.detach(), h.detach(), grads
+
+
+def check_case(n, d, r, dtype, activation="relu", *, bias=True, residual=False, scale=1.0, p=0.0,
+               weight_dtype=None, transform=None):
+    t = make_inputs(n, d, r, dtype, bias=bias, residual=residual, weight_dtype=weight_dtype)
+    if transform is not None:
+        t = transform(t)
+    seed = SEED if p > 0 else None
+    before = {k: v.clone() for k, v in t.items() if v is not None}
+    y, h, (dx, dwd, dbd, dwu, dbu) = run_kernels(t, activation, scale, p, seed)
+    for k, v in before.items():
+        assert torch.equal(t[k], v), f"the kernels modified their input {k}"
+    y_ref, h_ref, (dx_ref, dwd_ref, dbd_ref, dwu_ref, dbu_ref) = run_oracle(t, activation, scale, p, seed, dtype)
+
+    wdt = t["w_down"].dtype
+    assert y.shape == (n, d) and y.dtype == dtype and y.is_contiguous()
+    assert h.shape == (n, r) and h.dtype == torch.float32 and h.is_contiguous()
+    assert dx.shape == (n, d) and dx.dtype == dtype
+    assert dwd.shape == (r, d) and dwu.shape == (d, r) and dbd.shape == (r,) and dbu.shape == (d,)
+    assert {dwd.dtype, dbd.dtype, dwu.dtype, dbu.dtype} == {wdt}
+    tol = TOL[dtype]
+    pairs = {"y": (y, y_ref), "h": (h, h_ref), "dx": (dx, dx_ref), "dw_down": (dwd, dwd_ref),
+             "dw_up": (dwu, dwu_ref)}
+    if bias:
+        pairs.update(db_down=(dbd, dbd_ref), db_up=(dbu, dbu_ref))
+    errors = {name: rel_err(a.cpu(), b) for name, (a, b) in pairs.items()}
+    assert all(e < tol for e in errors.values()), errors
+    return t, y
+
+
+CASES = [
+    # n, d, r, dtype, activation, options
+    (37, 123, 5, torch.float32, "relu", {}),
+    (19, 1, 3, torch.float32, "gelu", {}),
+    (33, 431, 24, torch.float32, "gelu_tanh", dict(bias=False)),
+    (24, 100, 100, torch.float32, "silu", dict(scale=0.25)),
+    (17, 64, 256, torch.float32, "tanh", {}),
+    (40, 123, 16, torch.float32, "sigmoid", dict(residual=True)),
+    (21, 77, 7, torch.float32, "leaky_relu", dict(p=0.3, scale=2.0)),
+    (29, 50, 9, torch.float32, "identity", dict(bias=False, residual=True, p=0.5)),
+    (35, 90, 12, torch.float32, "quick_gelu", dict(scale=-0.5)),
+    (200, 40, 2, torch.float32, "gelu", dict(p=0.1)),
+    (37, 123, 5, torch.float16, "relu", {}),
+    (26, 431, 100, torch.float16, "gelu", dict(residual=True, p=0.2)),
+    (18, 64, 256, torch.float16, "silu", dict(bias=False)),
+    (23, 1, 1, torch.float16, "tanh", {}),
+    (31, 96, 33, torch.float16, "quick_gelu", dict(scale=0.5, p=0.25)),
+]
+
+
+@pytest.mark.parametrize("n,d,r,dtype,activation,options", CASES,
+                         ids=[f"{c[0]}x{c[1]}-r{c[2]}-{str(c[3])[6:]}-{c[4]}" for c in CASES])
+def test_matches_reference(n, d, r, dtype, activation, options):
+    check_case(n, d, r, dtype, activation, **options)
+
+
+def test_every_activation_is_covered():
+    assert {c[4] for c in CASES} == set(ACTIVATIONS)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter computes bf16 tl.dot wrongly")
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_bf16_matches_reference(activation):
+    check_case(45, 123, 24, torch.bfloat16, activation, p=0.1, residual=True)
+
+
+def _strided(t, keys):
+    """The same values as ``t[key]`` for each key, as non-contiguous views with strides that differ per key."""
+    out = dict(t)
+    for k, key in enumerate(keys):
+        v = t[key]
+        rows, cols = v.shape
+        step = 2 + k % 2
+        base = torch.empty((cols + 3 + k, step * rows), dtype=v.dtype, device=v.device)
+        view = base.t()[::step, 1:cols + 1]
+        view.copy_(v)
+        assert not view.is_contiguous() and torch.equal(view, v)
+        out[key] = view
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_non_contiguous_inputs(dtype):
+    check_case(30, 70, 10, dtype, "gelu", residual=True, p=0.2,
+               transform=lambda t: _strided(t, ["x", "residual", "grad", "w_down", "w_up"]))
+
+
+def test_non_contiguous_x_as_residual():
+    check_case(25, 45, 6, torch.float32, "silu", transform=lambda t: _strided(t, ["x", "grad"]))
+
+
+def test_mixed_precision_fp32_weights_fp16_x():
+    t, _ = check_case(27, 123, 20, torch.float16, "gelu", p=0.1, weight_dtype=torch.float32)
+    assert t["w_down"].dtype == torch.float32
+
+
+def test_dropout_mask_is_keep_mask():
+    n, d, r, p = 40, 100, 8, 0.3
+    t = make_inputs(n, d, r, torch.float32, residual=True)
+    t["residual"].zero_()
+    t["w_up"].zero_()
+    t["b_up"].fill_(1.0)
+    y, _ = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"],
+                           "relu", 1.0, p, SEED)
+    keep = dropout.keep_mask(SEED, p, n, d)
+    assert torch.equal(y.cpu() != 0, keep)
+    assert torch.equal(y.cpu()[keep], torch.full((int(keep.sum()),), 1.0 / (1.0 - p)))
+    assert abs((~keep).float().mean().item() - p) < 0.03
+    y_again, _ = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"],
+                                 "relu", 1.0, p, SEED)
+    assert torch.equal(y, y_again)
+    y_other, _ = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"],
+                                 "relu", 1.0, p, SEED + 1)
+    assert not torch.equal(y, y_other)
+
+
+def test_dropout_backward_uses_the_forward_mask():
+    n, d, r, p = 20, 64, 8, 0.4
+    t = make_inputs(n, d, r, torch.float32, residual=True)
+    t["grad"].fill_(1.0)
+    t["w_up"].zero_()
+    _, h = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"],
+                           "relu", 1.0, p, SEED)
+    db_up = kernels.backward(t["grad"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], h, False,
+                             "relu", 1.0, p, SEED)[4]
+    keep = dropout.keep_mask(SEED, p, n, d)
+    assert rel_err(db_up.cpu(), keep.double().sum(0) / (1.0 - p)) < 1e-6
+
+
+@triton.jit
+def _philox_words_kernel(index_ptr, out_ptr, n, key_lo, key_hi, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    index = tl.load(index_ptr + offsets, mask=offsets < n, other=0)
+    words = philox.philox_first_word(index, key_lo, key_hi)
+    tl.store(out_ptr + offsets, words.to(tl.int32, bitcast=True), mask=offsets < n)
+
+
+def test_philox_matches_reference_past_2_pow_32():
+    """Counters past 2**32 (tensors of more than 4G elements) use the high counter word."""
+    index = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 7, 3 * 2**40 + 5, 2**62 + 11],
+                         dtype=torch.int64, device=DEVICE)
+    out = torch.empty(index.shape, dtype=torch.int32, device=DEVICE)
+    for seed in (0, 1, SEED, 2**62 - 1):
+        key_lo, key_hi = philox.key_words(seed)
+        _philox_words_kernel[(1,)](index, out, index.numel(), key_lo, key_hi, BLOCK=16)
+        want = dropout.philox_words(seed, index.cpu())
+        assert torch.equal(out.cpu().long() & 0xFFFFFFFF, want), seed
+
+
+def test_empty_batch():
+    t = make_inputs(0, 12, 5, torch.float16)
+    y, h, (dx, dwd, dbd, dwu, dbu) = run_kernels(t, "gelu", 1.0, 0.1, SEED)
+    assert y.shape == (0, 12) and y.dtype == torch.float16
+    assert h.shape == (0, 5) and h.dtype == torch.float32
+    assert dx.shape == (0, 12) and dx.dtype == torch.float16
+    for grad, weight in ((dwd, "w_down"), (dbd, "b_down"), (dwu, "w_up"), (dbu, "b_up")):
+        assert grad.shape == t[weight].shape and grad.dtype == t[weight].dtype
+        assert not grad.any()
+
+
+def test_weight_gradients_are_deterministic():
+    n, d, r = 130, 40, 1
+    t = make_inputs(n, d, r, torch.float32)
+    slices = config.row_slices(n, d, r, config.choose(d, r, torch.float32).backward_dw,
+                               config.sm_count(torch.device(DEVICE)))
+    assert slices > 1, "the test should exercise several fp32 partials"
+    _, _, first = run_kernels(t, "gelu", 1.0, 0.1, SEED)
+    _, _, second = run_kernels(t, "gelu", 1.0, 0.1, SEED)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_db_are_returned_without_biases():
+    t = make_inputs(10, 20, 3, torch.float32, bias=False)
+    _, _, (_, _, dbd, _, dbu) = run_kernels(t, "relu", 1.0, 0.0, None)
+    assert dbd.shape == (3,) and dbu.shape == (20,)
+
+
+def test_rank_over_256_raises():
+    t = make_inputs(4, 16, 257, torch.float32)
+    with pytest.raises(ValueError, match="r <= 256"):
+        kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, "relu", 1.0, 0.0, None)
+    h = torch.zeros(4, 257, device=DEVICE)
+    with pytest.raises(ValueError, match="r <= 256"):
+        kernels.backward(t["grad"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], h, True,
+                         "relu", 1.0, 0.0, None)
+
+
+def test_unknown_activation_raises():
+    t = make_inputs(4, 16, 4, torch.float32)
+    with pytest.raises(ValueError, match="activation"):
+        kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, "swish", 1.0, 0.0, None)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_nan_propagates_as_in_eager(activation):
+    t = make_inputs(20, 30, 6, torch.float32)
+    t["x"][3] = float("nan")
+    t["x"][7, 11] = float("nan")
+    t["grad"][12, 4] = float("nan")
+    args = (t["w_down"], t["b_down"], t["w_up"], t["b_up"])
+    y, h, grads = run_kernels(t, activation, 1.0, 0.2, SEED)
+    y_ref, h_ref = reference.forward(t["x"].cpu(), *(a.cpu() for a in args), None, activation, 1.0, 0.2, SEED)
+    grads_ref = reference.backward(t["grad"].cpu(), t["x"].cpu(), *(a.cpu() for a in args), h_ref, True,
+                                   activation, 1.0, 0.2, SEED)
+    for got, want in zip((y, h, *grads), (y_ref, h_ref, *grads_ref)):
+        got = got.cpu()
+        assert torch.equal(got.isnan(), want.isnan())
+        finite = ~want.isnan()
+        assert rel_err(got[finite], want[finite]) < 1e-5
+
+
+def test_tf32_follows_torch_flag_at_launch():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert launch.dot_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert launch.dot_precision(torch.float32) == "tf32"
+        assert launch.dot_precision(torch.float16) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_config_table_covers_every_rank():
+    for r in range(1, 257):
+        cfgs = config.choose(1000, r, torch.float16)
+        assert cfgs.forward.block_r in config.R_BUCKETS and cfgs.forward.block_r >= r
