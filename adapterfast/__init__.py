@@ -14,3 +14,20 @@ from .modules import Adapter, replace_adapters
 __version__ = "0.1.0"
 
 __all__ = ["Adapter", "backends", "fused_adapter", "replace_adapters", "use_backend", "__version__"]
+
+# Hugging Face integrations, loaded on first use so that `import adapterfast` needs neither
+# transformers nor PEFT (see adapterfast/integrations). The PEFT method registers itself with
+# PEFT when PEFT is (or gets) imported, so PeftModel.from_pretrained works after `import adapterfast`.
+from .integrations import install_peft_registration as _install_peft_registration  # noqa: E402
+
+_install_peft_registration()
+_INTEGRATION_NAMES = ("AdapterConfig", "AdapterOptions", "add_adapters", "save_adapters", "load_adapters",
+                      "remove_adapters")
+
+
+def __getattr__(name: str):
+    if name in _INTEGRATION_NAMES:
+        from . import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
