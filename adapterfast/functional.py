@@ -1,12 +1,13 @@
 """``fused_adapter``: the op as a differentiable function of tensors of any leading shape.
 
 It checks its inputs (a wrong shape, dtype or device is a ``ValueError``/``TypeError`` that names
-it), flattens the leading dimensions to ``[N, d]``, draws the dropout seed, and runs the autograd
-Function whose forward and backward are the custom ops of ``ops.py``.
+it), flattens the leading dimensions to ``[N, d]``, draws the dropout seed, and runs the custom
+op of ``ops.py``, whose registered autograd formula calls the backward op.
 """
 from __future__ import annotations
 
 import numbers
+import sys
 
 import torch
 from torch import Tensor
@@ -15,34 +16,17 @@ from . import activations, ops
 from . import dropout as dropout_rng
 
 
-class FusedAdapterFunction(torch.autograd.Function):
-    """Autograd for the op on 2-D inputs; saves the inputs and the small pre-activation ``h``."""
+def _run(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p) -> Tensor:
+    """The op on 2-D inputs; its autograd formula is registered on the custom op (``ops.py``)."""
+    y, _ = ops.adapter_forward(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p)
+    return y
 
-    @staticmethod
-    def forward(ctx, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p):
-        y, h = ops.adapter_forward(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p)
-        ctx.save_for_backward(x, w_down, b_down, w_up, b_up, h, seed)
-        ctx.residual_is_x = residual is None
-        ctx.activation, ctx.scale, ctx.dropout_p = activation, scale, dropout_p
-        return y
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, w_down, b_down, w_up, b_up, h, seed = ctx.saved_tensors
-        dx, dw_down, db_down, dw_up, db_up = ops.adapter_backward(
-            grad_y, x, w_down, b_down, w_up, b_up, h, seed,
-            ctx.residual_is_x, ctx.activation, ctx.scale, ctx.dropout_p,
-        )
-        need = ctx.needs_input_grad
-        return (
-            dx if need[0] else None,
-            dw_down if need[1] else None,
-            db_down if need[2] else None,
-            dw_up if need[3] else None,
-            db_up if need[4] else None,
-            grad_y if need[5] else None,
-            None, None, None, None,
-        )
+def _sharded(t) -> bool:
+    """Whether ``t`` is a DTensor; looked up lazily, as importing DTensor costs ~0.5 s and anything
+    that made a DTensor has imported it already."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def _describe(t: Tensor) -> str:
@@ -58,7 +42,7 @@ def _check_tensor(name: str, t, *, optional: bool = False) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def _validate(x, w_down, w_up, b_down, b_up, residual, scale, p) -> None:
+def _validate(x, w_down, w_up, b_down, b_up, residual, scale, p, *, autocast: bool = False) -> None:
     for name, t, optional in (("x", x, False), ("down_weight", w_down, False), ("up_weight", w_up, False),
                               ("down_bias", b_down, True), ("up_bias", b_up, True), ("residual", residual, True)):
         _check_tensor(name, t, optional=optional)
@@ -78,8 +62,15 @@ def _validate(x, w_down, w_up, b_down, b_up, residual, scale, p) -> None:
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
+        if residual.dtype != x.dtype and not autocast:
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    sharded = [name for name, t in (("down_weight", w_down), ("up_weight", w_up), ("down_bias", b_down),
+                                    ("up_bias", b_up)) if _sharded(t)]
+    if sharded and not _sharded(x):
+        raise TypeError(f"{', '.join(sharded)} {'is a DTensor' if len(sharded) == 1 else 'are DTensors'} (sharded, "
+                        "e.g. by FSDP2's fully_shard) but x is a plain tensor. With FSDP2, fully_shard the "
+                        "Adapter or a module above it, not its down/up nn.Linear layers: their forward never "
+                        "runs, so FSDP never gathers their weights")
     for name, t in (("down_weight", w_down), ("up_weight", w_up), ("down_bias", b_down),
                     ("up_bias", b_up), ("residual", residual)):
         if t is not None and t.device != x.device:
@@ -89,6 +80,19 @@ def _validate(x, w_down, w_up, b_down, b_up, residual, scale, p) -> None:
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+
+
+def _autocast_enabled(x) -> bool:
+    return isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+
+
+def _autocast_cast(x: Tensor) -> Tensor:
+    """``x`` as autocast would hand it to ``nn.Linear``: floating types other than float64 are cast
+    to the autocast dtype of x's device (a differentiable cast, so x's gradient comes back in x's
+    dtype). The weights are not cast here: the op casts them to x's dtype itself and returns their
+    gradients in their own dtype, so fp32 master weights get fp32 gradients."""
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x if x.dtype in (dtype, torch.float64) else x.to(dtype)
 
 
 def fused_adapter(
@@ -111,14 +115,31 @@ def fused_adapter(
     adapter); pass the block input for a parallel adapter. Dropout acts on the adapter branch only
     and only when ``training``.
     """
-    _validate(x, down_weight, up_weight, down_bias, up_bias, residual, scale, dropout)
+    autocast = _autocast_enabled(x)
+    _validate(x, down_weight, up_weight, down_bias, up_bias, residual, scale, dropout, autocast=autocast)
     activation = activations.canonical(activation)
     d = x.shape[-1]
     p = float(dropout) if training else 0.0
     seed = dropout_rng.new_seed() if p > 0.0 else None
+    shape = x.shape
+    if autocast:
+        # Under autocast the branch runs in the autocast dtype, like the nn.Linear layers of an eager
+        # adapter, while the residual keeps its own dtype: eager's ``x + up(act(down(x)))`` adds a
+        # bf16/fp16 branch to an fp32 residual in fp32. When the two dtypes differ the fused op computes
+        # the branch alone (on a zero residual) and the residual is added outside it, as eager does.
+        x_amp = _autocast_cast(x)
+        res = x if residual is None else residual
+        if res.dtype != x_amp.dtype:
+            branch = _run(
+                x_amp.reshape(-1, d), down_weight, down_bias, up_weight, up_bias,
+                torch.zeros((x_amp.numel() // d, d), dtype=x_amp.dtype, device=x_amp.device),
+                seed, activation, float(scale), p,
+            )
+            return res + branch.view(shape)
+        x = x_amp
     x2 = x.reshape(-1, d)
     res2 = None if residual is None else residual.reshape(-1, d)
-    y = FusedAdapterFunction.apply(
+    y = _run(
         x2, down_weight, down_bias, up_weight, up_bias, res2, seed, activation, float(scale), p
     )
-    return y.view(x.shape)
+    return y.view(shape)

@@ -24,6 +24,15 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _no_autocast(x: Tensor):
+    """Autocast off while a backend runs: an op without an autocast kernel falls through the
+    autocast dispatch key with autocast still enabled, so the torch ops inside a backend (the
+    reference's fp32-accumulating matmuls) would otherwise be cast down, and ``h`` would come back
+    in bf16/fp16 where the fake implementation promises fp32. ``functional.py`` has already applied
+    autocast's casting rules to the inputs."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @torch.library.custom_op("adapterfast::forward", mutates_args=())
 def adapter_forward(
     x: Tensor,
@@ -39,7 +48,8 @@ def adapter_forward(
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, h)``: the output ``[N, d]`` and the pre-activation ``[N, r]`` kept for backward."""
     backend = dispatch.select(x, w_down.shape[0])
-    return backend.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, _seed(seed))
+    with _no_autocast(x):
+        return backend.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, _seed(seed))
 
 
 @adapter_forward.register_fake
@@ -65,9 +75,10 @@ def adapter_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the bias gradients are always computed."""
     backend = dispatch.select(x, w_down.shape[0])
-    return backend.backward(
-        grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, _seed(seed)
-    )
+    with _no_autocast(x):
+        return backend.backward(
+            grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, _seed(seed)
+        )
 
 
 @adapter_backward.register_fake
@@ -80,3 +91,28 @@ def _(grad_y, x, w_down, b_down, w_up, b_up, h, seed, residual_is_x, activation,
         torch.empty_like(w_up, memory_format=torch.contiguous_format),
         w_up.new_empty((d,)),
     )
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p = inputs
+    _, h = output
+    ctx.mark_non_differentiable(h)
+    ctx.save_for_backward(x, w_down, b_down, w_up, b_up, h, seed)
+    ctx.residual_is_x = residual is None
+    ctx.activation, ctx.scale, ctx.dropout_p = activation, scale, dropout_p
+
+
+def _backward(ctx, grad_y, _grad_h):
+    x, w_down, b_down, w_up, b_up, h, seed = ctx.saved_tensors
+    dx, dw_down, db_down, dw_up, db_up = adapter_backward(
+        grad_y, x, w_down, b_down, w_up, b_up, h, seed, ctx.residual_is_x, ctx.activation, ctx.scale, ctx.dropout_p
+    )
+    need = ctx.needs_input_grad
+    grads = (dx, dw_down, db_down, dw_up, db_up, grad_y)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
+
+
+# The autograd formula lives on the op itself (rather than in an autograd.Function around it), so
+# ``torch.ops.adapterfast.forward`` is differentiable wherever it is called and passes
+# ``torch.library.opcheck`` with inputs that require grad. ``h`` is an internal saved for backward.
+adapter_forward.register_autograd(_backward, setup_context=_setup_context)
