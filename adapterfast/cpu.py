@@ -1,0 +1,87 @@
+"""The fused CPU backend: C++ kernels in ``csrc/``, built by ``setup.py`` as ``adapterfast._C``.
+
+``forward`` and ``backward`` have exactly the semantics of ``adapterfast.reference.forward`` and
+``adapterfast.reference.backward`` for 2-D CPU tensors in float32, bfloat16 or float64 (weights in
+any of these dtypes; any strides). Per block of rows, x is read once and y written once in the
+forward, and grad_y and x read once and dx written once in the backward: no ``[N, d]`` temporary.
+Results are bitwise reproducible, whatever the thread count. The kernels use AVX-512 where PyTorch
+does (``torch.backends.cpu.get_cpu_capability()``; ``ATEN_CPU_CAPABILITY=avx2`` selects the
+portable ones) and portable C++ elsewhere.
+
+Large outputs are allocated by PyTorch and then advised to use transparent huge pages (Linux),
+which makes their first-touch page faults several times cheaper; ``ADAPTERFAST_CPU_HUGE_PAGES=0``
+turns that off.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (importing it registers torch.ops.adapterfast_cpu)
+except ImportError as error:
+    _IMPORT_ERROR: Optional[ImportError] = error
+else:
+    _IMPORT_ERROR = None
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def available() -> bool:
+    """Whether the C++ extension is built and loads."""
+    return _IMPORT_ERROR is None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the backend cannot run, or None when it can."""
+    if _IMPORT_ERROR is None:
+        return None
+    if os.environ.get("ADAPTERFAST_BUILD_CPU") == "0":
+        return f"adapterfast._C was not built (ADAPTERFAST_BUILD_CPU=0 at install): {_IMPORT_ERROR}"
+    return f"adapterfast._C was not built or does not load: {_IMPORT_ERROR}"
+
+
+def kernel_isa() -> str:
+    """The instruction set the float kernels run on here: ``"avx512"`` or ``"generic"``."""
+    _require()
+    return torch.ops.adapterfast_cpu.kernel_isa()
+
+
+def _require() -> None:
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"the adapterfast cpu backend is unavailable: {unavailable_reason()}")
+
+
+def _check_dtype(x: Tensor) -> None:
+    if x.dtype not in DTYPES:
+        raise TypeError(
+            f"the adapterfast cpu backend supports float32, bfloat16 and float64 inputs, got {x.dtype}; "
+            "use the reference backend for other dtypes"
+        )
+
+
+def _seed(seed, dropout_p: float) -> int:
+    return 0 if dropout_p == 0.0 or seed is None else int(seed)
+
+
+def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+    """Returns ``(y, h)``: ``y`` ``[N, d]`` in x's dtype and the pre-activation ``h`` ``[N, r]``
+    in fp32 (float64 for float64 x)."""
+    _require()
+    _check_dtype(x)
+    return torch.ops.adapterfast_cpu.forward(
+        x, w_down, b_down, w_up, b_up, residual, activation, float(scale), float(dropout_p), _seed(seed, dropout_p)
+    )
+
+
+def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed):
+    """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; weight and bias gradients in the weights' dtypes."""
+    _require()
+    _check_dtype(x)
+    return torch.ops.adapterfast_cpu.backward(
+        grad_y, x, w_down, b_down, w_up, b_up, h, bool(residual_is_x), activation, float(scale),
+        float(dropout_p), _seed(seed, dropout_p),
+    )

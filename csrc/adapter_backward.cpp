@@ -1,0 +1,281 @@
+// The fused backward on CPU. With keep the dropout mask, s = scale / (1 - p) (s = scale without
+// dropout) and a = act(h), the chain rule through y = res + s * keep * (a Wu^T + bu) gives
+//     gz      = g * keep * s            gradient at the up-projection output     [N, d]
+//     db_up   = sum_rows gz             dw_up   = gz^T a                         [d, r]
+//     dh      = (gz Wu) * act'(h)       gradient at the pre-activation           [N, r]
+//     db_down = sum_rows dh             dw_down = dh^T x                         [r, d]
+//     dx      = dh Wd  (+ g when the residual is x)
+// Per block of rows, g is read from memory once (gz is g itself with s folded into the small
+// operands, or, with dropout or a bf16 g, formed in a block-sized scratch), dh and a live in
+// [rows, r] scratch, x is read once (for dw_down) and dx is written once with + g fused into the
+// tile epilogue; the [N, d] gz of the formulas never exists.
+//
+// The weight gradients sum over all rows. Rows are split into a fixed number of contiguous groups
+// (a function of the problem size only), each group accumulates fp32 partials block after block,
+// and the partials are summed in group order at the end: the result is bitwise the same for any
+// thread count and any run.
+#include "adapter_ops.h"
+
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include "activations.h"
+#include "adapter_common.h"
+#include "philox.h"
+
+namespace adapterfast::cpu {
+namespace {
+
+constexpr int64_t kMaxGroups = 32;
+
+struct BackwardOperands {
+  Dims dims;
+  at::Tensor grad_y;  // columns contiguous
+  at::Tensor x;
+  at::Tensor w_down;  // [r, d], accumulation type
+  at::Tensor w_up;    // [d, r], accumulation type
+  at::Tensor h;       // [N, r], accumulation type, contiguous
+  bool residual_is_x;
+  Activation activation;
+  double scale;
+  double dropout_p;
+  uint64_t seed;
+};
+
+// One group's partial sums, laid out in a single row of the partials tensor.
+template <typename acc_t>
+struct Partials {
+  acc_t* dw_up_t;  // [r, d]
+  acc_t* dw_down;  // [r, d]
+  acc_t* db_up;    // [d]
+  acc_t* db_down;  // [r]
+
+  static int64_t size(const Dims& dims) {
+    const int64_t elems = 2 * dims.r * dims.d + dims.d + dims.r;
+    return (elems + 15) / 16 * 16;
+  }
+
+  Partials(acc_t* row, const Dims& dims)
+      : dw_up_t(row),
+        dw_down(row + dims.r * dims.d),
+        db_up(row + 2 * dims.r * dims.d),
+        db_down(row + 2 * dims.r * dims.d + dims.d) {}
+};
+
+// col_sums[k] += g[k] * factor.
+template <typename acc_t>
+void add_scaled_row(const acc_t* __restrict g, acc_t factor, int64_t d, acc_t* __restrict col_sums) {
+  for (int64_t k = 0; k < d; ++k) col_sums[k] += g[k] * factor;
+}
+
+// gz[k] = round(g[k] * factor * keep[k]) (keep null: all kept), col_sums[k] += the unrounded
+// value. Restrict-qualified so the compiler vectorises it.
+template <typename T, typename acc_t>
+void scale_row(const T* __restrict g, const uint8_t* __restrict keep, acc_t factor, int64_t d,
+               acc_t* __restrict gz, acc_t* __restrict col_sums) {
+  if (keep == nullptr) {
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t v = static_cast<acc_t>(g[k]) * factor;
+      col_sums[k] += v;
+      gz[k] = round_as<T>(v);
+    }
+  } else {
+    for (int64_t k = 0; k < d; ++k) {
+      const acc_t v = static_cast<acc_t>(g[k]) * (keep[k] ? factor : acc_t(0));
+      col_sums[k] += v;
+      gz[k] = round_as<T>(v);
+    }
+  }
+}
+
+// One row of the bottleneck: dh = fold * da * act'(h), summed unrounded into db_down, and dh and
+// a = fold * act(h) rounded to T as matmul operands. Restrict-qualified so it vectorises.
+template <typename T, typename acc_t, typename Act>
+void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __restrict da, acc_t fold,
+                             int64_t r, acc_t* __restrict dh, acc_t* __restrict a,
+                             acc_t* __restrict db_down) {
+  for (int64_t j = 0; j < r; ++j) {
+    const acc_t dh_value = fold * da[j] * f.grad(h[j]);
+    db_down[j] += dh_value;
+    dh[j] = round_as<T>(dh_value);
+    a[j] = round_as<T>(f.value(h[j])) * fold;
+  }
+}
+
+// Number of row groups: a power of two, at most kMaxGroups and the number of blocks, and small
+// enough that all partials together stay under a quarter of x's size.
+int64_t reduction_groups(const Dims& dims, int64_t blocks, int64_t partial_size) {
+  const int64_t by_memory = std::max<int64_t>(1, dims.n * dims.d / 4 / partial_size);
+  const int64_t cap = std::min({kMaxGroups, blocks, by_memory});
+  int64_t groups = 1;
+  while (groups * 2 <= cap) groups *= 2;
+  return groups;
+}
+
+// kGradInPlace: g is stored in the accumulation type and there is no dropout, so g serves as gz.
+template <typename T, typename acc_t, bool kGradInPlace>
+void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& partials,
+                     int64_t groups) {
+  const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
+  const auto [n, d, r] = op.dims;
+  const RowReader<T, acc_t> x_rows(op.x);
+  const T* g_data = op.grad_y.data_ptr<T>();
+  const int64_t ld_g = op.grad_y.stride(0);
+  const acc_t* w_down = op.w_down.data_ptr<acc_t>();
+  const acc_t* w_up = op.w_up.data_ptr<acc_t>();
+  const acc_t* h_data = op.h.data_ptr<acc_t>();
+  T* dx_data = dx.data_ptr<T>();
+  const bool dropout = op.dropout_p > 0.0;
+  const uint32_t threshold = philox::threshold(op.dropout_p);
+  const acc_t factor = static_cast<acc_t>(dropout ? op.scale / (1.0 - op.dropout_p) : op.scale);
+  const int64_t ld_keep = keep_row_bytes(d);
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+
+  OutputEpilogue<acc_t> epilogue;
+  epilogue.res_kind = kind_of(op.grad_y.scalar_type());
+  epilogue.ld_res = ld_g;
+  epilogue.out_kind = kind_of(dx.scalar_type());
+  epilogue.ld_out = d;
+  epilogue.stream_out = dx.nbytes() >= kStreamOutputBytes;
+
+  at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
+    std::vector<acc_t> gz(kGradInPlace ? 0 : kBlockRows * d);
+    std::vector<acc_t> x_scratch(x_rows.in_place() ? 0 : kBlockRows * d);
+    std::vector<acc_t> da(kBlockRows * r);
+    std::vector<acc_t> a(kBlockRows * r);
+    std::vector<acc_t> dh(kBlockRows * r);
+    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    OutputEpilogue<acc_t> e = epilogue;
+    for (int64_t group = first_group; group < last_group; ++group) {
+      acc_t* row = partials.data_ptr<acc_t>() + group * partials.size(1);
+      std::fill(row, row + partials.size(1), acc_t(0));
+      const Partials<acc_t> sums(row, op.dims);
+      for (int64_t block = group * blocks / groups; block < (group + 1) * blocks / groups; ++block) {
+        const int64_t row0 = block * kBlockRows;
+        const int64_t m = std::min(kBlockRows, n - row0);
+
+        // gz = g * keep * s. Without dropout, g stored in the accumulation type is gz up to the
+        // factor s, which is folded into the [rows, r] operands below instead of copying g.
+        // Otherwise gz is formed in scratch, rounded to x's dtype as a matmul operand. db_up sums
+        // it unrounded.
+        const acc_t* gz_rows = gz.data();
+        int64_t ld_gz = d;
+        acc_t fold = 1;
+        if constexpr (kGradInPlace) {
+          gz_rows = g_data + row0 * ld_g;
+          ld_gz = ld_g;
+          fold = factor;
+          for (int64_t i = 0; i < m; ++i) add_scaled_row(gz_rows + i * ld_gz, factor, d, sums.db_up);
+        } else {
+          if (dropout) kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
+          for (int64_t i = 0; i < m; ++i) {
+            scale_row<T>(g_data + (row0 + i) * ld_g, dropout ? keep.data() + i * ld_keep : nullptr, factor, d,
+                         gz.data() + i * d, sums.db_up);
+          }
+        }
+
+        // dh = (gz Wu) * act'(h); a = act(h) recomputed from the saved pre-activation.
+        kernels.project_in(m, r, d, gz_rows, ld_gz, w_up, r, da.data(), r);
+        const acc_t* hb = h_data + row0 * r;
+        visit<acc_t>(op.activation, [&](auto f) {
+          for (int64_t i = 0; i < m; ++i) {
+            activation_backward_row<T>(f, hb + i * r, da.data() + i * r, fold, r, dh.data() + i * r,
+                                       a.data() + i * r, sums.db_down);
+          }
+        });
+
+        int64_t ld_x = 0;
+        const acc_t* xb = x_rows.rows(row0, m, x_scratch.data(), ld_x);
+        kernels.accumulate_outer(m, r, d, a.data(), r, gz_rows, ld_gz, sums.dw_up_t, d);
+        kernels.accumulate_outer(m, r, d, dh.data(), r, xb, ld_x, sums.dw_down, d);
+
+        e.res = op.residual_is_x ? g_data + row0 * ld_g : nullptr;
+        e.out = dx_data + row0 * d;
+        kernels.project_out(m, r, d, dh.data(), r, w_down, d, e);
+      }
+    }
+  });
+}
+
+// Sums the groups' partials in group order (parallel over elements, so the order per element
+// never changes).
+template <typename acc_t>
+at::Tensor sum_partials(const at::Tensor& partials) {
+  const int64_t groups = partials.size(0);
+  const int64_t size = partials.size(1);
+  at::Tensor total = at::empty({size}, partials.options());
+  const acc_t* src = partials.data_ptr<acc_t>();
+  acc_t* dst = total.data_ptr<acc_t>();
+  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+    std::copy(src + begin, src + end, dst + begin);
+    for (int64_t group = 1; group < groups; ++group) {
+      const acc_t* part = src + group * size;
+      for (int64_t k = begin; k < end; ++k) dst[k] += part[k];
+    }
+  });
+  return total;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down,
+    const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_up, const at::Tensor& h, bool residual_is_x,
+    c10::string_view activation, double scale, double dropout_p, int64_t seed) {
+  constexpr const char* kOp = "adapterfast_cpu::backward";
+  const Dims dims = check_operands(kOp, x, w_down, b_down, w_up, b_up);
+  check_dropout(kOp, dropout_p);
+  check_like_x(kOp, "grad_y", grad_y, dims);
+  const at::ScalarType dtype = x.scalar_type();
+  const at::ScalarType acc = accumulation_type(dtype);
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == dtype, kOp, ": grad_y must have x's dtype ", dtype,
+                   ", got ", grad_y.scalar_type());
+  TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == dims.n && h.size(1) == dims.r, kOp,
+                    ": h must be [", dims.n, ", ", dims.r, "], got ", h.sizes());
+
+  const BackwardOperands op{dims,
+                            with_unit_column_stride(grad_y),
+                            x,
+                            operand_weight(w_down, dtype, /*transpose=*/false),
+                            operand_weight(w_up, dtype, /*transpose=*/false),
+                            h.to(acc).contiguous(),
+                            residual_is_x,
+                            parse_activation(std::string(activation)),
+                            scale,
+                            dropout_p,
+                            static_cast<uint64_t>(seed)};
+
+  at::Tensor dx = empty_output({dims.n, dims.d}, x.options());
+  at::Tensor total;
+  if (dims.n == 0) {
+    total = at::zeros({Partials<float>::size(dims)}, x.options().dtype(acc));
+  } else {
+    dispatch_dtype(dtype, [&](auto t, auto a) {
+      using T = decltype(t);
+      using acc_t = decltype(a);
+      const int64_t blocks = (dims.n + kBlockRows - 1) / kBlockRows;
+      const int64_t size = Partials<acc_t>::size(dims);
+      at::Tensor partials = empty_output({reduction_groups(dims, blocks, size), size}, x.options().dtype(acc));
+      constexpr bool kSameType = std::is_same_v<T, acc_t>;
+      if (kSameType && dropout_p == 0.0) {
+        backward_blocks<T, acc_t, kSameType>(op, dx, partials, partials.size(0));
+      } else {
+        backward_blocks<T, acc_t, false>(op, dx, partials, partials.size(0));
+      }
+      total = sum_partials<acc_t>(partials);
+    });
+  }
+
+  const int64_t rd = dims.r * dims.d;
+  at::Tensor dw_up = total.narrow(0, 0, rd).view({dims.r, dims.d}).t().contiguous().to(w_up.scalar_type());
+  at::Tensor dw_down = total.narrow(0, rd, rd).view({dims.r, dims.d}).to(w_down.scalar_type(), false, true);
+  at::Tensor db_up = total.narrow(0, 2 * rd, dims.d).to(w_up.scalar_type(), false, true);
+  at::Tensor db_down = total.narrow(0, 2 * rd + dims.d, dims.r).to(w_down.scalar_type(), false, true);
+  return {dx, dw_down, db_down, dw_up, db_up};
+}
+
+}  // namespace adapterfast::cpu

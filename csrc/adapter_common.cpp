@@ -1,0 +1,111 @@
+#include "adapter_common.h"
+
+#include <cstdlib>
+#include <string>
+
+#include <ATen/ops/empty.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace adapterfast::cpu {
+namespace {
+
+// ADAPTERFAST_CPU_HUGE_PAGES=0 turns the advice off (for systems where THP compaction stalls).
+bool huge_pages_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("ADAPTERFAST_CPU_HUGE_PAGES");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
+// Asks for transparent huge pages on the 2 MiB-aligned interior of [data, data + bytes).
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!huge_pages_enabled()) return;
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHugePage - 1);
+  if (end >= begin + 2 * kHugePage) {
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+bool supported_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble;
+}
+
+void check_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK_TYPE(supported_dtype(t.scalar_type()), op, ": ", name,
+                   " must be float32, bfloat16 or float64, got ", t.scalar_type());
+}
+
+}  // namespace
+
+Dims check_operands(const char* op, const at::Tensor& x, const at::Tensor& w_down,
+                    const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                    const std::optional<at::Tensor>& b_up) {
+  check_tensor(op, "x", x);
+  check_tensor(op, "w_down", w_down);
+  check_tensor(op, "w_up", w_up);
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [N, d], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(w_down.dim() == 2 && w_up.dim() == 2, op,
+                    ": w_down and w_up must be 2-D, got shapes ", w_down.sizes(), " and ", w_up.sizes());
+  const Dims dims{x.size(0), x.size(1), w_down.size(0)};
+  TORCH_CHECK_VALUE(dims.d >= 1 && dims.r >= 1, op, ": need d >= 1 and r >= 1, got x ", x.sizes(),
+                    " and w_down ", w_down.sizes());
+  TORCH_CHECK_VALUE(w_down.size(1) == dims.d && w_up.size(0) == dims.d && w_up.size(1) == dims.r, op,
+                    ": expected w_down [r, d] and w_up [d, r] for x ", x.sizes(), ", got w_down ",
+                    w_down.sizes(), " and w_up ", w_up.sizes());
+  if (b_down.has_value()) {
+    check_tensor(op, "b_down", *b_down);
+    TORCH_CHECK_VALUE(b_down->dim() == 1 && b_down->size(0) == dims.r, op, ": b_down must be [",
+                      dims.r, "], got ", b_down->sizes());
+  }
+  if (b_up.has_value()) {
+    check_tensor(op, "b_up", *b_up);
+    TORCH_CHECK_VALUE(b_up->dim() == 1 && b_up->size(0) == dims.d, op, ": b_up must be [", dims.d,
+                      "], got ", b_up->sizes());
+  }
+  return dims;
+}
+
+void check_like_x(const char* op, const char* name, const at::Tensor& t, const Dims& dims) {
+  check_tensor(op, name, t);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == dims.n && t.size(1) == dims.d, op, ": ", name,
+                    " must be [", dims.n, ", ", dims.d, "] like x, got ", t.sizes());
+}
+
+void check_dropout(const char* op, double dropout_p) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+                    dropout_p);
+}
+
+at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose) {
+  const at::Tensor oriented = transpose ? w.t() : w;
+  return oriented.to(x_dtype).to(accumulation_type(x_dtype)).contiguous();
+}
+
+std::optional<at::Tensor> operand_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype) {
+  if (!b.has_value()) return std::nullopt;
+  return b->to(accumulation_type(x_dtype)).contiguous();
+}
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(t.data_ptr(), t.nbytes());
+  return t;
+}
+
+at::Tensor with_unit_column_stride(const at::Tensor& t) {
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
+}  // namespace adapterfast::cpu

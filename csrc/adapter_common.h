@@ -1,0 +1,145 @@
+#pragma once
+// What the forward and backward drivers share: operand checks, the precision rules of
+// adapterfast/reference.py (matmul operands rounded to x's dtype, fp32/float64 accumulation),
+// the row-block size, and reading a block of x (or grad_y) rows in the accumulation type.
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+
+#include "block_kernels.h"
+
+namespace adapterfast::cpu {
+
+// Rows per block: a [64, d] block of x, its output rows and the scratch derived from them stay in
+// L2 (d <= 1024) or L3 while the three GEMMs of the block run, and the weights' cache traffic is
+// amortised over 64 rows. Fixed, so the backward's reduction order never depends on threads.
+constexpr int64_t kBlockRows = 64;
+
+// Outputs at least this large are written with non-temporal stores (OutputEpilogue::stream_out):
+// well past L2 and a good part of a typical L3, so caching them would only evict the inputs.
+constexpr int64_t kStreamOutputBytes = int64_t(16) << 20;
+
+struct Dims {
+  int64_t n;  // rows (tokens)
+  int64_t d;  // model width
+  int64_t r;  // bottleneck width
+};
+
+// Checks x [n, d], w_down [r, d], w_up [d, r] and the optional biases [r], [d]: 2-D x, CPU
+// tensors, float32/bfloat16/float64 dtypes (TypeError) and matching shapes (ValueError).
+Dims check_operands(const char* op, const at::Tensor& x, const at::Tensor& w_down,
+                    const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                    const std::optional<at::Tensor>& b_up);
+
+// Checks a tensor that must be [n, d] like x (residual, grad_y).
+void check_like_x(const char* op, const char* name, const at::Tensor& t, const Dims& dims);
+
+// Checks 0 <= dropout_p < 1.
+void check_dropout(const char* op, double dropout_p);
+
+inline at::ScalarType accumulation_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline Kind kind_of(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 ? Kind::bf16 : dtype == at::kDouble ? Kind::f64 : Kind::f32;
+}
+
+// A weight as a matmul operand: rounded to x's dtype (as autocast does), then held in the
+// accumulation type, contiguous; `transpose` gives w^T (see block_kernels.h for the layouts).
+at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose);
+
+// A bias in the accumulation type, contiguous (biases are added to fp32 sums unrounded).
+std::optional<at::Tensor> operand_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype);
+
+// A new contiguous tensor for an [N, d]-sized output (or partial-sum buffer). Large buffers are
+// advised to use transparent huge pages before anything touches them: a fresh buffer costs one
+// page fault per 4 KiB page on first write (a 32 MiB output: ~13 ms of faults against ~1.5 ms
+// to write it, measured on the 2-core dev VM); 2 MiB pages cut that ~6x. The memory still comes
+// from PyTorch's allocator, so memory profilers see it, and the advice is only a hint: without
+// THP (or with ADAPTERFAST_CPU_HUGE_PAGES=0) nothing changes.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// t itself if its columns are contiguous, else a contiguous copy (the one copy non-contiguous
+// residuals and gradients cost; x itself is read strided instead).
+at::Tensor with_unit_column_stride(const at::Tensor& t);
+
+// Bytes of the dropout keep-mask rows for width d.
+inline int64_t keep_row_bytes(int64_t d) { return (d + kKeepAlign - 1) / kKeepAlign * kKeepAlign; }
+
+// v rounded to bfloat16 and back: nearest even, NaN as 0x7FC0 (the value c10::BFloat16 gives),
+// written without branches so that loops over it vectorise.
+inline float round_to_bfloat16(float v) {
+  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  return std::bit_cast<float>(v != v ? 0x7FC00000u : rounded);
+}
+
+// v rounded to the storage type T (a no-op unless T is narrower than acc_t).
+template <typename T, typename acc_t>
+inline acc_t round_as(acc_t v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return round_to_bfloat16(v);
+  } else {
+    return v;
+  }
+}
+
+// Rows of a 2-D tensor of T as the GEMMs read them: in place when T is the accumulation type and
+// the columns are contiguous, otherwise converted block by block into a scratch buffer.
+template <typename T, typename acc_t>
+class RowReader {
+ public:
+  explicit RowReader(const at::Tensor& t)
+      : data_(t.data_ptr<T>()),
+        row_stride_(t.stride(0)),
+        col_stride_(t.size(1) == 1 ? 1 : t.stride(1)),
+        width_(t.size(1)) {}
+
+  bool in_place() const { return std::is_same_v<T, acc_t> && col_stride_ == 1; }
+
+  // Rows [row0, row0 + m); sets ld to their leading dimension. scratch holds m * width values.
+  const acc_t* rows(int64_t row0, int64_t m, acc_t* scratch, int64_t& ld) const {
+    const T* first = data_ + row0 * row_stride_;
+    if constexpr (std::is_same_v<T, acc_t>) {
+      if (col_stride_ == 1) {
+        ld = row_stride_;
+        return first;
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      const T* src = first + i * row_stride_;
+      acc_t* dst = scratch + i * width_;
+      if (col_stride_ == 1) {
+        for (int64_t k = 0; k < width_; ++k) dst[k] = static_cast<acc_t>(src[k]);
+      } else {
+        for (int64_t k = 0; k < width_; ++k) dst[k] = static_cast<acc_t>(src[k * col_stride_]);
+      }
+    }
+    ld = width_;
+    return scratch;
+  }
+
+ private:
+  const T* data_;
+  int64_t row_stride_;
+  int64_t col_stride_;
+  int64_t width_;
+};
+
+// Calls fn(T{}, acc_t{}) for x's dtype: (float, float), (BFloat16, float) or (double, double).
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{}, float{});
+    case at::kBFloat16: return fn(c10::BFloat16{}, float{});
+    case at::kDouble: return fn(double{}, double{});
+    default: TORCH_CHECK_TYPE(false, "adapterfast CPU kernels: unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace adapterfast::cpu

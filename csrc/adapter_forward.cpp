@@ -1,0 +1,142 @@
+// The fused forward on CPU:
+//     h = x Wd^T + bd                                    (returned, [N, r], saved for backward)
+//     y = res + scale * keep / (1 - p) * (act(h) Wu^T + bu)
+// Rows are processed in blocks of kBlockRows, in parallel over blocks. Per block, x is read from
+// memory once (project_in) and y written once (project_out, with bias, dropout, scale and
+// residual applied to each tile as it leaves the registers), so no [N, d] temporary exists.
+#include "adapter_ops.h"
+
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include "activations.h"
+#include "adapter_common.h"
+#include "philox.h"
+
+namespace adapterfast::cpu {
+namespace {
+
+struct ForwardOperands {
+  Dims dims;
+  at::Tensor x;
+  at::Tensor w_down_t;  // [d, r], accumulation type
+  at::Tensor w_up_t;    // [r, d], accumulation type
+  std::optional<at::Tensor> b_down;
+  std::optional<at::Tensor> b_up;
+  std::optional<at::Tensor> residual;  // columns contiguous
+  Activation activation;
+  double scale;
+  double dropout_p;
+  uint64_t seed;
+};
+
+template <typename T, typename acc_t>
+void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
+  const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
+  const auto [n, d, r] = op.dims;
+  const RowReader<T, acc_t> x_rows(op.x);
+  const acc_t* w_down_t = op.w_down_t.data_ptr<acc_t>();
+  const acc_t* w_up_t = op.w_up_t.data_ptr<acc_t>();
+  const acc_t* b_down = op.b_down ? op.b_down->data_ptr<acc_t>() : nullptr;
+  const acc_t* b_up = op.b_up ? op.b_up->data_ptr<acc_t>() : nullptr;
+  acc_t* h_data = h.data_ptr<acc_t>();
+  T* y_data = y.data_ptr<T>();
+  const bool dropout = op.dropout_p > 0.0;
+  const uint32_t threshold = philox::threshold(op.dropout_p);
+  const int64_t ld_keep = keep_row_bytes(d);
+
+  OutputEpilogue<acc_t> epilogue;
+  epilogue.bias = b_up;
+  epilogue.scale = static_cast<acc_t>(dropout ? op.scale / (1.0 - op.dropout_p) : op.scale);
+  epilogue.out_kind = kind_of(y.scalar_type());
+  epilogue.ld_out = d;
+  epilogue.ld_keep = ld_keep;
+  epilogue.stream_out = y.nbytes() >= kStreamOutputBytes;
+  if (op.residual) {
+    epilogue.res_kind = kind_of(op.residual->scalar_type());
+    epilogue.ld_res = op.residual->stride(0);
+  }
+
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<acc_t> x_scratch(x_rows.in_place() ? 0 : kBlockRows * d);
+    std::vector<acc_t> a(kBlockRows * r);
+    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    OutputEpilogue<acc_t> e = epilogue;
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t row0 = block * kBlockRows;
+      const int64_t m = std::min(kBlockRows, n - row0);
+      int64_t ld_x = 0;
+      const acc_t* xb = x_rows.rows(row0, m, x_scratch.data(), ld_x);
+      acc_t* hb = h_data + row0 * r;
+
+      kernels.project_in(m, r, d, xb, ld_x, w_down_t, r, hb, r);
+      if (b_down != nullptr) {
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < r; ++j) hb[i * r + j] += b_down[j];
+        }
+      }
+      visit<acc_t>(op.activation, [&](auto f) {
+        for (int64_t idx = 0; idx < m * r; ++idx) a[idx] = round_as<T>(f.value(hb[idx]));
+      });
+
+      if (dropout) kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
+      e.keep = dropout ? keep.data() : nullptr;
+      if (op.residual) {
+        e.res = static_cast<const char*>(op.residual->data_ptr()) +
+                row0 * op.residual->stride(0) * op.residual->element_size();
+      } else {
+        // The residual is x, read back from where the block's x rows now are (cache).
+        e.res = xb;
+        e.res_kind = std::is_same_v<acc_t, double> ? Kind::f64 : Kind::f32;
+        e.ld_res = ld_x;
+      }
+      e.out = y_data + row0 * d;
+      kernels.project_out(m, r, d, a.data(), r, w_up_t, d, e);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward(
+    const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
+    const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
+    const std::optional<at::Tensor>& residual, c10::string_view activation, double scale,
+    double dropout_p, int64_t seed) {
+  constexpr const char* kOp = "adapterfast_cpu::forward";
+  const Dims dims = check_operands(kOp, x, w_down, b_down, w_up, b_up);
+  check_dropout(kOp, dropout_p);
+  const at::ScalarType dtype = x.scalar_type();
+  const at::ScalarType acc = accumulation_type(dtype);
+
+  ForwardOperands op{dims,
+                     x,
+                     operand_weight(w_down, dtype, /*transpose=*/true),
+                     operand_weight(w_up, dtype, /*transpose=*/true),
+                     operand_bias(b_down, dtype),
+                     operand_bias(b_up, dtype),
+                     std::nullopt,
+                     parse_activation(std::string(activation)),
+                     scale,
+                     dropout_p,
+                     static_cast<uint64_t>(seed)};
+  if (residual.has_value()) {
+    check_like_x(kOp, "residual", *residual, dims);
+    // The float kernels read float32 or bfloat16 residuals; anything else is added in fp32.
+    const bool readable = acc == at::kDouble || residual->scalar_type() != at::kDouble;
+    op.residual = with_unit_column_stride(readable ? *residual : residual->to(at::kFloat));
+  }
+
+  at::Tensor y = empty_output({dims.n, dims.d}, x.options());
+  at::Tensor h = at::empty({dims.n, dims.r}, x.options().dtype(acc));
+  if (dims.n == 0) return {y, h};
+  dispatch_dtype(dtype, [&](auto t, auto a) {
+    forward_blocks<decltype(t), decltype(a)>(op, y, h);
+  });
+  return {y, h};
+}
+
+}  // namespace adapterfast::cpu

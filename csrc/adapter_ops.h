@@ -1,0 +1,29 @@
+#pragma once
+// The two ops the CPU backend exposes (registered in bindings.cpp as adapterfast_cpu::forward and
+// adapterfast_cpu::backward). Semantics: adapterfast.reference.forward / .backward.
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+namespace adapterfast::cpu {
+
+// Returns (y [N, d] in x's dtype, h [N, r] pre-activation in fp32, float64 for float64 x).
+std::tuple<at::Tensor, at::Tensor> adapter_forward(
+    const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
+    const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
+    const std::optional<at::Tensor>& residual, c10::string_view activation, double scale,
+    double dropout_p, int64_t seed);
+
+// Returns (dx, dw_down, db_down, dw_up, db_up); weight and bias gradients in the weights' dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down,
+    const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_up, const at::Tensor& h, bool residual_is_x,
+    c10::string_view activation, double scale, double dropout_p, int64_t seed);
+
+// Which block kernels the float path runs on this machine ("avx512" or "generic").
+std::string kernel_isa();
+
+}  // namespace adapterfast::cpu

@@ -1,0 +1,35 @@
+// Registers the CPU ops as torch.ops.adapterfast_cpu.{forward, backward, kernel_isa}, and makes
+// the library importable as the Python module adapterfast._C (importing it registers the ops).
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "adapter_ops.h"
+#include "block_kernels.h"
+
+namespace adapterfast::cpu {
+
+std::string kernel_isa() { return block_kernels<float>().name; }
+
+}  // namespace adapterfast::cpu
+
+TORCH_LIBRARY(adapterfast_cpu, m) {
+  m.def(
+      "forward(Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
+      "Tensor? residual, str activation, float scale, float dropout_p, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "backward(Tensor grad_y, Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, "
+      "Tensor? b_up, Tensor h, bool residual_is_x, str activation, float scale, float dropout_p, "
+      "int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("kernel_isa() -> str", &adapterfast::cpu::kernel_isa);
+}
+
+TORCH_LIBRARY_IMPL(adapterfast_cpu, CPU, m) {
+  m.impl("forward", &adapterfast::cpu::adapter_forward);
+  m.impl("backward", &adapterfast::cpu::adapter_backward);
+}
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

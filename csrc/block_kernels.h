@@ -1,0 +1,83 @@
+#pragma once
+// The three small GEMMs the fused adapter is made of, on one block of rows held in cache, and the
+// dropout mask of that block. The forward and backward drivers (adapter_forward.cpp,
+// adapter_backward.cpp) are written once against this table; each instruction set supplies its
+// own table (block_kernels_generic.cpp: portable loops for float and double;
+// block_kernels_avx512.cpp: AVX-512 micro-kernels for float).
+//
+// Operands are row-major views: element (i, k) of an operand with leading dimension ld is
+// ptr[i * ld + k]. project_in takes its weight as [d, r] and project_out as [r, d], so the
+// drivers hold each weight in the layout its GEMM streams through contiguously.
+#include <cstdint>
+
+namespace adapterfast::cpu {
+
+// Storage type of a tensor the kernels read or write element by element.
+enum class Kind : uint8_t { f32, bf16, f64 };
+
+// What project_out does with each product u[i, k] = sum_j A[i, j] B[j, k]:
+//     out[i, k] = res[i, k] + factor[i, k] * (u[i, k] + bias[k])
+// factor is `scale` where keep[i, k] != 0 and 0 where it is 0 (multiplied, not selected, so a
+// NaN in u still propagates as in eager); without keep, factor is `scale`. A null res or bias
+// is absent. res and out are converted from/to their kinds (bf16 rounds to nearest even).
+template <typename acc_t>
+struct OutputEpilogue {
+  const void* res = nullptr;
+  Kind res_kind = Kind::f32;
+  int64_t ld_res = 0;
+  const acc_t* bias = nullptr;
+  acc_t scale = 1;
+  const uint8_t* keep = nullptr;  // rows padded to ld_keep, a multiple of kKeepAlign
+  int64_t ld_keep = 0;
+  void* out = nullptr;
+  Kind out_kind = Kind::f32;
+  int64_t ld_out = 0;
+  // The output is far larger than the caches and this op does not read it back: kernels may
+  // write it with non-temporal stores (no read-for-ownership, no eviction of the block's inputs).
+  bool stream_out = false;
+};
+
+// Rows of the keep-mask buffer are padded to this many bytes, so vector code may read a whole
+// vector at a row's end.
+constexpr int64_t kKeepAlign = 64;
+
+template <typename acc_t>
+struct BlockKernels {
+  const char* name;
+
+  // C[M, N] = A[M, K] B[K, N]: rows of width d projected to the bottleneck (x Wd^T, gz Wu).
+  void (*project_in)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
+                     int64_t ldb, acc_t* C, int64_t ldc);
+
+  // C[N, K] += A[M, N]^T B[M, K], the M rows summed in order: one block's share of a weight
+  // gradient (a^T gz, dh^T x).
+  void (*accumulate_outer)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda,
+                           const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc);
+
+  // out[M, K] = epilogue(A[M, N] B[N, K]): bottleneck rows projected back to width d.
+  void (*project_out)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
+                      int64_t ldb, const OutputEpilogue<acc_t>& epilogue);
+
+  // keep[i, k] = 1 if element (row0 + i, k) of an [*, d] output survives dropout, else 0, with
+  // the Philox mask of adapterfast/dropout.py.
+  void (*dropout_keep)(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, int64_t d,
+                       uint8_t* keep, int64_t ld_keep);
+};
+
+namespace generic {
+template <typename acc_t>
+const BlockKernels<acc_t>& kernels();
+}
+
+namespace avx512 {
+// The AVX-512 kernels, or null when this build has none (non-x86 compiler).
+const BlockKernels<float>* kernels();
+}
+
+// The kernels used for this accumulation type on this machine: AVX-512 where PyTorch itself
+// dispatches to AVX-512 (so ATEN_CPU_CAPABILITY=avx2 or =default selects the portable ones),
+// else the portable loops.
+template <typename acc_t>
+const BlockKernels<acc_t>& block_kernels();
+
+}  // namespace adapterfast::cpu

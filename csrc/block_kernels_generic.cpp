@@ -1,0 +1,108 @@
+// Portable block kernels: plain loops the compiler vectorises. They run float64 (gradcheck),
+// and float wherever the AVX-512 kernels do not apply (see block_kernels.h for the contract).
+#include "block_kernels.h"
+
+#include <algorithm>
+#include <vector>
+
+#include <c10/util/BFloat16.h>
+
+#include "philox.h"
+
+namespace adapterfast::cpu::generic {
+namespace {
+
+// Calls fn(T{}) with the C++ type stored for `kind`.
+template <typename Fn>
+void with_type(Kind kind, Fn&& fn) {
+  switch (kind) {
+    case Kind::f32: return fn(float{});
+    case Kind::bf16: return fn(c10::BFloat16{});
+    case Kind::f64: return fn(double{});
+  }
+}
+
+template <typename acc_t>
+void project_in(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
+                int64_t ldb, acc_t* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    acc_t* c = C + i * ldc;
+    std::fill(c, c + N, acc_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t a = A[i * lda + k];
+      const acc_t* b = B + k * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+template <typename acc_t>
+void accumulate_outer(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
+                      int64_t ldb, acc_t* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    const acc_t* b = B + i * ldb;
+    for (int64_t j = 0; j < N; ++j) {
+      const acc_t a = A[i * lda + j];
+      acc_t* c = C + j * ldc;
+      for (int64_t k = 0; k < K; ++k) c[k] += a * b[k];
+    }
+  }
+}
+
+template <typename acc_t, typename Res, typename Out>
+void epilogue_row(const acc_t* u, int64_t K, const Res* res, const acc_t* bias, acc_t scale,
+                  const uint8_t* keep, Out* out) {
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t factor = keep == nullptr ? scale : (keep[k] ? scale : acc_t(0));
+    const acc_t branch = bias == nullptr ? u[k] : u[k] + bias[k];
+    const acc_t base = res == nullptr ? acc_t(0) : static_cast<acc_t>(res[k]);
+    out[k] = static_cast<Out>(base + factor * branch);
+  }
+}
+
+template <typename acc_t>
+void project_out(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
+                 int64_t ldb, const OutputEpilogue<acc_t>& e) {
+  std::vector<acc_t> u(K);
+  with_type(e.out_kind, [&](auto out_tag) {
+    using Out = decltype(out_tag);
+    with_type(e.res_kind, [&](auto res_tag) {
+      using Res = decltype(res_tag);
+      for (int64_t i = 0; i < M; ++i) {
+        std::fill(u.begin(), u.end(), acc_t(0));
+        for (int64_t j = 0; j < N; ++j) {
+          const acc_t a = A[i * lda + j];
+          const acc_t* b = B + j * ldb;
+          for (int64_t k = 0; k < K; ++k) u[k] += a * b[k];
+        }
+        const Res* res = e.res == nullptr ? nullptr : static_cast<const Res*>(e.res) + i * e.ld_res;
+        const uint8_t* keep = e.keep == nullptr ? nullptr : e.keep + i * e.ld_keep;
+        epilogue_row(u.data(), K, res, e.bias, e.scale, keep, static_cast<Out*>(e.out) + i * e.ld_out);
+      }
+    });
+  });
+}
+
+void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, int64_t d,
+                  uint8_t* keep, int64_t ld_keep) {
+  for (int64_t i = 0; i < M; ++i) {
+    const uint64_t base = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(d);
+    for (int64_t k = 0; k < d; ++k) {
+      keep[i * ld_keep + k] = philox::first_word(seed, base + static_cast<uint64_t>(k)) >= threshold;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename acc_t>
+const BlockKernels<acc_t>& kernels() {
+  static const BlockKernels<acc_t> table{"generic", &project_in<acc_t>, &accumulate_outer<acc_t>,
+                                         &project_out<acc_t>, &dropout_keep};
+  return table;
+}
+
+template const BlockKernels<float>& kernels<float>();
+template const BlockKernels<double>& kernels<double>();
+
+}  // namespace adapterfast::cpu::generic

@@ -1,0 +1,295 @@
+"""The fused C++ CPU backend (adapterfast.cpu) against the float64 reference.
+
+Outputs and gradients are compared by relative error with the reference op computed in float64
+from the same inputs (fp32 < 1e-5, bf16 < 1e-2); gradcheck runs float64 through the C++ forward
+and backward; the dropout mask must equal adapterfast.dropout.keep_mask bit for bit; results must
+be bitwise identical across thread counts and runs.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import adapterfast
+from adapterfast import cpu, dropout, reference
+from adapterfast.activations import ACTIVATIONS
+
+from helpers import adapter_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU backend not built: {cpu.unavailable_reason()}")
+
+GRAD_NAMES = ("dx", "dw_down", "db_down", "dw_up", "db_up")
+
+
+class CpuAdapter(torch.autograd.Function):
+    """The backend's forward/backward as an autograd function, for gradcheck and autograd tests."""
+
+    @staticmethod
+    def forward(ctx, x, wd, bd, wu, bu, residual, activation, scale, p, seed):
+        y, h = cpu.forward(x, wd, bd, wu, bu, residual, activation, scale, p, seed)
+        ctx.save_for_backward(x, wd, bd, wu, bu, h)
+        ctx.args = (residual is None, activation, scale, p, seed)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, wd, bd, wu, bu, h = ctx.saved_tensors
+        residual_is_x, activation, scale, p, seed = ctx.args
+        dx, dwd, dbd, dwu, dbu = cpu.backward(g, x, wd, bd, wu, bu, h, residual_is_x, activation, scale, p, seed)
+        d_res = None if residual_is_x else g
+        return dx, dwd, dbd if bd is not None else None, dwu, dbu if bu is not None else None, d_res, None, None, None, None
+
+
+def reference_grads(x, wd, wu, bd, bu, res, g, **kw):
+    """y and the gradients (x, w_down, b_down, w_up, b_up) of the reference op, in float64."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, wd, bd, wu, bu)]
+    x64, wd64, bd64, wu64, bu64 = leaves
+    res64 = None if res is None else res.double()
+    y = reference.adapter(x64, wd64, wu64, bd64, bu64, residual=res64, **kw)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, present, g.double()))
+    return y, [next(grads) if t is not None else None for t in leaves]
+
+
+def check_against_reference(x, wd, wu, bd, bu, res, *, tol, activation="relu", scale=1.0, p=0.0, seed=0):
+    y, h = cpu.forward(x, wd, bd, wu, bu, res, activation, scale, p, seed)
+    g = torch.randn_like(y)
+    grads = cpu.backward(g, x, wd, bd, wu, bu, h, res is None, activation, scale, p, seed)
+    y_ref, grads_ref = reference_grads(x, wd, wu, bd, bu, res, g, activation=activation, scale=scale,
+                                       dropout_p=p, seed=seed)
+    h_ref = reference.forward(x.double(), wd.double(), None if bd is None else bd.double(), wu.double(),
+                              None, None, activation, scale, p, seed)[1]
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert h.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    assert rel_err(y, y_ref) < tol, "y"
+    assert rel_err(h, h_ref) < tol, "h"
+    for name, got, want, like in zip(GRAD_NAMES, grads, grads_ref, (x, wd, bd, wu, bu)):
+        assert got.dtype == (x.dtype if name == "dx" else (wd if "down" in name else wu).dtype), name
+        if want is not None:
+            assert rel_err(got, want) < tol, name
+
+
+@pytest.mark.parametrize("n,d,r", [(37, 1, 1), (64, 123, 5), (130, 431, 24), (65, 1000, 100), (9, 123, 300), (200, 64, 16)])
+def test_fp32_matches_reference(n, d, r):
+    x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
+    check_against_reference(x, wd, wu, bd, bu, None, tol=1e-5, scale=0.5)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_each_activation(activation):
+    x, wd, wu, bd, bu, _ = adapter_inputs(70, 123, 24)
+    check_against_reference(x, wd, wu, bd, bu, None, tol=1e-5, activation=activation, scale=0.8)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("separate_residual", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bias_residual_dropout(bias, separate_residual, p):
+    x, wd, wu, bd, bu, res = adapter_inputs(100, 431, 24, bias=bias, residual=separate_residual)
+    check_against_reference(x, wd, wu, bd, bu, res, tol=1e-5, activation="gelu", scale=2.0, p=p, seed=2**40 + 17)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_bf16(weight_dtype, p):
+    x, wd, wu, bd, bu, res = adapter_inputs(130, 431, 24, residual=True)
+    x, res = x.bfloat16(), res.bfloat16()
+    wd, wu, bd, bu = (t.to(weight_dtype) for t in (wd, wu, bd, bu))
+    check_against_reference(x, wd, wu, bd, bu, None, tol=1e-2, activation="gelu", p=p, seed=5)
+    check_against_reference(x, wd, wu, bd, bu, res, tol=1e-2, activation="silu", scale=0.5)
+
+
+def test_residual_dtype_differs_from_x():
+    """The reference adds the residual in fp32 whatever its dtype; so do the kernels."""
+    x, wd, wu, bd, bu, res = adapter_inputs(40, 100, 8, residual=True)
+    check_against_reference(x.bfloat16(), wd, wu, bd, bu, res, tol=1e-2)
+    check_against_reference(x, wd, wu, bd, bu, res.bfloat16(), tol=1e-5)
+    check_against_reference(x, wd, wu, bd, bu, res.double(), tol=1e-5)
+
+
+def test_bf16_relu_backward_against_reference_backward():
+    """With relu, an h within bf16 rounding of 0 can flip act'(h) against a float64 h; given the same
+    h, the backward must agree with the reference's backward in float64."""
+    x, wd, wu, bd, bu, _ = adapter_inputs(257, 431, 24)
+    x = x.bfloat16()
+    y, h = cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.3, 11)
+    g = torch.randn_like(y)
+    grads = cpu.backward(g, x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.3, 11)
+    want = reference.backward(g.double(), x.double(), wd.double(), bd.double(), wu.double(), bu.double(),
+                              h.double(), True, "relu", 1.0, 0.3, 11)
+    for name, got, ref in zip(GRAD_NAMES, grads, want):
+        assert rel_err(got, ref) < 1e-2, name
+
+
+def test_float64_matches_reference():
+    x, wd, wu, bd, bu, res = adapter_inputs(50, 123, 5, dtype=torch.float64, residual=True)
+    check_against_reference(x, wd, wu, bd, bu, res, tol=1e-12, activation="tanh", scale=0.3, p=0.4, seed=9)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "quick_gelu"])
+@pytest.mark.parametrize("separate_residual", [False, True])
+def test_gradcheck_float64(activation, separate_residual):
+    x, wd, wu, bd, bu, res = adapter_inputs(6, 7, 3, dtype=torch.float64, residual=separate_residual)
+    inputs = [t.requires_grad_() for t in (x, wd, bd, wu, bu) + ((res,) if separate_residual else ())]
+
+    def f(x, wd, bd, wu, bu, res=None):
+        return CpuAdapter.apply(x, wd, bd, wu, bu, res, activation, 0.7, 0.25, 1234)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_gradcheck_through_fused_adapter():
+    x, wd, wu, bd, bu, _ = adapter_inputs(2 * 3, 7, 3, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x.view(2, 3, 7), wd, wu, bd, bu)]
+    with adapterfast.use_backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda *a: adapterfast.fused_adapter(*a, activation="silu", scale=1.5), inputs)
+
+
+def test_non_contiguous_inputs():
+    n, d, r = 90, 123, 5
+    x, wd, wu, bd, bu, res = adapter_inputs(n, d, r, residual=True)
+    x_t = x.t().contiguous().t()                                     # column stride n
+    x_cols = torch.randn(n, 2 * d)[:, ::2].copy_(x)                   # column stride 2
+    x_rows = torch.randn(n, d + 7)[:, :d].copy_(x)                    # row stride d + 7
+    wd_t = wd.t().contiguous().t()
+    wu_t = wu.t().contiguous().t()
+    bu_s = torch.randn(2 * d)[::2].copy_(bu)
+    res_t = res.t().contiguous().t()
+    for xi in (x_t, x_cols, x_rows):
+        check_against_reference(xi, wd_t, wu_t, bd, bu_s, None, tol=1e-5, p=0.1, seed=3)
+        check_against_reference(xi, wd, wu, bd, bu, res_t, tol=1e-5)
+    y, h = cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
+    g = torch.randn(d, n).t()
+    expected = cpu.backward(g.contiguous(), x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.0, 0)
+    for got, want in zip(cpu.backward(g, x_t, wd, bd, wu, bu, h.t().contiguous().t(), True, "relu", 1.0, 0.0, 0), expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outputs_past_the_streaming_threshold(dtype):
+    """Outputs of 16 MiB and more are written with non-temporal stores (full, line-aligned tiles) and
+    plain stores (the ragged last tile of each row, here d = 1000)."""
+    for d in (1024, 1000):
+        n = (16 << 20) // (d * (4 if dtype == torch.float32 else 2)) + 3
+        x, wd, wu, bd, bu, _ = adapter_inputs(n, d, 8)
+        check_against_reference(x.to(dtype), wd, wu, bd, bu, None, tol=1e-5 if dtype == torch.float32 else 1e-2,
+                                activation="silu", scale=0.5)
+
+
+def test_bf16_bf16_non_contiguous():
+    x, wd, wu, bd, bu, _ = adapter_inputs(40, 100, 8)
+    x = x.bfloat16().t().contiguous().t()
+    check_against_reference(x, wd.bfloat16(), wu.bfloat16(), bd, bu, None, tol=1e-2, activation="gelu")
+
+
+def test_empty_batch():
+    x, wd, wu, bd, bu, _ = adapter_inputs(0, 64, 8)
+    y, h = cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.1, 1)
+    assert y.shape == (0, 64) and h.shape == (0, 8)
+    grads = cpu.backward(torch.empty(0, 64), x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.1, 1)
+    for got, like in zip(grads, (x, wd, bd, wu, bu)):
+        assert got.shape == like.shape and not got.any()
+
+
+@pytest.mark.parametrize("p,seed", [(0.1, 0), (0.5, 123456789), (0.9, 2**33 + 5)])
+def test_dropout_mask_is_bit_exact(p, seed):
+    """With w_up = 0, b_up = 1 and scale = 1 - p, y = keep exactly; db_up sums the same mask."""
+    n, d, r = 77, 300, 4
+    x, wd, _, bd, _, _ = adapter_inputs(n, d, r)
+    wu, bu = torch.zeros(d, r), torch.ones(d)
+    y, h = cpu.forward(x, wd, bd, wu, bu, torch.zeros(n, d), "relu", 1.0 - p, p, seed)
+    keep = dropout.keep_mask(seed, p, n, d)
+    assert torch.equal(y, keep.float())
+    g = torch.ones(n, d)
+    db_up = cpu.backward(g, x, wd, bd, wu, bu, h, False, "relu", 1.0 - p, p, seed)[4]
+    assert torch.equal(db_up, keep.sum(0).float())
+
+
+def test_mixed_precision_dtypes():
+    x, wd, wu, bd, bu, _ = adapter_inputs(33, 64, 8)
+    y, h = cpu.forward(x.bfloat16(), wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    grads = cpu.backward(torch.randn_like(y), x.bfloat16(), wd, bd, wu, bu, h, True, "relu", 1.0, 0.0, 0)
+    assert [t.dtype for t in grads] == [torch.bfloat16] + [torch.float32] * 4
+
+
+def _run_all(x, wd, wu, bd, bu, g, **kw):
+    y, h = cpu.forward(x, wd, bd, wu, bu, None, kw["activation"], 0.9, kw["p"], 77)
+    return (y, h) + tuple(cpu.backward(g, x, wd, bd, wu, bu, h, True, kw["activation"], 0.9, kw["p"], 77))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_identical_across_threads_and_runs(dtype):
+    x, wd, wu, bd, bu, _ = adapter_inputs(3000, 200, 24)
+    x, g = x.to(dtype), torch.randn(3000, 200).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run_all(x, wd, wu, bd, bu, g, activation="gelu", p=0.2)
+        torch.set_num_threads(max(2, threads))
+        many = _run_all(x, wd, wu, bd, bu, g, activation="gelu", p=0.2)
+        again = _run_all(x, wd, wu, bd, bu, g, activation="gelu", p=0.2)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(one, many, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "leaky_relu"])
+def test_nan_propagates_like_eager(activation):
+    x, wd, wu, bd, bu, _ = adapter_inputs(40, 50, 6)
+    x[3, 7] = float("nan")
+    g = torch.randn(40, 50)
+    g[11, 2] = float("nan")
+    y, h = cpu.forward(x, wd, bd, wu, bu, None, activation, 1.0, 0.5, 4)
+    grads = cpu.backward(g, x, wd, bd, wu, bu, h, True, activation, 1.0, 0.5, 4)
+    y_ref, h_ref = reference.forward(x, wd, bd, wu, bu, None, activation, 1.0, 0.5, 4)
+    grads_ref = reference.backward(g, x, wd, bd, wu, bu, h_ref, True, activation, 1.0, 0.5, 4)
+    assert torch.isnan(y[3]).all()
+    for got, want in zip((y, h) + tuple(grads), (y_ref, h_ref) + tuple(grads_ref)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+
+
+def test_clear_errors():
+    x, wd, wu, bd, bu, _ = adapter_inputs(4, 8, 2)
+    with pytest.raises(TypeError, match="float16"):
+        cpu.forward(x.half(), wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="w_up"):
+        cpu.forward(x, wd, bd, wu.t(), bu, None, "relu", 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 1.0, 0)
+    with pytest.raises(ValueError, match="activation"):
+        cpu.forward(x, wd, bd, wu, bu, None, "swishy", 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="residual"):
+        cpu.forward(x, wd, bd, wu, bu, x[:2], "relu", 1.0, 0.0, 0)
+
+
+_PORTABLE_CHECK = """
+import torch
+from adapterfast import cpu, reference
+assert cpu.kernel_isa() == "generic", cpu.kernel_isa()
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    x = torch.randn(70, 131).to(dtype)
+    wd, wu, bd, bu = torch.randn(9, 131) / 11, torch.randn(131, 9) / 3, torch.randn(9), torch.randn(131)
+    y, h = cpu.forward(x, wd, bd, wu, bu, None, "gelu", 0.5, 0.3, 8)
+    g = torch.randn_like(y)
+    got = (y, h) + tuple(cpu.backward(g, x, wd, bd, wu, bu, h, True, "gelu", 0.5, 0.3, 8))
+    d = lambda t: None if t is None else t.double()
+    y64, h64 = reference.forward(d(x), d(wd), d(bd), d(wu), d(bu), None, "gelu", 0.5, 0.3, 8)
+    want = (y64, h64) + tuple(reference.backward(d(g), d(x), d(wd), d(bd), d(wu), d(bu), h.double(), True, "gelu", 0.5, 0.3, 8))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b in zip(got, want):
+        assert ((a.double() - b).norm() / b.norm()).item() < tol
+print("ok")
+"""
+
+
+def test_portable_kernels_in_a_subprocess():
+    """ATEN_CPU_CAPABILITY=avx2 selects the portable float kernels, which must agree as well."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
