@@ -10,6 +10,7 @@ from . import ops as _ops  # registers the custom ops
 from .dispatch import backends, use_backend
 from .functional import fused_adapter
 from .modules import Adapter, replace_adapters
+from .bank import AdapterBank, grouped_adapter
 
 __version__ = "0.1.0"
 

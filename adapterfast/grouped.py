@@ -1,0 +1,136 @@
+"""``grouped_adapter``: many adapters in one batch, as a differentiable function of tensors.
+
+Row ``i`` of ``x`` goes through adapter ``adapter_index[i]`` of a bank of stacked adapters, or
+through none when the index is -1 (then ``y = residual``). Semantics:
+``adapterfast.grouped_reference``. This module checks the inputs (a wrong shape, dtype or device
+is a ``ValueError``/``TypeError`` that names it), flattens leading dimensions, draws the dropout
+seed and runs the custom op of ``grouped_ops.py``. Index values outside ``[-1, A)`` are reported
+by the op itself (a ``ValueError``), where reading them needs no graph break.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from . import activations, grouped_ops
+from . import dropout as dropout_rng
+
+
+def _describe(t: Tensor) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def _check_float(name: str, t, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _validate(x, w_down, w_up, b_down, b_up, adapter_index, residual, p) -> None:
+    for name, t, optional in (("x", x, False), ("down_weight", w_down, False), ("up_weight", w_up, False),
+                              ("down_bias", b_down, True), ("up_bias", b_up, True), ("residual", residual, True)):
+        _check_float(name, t, optional=optional)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have a last (feature) dimension of size >= 1, got shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    if w_down.dim() != 3 or w_down.shape[0] < 1 or w_down.shape[1] < 1 or w_down.shape[2] != d:
+        raise ValueError(f"down_weight must have shape [A, r, d] = [A, r, {d}] with A, r >= 1, got "
+                         f"{tuple(w_down.shape)}")
+    A, r, _ = w_down.shape
+    if tuple(w_up.shape) != (A, d, r):
+        raise ValueError(f"up_weight must have shape [A, d, r] = [{A}, {d}, {r}], got {tuple(w_up.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (A, r):
+        raise ValueError(f"down_bias must have shape [A, r] = [{A}, {r}], got {tuple(b_down.shape)}")
+    if b_up is not None and tuple(b_up.shape) != (A, d):
+        raise ValueError(f"up_bias must have shape [A, d] = [{A}, {d}], got {tuple(b_up.shape)}")
+    if not isinstance(adapter_index, Tensor):
+        raise TypeError(f"adapter_index must be a torch.Tensor of ints, got {type(adapter_index).__name__}")
+    if adapter_index.is_floating_point() or adapter_index.is_complex() or adapter_index.dtype == torch.bool:
+        raise TypeError(f"adapter_index must be an integer tensor, got {adapter_index.dtype}")
+    if tuple(adapter_index.shape) not in (tuple(x.shape[:-1]), (x.numel() // d,)):
+        raise ValueError(f"adapter_index must have x's leading shape {tuple(x.shape[:-1])} (one adapter per row), "
+                         f"got {tuple(adapter_index.shape)}")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    for name, t in (("down_weight", w_down), ("up_weight", w_up), ("down_bias", b_down), ("up_bias", b_up),
+                    ("adapter_index", adapter_index), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: x {_describe(x)}, "
+                             f"{name} {_describe(t)}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+
+
+def scales_tensor(scale, adapters: int, device) -> Tensor:
+    """Per-adapter scales as the op takes them: a float64 ``[A]`` tensor on ``device`` (constants, no grad)."""
+    if isinstance(scale, Tensor):
+        if scale.dim() == 0:
+            scale = scale.reshape(1).expand(adapters)
+        if tuple(scale.shape) != (adapters,):
+            raise ValueError(f"scale must be a number or have one entry per adapter ([{adapters}]), "
+                             f"got shape {tuple(scale.shape)}")
+        return scale.detach().to(device=device, dtype=torch.float64)
+    if isinstance(scale, bool):
+        raise TypeError("scale must be a real number, a sequence of them or a tensor, got bool")
+    if isinstance(scale, numbers.Real):
+        return torch.full((adapters,), float(scale), dtype=torch.float64, device=device)
+    values = list(scale)
+    if len(values) != adapters or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"scale must be a number or one number per adapter ({adapters}), got {scale!r}")
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def grouped_adapter(
+    x: Tensor,
+    adapter_index: Tensor,
+    down_weight: Tensor,
+    up_weight: Tensor,
+    down_bias: Tensor | None = None,
+    up_bias: Tensor | None = None,
+    *,
+    activation: str = "relu",
+    scale=1.0,
+    dropout: float = 0.0,
+    training: bool = True,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``residual + scale[a] * dropout(up_a(act(down_a(x) + down_bias[a])) + up_bias[a])`` per row, fused.
+
+    ``x`` is ``[..., d]`` and ``adapter_index`` (integers, ``x.shape[:-1]``) picks each row's
+    adapter, -1 for none. ``down_weight`` ``[A, r, d]`` and ``up_weight`` ``[A, d, r]`` stack the
+    ``nn.Linear`` weights of A adapters (biases ``[A, r]``, ``[A, d]``); ``scale`` is a number,
+    one number per adapter, or an ``[A]`` tensor (constants). Dropout is ``fused_adapter``'s mask
+    for the whole batch, applied only when ``training``. Gradients reach only the adapters used.
+    """
+    _validate(x, down_weight, up_weight, down_bias, up_bias, adapter_index, residual, dropout)
+    activation = activations.canonical(activation)
+    A = down_weight.shape[0]
+    scales = scales_tensor(scale, A, x.device)
+    d = x.shape[-1]
+    p = float(dropout) if training else 0.0
+    seed = dropout_rng.new_seed() if p > 0.0 else None
+    shape = x.shape
+    index = adapter_index.reshape(-1)
+    if torch.is_autocast_enabled(x.device.type) and x.dtype not in (torch.float64,
+                                                                    torch.get_autocast_dtype(x.device.type)):
+        # As fused_adapter does under autocast: the branch runs in the autocast dtype and is added
+        # to the residual in the residual's own dtype, as eager ``x + up(act(down(x)))`` would.
+        x_amp = x.to(torch.get_autocast_dtype(x.device.type)).reshape(-1, d)
+        branch, _ = grouped_ops.grouped_forward(
+            x_amp, down_weight, down_bias, up_weight, up_bias, scales, index, torch.zeros_like(x_amp), seed,
+            activation, p,
+        )
+        return (x if residual is None else residual) + branch.view(shape)
+    y, _ = grouped_ops.grouped_forward(
+        x.reshape(-1, d), down_weight, down_bias, up_weight, up_bias, scales, index,
+        None if residual is None else residual.reshape(-1, d), seed, activation, p,
+    )
+    return y.view(shape)

@@ -1,0 +1,34 @@
+"""The grouped op on the fused CPU backend: ``csrc/grouped_adapter.cpp`` in ``adapterfast._C``.
+
+``forward`` and ``backward`` have the semantics of ``adapterfast.grouped_reference`` for 2-D CPU
+tensors in float32, bfloat16 or float64. Rows are counting-sorted by adapter inside the op and
+each block of rows of one adapter runs the single-adapter op's block kernels, gathering its rows
+into cache and scattering its outputs, so no ``[N, d]`` temporary exists. Weight gradients are
+bitwise reproducible whatever the thread count.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cpu import _check_dtype, _require, _seed
+
+
+def forward(x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, activation, dropout_p, seed):
+    """Returns ``(y, h)`` (see ``adapterfast.grouped_reference.forward``)."""
+    _require()
+    _check_dtype(x)
+    return torch.ops.adapterfast_cpu.grouped_forward(
+        x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, activation, float(dropout_p),
+        _seed(seed, dropout_p),
+    )
+
+
+def backward(grad_y, x, w_down, b_down, w_up, b_up, scales, adapter_index, h, residual_is_x, activation,
+             dropout_p, seed):
+    """Returns ``(dx, dw_down, db_down, dw_up, db_up)``, stacked per adapter; unused adapters get zeros."""
+    _require()
+    _check_dtype(x)
+    return torch.ops.adapterfast_cpu.grouped_backward(
+        grad_y, x, w_down, b_down, w_up, b_up, scales, adapter_index, h, bool(residual_is_x), activation,
+        float(dropout_p), _seed(seed, dropout_p),
+    )
