@@ -20,6 +20,9 @@
 // groups that depends only on the row counts, each group sums fp32 partials block by block, and
 // the groups are summed in order. Adapters without rows get zero gradients.
 #include <cstring>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -142,7 +145,9 @@ void gather_rows(const at::Tensor& t, const int64_t* order, int64_t m, acc_t* ds
   for (int64_t i = 0; i < m; ++i) {
     const T* src = data + order[i] * rs;
     acc_t* out = dst + i * width;
-    if (cs == 1) {
+    if (cs == 1 && std::is_same_v<T, acc_t>) {
+      std::memcpy(out, src, width * sizeof(acc_t));
+    } else if (cs == 1) {
       for (int64_t k = 0; k < width; ++k) out[k] = static_cast<acc_t>(src[k]);
     } else {
       for (int64_t k = 0; k < width; ++k) out[k] = static_cast<acc_t>(src[k * cs]);
@@ -158,10 +163,34 @@ void gather_bytes(const at::Tensor& t, const int64_t* order, int64_t m, char* ds
   for (int64_t i = 0; i < m; ++i) std::memcpy(dst + i * row_bytes, data + order[i] * stride_bytes, row_bytes);
 }
 
-// Writes the dense rows src [m, d] of T to rows order[.] of the contiguous out [n, d].
+// Writes the dense rows src [m, d] of T to rows order[.] of the contiguous out [n, d]. With
+// `stream`, rows whose bytes are 32-byte aligned are written with non-temporal stores, as the
+// single-adapter op writes its large outputs: no read-for-ownership of the destination lines and
+// no eviction of the block's inputs (the caller issues the fence).
 template <typename T>
-void scatter_rows(const T* src, const int64_t* order, int64_t m, int64_t d, T* out) {
-  for (int64_t i = 0; i < m; ++i) std::memcpy(out + order[i] * d, src + i * d, d * sizeof(T));
+void scatter_rows(const T* src, const int64_t* order, int64_t m, int64_t d, T* out, bool stream) {
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+#if defined(__AVX__)
+  if (stream && bytes % 32 == 0 && reinterpret_cast<uintptr_t>(out) % 32 == 0) {
+    for (int64_t i = 0; i < m; ++i) {
+      const char* s = reinterpret_cast<const char*>(src + i * d);
+      char* o = reinterpret_cast<char*>(out + order[i] * d);
+      for (int64_t k = 0; k < bytes; k += 32) {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(o + k),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k)));
+      }
+    }
+    return;
+  }
+#endif
+  (void)stream;
+  for (int64_t i = 0; i < m; ++i) std::memcpy(out + order[i] * d, src + i * d, bytes);
+}
+
+void store_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 // out[row] = src[row] converted to T for each listed row (src float32, bfloat16 or float64 with
@@ -231,6 +260,7 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, at::Tensor& 
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const int64_t ld_keep = keep_row_bytes(d);
   const int64_t res_bytes = op.residual ? op.residual->element_size() : 0;
+  const bool stream = y.nbytes() >= kStreamOutputBytes;
 
   OutputEpilogue<acc_t> epilogue;
   epilogue.out_kind = kind_of(y.scalar_type());
@@ -285,8 +315,9 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, at::Tensor& 
       e.scale = static_cast<acc_t>(op.scales[adapter]);
       e.out = yb.data();
       kernels.project_out(m, r, d, a.data(), r, w_up_t + adapter * r * d, d, e);
-      scatter_rows(yb.data(), rows, m, d, y_data);
+      scatter_rows(yb.data(), rows, m, d, y_data, stream);
     }
+    store_fence();
   });
 
   const int64_t plain = seg.rows(0);
@@ -406,6 +437,7 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
   const bool dropout = op.dropout_p > 0.0;
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const int64_t ld_keep = keep_row_bytes(d);
+  const bool stream = dx.nbytes() >= kStreamOutputBytes;
 
   OutputEpilogue<acc_t> epilogue;
   epilogue.res_kind = kind_of(op.grad_y.scalar_type());
@@ -471,9 +503,10 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
         e.res = op.residual_is_x ? gb.data() : nullptr;
         e.out = dxb.data();
         kernels.project_out(m, r, d, dh.data(), r, w_down + adapter * r * d, d, e);
-        scatter_rows(dxb.data(), rows, m, d, dx_data);
+        scatter_rows(dxb.data(), rows, m, d, dx_data, stream);
       }
     }
+    store_fence();
   });
 
   const int64_t plain = seg.rows(0);

@@ -1,0 +1,188 @@
+"""``python -m benchmarks.grouped``: many adapters in one batch, on CPU (issue 18).
+
+A mixed batch of N rows, each randomly assigned one of A adapters (d, r fixed), run by:
+
+- ``grouped``: ``AdapterBank`` (the grouped op, one call);
+- ``loop``: what users write today: group the rows, one ``fused_adapter`` call per adapter on
+  its subset, results scattered back;
+- ``single``: one ``fused_adapter`` over all N rows (the floor the grouped op is held to);
+- ``peft_lora``: PEFT's mixed-batch LoRA (``model(x, adapter_names=[...])``) at the same r on an
+  ``nn.Linear(d, d)``, which includes the base layer's matmul; ``base_linear`` times that layer
+  alone, so ``peft_lora - base_linear`` is the LoRA share.
+
+Forward in inference (``no_grad``, eval) for all providers, and forward+backward (x requiring
+grad, adapter weights trainable) for grouped, loop and single. Providers are timed in
+interleaved rounds within one process and compared by ratio; medians of
+``torch.utils.benchmark`` samples. Results are printed as a table and appended to
+``benchmarks/results/grouped.jsonl`` with the machine, versions and CPU flags.
+
+    python -m benchmarks.grouped [--adapters 2 8 32] [--rows 8192] [--d 768] [--r 16] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import adapterfast
+from adapterfast import AdapterBank, fused_adapter
+
+from .machine import cpu_name
+from .timing import CpuTimer
+
+RESULTS = Path(__file__).parent / "results" / "grouped.jsonl"
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return " ".join(sorted(set(re.findall(r"\b(avx512[a-z_0-9]*|amx[a-z_0-9]*)\b", text))))
+
+
+def loop_forward(bank: AdapterBank, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """One fused_adapter call per adapter on its rows, as a user would write it without the grouped op."""
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=bank.num_adapters).tolist()
+    pieces = []
+    for a, rows in enumerate(torch.split(order, counts)):
+        if len(rows) == 0:
+            continue
+        pieces.append((rows, fused_adapter(x[rows], bank.down_weight[a], bank.up_weight[a], activation=bank.activation,
+                                           scale=float(bank.scales[a]))))
+    y = torch.empty_like(x)
+    for rows, out in pieces:
+        y = y.index_copy(0, rows, out)
+    return y
+
+
+class _Linear(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def peft_lora(adapters: int, d: int, r: int, dtype):
+    """A PEFT LoRA model with ``adapters`` adapters at rank r on one nn.Linear(d, d), or None without PEFT."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+    config = LoraConfig(r=r, lora_alpha=r, target_modules=["lin"])
+    model = get_peft_model(_Linear(d), config, adapter_name="a0")
+    for a in range(1, adapters):
+        model.add_adapter(f"a{a}", config)
+    for module in model.modules():
+        if hasattr(module, "lora_B"):
+            for linear in module.lora_B.values():
+                nn.init.normal_(linear.weight, std=0.02)
+    return model.to(dtype).eval()
+
+
+def measure(adapters: int, n: int, d: int, r: int, dtype, rounds: int, timer: CpuTimer, min_run_time: float):
+    torch.manual_seed(0)
+    bank = AdapterBank(adapters, d, r, dtype=dtype)
+    x = torch.randn(n, d, dtype=dtype)
+    index = torch.randint(0, adapters, (n,))
+    w_down, w_up = bank.down_weight[0].detach(), bank.up_weight[0].detach()
+    lora = peft_lora(adapters, d, r, dtype)
+    names = [f"a{a}" for a in index.tolist()]
+    x3 = x.view(n, 1, d)
+
+    with torch.no_grad():
+        got, want = bank(x, index), loop_forward(bank, x, index)
+        assert (got.float() - want.float()).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+    xg = x.clone().requires_grad_()
+    grad = torch.randn_like(x)
+
+    def train(fn):
+        def step():
+            xg.grad = None
+            bank.zero_grad(set_to_none=True)
+            fn().backward(grad)
+        return step
+
+    fwd = {
+        "grouped": lambda: bank(x, index),
+        "loop": lambda: loop_forward(bank, x, index),
+        "single": lambda: fused_adapter(x, w_down, w_up),
+    }
+    if lora is not None:
+        fwd["peft_lora"] = lambda: lora(x3, adapter_names=names)
+        fwd["base_linear"] = lambda: lora.base_model.model.lin.base_layer(x3)
+    step = {
+        "grouped": train(lambda: bank(xg, index)),
+        "loop": train(lambda: loop_forward(bank, xg, index)),
+        "single": train(lambda: fused_adapter(xg, bank.down_weight[0], bank.up_weight[0])),
+    }
+    samples = {("forward", k): [] for k in fwd} | {("fwd+bwd", k): [] for k in step}
+    for _ in range(rounds):
+        with torch.no_grad():
+            for name, fn in fwd.items():
+                fn()
+                samples[("forward", name)] += timer.times(fn, min_run_time)
+        for name, fn in step.items():
+            fn()
+            samples[("fwd+bwd", name)] += timer.times(fn, min_run_time)
+    return {key: statistics.median(v) * 1e3 for key, v in samples.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[2, 8, 32])
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+
+    threads = torch.get_num_threads()
+    timer = CpuTimer(threads)
+    machine = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": threads, "torch": torch.__version__,
+               "adapterfast": adapterfast.__version__, "isa": adapterfast.cpu.kernel_isa()
+               if adapterfast.backends()["cpu"].available else "none"}
+    print(f"# {machine}")
+    print(f"# N={args.rows} d={args.d} r={args.r}; median ms; ratios: loop/grouped and grouped/single")
+    print(f"{'dtype':9} {'A':>3} {'pass':8} {'grouped':>8} {'loop':>8} {'single':>8} {'peft_lora':>9} "
+          f"{'base_lin':>8} {'loop/grp':>8} {'grp/single':>10}")
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for adapters in args.adapters:
+            ms = measure(adapters, args.rows, args.d, args.r, dtype, args.rounds, timer, args.min_run_time)
+            for kind in ("forward", "fwd+bwd"):
+                get = lambda name: ms.get((kind, name))  # noqa: E731
+                row = {"dtype": dtype_name, "adapters": adapters, "pass": kind, "rows": args.rows, "d": args.d,
+                       "r": args.r, **{name: get(name) for name in ("grouped", "loop", "single", "peft_lora",
+                                                                    "base_linear")}}
+                row["loop_over_grouped"] = row["loop"] / row["grouped"]
+                row["grouped_over_single"] = row["grouped"] / row["single"]
+                rows.append(row)
+                fmt = lambda v, w: f"{v:{w}.2f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
+                print(f"{dtype_name:9} {adapters:>3} {kind:8} {fmt(row['grouped'], 8)} {fmt(row['loop'], 8)} "
+                      f"{fmt(row['single'], 8)} {fmt(row['peft_lora'], 9)} {fmt(row['base_linear'], 8)} "
+                      f"{row['loop_over_grouped']:8.2f}x {row['grouped_over_single']:9.2f}x", flush=True)
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with RESULTS.open("a") as f:
+            for row in rows:
+                f.write(json.dumps({**machine, **row}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
