@@ -16,7 +16,7 @@ interleaved rounds within one process and compared by ratio; medians of
 ``torch.utils.benchmark`` samples. Results are printed as a table and appended to
 ``benchmarks/results/grouped.jsonl`` with the machine, versions and CPU flags.
 
-    python -m benchmarks.grouped [--adapters 2 8 32] [--rows 8192] [--d 768] [--r 16] [--rounds 3]
+    python -m benchmarks.grouped [--adapters 2 8 32] [--rows 8192] [--d 768] [--r 16] [--rounds 3] [--threads T]
 """
 from __future__ import annotations
 
@@ -51,15 +51,12 @@ def loop_forward(bank: AdapterBank, x: torch.Tensor, index: torch.Tensor) -> tor
     """One fused_adapter call per adapter on its rows, as a user would write it without the grouped op."""
     order = torch.argsort(index, stable=True)
     counts = torch.bincount(index, minlength=bank.num_adapters).tolist()
-    pieces = []
+    y = torch.empty_like(x)
     for a, rows in enumerate(torch.split(order, counts)):
         if len(rows) == 0:
             continue
-        pieces.append((rows, fused_adapter(x[rows], bank.down_weight[a], bank.up_weight[a], activation=bank.activation,
-                                           scale=float(bank.scales[a]))))
-    y = torch.empty_like(x)
-    for rows, out in pieces:
-        y = y.index_copy(0, rows, out)
+        y[rows] = fused_adapter(x[rows], bank.down_weight[a], bank.up_weight[a], activation=bank.activation,
+                                scale=float(bank.scales[a]))
     return y
 
 
@@ -131,10 +128,10 @@ def measure(adapters: int, n: int, d: int, r: int, dtype, rounds: int, timer: Cp
         with torch.no_grad():
             for name, fn in fwd.items():
                 fn()
-                samples[("forward", name)] += timer.times(fn, min_run_time)
+                samples[("forward", name)] += timer.times(fn, min_run_time, min_samples=3)
         for name, fn in step.items():
             fn()
-            samples[("fwd+bwd", name)] += timer.times(fn, min_run_time)
+            samples[("fwd+bwd", name)] += timer.times(fn, min_run_time, min_samples=3)
     return {key: statistics.median(v) * 1e3 for key, v in samples.items()}
 
 
@@ -147,10 +144,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads (default: torch's); 1 avoids OpenMP barrier stalls on a shared machine")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
 
-    threads = torch.get_num_threads()
+    threads = args.threads
+    torch.set_num_threads(threads)
     timer = CpuTimer(threads)
     machine = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": threads, "torch": torch.__version__,
                "adapterfast": adapterfast.__version__, "isa": adapterfast.cpu.kernel_isa()

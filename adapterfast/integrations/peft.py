@@ -61,7 +61,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 
 from .. import activations
 from ..functional import fused_adapter
-from . import hf
+from . import hf, peft_mixed
 
 PEFT_MIN_VERSION = "0.21.0"
 if Version(_peft.__version__) < Version(PEFT_MIN_VERSION):
@@ -191,6 +191,8 @@ class AdapterfastLayer(nn.Module, BaseTunerLayer):
     def forward(self, *args, **kwargs):
         if self.disable_adapters:
             return self.base_layer(*args, **kwargs)
+        if peft_mixed.is_mixed(self):  # model(..., adapter_names=[...]): the grouped op (peft_mixed.py)
+            return peft_mixed.mixed_forward(self, args, kwargs)
         active = [n for n in self.active_adapters if n in self.adapterfast_down]
         if not active:
             return self.base_layer(*args, **kwargs)
@@ -274,6 +276,8 @@ class AdapterfastModel(BaseTuner):
         self._enable_adapter_layers(True)
 
     # Merging: impossible for a nonlinear adapter.
+
+    _enable_peft_forward_hooks = peft_mixed.enable_peft_forward_hooks  # adapter_names= (peft_mixed.py)
 
     def _check_merge_allowed(self):
         raise ValueError(MERGE_ERROR)
