@@ -299,10 +299,14 @@ def _bottleneck_layer_forward(self, hidden_states, residual_input, layer_norm):
     return _ORIGINAL["bottleneck_layer_forward"](self, hidden_states, residual_input, layer_norm)
 
 
+from . import adapterhub_grouped  # noqa: E402  (BatchSplit/Parallel on the grouped op)
+
 _REPLACEMENTS = {
     "compose_single": _compose_single,
     "compose_fuse": _compose_fuse,
     "bottleneck_layer_forward": _bottleneck_layer_forward,
+    "compose_batch_split": adapterhub_grouped.compose_batch_split,
+    "compose_parallel": adapterhub_grouped.compose_parallel,
 }
 _ORIGINAL: dict = {}
 
@@ -312,7 +316,7 @@ def _install() -> None:
     if _ORIGINAL:
         return
     for name, wrapper in _REPLACEMENTS.items():
-        original = BottleneckLayer.__dict__[name]
+        original = getattr(BottleneckLayer, name)  # compose_batch_split/_parallel are inherited
         wrapper.__wrapped__ = original
         _ORIGINAL[name] = original
         setattr(BottleneckLayer, name, wrapper)
