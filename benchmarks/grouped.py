@@ -3,6 +3,8 @@
 A mixed batch of N rows, each randomly assigned one of A adapters (d, r fixed), run by:
 
 - ``grouped``: ``AdapterBank`` (the grouped op, one call);
+- ``grouped_presorted``: the same on the same rows already sorted by adapter (forward only): what
+  the op's row gather/scatter costs over rows that arrive in contiguous runs;
 - ``loop``: what users write today: group the rows, one ``fused_adapter`` call per adapter on
   its subset, results scattered back;
 - ``single``: one ``fused_adapter`` over all N rows (the floor the grouped op is held to);
@@ -13,10 +15,13 @@ A mixed batch of N rows, each randomly assigned one of A adapters (d, r fixed), 
 Forward in inference (``no_grad``, eval) for all providers, and forward+backward (x requiring
 grad, adapter weights trainable) for grouped, loop and single. Providers are timed in
 interleaved rounds within one process and compared by ratio; medians of
-``torch.utils.benchmark`` samples. Results are printed as a table and appended to
+``torch.utils.benchmark`` samples (``--clock wall``) or of per-call CPU time (``--clock cpu``, see
+``sample``). Results are printed as a table and appended to
 ``benchmarks/results/grouped.jsonl`` with the machine, versions and CPU flags.
 
+    python -m benchmarks.grouped --threads 1 --clock cpu       # the README figures
     python -m benchmarks.grouped [--adapters 2 8 32] [--rows 8192] [--d 768] [--r 16] [--rounds 3] [--threads T]
+                                [--clock wall|cpu]
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import json
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -110,8 +116,11 @@ def measure(adapters: int, n: int, d: int, r: int, dtype, rounds: int, timer: Cp
             fn().backward(grad)
         return step
 
+    order = torch.argsort(index, stable=True)
+    x_sorted, index_sorted = x[order].contiguous(), index[order].contiguous()
     fwd = {
         "grouped": lambda: bank(x, index),
+        "grouped_presorted": lambda: bank(x_sorted, index_sorted),
         "loop": lambda: loop_forward(bank, x, index),
         "single": lambda: fused_adapter(x, w_down, w_up),
     }
@@ -128,11 +137,29 @@ def measure(adapters: int, n: int, d: int, r: int, dtype, rounds: int, timer: Cp
         with torch.no_grad():
             for name, fn in fwd.items():
                 fn()
-                samples[("forward", name)] += timer.times(fn, min_run_time, min_samples=3)
+                samples[("forward", name)] += sample(fn, timer, min_run_time)
         for name, fn in step.items():
             fn()
-            samples[("fwd+bwd", name)] += timer.times(fn, min_run_time, min_samples=3)
+            samples[("fwd+bwd", name)] += sample(fn, timer, min_run_time)
     return {key: statistics.median(v) * 1e3 for key, v in samples.items()}
+
+
+def sample(fn, timer, min_run_time: float) -> list[float]:
+    """Seconds per call: wall-clock samples from ``torch.utils.benchmark`` (``timer``), or with
+    ``timer=None`` the CPU time of this thread, averaged over calls adding up to ``min_run_time``.
+
+    CPU time is the measure on a shared machine with one thread (``--threads 1``): every op then
+    runs on the calling thread, and time spent descheduled while other processes run is not
+    counted (cache and memory-bandwidth contention still are)."""
+    if timer is not None:
+        return timer.times(fn, min_run_time, min_samples=3)
+    calls, spent = 0, 0.0
+    while spent < min_run_time or calls == 0:
+        start = time.thread_time()
+        fn()
+        spent += time.thread_time() - start
+        calls += 1
+    return [spent / calls]
 
 
 def main(argv=None) -> int:
@@ -146,18 +173,22 @@ def main(argv=None) -> int:
     parser.add_argument("--min-run-time", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="CPU threads (default: torch's); 1 avoids OpenMP barrier stalls on a shared machine")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: torch.utils.benchmark; cpu: this thread's CPU time (needs --threads 1)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
 
     threads = args.threads
+    if args.clock == "cpu" and threads != 1:
+        parser.error("--clock cpu measures one thread: use it with --threads 1")
     torch.set_num_threads(threads)
-    timer = CpuTimer(threads)
-    machine = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": threads, "torch": torch.__version__,
+    timer = CpuTimer(threads) if args.clock == "wall" else None
+    machine = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": threads, "clock": args.clock, "torch": torch.__version__,
                "adapterfast": adapterfast.__version__, "isa": adapterfast.cpu.kernel_isa()
                if adapterfast.backends()["cpu"].available else "none"}
     print(f"# {machine}")
     print(f"# N={args.rows} d={args.d} r={args.r}; median ms; ratios: loop/grouped and grouped/single")
-    print(f"{'dtype':9} {'A':>3} {'pass':8} {'grouped':>8} {'loop':>8} {'single':>8} {'peft_lora':>9} "
+    print(f"{'dtype':9} {'A':>3} {'pass':8} {'grouped':>8} {'presort':>8} {'loop':>8} {'single':>8} {'peft_lora':>9} "
           f"{'base_lin':>8} {'loop/grp':>8} {'grp/single':>10}")
     rows = []
     for dtype_name in args.dtypes:
@@ -167,13 +198,14 @@ def main(argv=None) -> int:
             for kind in ("forward", "fwd+bwd"):
                 get = lambda name: ms.get((kind, name))  # noqa: E731
                 row = {"dtype": dtype_name, "adapters": adapters, "pass": kind, "rows": args.rows, "d": args.d,
-                       "r": args.r, **{name: get(name) for name in ("grouped", "loop", "single", "peft_lora",
-                                                                    "base_linear")}}
+                       "r": args.r, **{name: get(name) for name in ("grouped", "grouped_presorted", "loop", "single",
+                                                                    "peft_lora", "base_linear")}}
                 row["loop_over_grouped"] = row["loop"] / row["grouped"]
                 row["grouped_over_single"] = row["grouped"] / row["single"]
                 rows.append(row)
                 fmt = lambda v, w: f"{v:{w}.2f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
-                print(f"{dtype_name:9} {adapters:>3} {kind:8} {fmt(row['grouped'], 8)} {fmt(row['loop'], 8)} "
+                print(f"{dtype_name:9} {adapters:>3} {kind:8} {fmt(row['grouped'], 8)} "
+                      f"{fmt(row['grouped_presorted'], 8)} {fmt(row['loop'], 8)} "
                       f"{fmt(row['single'], 8)} {fmt(row['peft_lora'], 9)} {fmt(row['base_linear'], 8)} "
                       f"{row['loop_over_grouped']:8.2f}x {row['grouped_over_single']:9.2f}x", flush=True)
     if not args.no_save:
