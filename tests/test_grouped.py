@@ -203,3 +203,15 @@ def test_weight_gradients_are_bitwise_reproducible_on_cpu():
         finally:
             torch.set_num_threads(previous)
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_autocast_runs_the_branch_in_the_autocast_dtype_and_keeps_the_residual():
+    x, wd, wu, bd, bu, _ = bank_inputs(40, 24, 4, 3, dtype=torch.float32)
+    index = torch.randint(-1, 3, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_adapter(x, index, wd, wu, bd, bu, scale=[0.5, 1.0, 2.0])
+    assert y.dtype == torch.float32
+    want, _ = loop_oracle(x, index, wd, wu, bd, bu, None, [0.5, 1.0, 2.0], "relu", 0.0, None)
+    assert rel_err(y, want) < 2e-2
+    plain = index < 0
+    assert torch.equal(y[plain], x[plain])
