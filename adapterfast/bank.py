@@ -77,7 +77,8 @@ class AdapterBank(nn.Module):
                 if bias is not None:
                     bias.uniform_(-bound, bound)
 
-    def forward(self, x: torch.Tensor, adapter_index: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_index: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         return grouped_adapter(
             x, adapter_index, self.down_weight, self.up_weight, self.down_bias, self.up_bias,
             activation=self.activation, scale=self.scales, dropout=self.dropout, training=self.training,
@@ -96,11 +97,13 @@ class AdapterBank(nn.Module):
         elif isinstance(source, nn.Module):
             adapter = source if isinstance(source, Adapter) else Adapter.from_module(source)
             if adapter.activation != self.activation:
-                raise ValueError(f"adapter activation {adapter.activation!r} differs from the bank's {self.activation!r}")
+                raise ValueError(f"adapter activation {adapter.activation!r} differs from the bank's "
+                                 f"{self.activation!r}")
             scale = adapter.scale
             state = {k: v for k, v in adapter.state_dict().items() if k.split(".")[0] in ("down", "up")}
         else:
-            raise TypeError(f"source must be an Adapter, an eager adapter module or a state dict, got {type(source).__name__}")
+            raise TypeError("source must be an Adapter, an eager adapter module or a state dict, "
+                            f"got {type(source).__name__}")
         expected = {"down.weight": (self.r, self.d_model), "up.weight": (self.d_model, self.r)}
         if self.down_bias is not None:
             expected.update({"down.bias": (self.r,), "up.bias": (self.d_model,)})

@@ -183,7 +183,8 @@ def main(argv=None) -> int:
         parser.error("--clock cpu measures one thread: use it with --threads 1")
     torch.set_num_threads(threads)
     timer = CpuTimer(threads) if args.clock == "wall" else None
-    machine = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": threads, "clock": args.clock, "torch": torch.__version__,
+    machine = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": threads, "clock": args.clock,
+               "torch": torch.__version__,
                "adapterfast": adapterfast.__version__, "isa": adapterfast.cpu.kernel_isa()
                if adapterfast.backends()["cpu"].available else "none"}
     print(f"# {machine}")

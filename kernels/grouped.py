@@ -87,7 +87,7 @@ def _branch_scales(scales, dropout_p: float) -> torch.Tensor:
 
 
 def forward(x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, activation, dropout_p, seed):
-    """Returns ``(y, h)``: ``y`` ``[N, d]`` contiguous in x's dtype, ``h`` ``[N, r]`` fp32 (0 on rows without adapter)."""
+    """Returns ``(y, h)``: ``y`` ``[N, d]`` contiguous in x's dtype, ``h`` ``[N, r]`` fp32 (0 where no adapter)."""
     _check(x, w_down, activation)
     n, d = x.shape
     A, r, _ = w_down.shape
