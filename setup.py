@@ -7,8 +7,10 @@ compiler, no headers) the package still installs and the CPU backend reports why
 import glob
 import os
 import sys
+import sysconfig
 
 from setuptools import setup
+from setuptools.command.editable_wheel import editable_wheel
 
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -25,6 +27,25 @@ class OptionalBuildExtension(BuildExtension or object):
         except Exception as error:
             print(f"adapterfast: building {ext.name} failed ({error}); the CPU backend will fall "
                   "back to the eager reference", file=sys.stderr)
+
+
+def path_hook_data_files():
+    """``adapterfast_path_hook.pth`` for the root of site-packages (as a data file, so that editable
+    installs get it too): one line, run at interpreter start, that keeps a checkout's top-level
+    ``kernels/`` from shadowing other packages of that name (see ``_adapterfast_path_hook.py``)."""
+    site_packages = os.path.relpath(sysconfig.get_path("purelib"), sysconfig.get_path("data"))
+    return [(site_packages, ["adapterfast_path_hook.pth"])]
+
+
+class EditableWheelWithData(editable_wheel):
+    """setuptools' editable install, which also installs ``data_files`` (setuptools 84 skips them in
+    editable mode: it asks the distribution for ``has_data``, which does not exist)."""
+
+    def _run_install(self, category: str):
+        if category == "data" and self.distribution.has_data_files():
+            self.run_command("install_data")
+            return
+        super()._run_install(category)
 
 
 def cpu_extensions():
@@ -57,9 +78,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["adapterfast", "adapterfast.integrations", "adapterfast.kernels"],
+    py_modules=["_adapterfast_path_hook"],
+    data_files=path_hook_data_files(),
     package_dir={"adapterfast.kernels": "kernels"},
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"editable_wheel": EditableWheelWithData, **cmdclass},
     install_requires=[
         "torch>=2.5",
         "triton>=3.1; platform_system == 'Linux'",
