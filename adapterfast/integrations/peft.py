@@ -46,6 +46,7 @@ with an error that says so (``PEFT_MIN_VERSION``).
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 from dataclasses import dataclass, field
@@ -75,6 +76,13 @@ PREFIX = "adapterfast_"
 MERGE_ERROR = ("adapterfast adapters cannot be merged into the base weights: a bottleneck adapter is nonlinear "
                "(x + s * up(act(down(x)))), so no weight update reproduces it. Keep the PeftModel for "
                "inference, or call unload() to get the base model back without the adapters.")
+
+
+REQUIRES = ("adapterfast: `import adapterfast` (pip install 'adapterfast[hf]') before PeftModel.from_pretrained; "
+            "without it PEFT does not know peft_type ADAPTERFAST and raises KeyError: 'ADAPTERFAST'")
+MIXED_BATCH_ERROR = ("adapter_names= (mixed-batch inference) is not supported for adapterfast AdapterConfig models "
+                     "yet: each call runs the active adapters on every row. Group the rows by adapter and call "
+                     "set_adapter(name) before each group")
 
 
 class AdapterfastPeftType(str, enum.Enum):
@@ -117,6 +125,8 @@ class AdapterConfig(PeftConfig):
     init: str = field(default="zero", metadata={"help": "zero, bert or houlsby"})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save"})
+    # Saved in adapter_config.json for whoever reads it, or meets PEFT's bare KeyError: 'ADAPTERFAST'.
+    requires: str = field(default=REQUIRES, metadata={"help": "How to load this config (not an option)"})
 
     # PEFT's target matching reads these; adapterfast adapters target modules, never parameters.
     target_parameters = None
@@ -138,6 +148,7 @@ class _Settings:
     activation: str
     scale: float
     dropout: float
+    placement: str = "pfeiffer"
 
 
 def _fused_branch(down: nn.Linear, up: nn.Linear, settings: _Settings, training: bool,
@@ -159,6 +170,9 @@ class AdapterfastLayer(nn.Module, BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdapterConfig, mode: str, features: int):
         nn.Module.__init__(self)
         self.base_layer = base_layer
+        d_in, d_out = hf.linear_sizes(base_layer)
+        self.in_features = features if d_in is None else d_in
+        self.out_features = features if d_out is None else d_out
         self.adapterfast_down = nn.ModuleDict()
         self.adapterfast_up = nn.ModuleDict()
         self.adapterfast_settings: dict[str, _Settings] = {}
@@ -178,7 +192,8 @@ class AdapterfastLayer(nn.Module, BaseTunerLayer):
         self.adapterfast_down[adapter_name] = down
         self.adapterfast_up[adapter_name] = up
         self.adapterfast_settings[adapter_name] = _Settings(
-            mode, activations.canonical(config.activation), hf.adapter_scale(config), float(config.dropout))
+            mode, activations.canonical(config.activation), hf.adapter_scale(config), float(config.dropout),
+            config.placement)
         self.set_adapter(self.active_adapters)
         if config.inference_mode:
             down.requires_grad_(False)
@@ -204,6 +219,11 @@ class AdapterfastLayer(nn.Module, BaseTunerLayer):
         # nothing is ever merged
         return None
 
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{name}: r={self.adapterfast_down[name].out_features}, activation={s.activation}, "
+                             f"placement={s.placement} ({s.mode}), scale={s.scale:g}" for name, s in self.adapterfast_settings.items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}]"
+
     def __repr__(self) -> str:
         return "adapterfast." + super().__repr__()
 
@@ -218,7 +238,7 @@ class AdapterfastModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: AdapterConfig, model_config: dict) -> AdapterConfig:
         if peft_config.target_modules is None:
             peft_config.target_modules = hf.default_target_modules(model_config.get("model_type"),
-                                                                   peft_config.placement)
+                                                                   peft_config.placement, self.model)
         return peft_config
 
     @staticmethod
@@ -228,6 +248,7 @@ class AdapterfastModel(BaseTuner):
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         mode = hf.site_mode(base, peft_config.placement)
+        hf.check_site(base, mode, current_key)
         features = hf.feature_size(base, mode, getattr(self.model, "config", None), current_key)
         if isinstance(target, AdapterfastLayer):
             target.update_layer(adapter_name, peft_config, mode, features)
@@ -272,6 +293,14 @@ class AdapterfastModel(BaseTuner):
 
     def enable_adapter_layers(self) -> None:
         self._enable_adapter_layers(True)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PeftModel's forward/generate enter this with the call's keywords; here it only refuses
+        mixed-batch inference (``adapter_names=``), which would otherwise be silently ignored."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(MIXED_BATCH_ERROR)
+        yield
 
     # Merging: impossible for a nonlinear adapter.
 
