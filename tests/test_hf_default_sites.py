@@ -93,7 +93,7 @@ def test_default_sites_with_peft(model_type, placement):
         base = model(**x).logits.double()
     config = AdapterConfig(task_type=task, r=4, init="bert", placement=placement)
     if placement == "parallel" and ffn is None:
-        with pytest.raises(ValueError, match="no default 'parallel' site.*inlined"):
+        with pytest.raises(ValueError, match="no default adapter sites for placement 'parallel'.*inlined"):
             get_peft_model(model, config)
         return
     peft_model = get_peft_model(model, config)

@@ -17,7 +17,8 @@ active adapters runs them in order), ``disable_adapter()``, ``unload()``, ``Trai
 weights are kept in fp32 as PEFT does by default; the op takes them with half activations).
 ``merge_and_unload``/``merge_adapter`` raise ``ValueError``: a bottleneck adapter is nonlinear,
 ``up(act(down(x)))``, so it cannot be folded into the base weights. Mixed-batch inference
-(``adapter_names=``) and ``PeftMixedModel`` are not supported.
+(``adapter_names=``) raises ``ValueError`` (``AdapterfastModel._enable_peft_forward_hooks``), and
+``PeftMixedModel`` is not supported.
 
 The fields, the placements and where the adapters go are documented in ``integrations/hf.py``,
 which this module shares with ``add_adapters``. Here ``bias`` is the adapter's own bias (a bool),
@@ -37,8 +38,8 @@ patched: no enum, class or function of PEFT is modified. ``register()`` is idemp
 when this module is imported; ``import adapterfast`` imports it as soon as PEFT is imported (or at
 once if PEFT already is), so ``PeftModel.from_pretrained`` works in a fresh process.
 
-Versions: PEFT >= 0.21 (tested: 0.21.0 and the pinned 0.21.2) with transformers 4.46 to 4.57
-(tested: 4.46.3 and the pinned 4.57.6). PEFT 0.21 is the first release whose save/load selects a
+Versions: PEFT >= 0.21 (tested: 0.21.2) with transformers 4.46 through 5.x (``make test`` runs the
+pinned 4.57.6 and 5.24.0). PEFT 0.21 is the first release whose save/load selects a
 method's weights structurally (``BaseTuner._get_adapter_state_dict``); up to 0.20,
 ``get_peft_model_state_dict`` saves only methods that are members of ``PeftType`` ("Unknown PEFT
 type passed"), which would mean patching PEFT's enum. Older PEFT versions are refused at import
@@ -313,15 +314,24 @@ class AdapterfastModel(BaseTuner):
     def merge_and_unload(self, *args, **kwargs):
         raise ValueError(MERGE_ERROR)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None):
-        """The base model's ``gradient_checkpointing_enable``, plus what reentrant checkpointing needs
-        for frozen-base training: the input embeddings' output must require grad, or no gradient
-        reaches the adapters inside checkpointed layers."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs):
+        """The base model's activation checkpointing (``activation_checkpointing_enable`` on transformers 5,
+        ``gradient_checkpointing_enable`` before), plus what reentrant checkpointing needs for frozen-base
+        training: the input embeddings' output must require grad, or no gradient reaches the adapters
+        inside checkpointed layers."""
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                       **kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         reentrant = (gradient_checkpointing_kwargs or {}).get("use_reentrant", True)
         if reentrant and getattr(self.model, "_require_grads_hook", None) is None \
                 and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs):
+        """transformers 5's name for ``gradient_checkpointing_enable`` (its ``Trainer`` calls this one)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
 
 def register() -> None:

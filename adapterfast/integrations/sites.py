@@ -52,7 +52,8 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no stack of identical blocks (an nn.ModuleList of layers)")
+        raise ValueError(f"adapterfast has no default adapter sites for {type(model).__name__}: it has no stack of "
+                         "identical blocks (an nn.ModuleList of layers); pass target_modules")
     return best
 
 
@@ -76,8 +77,8 @@ def find_sites(model: nn.Module) -> dict[str, Optional[str]]:
     """``{"ffn_output", "attention_output", "ffn"}``: a regex each (None where the block has no such site)."""
     size = hidden_size(model)
     if size is None:
-        raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: its config has no "
-                         "hidden_size/n_embd/d_model")
+        raise ValueError(f"adapterfast has no default adapter sites for {type(model).__name__}: its config (if any) "
+                         "has no hidden_size/n_embd/d_model to find them by; pass target_modules")
     prefix, blocks = _blocks(model)
     block = blocks[0]
     ffn_output = _last_projection(block, size, in_attention=False)
@@ -95,7 +96,7 @@ def for_placement(model: nn.Module, placement: str) -> str:
     if missing:
         what = {"ffn_output": "an MLP output projection", "attention_output": "an attention output projection",
                 "ffn": "an MLP block module (its MLP is inlined in the layer)"}
-        raise ValueError(f"adapterfast found no default {placement!r} site in {type(model).__name__}: its blocks have "
+        raise ValueError(f"adapterfast has no default adapter sites for placement {placement!r} in {type(model).__name__}: its blocks have "
                          f"no {' and no '.join(what[k] for k in missing)}; pass target_modules")
     patterns = [sites[key] for key in needed]
     return patterns[0] if len(patterns) == 1 else "|".join(f"(?:{p})" for p in patterns)
