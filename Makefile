@@ -44,6 +44,7 @@ $(INSTALLED5): $(INSTALLED) constraints-transformers5.txt
 	$(PY) -m venv --without-pip $(VENV5)
 	$(PY5) -c "import sysconfig; open(sysconfig.get_path('purelib') + '/_adapterfast_base_venv.pth', 'w')\
 		.write('import site; site.addsitedir(%r)\\n' % '$(abspath $(shell $(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))"))')"
+	@echo "make: installing transformers 5 over .venv (pip's note that adapters requires transformers 4.57 is expected: the AdapterHub tests run in .venv only)"
 	$(PY5) -m pip install --quiet -c constraints-transformers5.txt transformers
 	touch $(INSTALLED5)
 
