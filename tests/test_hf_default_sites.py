@@ -165,3 +165,11 @@ def test_saved_config_names_the_package(tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "ADAPTERFAST"
     assert "import adapterfast" in saved["requires"] and "KeyError: 'ADAPTERFAST'" in saved["requires"]
+
+
+def test_init_weights_false_is_a_non_identity_init():
+    assert AdapterConfig(init_weights=False).init == "bert"
+    assert AdapterConfig(init_weights=False, init="houlsby").init == "houlsby"
+    assert AdapterConfig().init == "zero"
+    with pytest.raises(TypeError, match="init_weights"):
+        AdapterConfig(init_weights="no")

@@ -112,6 +112,7 @@ class AdapterConfig(PeftConfig):
         target_modules: None for the architecture's default sites, else module-name suffixes or a
             regular expression (PEFT's rules).
         init: ``"zero"`` (the adapted model equals the base at step 0), ``"bert"`` or ``"houlsby"``.
+        init_weights: PEFT's common switch; ``False`` with ``init="zero"`` means ``init="bert"``.
         modules_to_save: extra modules trained and saved in full (the task head is added for you).
     """
 
@@ -126,6 +127,8 @@ class AdapterConfig(PeftConfig):
     init: str = field(default="zero", metadata={"help": "zero, bert or houlsby"})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save"})
+    init_weights: bool = field(default=True, metadata={
+        "help": "PEFT's convention: False turns the default identity init ('zero') into 'bert'"})
     # Saved in adapter_config.json for whoever reads it, or meets PEFT's bare KeyError: 'ADAPTERFAST'.
     requires: str = field(default=REQUIRES, metadata={"help": "How to load this config (not an option)"})
 
@@ -136,6 +139,10 @@ class AdapterConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        if not isinstance(self.init_weights, bool):
+            raise TypeError(f"init_weights must be True or False, got {self.init_weights!r}")
+        if not self.init_weights and self.init == "zero":
+            self.init = "bert"
         hf.check_options(self)
 
     @property
