@@ -16,7 +16,9 @@ from __future__ import annotations
 if __name__ != "adapterfast.kernels":
     raise ImportError(
         f"adapterfast's kernels/ folder was imported as {__name__!r}; it is the package "
-        "adapterfast.kernels (a repository checkout on sys.path shadows other packages named 'kernels')"
+        "adapterfast.kernels. A Python started in an adapterfast checkout sees the folder as a top-level "
+        "'kernels' (the name of Hugging Face's kernels package, which transformers 5 imports) unless adapterfast "
+        "is installed (pip install -e . adds a path hook that hides it): install it, or start Python elsewhere"
     )
 
 import contextlib

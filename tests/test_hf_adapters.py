@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import adapterfast  # noqa: E402
 from adapterfast.integrations import hf  # noqa: E402
+from hf_compat import checkpointing_enable  # noqa: E402
 
 VOCAB = 100
 
@@ -183,7 +184,7 @@ def test_add_adapters_with_gradient_checkpointing(use_reentrant):
     def grads(checkpointing):
         model = adapterfast.add_adapters(tiny_llama(), r=8, init="bert", dropout=0.1, placement="houlsby")
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            checkpointing_enable(model, use_reentrant=use_reentrant)
         model.train()
         torch.manual_seed(5)
         model(input_ids=ids()).logits.pow(2).mean().backward()

@@ -15,6 +15,7 @@ peft = pytest.importorskip("peft")
 from adapterfast import AdapterConfig  # noqa: E402
 from adapterfast.integrations import peft as af_peft  # noqa: E402
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
+from hf_compat import checkpointing_argument, checkpointing_enable, is_checkpointing  # noqa: E402
 
 VOCAB = 100
 
@@ -193,8 +194,8 @@ def test_gradient_checkpointing(make, use_reentrant):
     def grads(checkpointing: bool):
         model = get_peft_model(make(), AdapterConfig(r=8, init="bert", dropout=0.1, placement="houlsby"))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-            assert model.base_model.model.is_gradient_checkpointing
+            checkpointing_enable(model, use_reentrant=use_reentrant)
+            assert is_checkpointing(model.base_model.model)
         model.train()
         torch.manual_seed(5)
         out = model(input_ids=ids()).logits
@@ -314,7 +315,7 @@ def test_trainer_mixed_precision(tmp_path, precision):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
         report_to=[], save_strategy="no", logging_strategy="no", use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=True, **{precision: True})
+        **{checkpointing_argument(): True, precision: True})
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))

@@ -2,6 +2,8 @@
 
 - ``hf``: ``add_adapters``/``save_adapters``/``load_adapters``/``remove_adapters`` for transformers
   models without PEFT, ``AdapterOptions``, and the table of where adapters go per architecture.
+- ``sites``: the rule that finds default adapter sites (MLP output projection, attention output,
+  MLP block) in architectures without an entry in ``hf.ARCHITECTURES``.
 - ``peft``: ``AdapterConfig``, a PEFT config (``get_peft_model``, ``PeftModel.from_pretrained``),
   and its registration with PEFT.
 

@@ -24,9 +24,12 @@ Placements (``placement=``), each adapter being ``y = residual + s * up(act(down
   same sum by adapting the block's residual input: ``input_tensor -> x + s * f(x)``.
   He et al. use s = 4 for parallel adapters: pass ``alpha = 4 * r``.
 
-Default sites for ``model.config.model_type`` in ``ARCHITECTURES``; other models need
-``target_modules`` (a list of module-name suffixes, or one regular expression matched against the
-full module name, as in PEFT).
+Default sites: ``ARCHITECTURES`` by ``model.config.model_type`` (overrides), else the rule in
+``sites.py`` (each block's MLP output projection and attention output, found by shape), which
+covers every decoder, encoder and sequence-classification architecture of PEFT's own test suite
+(OPT, GPT-2, BLOOM, GPT-Neo, GPT-J, GPTBigCode, Llama, Mistral, Qwen2, Gemma3, BERT, RoBERTa,
+DeBERTa, DeBERTa-v2). ``target_modules`` (a list of module-name suffixes, or one regular expression
+matched against the full module name, as in PEFT) overrides both.
 
 ``init``: ``"zero"`` (default: up-projection zero, so the adapted model computes exactly what the
 base model computes until the first update; down-projection as ``nn.Linear``), ``"bert"`` (both
@@ -229,22 +232,28 @@ def model_type_of(model: nn.Module) -> Optional[str]:
     return getattr(config, "model_type", None)
 
 
-def default_target_modules(model_type: Optional[str], placement: str) -> str:
-    """The default sites (a regular expression over module names) for an architecture."""
-    sites = ARCHITECTURES.get(model_type)
-    if sites is None:
+def default_target_modules(model_type: Optional[str], placement: str, model: Optional[nn.Module] = None) -> str:
+    """The default sites (a regular expression over module names): the ``ARCHITECTURES`` entry for
+    ``model_type``, else what ``sites.for_placement`` finds in ``model``."""
+    table = ARCHITECTURES.get(model_type)
+    if table is not None:
+        return table.for_placement(placement)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+    if model is None:
         raise ValueError(
-            f"adapterfast has no default adapter sites for model_type {model_type!r} (known: "
+            f"adapterfast has no default adapter sites for model_type {model_type!r} without the model (table: "
             f"{', '.join(sorted(ARCHITECTURES))}); pass target_modules, e.g. the names of the modules whose "
             "output the adapter should act on (placement pfeiffer/houlsby) or the FFN blocks (parallel)")
-    return sites.for_placement(placement)
+    from . import sites
+    return sites.for_placement(model, placement)
 
 
-def resolve_target_modules(config, model_type: Optional[str]):
+def resolve_target_modules(config, model_type: Optional[str], model: Optional[nn.Module] = None):
     """``config.target_modules`` if set, else the architecture's default for ``config.placement``."""
     if config.target_modules is not None:
         return config.target_modules
-    return default_target_modules(model_type, config.placement)
+    return default_target_modules(model_type, config.placement, model)
 
 
 def matches(target_modules, name: str) -> bool:
@@ -296,6 +305,28 @@ def feature_size(module: nn.Module, mode: str, model_config=None, name: str = ""
         raise ValueError(f"cannot tell the feature size of {name or type(module).__name__} ({type(module).__name__}): "
                          "it is not an nn.Linear/Conv1D and the model config has no hidden_size")
     return size
+
+
+def linear_sizes(module: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or transformers ``Conv1D``, else ``(None, None)``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if hasattr(module, "nf") and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0], weight.shape[1]
+    return None, None
+
+
+def check_site(module: nn.Module, mode: str, name: str) -> None:
+    """A parallel adapter computes ``module(x) + s * f(x)``: ``module`` must map d features to d."""
+    if mode != PARALLEL:
+        return
+    d_in, d_out = linear_sizes(module)
+    if d_in is not None and d_in != d_out:
+        raise ValueError(f"placement='parallel' cannot go on {name} ({type(module).__name__}, {d_in} -> {d_out} "
+                         f"features): a parallel adapter adds s * f(x) to the module's output, so its input and "
+                         "output sizes must match. Target the whole MLP block (the default sites do), or use "
+                         "placement='pfeiffer'/'houlsby' on this layer")
 
 
 def base_device_dtype(module: nn.Module) -> tuple[Optional[torch.device], Optional[torch.dtype]]:
@@ -446,7 +477,7 @@ def add_adapters(model: nn.Module, config=None, *, autocast_adapter_dtype: bool 
     if adapted_modules(model):
         raise ValueError("this model already has adapterfast adapters; call remove_adapters(model) first, "
                          "or use PEFT (get_peft_model / add_adapter) for several named adapters")
-    targets = resolve_target_modules(opts, model_type_of(model))
+    targets = resolve_target_modules(opts, model_type_of(model), model)
     heads = _head_names(opts)
     model_config = getattr(model, "config", None)
     sites = []
@@ -464,6 +495,7 @@ def add_adapters(model: nn.Module, config=None, *, autocast_adapter_dtype: bool 
         p.requires_grad_(False)
     for name, module in sites:
         mode = site_mode(module, opts.placement)
+        check_site(module, mode, name)
         d = feature_size(module, mode, model_config, name)
         device, dtype = base_device_dtype(module)
         adapter = Adapter(d, opts.r, activation=activation, bias=opts.bias, scale=scale, dropout=opts.dropout,

@@ -17,7 +17,8 @@ active adapters runs them in order), ``disable_adapter()``, ``unload()``, ``Trai
 weights are kept in fp32 as PEFT does by default; the op takes them with half activations).
 ``merge_and_unload``/``merge_adapter`` raise ``ValueError``: a bottleneck adapter is nonlinear,
 ``up(act(down(x)))``, so it cannot be folded into the base weights. Mixed-batch inference
-(``adapter_names=``) and ``PeftMixedModel`` are not supported.
+(``adapter_names=``) raises ``ValueError`` (``AdapterfastModel._enable_peft_forward_hooks``), and
+``PeftMixedModel`` is not supported.
 
 The fields, the placements and where the adapters go are documented in ``integrations/hf.py``,
 which this module shares with ``add_adapters``. Here ``bias`` is the adapter's own bias (a bool),
@@ -37,8 +38,8 @@ patched: no enum, class or function of PEFT is modified. ``register()`` is idemp
 when this module is imported; ``import adapterfast`` imports it as soon as PEFT is imported (or at
 once if PEFT already is), so ``PeftModel.from_pretrained`` works in a fresh process.
 
-Versions: PEFT >= 0.21 (tested: 0.21.0 and the pinned 0.21.2) with transformers 4.46 to 4.57
-(tested: 4.46.3 and the pinned 4.57.6). PEFT 0.21 is the first release whose save/load selects a
+Versions: PEFT >= 0.21 (tested: 0.21.2) with transformers 4.46 through 5.x (``make test`` runs the
+pinned 4.57.6 and 5.24.0). PEFT 0.21 is the first release whose save/load selects a
 method's weights structurally (``BaseTuner._get_adapter_state_dict``); up to 0.20,
 ``get_peft_model_state_dict`` saves only methods that are members of ``PeftType`` ("Unknown PEFT
 type passed"), which would mean patching PEFT's enum. Older PEFT versions are refused at import
@@ -46,6 +47,7 @@ with an error that says so (``PEFT_MIN_VERSION``).
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 from dataclasses import dataclass, field
@@ -77,6 +79,13 @@ MERGE_ERROR = ("adapterfast adapters cannot be merged into the base weights: a b
                "inference, or call unload() to get the base model back without the adapters.")
 
 
+REQUIRES = ("adapterfast: `import adapterfast` (pip install 'adapterfast[hf]') before PeftModel.from_pretrained; "
+            "without it PEFT does not know peft_type ADAPTERFAST and raises KeyError: 'ADAPTERFAST'")
+MIXED_BATCH_ERROR = ("adapter_names= (mixed-batch inference) is not supported for adapterfast AdapterConfig models "
+                     "yet: each call runs the active adapters on every row. Group the rows by adapter and call "
+                     "set_adapter(name) before each group")
+
+
 class AdapterfastPeftType(str, enum.Enum):
     """adapterfast's PEFT type; a ``str`` enum like ``peft.PeftType`` (so ``.value`` works and
     ``"ADAPTERFAST"`` read from ``adapter_config.json`` finds it in PEFT's tables)."""
@@ -103,6 +112,7 @@ class AdapterConfig(PeftConfig):
         target_modules: None for the architecture's default sites, else module-name suffixes or a
             regular expression (PEFT's rules).
         init: ``"zero"`` (the adapted model equals the base at step 0), ``"bert"`` or ``"houlsby"``.
+        init_weights: PEFT's common switch; ``False`` with ``init="zero"`` means ``init="bert"``.
         modules_to_save: extra modules trained and saved in full (the task head is added for you).
     """
 
@@ -117,6 +127,10 @@ class AdapterConfig(PeftConfig):
     init: str = field(default="zero", metadata={"help": "zero, bert or houlsby"})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save"})
+    init_weights: bool = field(default=True, metadata={
+        "help": "PEFT's convention: False turns the default identity init ('zero') into 'bert'"})
+    # Saved in adapter_config.json for whoever reads it, or meets PEFT's bare KeyError: 'ADAPTERFAST'.
+    requires: str = field(default=REQUIRES, metadata={"help": "How to load this config (not an option)"})
 
     # PEFT's target matching reads these; adapterfast adapters target modules, never parameters.
     target_parameters = None
@@ -125,6 +139,10 @@ class AdapterConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        if not isinstance(self.init_weights, bool):
+            raise TypeError(f"init_weights must be True or False, got {self.init_weights!r}")
+        if not self.init_weights and self.init == "zero":
+            self.init = "bert"
         hf.check_options(self)
 
     @property
@@ -138,6 +156,7 @@ class _Settings:
     activation: str
     scale: float
     dropout: float
+    placement: str = "pfeiffer"
 
 
 def _fused_branch(down: nn.Linear, up: nn.Linear, settings: _Settings, training: bool,
@@ -159,6 +178,9 @@ class AdapterfastLayer(nn.Module, BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdapterConfig, mode: str, features: int):
         nn.Module.__init__(self)
         self.base_layer = base_layer
+        d_in, d_out = hf.linear_sizes(base_layer)
+        self.in_features = features if d_in is None else d_in
+        self.out_features = features if d_out is None else d_out
         self.adapterfast_down = nn.ModuleDict()
         self.adapterfast_up = nn.ModuleDict()
         self.adapterfast_settings: dict[str, _Settings] = {}
@@ -178,7 +200,8 @@ class AdapterfastLayer(nn.Module, BaseTunerLayer):
         self.adapterfast_down[adapter_name] = down
         self.adapterfast_up[adapter_name] = up
         self.adapterfast_settings[adapter_name] = _Settings(
-            mode, activations.canonical(config.activation), hf.adapter_scale(config), float(config.dropout))
+            mode, activations.canonical(config.activation), hf.adapter_scale(config), float(config.dropout),
+            config.placement)
         self.set_adapter(self.active_adapters)
         if config.inference_mode:
             down.requires_grad_(False)
@@ -206,6 +229,11 @@ class AdapterfastLayer(nn.Module, BaseTunerLayer):
         # nothing is ever merged
         return None
 
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{name}: r={self.adapterfast_down[name].out_features}, activation={s.activation}, "
+                             f"placement={s.placement} ({s.mode}), scale={s.scale:g}" for name, s in self.adapterfast_settings.items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}]"
+
     def __repr__(self) -> str:
         return "adapterfast." + super().__repr__()
 
@@ -220,7 +248,7 @@ class AdapterfastModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: AdapterConfig, model_config: dict) -> AdapterConfig:
         if peft_config.target_modules is None:
             peft_config.target_modules = hf.default_target_modules(model_config.get("model_type"),
-                                                                   peft_config.placement)
+                                                                   peft_config.placement, self.model)
         return peft_config
 
     @staticmethod
@@ -230,6 +258,7 @@ class AdapterfastModel(BaseTuner):
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         mode = hf.site_mode(base, peft_config.placement)
+        hf.check_site(base, mode, current_key)
         features = hf.feature_size(base, mode, getattr(self.model, "config", None), current_key)
         if isinstance(target, AdapterfastLayer):
             target.update_layer(adapter_name, peft_config, mode, features)
@@ -275,6 +304,14 @@ class AdapterfastModel(BaseTuner):
     def enable_adapter_layers(self) -> None:
         self._enable_adapter_layers(True)
 
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """PeftModel's forward/generate enter this with the call's keywords; here it only refuses
+        mixed-batch inference (``adapter_names=``), which would otherwise be silently ignored."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(MIXED_BATCH_ERROR)
+        yield
+
     # Merging: impossible for a nonlinear adapter.
 
     _enable_peft_forward_hooks = peft_mixed.enable_peft_forward_hooks  # adapter_names= (peft_mixed.py)
@@ -288,15 +325,24 @@ class AdapterfastModel(BaseTuner):
     def merge_and_unload(self, *args, **kwargs):
         raise ValueError(MERGE_ERROR)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None):
-        """The base model's ``gradient_checkpointing_enable``, plus what reentrant checkpointing needs
-        for frozen-base training: the input embeddings' output must require grad, or no gradient
-        reaches the adapters inside checkpointed layers."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs):
+        """The base model's activation checkpointing (``activation_checkpointing_enable`` on transformers 5,
+        ``gradient_checkpointing_enable`` before), plus what reentrant checkpointing needs for frozen-base
+        training: the input embeddings' output must require grad, or no gradient reaches the adapters
+        inside checkpointed layers."""
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                       **kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         reentrant = (gradient_checkpointing_kwargs or {}).get("use_reentrant", True)
         if reentrant and getattr(self.model, "_require_grads_hook", None) is None \
                 and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs):
+        """transformers 5's name for ``gradient_checkpointing_enable`` (its ``Trainer`` calls this one)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
 
 def register() -> None:
