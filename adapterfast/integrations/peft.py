@@ -17,8 +17,8 @@ active adapters runs them in order), ``disable_adapter()``, ``unload()``, ``Trai
 weights are kept in fp32 as PEFT does by default; the op takes them with half activations).
 ``merge_and_unload``/``merge_adapter`` raise ``ValueError``: a bottleneck adapter is nonlinear,
 ``up(act(down(x)))``, so it cannot be folded into the base weights. Mixed-batch inference
-(``adapter_names=``) raises ``ValueError`` (``AdapterfastModel._enable_peft_forward_hooks``), and
-``PeftMixedModel`` is not supported.
+(``model(..., adapter_names=[...])``, eval mode) runs every adapter of the batch in one grouped op
+per site (``peft_mixed.py``); ``PeftMixedModel`` is not supported.
 
 The fields, the placements and where the adapters go are documented in ``integrations/hf.py``,
 which this module shares with ``add_adapters``. Here ``bias`` is the adapter's own bias (a bool),
@@ -47,7 +47,6 @@ with an error that says so (``PEFT_MIN_VERSION``).
 """
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 from dataclasses import dataclass, field
@@ -81,10 +80,6 @@ MERGE_ERROR = ("adapterfast adapters cannot be merged into the base weights: a b
 
 REQUIRES = ("adapterfast: `import adapterfast` (pip install 'adapterfast[hf]') before PeftModel.from_pretrained; "
             "without it PEFT does not know peft_type ADAPTERFAST and raises KeyError: 'ADAPTERFAST'")
-MIXED_BATCH_ERROR = ("adapter_names= (mixed-batch inference) is not supported for adapterfast AdapterConfig models "
-                     "yet: each call runs the active adapters on every row. Group the rows by adapter and call "
-                     "set_adapter(name) before each group")
-
 
 class AdapterfastPeftType(str, enum.Enum):
     """adapterfast's PEFT type; a ``str`` enum like ``peft.PeftType`` (so ``.value`` works and
@@ -303,14 +298,6 @@ class AdapterfastModel(BaseTuner):
 
     def enable_adapter_layers(self) -> None:
         self._enable_adapter_layers(True)
-
-    @contextlib.contextmanager
-    def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """PeftModel's forward/generate enter this with the call's keywords; here it only refuses
-        mixed-batch inference (``adapter_names=``), which would otherwise be silently ignored."""
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError(MIXED_BATCH_ERROR)
-        yield
 
     # Merging: impossible for a nonlinear adapter.
 
