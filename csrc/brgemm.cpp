@@ -1,0 +1,57 @@
+#include "brgemm.h"
+
+#include <cstdlib>
+
+#include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include "block_kernels.h"
+
+namespace adapterfast::cpu {
+namespace {
+
+bool brgemm_enabled() {
+  const char* value = std::getenv("ADAPTERFAST_CPU_BRGEMM");
+  return (value == nullptr || std::string(value) != "0") && avx512::kernels() != nullptr &&
+         std::string(block_kernels<float>().name) == "avx512";
+}
+
+// C = A B for A = [1 2 3 4] and a 4x2 B packed in `layout`; true if brgemm gives the product.
+template <typename T>
+bool computes_in(BrgemmLayout layout) {
+  const float b[4][2] = {{1, -2}, {3, 5}, {-7, 11}, {13, 17}};
+  const T a[4] = {T(1.0f), T(2.0f), T(3.0f), T(4.0f)};
+  const std::vector<T> packed = pack_b<T>(layout, 4, 2, &b[0][0], 2);
+  float c[2] = {0, 0};
+  try {
+    at::native::cpublas::brgemm(1, 2, 4, 4, 2, 2, false, a, packed.data(), c, true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const std::exception&) {  // c10::Error, or dnnl::error from kernel creation
+    return false;
+  }
+  return c[0] == 1 + 6 - 21 + 52 && c[1] == -2 + 10 + 33 + 68;
+}
+
+template <typename T>
+BrgemmLayout probe() {
+  if (!brgemm_enabled()) return BrgemmLayout::none;
+  if (computes_in<T>(BrgemmLayout::vnni)) return BrgemmLayout::vnni;
+  if (computes_in<T>(BrgemmLayout::plain)) return BrgemmLayout::plain;
+  return BrgemmLayout::none;
+}
+
+}  // namespace
+
+BrgemmLayout brgemm_layout(at::ScalarType dtype) {
+  static const BrgemmLayout bf16 = probe<c10::BFloat16>();
+  static const BrgemmLayout f16 = probe<c10::Half>();
+  return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? f16 : BrgemmLayout::none;
+}
+
+std::string brgemm_unit(at::ScalarType dtype) {
+  return at::native::cpublas::could_pack(dtype) ? "amx" : "avx512";
+}
+
+}  // namespace adapterfast::cpu
