@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
       constexpr bool kSameType = std::is_same_v<T, acc_t>;
       const BrgemmLayout layout = brgemm_layout_for(dtype, dims);
       if (layout != BrgemmLayout::none) {
-        if constexpr (std::is_same_v<acc_t, float> && !kSameType) {
+        if constexpr (std::is_same_v<acc_t, float>) {
           backward_blocks_brgemm<T>(op, layout, dx, partials, bias_partials);
         }
       } else if (kSameType && dropout_p == 0.0) {

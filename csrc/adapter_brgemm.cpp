@@ -3,8 +3,11 @@
 //             columns u = a Wu^T (brgemm, K = r) and y = res + s * keep * (u + bu) (finish_rows).
 //   backward: gz = g (no dropout; the factor s is folded into dh and applied to dw_up once at the
 //             end) or round(g * keep * s);  da = gz Wu (brgemm, K = d);  dh = s' da act'(h);
-//             dw_up^T += a^T gz and dw_down += dh^T x (brgemm, K = the block's rows, gz and x
-//             rows repacked in the block's B layout);  dx = dh Wd (brgemm, K = r) + g.
+//             dx = dh Wd (brgemm, K = r) + g;  and per run of up to kSumRows rows (consecutive
+//             blocks of one reduction group) dw_up^T += a^T gz and dw_down += dh^T x (brgemm,
+//             K = the run's rows, gz and x rows repacked in brgemm's B layout). Summing 256 rows
+//             per call rather than 64 cuts the [r, d] fp32 partials' trips through L2 (read and
+//             written per call) 4x: at r = 64 they otherwise outweigh the block's own data.
 // Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
 // Biases are summed in float64 from the unrounded fp32 values, as the fp32 drivers do.
 #include "adapter_brgemm.h"
@@ -26,6 +29,12 @@ using at::native::cpublas::brgemm_release;
 
 // Output columns per brgemm call: a [64, 256] fp32 product (64 KiB) stays in L2 for its epilogue.
 constexpr int64_t kOutCols = 256;
+// Rows per weight-gradient brgemm call (a multiple of kBlockRows).
+constexpr int64_t kSumRows = 4 * kBlockRows;
+
+// brgemm's 16-bit kernels take B in the layout of brgemm_layout (is_vnni = true); fp32 plain.
+template <typename T>
+constexpr bool kVnni = !std::is_same_v<T, float>;
 
 inline int64_t even(int64_t v) { return v + (v & 1); }
 
@@ -60,10 +69,10 @@ void product_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, co
     const int64_t nc = std::min(kOutCols, d - n0);
     const T* b = B + b_column(layout, n0);
     if (finish != nullptr) {
-      brgemm(M, nc, K, lda, d, nc, false, A, b, chunk, true);
+      brgemm(M, nc, K, lda, d, nc, false, A, b, chunk, kVnni<T>);
       avx512::finish_rows(M, nc, chunk, nc, n0, *finish);
     } else {
-      brgemm(M, nc, K, lda, d, ldc, add, A, b, C + n0, true);
+      brgemm(M, nc, K, lda, d, ldc, add, A, b, C + n0, kVnni<T>);
     }
   }
 }
@@ -111,7 +120,7 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
       int64_t ld_x = 0;
       const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
       float* hb = h_data + row0 * r;
-      brgemm(m, r, even(d), ld_x, r, r, false, xb, w_down_b.data(), hb, true);
+      brgemm(m, r, even(d), ld_x, r, r, false, xb, w_down_b.data(), hb, kVnni<T>);
       visit<float>(op.activation, [&](auto f) {
         for (int64_t i = 0; i < m; ++i) {
           for (int64_t j = 0; j < r; ++j) {
@@ -137,7 +146,7 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
       e.out = y_data + row0 * d;
       product_by_columns<T>(layout, m, rp, d, a.data(), rp, w_up_b.data(), nullptr, 0, false, chunk.data(), &e);
     }
-    brgemm_release(true);
+    brgemm_release(kVnni<T>);
   });
 }
 
@@ -174,11 +183,13 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
     const int64_t dp = even(d);
     std::vector<T> gz(kBlockRows * dp);
     std::vector<T> x_scratch(kBlockRows * dp);
-    std::vector<T> rows_b(kBlockRows * d);  // gz or x rows as a B operand
+    std::vector<T> gz_b(kSumRows * d);       // a run's gz rows as a B operand
+    std::vector<T> x_b(kSumRows * d);        // a run's x rows as a B operand
+    std::vector<T> a_t(r * kSumRows);        // [r, kSumRows]: a^T of the run
+    std::vector<T> dh_t(r * kSumRows);       // [r, kSumRows]: dh^T of the run
     std::vector<float> da(kBlockRows * r);
-    std::vector<T> a_t(r * kBlockRows);   // [r, even(m)]
-    std::vector<T> dh_t(r * kBlockRows);  // [r, even(m)]
     std::vector<T> dh(kBlockRows * rp, T(0.0f));
+    std::vector<float> col_sums(d);
     std::vector<float> chunk(kBlockRows * kOutCols);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
@@ -188,24 +199,30 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
       double* bias_row = bias_partials.data_ptr<double>() + group * bias_partials.size(1);
       std::fill(bias_row, bias_row + bias_partials.size(1), 0.0);
       const Partials<float> sums(row, bias_row, op.dims);
-      for (int64_t block = group * blocks / groups; block < (group + 1) * blocks / groups; ++block) {
+      const int64_t first_block = group * blocks / groups;
+      const int64_t last_block = (group + 1) * blocks / groups;
+      int64_t run = 0;  // rows (even) collected for the weight gradients
+      for (int64_t block = first_block; block < last_block; ++block) {
         const int64_t row0 = block * kBlockRows;
         const int64_t m = std::min(kBlockRows, n - row0);
         const int64_t mp = even(m);
         const T* gb = g_data + row0 * ld_g;
 
+        // gz, and its column sums (fp32 within the block, float64 across blocks).
+        std::fill(col_sums.begin(), col_sums.end(), 0.0f);
         const T* gz_rows = nullptr;
         int64_t ld_gz = 0;
         if (dropout) {
           kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
           ld_gz = dp;
           for (int64_t i = 0; i < m; ++i) {
-            const T* g = gb + i * ld_g;
-            const uint8_t* kp = keep.data() + i * ld_keep;
-            T* out = gz.data() + i * dp;
+            const T* __restrict g = gb + i * ld_g;
+            const uint8_t* __restrict kp = keep.data() + i * ld_keep;
+            T* __restrict out = gz.data() + i * dp;
+            float* __restrict sum = col_sums.data();
             for (int64_t k = 0; k < d; ++k) {
               const float v = static_cast<float>(g[k]) * (kp[k] ? factor : 0.0f);
-              sums.db_up[k] += static_cast<double>(v);
+              sum[k] += v;
               out[k] = static_cast<T>(v);
             }
             if (dp != d) out[d] = T(0.0f);
@@ -213,44 +230,52 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
           gz_rows = gz.data();
         } else {
           for (int64_t i = 0; i < m; ++i) {
-            const T* g = gb + i * ld_g;
-            for (int64_t k = 0; k < d; ++k) sums.db_up[k] += static_cast<double>(static_cast<float>(g[k]) * factor);
+            const T* __restrict g = gb + i * ld_g;
+            float* __restrict sum = col_sums.data();
+            for (int64_t k = 0; k < d; ++k) sum[k] += static_cast<float>(g[k]);
           }
+          for (float& v : col_sums) v *= factor;
           gz_rows = a_rows(g_data, ld_g, 1, d, row0, m, gz.data(), ld_gz);
         }
+        for (int64_t k = 0; k < d; ++k) sums.db_up[k] += static_cast<double>(col_sums[k]);
 
-        brgemm(m, r, dp, ld_gz, r, r, false, gz_rows, w_up_b.data(), da.data(), true);
+        brgemm(m, r, dp, ld_gz, r, r, false, gz_rows, w_up_b.data(), da.data(), kVnni<T>);
         const float* hb = h_data + row0 * r;
         visit<float>(op.activation, [&](auto f) {
           for (int64_t i = 0; i < mp; ++i) {
             for (int64_t j = 0; j < r; ++j) {
+              T dh_value(0.0f);
+              T a_value(0.0f);
               if (i < m) {
-                const float dh_value = fold * da[i * r + j] * f.grad(hb[i * r + j]);
-                sums.db_down[j] += static_cast<double>(dh_value);
-                dh[i * rp + j] = static_cast<T>(dh_value);
-                dh_t[j * mp + i] = dh[i * rp + j];
-                a_t[j * mp + i] = static_cast<T>(f.value(hb[i * r + j]));
-              } else {
-                dh_t[j * mp + i] = T(0.0f);
-                a_t[j * mp + i] = T(0.0f);
+                const float v = fold * da[i * r + j] * f.grad(hb[i * r + j]);
+                sums.db_down[j] += static_cast<double>(v);
+                dh_value = static_cast<T>(v);
+                a_value = static_cast<T>(f.value(hb[i * r + j]));
+                dh[i * rp + j] = dh_value;
               }
+              dh_t[j * kSumRows + run + i] = dh_value;
+              a_t[j * kSumRows + run + i] = a_value;
             }
           }
         });
 
-        rows_as_b<T>(layout, m, d, gz_rows, ld_gz, rows_b.data());
-        product_by_columns<T>(layout, r, mp, d, a_t.data(), mp, rows_b.data(), sums.dw_up_t, d, true, nullptr, nullptr);
-        int64_t ld_x = 0;
-        const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
-        rows_as_b<T>(layout, m, d, xb, ld_x, rows_b.data());
-        product_by_columns<T>(layout, r, mp, d, dh_t.data(), mp, rows_b.data(), sums.dw_down, d, true, nullptr, nullptr);
-
         e.res = op.residual_is_x ? gb : nullptr;
         e.out = dx_data + row0 * d;
         product_by_columns<T>(layout, m, rp, d, dh.data(), rp, w_down_b.data(), nullptr, 0, false, chunk.data(), &e);
+
+        rows_as_b<T>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d);
+        int64_t ld_x = 0;
+        const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
+        rows_as_b<T>(layout, m, d, xb, ld_x, x_b.data() + run * d);
+        run += mp;
+        if (run == kSumRows || block + 1 == last_block) {
+          product_by_columns<T>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), sums.dw_up_t, d, true, nullptr, nullptr);
+          product_by_columns<T>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), sums.dw_down, d, true, nullptr, nullptr);
+          run = 0;
+        }
       }
     }
-    brgemm_release(true);
+    brgemm_release(kVnni<T>);
   });
 }
 
@@ -258,5 +283,7 @@ template void forward_blocks_brgemm<c10::BFloat16>(const ForwardOperands&, Brgem
 template void forward_blocks_brgemm<c10::Half>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);
 template void backward_blocks_brgemm<c10::BFloat16>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&, at::Tensor&);
 template void backward_blocks_brgemm<c10::Half>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&, at::Tensor&);
+template void forward_blocks_brgemm<float>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);
+template void backward_blocks_brgemm<float>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&, at::Tensor&);
 
 }  // namespace adapterfast::cpu

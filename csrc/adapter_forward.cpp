@@ -125,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(
   dispatch_dtype(dtype, [&](auto t, auto a) {
     using T = decltype(t);
     using acc_t = decltype(a);
-    if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<acc_t, float>) {
       if (layout != BrgemmLayout::none) return forward_blocks_brgemm<T>(op, layout, y, h);
     }
     forward_blocks<T, acc_t>(op, y, h);

@@ -12,9 +12,13 @@
 namespace adapterfast::cpu {
 namespace {
 
+bool env_is(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::string(set) == value;
+}
+
 bool brgemm_enabled() {
-  const char* value = std::getenv("ADAPTERFAST_CPU_BRGEMM");
-  return (value == nullptr || std::string(value) != "0") && avx512::kernels() != nullptr &&
+  return !env_is("ADAPTERFAST_CPU_BRGEMM", "0") && avx512::kernels() != nullptr &&
          std::string(block_kernels<float>().name) == "avx512";
 }
 
@@ -47,11 +51,18 @@ BrgemmLayout probe() {
 BrgemmLayout brgemm_layout(at::ScalarType dtype) {
   static const BrgemmLayout bf16 = probe<c10::BFloat16>();
   static const BrgemmLayout f16 = probe<c10::Half>();
-  return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? f16 : BrgemmLayout::none;
+  static const BrgemmLayout f32 =
+      brgemm_enabled() && env_is("ADAPTERFAST_CPU_FP32_BRGEMM", "1") ? BrgemmLayout::plain : BrgemmLayout::none;
+  switch (dtype) {
+    case at::kBFloat16: return bf16;
+    case at::kHalf: return f16;
+    case at::kFloat: return f32;
+    default: return BrgemmLayout::none;
+  }
 }
 
 std::string brgemm_unit(at::ScalarType dtype) {
-  return at::native::cpublas::could_pack(dtype) ? "amx" : "avx512";
+  return dtype != at::kFloat && at::native::cpublas::could_pack(dtype) ? "amx" : "avx512";
 }
 
 }  // namespace adapterfast::cpu

@@ -8,6 +8,7 @@
 // AVX512-BF16; fp16 wants plain rows on AVX512-FP16 and VNNI on AMX-FP16), and the probe also
 // honours what caps oneDNN (ONEDNN_MAX_CPU_ISA, torch.backends.mkldnn disabled). Where the
 // ukernel is unavailable the layout is `none` and the drivers use the fp32 block kernels.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -19,8 +20,10 @@ namespace adapterfast::cpu {
 
 enum class BrgemmLayout : uint8_t { none, vnni, plain };
 
-// The B layout brgemm uses for 16-bit dtype here; `none` also when ADAPTERFAST_CPU_BRGEMM=0
-// or when the AVX-512 epilogues are not in use (ATEN_CPU_CAPABILITY below AVX512).
+// The B layout brgemm uses for a 16-bit dtype here; `none` also when ADAPTERFAST_CPU_BRGEMM=0
+// or when the AVX-512 epilogues are not in use (ATEN_CPU_CAPABILITY below AVX512). For float32,
+// `plain` only with ADAPTERFAST_CPU_FP32_BRGEMM=1 (for measuring it against the AVX-512 kernels;
+// see adapter_brgemm.h for the decision), else none.
 BrgemmLayout brgemm_layout(at::ScalarType dtype);
 
 // "amx" when oneDNN packs this dtype for AMX tiles, else "avx512" (for the report in kernel_isa).
@@ -49,29 +52,28 @@ std::vector<T> pack_b(BrgemmLayout layout, int64_t K, int64_t N, const S* src, i
 }
 
 // dst = rows [0, m) of src (leading dimension ld_src, width N) as a B operand with ldb = N and
-// m rounded up to even with a zero row: interleaved pairs of rows (VNNI) or a plain copy.
+// m rounded up to even with a zero row: interleaved pairs of rows (VNNI, built as 32-bit words
+// so that the loop vectorises) or a plain copy.
 template <typename T>
 void rows_as_b(BrgemmLayout layout, int64_t m, int64_t N, const T* src, int64_t ld_src, T* dst) {
   const int64_t m_even = m + (m & 1);
-  const T zero(0.0f);
-  for (int64_t i = 0; i < m_even; i += 2) {
-    const T* r0 = src + i * ld_src;
-    const T* r1 = i + 1 < m ? src + (i + 1) * ld_src : nullptr;
+  if constexpr (sizeof(T) == 2) {
     if (layout == BrgemmLayout::vnni) {
-      T* out = dst + i * N;
-      for (int64_t n = 0; n < N; ++n) {
-        out[2 * n] = r0[n];
-        out[2 * n + 1] = r1 != nullptr ? r1[n] : zero;
+      for (int64_t i = 0; i < m_even; i += 2) {
+        const uint16_t* __restrict r0 = reinterpret_cast<const uint16_t*>(src + i * ld_src);
+        uint32_t* __restrict out = reinterpret_cast<uint32_t*>(dst + i * N);
+        if (i + 1 < m) {
+          const uint16_t* __restrict r1 = reinterpret_cast<const uint16_t*>(src + (i + 1) * ld_src);
+          for (int64_t n = 0; n < N; ++n) out[n] = uint32_t(r0[n]) | (uint32_t(r1[n]) << 16);
+        } else {
+          for (int64_t n = 0; n < N; ++n) out[n] = r0[n];
+        }
       }
-    } else {
-      std::copy(r0, r0 + N, dst + i * N);
-      if (r1 != nullptr) {
-        std::copy(r1, r1 + N, dst + (i + 1) * N);
-      } else {
-        std::fill(dst + (i + 1) * N, dst + (i + 2) * N, zero);
-      }
+      return;
     }
   }
+  for (int64_t i = 0; i < m; ++i) std::copy(src + i * ld_src, src + i * ld_src + N, dst + i * N);
+  if (m_even != m) std::fill(dst + m * N, dst + m_even * N, T(0.0f));
 }
 
 }  // namespace adapterfast::cpu
