@@ -9,7 +9,8 @@
 //             per call rather than 64 cuts the [r, d] fp32 partials' trips through L2 (read and
 //             written per call) 4x: at r = 64 they otherwise outweigh the block's own data.
 // Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
-// Biases are summed in float64 from the unrounded fp32 values, as the fp32 drivers do.
+// Bias gradients: unrounded fp32 values summed in fp32 within a 64-row block, and block sums in
+// float64, so the error does not grow with N.
 #include "adapter_brgemm.h"
 
 #include <vector>

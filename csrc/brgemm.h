@@ -23,7 +23,7 @@ enum class BrgemmLayout : uint8_t { none, vnni, plain };
 // The B layout brgemm uses for a 16-bit dtype here; `none` also when ADAPTERFAST_CPU_BRGEMM=0
 // or when the AVX-512 epilogues are not in use (ATEN_CPU_CAPABILITY below AVX512). For float32,
 // `plain` only with ADAPTERFAST_CPU_FP32_BRGEMM=1 (for measuring it against the AVX-512 kernels;
-// see adapter_brgemm.h for the decision), else none.
+// the measurement that keeps fp32 off brgemm is at its definition in brgemm.cpp), else none.
 BrgemmLayout brgemm_layout(at::ScalarType dtype);
 
 // "amx" when oneDNN packs this dtype for AMX tiles, else "avx512" (for the report in kernel_isa).
