@@ -51,13 +51,14 @@ BrgemmLayout probe() {
 BrgemmLayout brgemm_layout(at::ScalarType dtype) {
   static const BrgemmLayout bf16 = probe<c10::BFloat16>();
   static const BrgemmLayout f16 = probe<c10::Half>();
-  // fp32 stays on the hand-tiled AVX-512 kernels (block_kernels_avx512.cpp): measured side by
-  // side (2 threads, N = 8192, relu, fwd + bwd; Intel Xeon with AMX-BF16, AVX512-BF16/FP16, a
-  // loaded 2-core VM, so ratios only; /tmp script in the cpu report of 2026-12-01), brgemm's fp32
-  // kernel took 1.2x to 1.9x the time: d=1024 r=64 avx512 322 / 424 ms vs brgemm 568 / 500 ms,
-  // d=4096 r=16 avx512 650 / 913 ms vs brgemm 1252 / 1319 ms (two runs each). oneDNN's fp32
-  // ukernel has no matrix unit to gain from and adds per-call overhead on these skinny GEMMs.
-  // ADAPTERFAST_CPU_FP32_BRGEMM=1 routes fp32 to brgemm to repeat the comparison.
+  // fp32 stays on the hand-tiled AVX-512 kernels (block_kernels_avx512.cpp). Measured with
+  // `python -m benchmarks.cpu_paths --dtype fp32 --paths default,fp32-brgemm` (2 threads, N = 8192,
+  // relu, fwd + bwd; Intel Xeon with AMX-BF16, AVX512-BF16/FP16 on a loaded 2-core VM, so ratios
+  // only), brgemm's fp32 kernel took 1.2x to 1.9x the time: d=1024 r=64 225 ms vs 350 ms (and
+  // 322 / 424 ms vs 568 / 500 ms in two earlier runs), d=4096 r=16 650 / 913 ms vs 1252 / 1319 ms.
+  // Without a matrix unit for fp32, oneDNN's ukernel only adds per-call overhead on these skinny
+  // GEMMs. No AVX-512-without-AMX machine was available to measure; the same holds there unless
+  // shown otherwise. ADAPTERFAST_CPU_FP32_BRGEMM=1 routes fp32 to brgemm to repeat the comparison.
   static const BrgemmLayout f32 =
       brgemm_enabled() && env_is("ADAPTERFAST_CPU_FP32_BRGEMM", "1") ? BrgemmLayout::plain : BrgemmLayout::none;
   switch (dtype) {
