@@ -86,7 +86,7 @@ def cpu_extensions():
     # loops with float comparisons and math calls; no result changes.
     flags = ["-O3", "-fopenmp", "-DAT_PARALLEL_OPENMP=1", "-std=c++20", "-fno-trapping-math", "-fno-math-errno"]
     if os.uname().machine in ("x86_64", "AMD64"):
-        flags += ["-mavx2", "-mfma"]
+        flags += ["-mavx2", "-mfma", "-mf16c"]
     extension = CppExtension(
         "adapterfast._C",
         sources,

@@ -1,12 +1,24 @@
 """The fused CPU backend: C++ kernels in ``csrc/``, built by ``setup.py`` as ``adapterfast._C``.
 
 ``forward`` and ``backward`` have exactly the semantics of ``adapterfast.reference.forward`` and
-``adapterfast.reference.backward`` for 2-D CPU tensors in float32, bfloat16 or float64 (weights in
-any of these dtypes; any strides). Per block of rows, x is read once and y written once in the
-forward, and grad_y and x read once and dx written once in the backward: no ``[N, d]`` temporary.
-Results are bitwise reproducible, whatever the thread count. The kernels use AVX-512 where PyTorch
-does (``torch.backends.cpu.get_cpu_capability()``; ``ATEN_CPU_CAPABILITY=avx2`` selects the
-portable ones) and portable C++ elsewhere.
+``adapterfast.reference.backward`` for 2-D CPU tensors in float32, bfloat16, float16 or float64
+(weights in any of these dtypes; any strides). Per block of rows, x is read once and y written once
+in the forward, and grad_y and x read once and dx written once in the backward: no ``[N, d]``
+temporary. Results are bitwise reproducible, whatever the thread count.
+
+What runs the GEMMs is chosen at run time, per dtype (``kernel_isa(dtype)`` says which):
+
+- bfloat16 and float16: PyTorch's brgemm micro-kernel (oneDNN's ukernel) on 16-bit operands with
+  fp32 accumulation, on AMX tiles (``"brgemm-amx"``) or AVX512-BF16/FP16 (``"brgemm-avx512"``),
+  where oneDNN offers it for the dtype (bf16: AVX-512 and up; fp16: AVX512-FP16 or AMX-FP16);
+- otherwise, and for float32: hand-tiled AVX-512 fp32 kernels where PyTorch itself runs AVX-512
+  (``"avx512"``), else portable C++ (``"generic"``, always for float64), 16-bit operands converted
+  to fp32 in the block.
+
+Switches for tests and for comparing paths on one machine: ``ADAPTERFAST_CPU_BRGEMM=0`` turns
+brgemm off; ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` makes oneDNN act as on a CPU without AMX;
+``ATEN_CPU_CAPABILITY=avx2`` selects the portable kernels (and so no brgemm). All are read once,
+at the first call.
 
 Large outputs are allocated by PyTorch and then advised to use transparent huge pages (Linux),
 which makes their first-touch page faults several times cheaper; ``ADAPTERFAST_CPU_HUGE_PAGES=0``
@@ -27,7 +39,7 @@ except ImportError as error:
 else:
     _IMPORT_ERROR = None
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def available() -> bool:
@@ -44,10 +56,11 @@ def unavailable_reason() -> Optional[str]:
     return f"adapterfast._C was not built or does not load: {_IMPORT_ERROR}"
 
 
-def kernel_isa() -> str:
-    """The instruction set the float kernels run on here: ``"avx512"`` or ``"generic"``."""
+def kernel_isa(dtype: torch.dtype = torch.float32) -> str:
+    """What runs the GEMMs for inputs of ``dtype`` here: ``"brgemm-amx"``, ``"brgemm-avx512"``,
+    ``"avx512"`` or ``"generic"`` (see the module docstring)."""
     _require()
-    return torch.ops.adapterfast_cpu.kernel_isa()
+    return torch.ops.adapterfast_cpu.kernel_isa(dtype)
 
 
 def _require() -> None:
@@ -58,7 +71,7 @@ def _require() -> None:
 def _check_dtype(x: Tensor) -> None:
     if x.dtype not in DTYPES:
         raise TypeError(
-            f"the adapterfast cpu backend supports float32, bfloat16 and float64 inputs, got {x.dtype}; "
+            f"the adapterfast cpu backend supports float32, bfloat16, float16 and float64 inputs, got {x.dtype}; "
             "use the reference backend for other dtypes"
         )
 

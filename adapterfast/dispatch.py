@@ -28,7 +28,7 @@ ENV_VAR = "ADAPTERFAST_BACKEND"
 
 _DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),
-    "cpu": (torch.float32, torch.bfloat16, torch.float64),
+    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
     "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
 _MODULES = {"triton": "adapterfast.kernels", "cpu": "adapterfast.cpu", "reference": "adapterfast.reference"}

@@ -42,6 +42,34 @@ def quiet_compile_workers(device: str) -> None:
         inductor_config.compile_threads = 1
 
 
+# The CPU features that decide which CPU kernels run (adapterfast.cpu.kernel_isa): AMX tiles,
+# AVX512 bf16/fp16 dot products, AVX-512 itself.
+_CPU_FLAGS = ("amx_bf16", "amx_fp16", "amx_tile", "avx512_bf16", "avx512_fp16", "avx512f", "avx2")
+
+
+def cpu_flags() -> list[str]:
+    """Which of _CPU_FLAGS /proc/cpuinfo lists (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _CPU_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
+def cpu_kernels() -> dict | None:
+    """What adapterfast's CPU backend runs per dtype here (None when it is not built)."""
+    from adapterfast import cpu
+
+    if not cpu.available():
+        return None
+    return {name: cpu.kernel_isa(dtype) for name, dtype in
+            (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))}
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(torch.cuda.current_device())
@@ -87,6 +115,9 @@ def describe(device: str, threads: int | None) -> dict:
         "git_commit": _git_commit(),
         "threads": threads,
     }
+    if device == "cpu":
+        info["cpu_flags"] = cpu_flags()
+        info["cpu_kernels"] = cpu_kernels()
     if device == "cuda":
         info["cuda"] = torch.version.cuda
         info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))

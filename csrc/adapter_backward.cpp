@@ -24,58 +24,24 @@
 
 #include "activations.h"
 #include "adapter_common.h"
+#include "adapter_operands.h"
+#include "adapter_brgemm.h"
 #include "philox.h"
 
 namespace adapterfast::cpu {
 namespace {
 
-constexpr int64_t kMaxGroups = 32;
-
-struct BackwardOperands {
-  Dims dims;
-  at::Tensor grad_y;  // columns contiguous
-  at::Tensor x;
-  at::Tensor w_down;  // [r, d], accumulation type
-  at::Tensor w_up;    // [d, r], accumulation type
-  at::Tensor h;       // [N, r], accumulation type, contiguous
-  bool residual_is_x;
-  Activation activation;
-  double scale;
-  double dropout_p;
-  uint64_t seed;
-};
-
-// One group's partial sums, laid out in a single row of the partials tensor.
-template <typename acc_t>
-struct Partials {
-  acc_t* dw_up_t;  // [r, d]
-  acc_t* dw_down;  // [r, d]
-  acc_t* db_up;    // [d]
-  acc_t* db_down;  // [r]
-
-  static int64_t size(const Dims& dims) {
-    const int64_t elems = 2 * dims.r * dims.d + dims.d + dims.r;
-    return (elems + 15) / 16 * 16;
-  }
-
-  Partials(acc_t* row, const Dims& dims)
-      : dw_up_t(row),
-        dw_down(row + dims.r * dims.d),
-        db_up(row + 2 * dims.r * dims.d),
-        db_down(row + 2 * dims.r * dims.d + dims.d) {}
-};
-
 // col_sums[k] += g[k] * factor.
 template <typename acc_t>
-void add_scaled_row(const acc_t* __restrict g, acc_t factor, int64_t d, acc_t* __restrict col_sums) {
-  for (int64_t k = 0; k < d; ++k) col_sums[k] += g[k] * factor;
+void add_scaled_row(const acc_t* __restrict g, acc_t factor, int64_t d, double* __restrict col_sums) {
+  for (int64_t k = 0; k < d; ++k) col_sums[k] += static_cast<double>(g[k] * factor);
 }
 
 // gz[k] = round(g[k] * factor * keep[k]) (keep null: all kept), col_sums[k] += the unrounded
 // value. Restrict-qualified so the compiler vectorises it.
 template <typename T, typename acc_t>
 void scale_row(const T* __restrict g, const uint8_t* __restrict keep, acc_t factor, int64_t d,
-               acc_t* __restrict gz, acc_t* __restrict col_sums) {
+               acc_t* __restrict gz, double* __restrict col_sums) {
   if (keep == nullptr) {
     for (int64_t k = 0; k < d; ++k) {
       const acc_t v = static_cast<acc_t>(g[k]) * factor;
@@ -96,7 +62,7 @@ void scale_row(const T* __restrict g, const uint8_t* __restrict keep, acc_t fact
 template <typename T, typename acc_t, typename Act>
 void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __restrict da, acc_t fold,
                              int64_t r, acc_t* __restrict dh, acc_t* __restrict a,
-                             acc_t* __restrict db_down) {
+                             double* __restrict db_down) {
   for (int64_t j = 0; j < r; ++j) {
     const acc_t dh_value = fold * da[j] * f.grad(h[j]);
     db_down[j] += dh_value;
@@ -105,20 +71,10 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
   }
 }
 
-// Number of row groups: a power of two, at most kMaxGroups and the number of blocks, and small
-// enough that all partials together stay under a quarter of x's size.
-int64_t reduction_groups(const Dims& dims, int64_t blocks, int64_t partial_size) {
-  const int64_t by_memory = std::max<int64_t>(1, dims.n * dims.d / 4 / partial_size);
-  const int64_t cap = std::min({kMaxGroups, blocks, by_memory});
-  int64_t groups = 1;
-  while (groups * 2 <= cap) groups *= 2;
-  return groups;
-}
-
 // kGradInPlace: g is stored in the accumulation type and there is no dropout, so g serves as gz.
 template <typename T, typename acc_t, bool kGradInPlace>
 void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& partials,
-                     int64_t groups) {
+                     at::Tensor& bias_partials, int64_t groups) {
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
   const auto [n, d, r] = op.dims;
   const RowReader<T, acc_t> x_rows(op.x);
@@ -152,7 +108,9 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
     for (int64_t group = first_group; group < last_group; ++group) {
       acc_t* row = partials.data_ptr<acc_t>() + group * partials.size(1);
       std::fill(row, row + partials.size(1), acc_t(0));
-      const Partials<acc_t> sums(row, op.dims);
+      double* bias_row = bias_partials.data_ptr<double>() + group * bias_partials.size(1);
+      std::fill(bias_row, bias_row + bias_partials.size(1), 0.0);
+      const Partials<acc_t> sums(row, bias_row, op.dims);
       for (int64_t block = group * blocks / groups; block < (group + 1) * blocks / groups; ++block) {
         const int64_t row0 = block * kBlockRows;
         const int64_t m = std::min(kBlockRows, n - row0);
@@ -250,31 +208,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
                             static_cast<uint64_t>(seed)};
 
   at::Tensor dx = empty_output({dims.n, dims.d}, x.options());
-  at::Tensor total;
-  if (dims.n == 0) {
-    total = at::zeros({Partials<float>::size(dims)}, x.options().dtype(acc));
-  } else {
+  at::Tensor total = at::zeros({Partials<float>::size(dims)}, x.options().dtype(acc));
+  at::Tensor bias_total = at::zeros({Partials<float>::bias_size(dims)}, x.options().dtype(at::kDouble));
+  if (dims.n > 0) {
     dispatch_dtype(dtype, [&](auto t, auto a) {
       using T = decltype(t);
       using acc_t = decltype(a);
       const int64_t blocks = (dims.n + kBlockRows - 1) / kBlockRows;
       const int64_t size = Partials<acc_t>::size(dims);
-      at::Tensor partials = empty_output({reduction_groups(dims, blocks, size), size}, x.options().dtype(acc));
+      const int64_t groups = reduction_groups(dims, blocks, size);
+      at::Tensor partials = empty_output({groups, size}, x.options().dtype(acc));
+      at::Tensor bias_partials = at::empty({groups, Partials<acc_t>::bias_size(dims)}, x.options().dtype(at::kDouble));
       constexpr bool kSameType = std::is_same_v<T, acc_t>;
-      if (kSameType && dropout_p == 0.0) {
-        backward_blocks<T, acc_t, kSameType>(op, dx, partials, partials.size(0));
+      const BrgemmLayout layout = brgemm_layout_for(dtype, dims);
+      if (layout != BrgemmLayout::none) {
+        if constexpr (std::is_same_v<acc_t, float>) {
+          backward_blocks_brgemm<T>(op, layout, dx, partials, bias_partials);
+        }
+      } else if (kSameType && dropout_p == 0.0) {
+        backward_blocks<T, acc_t, kSameType>(op, dx, partials, bias_partials, groups);
       } else {
-        backward_blocks<T, acc_t, false>(op, dx, partials, partials.size(0));
+        backward_blocks<T, acc_t, false>(op, dx, partials, bias_partials, groups);
       }
       total = sum_partials<acc_t>(partials);
+      bias_total = sum_partials<double>(bias_partials);
+      if (layout != BrgemmLayout::none && dropout_p == 0.0) {
+        // The brgemm driver sums g^T a: the factor s of gz = s g is applied once here.
+        total.narrow(0, 0, dims.r * dims.d).mul_(scale);
+      }
     });
   }
 
   const int64_t rd = dims.r * dims.d;
   at::Tensor dw_up = total.narrow(0, 0, rd).view({dims.r, dims.d}).t().contiguous().to(w_up.scalar_type());
   at::Tensor dw_down = total.narrow(0, rd, rd).view({dims.r, dims.d}).to(w_down.scalar_type(), false, true);
-  at::Tensor db_up = total.narrow(0, 2 * rd, dims.d).to(w_up.scalar_type(), false, true);
-  at::Tensor db_down = total.narrow(0, 2 * rd + dims.d, dims.r).to(w_down.scalar_type(), false, true);
+  at::Tensor db_up = bias_total.narrow(0, 0, dims.d).to(w_up.scalar_type(), false, true);
+  at::Tensor db_down = bias_total.narrow(0, dims.d, dims.r).to(w_down.scalar_type(), false, true);
   return {dx, dw_down, db_down, dw_up, db_up};
 }
 

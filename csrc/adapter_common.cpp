@@ -38,13 +38,13 @@ void advise_huge_pages(void* data, size_t bytes) {
 }
 
 bool supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble;
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble;
 }
 
 void check_tensor(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK_TYPE(supported_dtype(t.scalar_type()), op, ": ", name,
-                   " must be float32, bfloat16 or float64, got ", t.scalar_type());
+                   " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
 }
 
 }  // namespace

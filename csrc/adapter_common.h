@@ -9,6 +9,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "block_kernels.h"
 
@@ -30,7 +31,7 @@ struct Dims {
 };
 
 // Checks x [n, d], w_down [r, d], w_up [d, r] and the optional biases [r], [d]: 2-D x, CPU
-// tensors, float32/bfloat16/float64 dtypes (TypeError) and matching shapes (ValueError).
+// tensors, float32/bfloat16/float16/float64 dtypes (TypeError) and matching shapes (ValueError).
 Dims check_operands(const char* op, const at::Tensor& x, const at::Tensor& w_down,
                     const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                     const std::optional<at::Tensor>& b_up);
@@ -46,7 +47,12 @@ inline at::ScalarType accumulation_type(at::ScalarType dtype) {
 }
 
 inline Kind kind_of(at::ScalarType dtype) {
-  return dtype == at::kBFloat16 ? Kind::bf16 : dtype == at::kDouble ? Kind::f64 : Kind::f32;
+  switch (dtype) {
+    case at::kBFloat16: return Kind::bf16;
+    case at::kHalf: return Kind::f16;
+    case at::kDouble: return Kind::f64;
+    default: return Kind::f32;
+  }
 }
 
 // A weight as a matmul operand: rounded to x's dtype (as autocast does), then held in the
@@ -84,6 +90,8 @@ template <typename T, typename acc_t>
 inline acc_t round_as(acc_t v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     return round_to_bfloat16(v);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return static_cast<float>(c10::Half(v));
   } else {
     return v;
   }
@@ -131,12 +139,14 @@ class RowReader {
   int64_t width_;
 };
 
-// Calls fn(T{}, acc_t{}) for x's dtype: (float, float), (BFloat16, float) or (double, double).
+// Calls fn(T{}, acc_t{}) for x's dtype: (float, float), (BFloat16, float), (Half, float) or
+// (double, double).
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   switch (dtype) {
     case at::kFloat: return fn(float{}, float{});
     case at::kBFloat16: return fn(c10::BFloat16{}, float{});
+    case at::kHalf: return fn(c10::Half{}, float{});
     case at::kDouble: return fn(double{}, double{});
     default: TORCH_CHECK_TYPE(false, "adapterfast CPU kernels: unsupported dtype ", dtype);
   }

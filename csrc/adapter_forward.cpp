@@ -13,24 +13,12 @@
 
 #include "activations.h"
 #include "adapter_common.h"
+#include "adapter_operands.h"
+#include "adapter_brgemm.h"
 #include "philox.h"
 
 namespace adapterfast::cpu {
 namespace {
-
-struct ForwardOperands {
-  Dims dims;
-  at::Tensor x;
-  at::Tensor w_down_t;  // [d, r], accumulation type
-  at::Tensor w_up_t;    // [r, d], accumulation type
-  std::optional<at::Tensor> b_down;
-  std::optional<at::Tensor> b_up;
-  std::optional<at::Tensor> residual;  // columns contiguous
-  Activation activation;
-  double scale;
-  double dropout_p;
-  uint64_t seed;
-};
 
 template <typename T, typename acc_t>
 void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
@@ -133,8 +121,14 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(
   at::Tensor y = empty_output({dims.n, dims.d}, x.options());
   at::Tensor h = at::empty({dims.n, dims.r}, x.options().dtype(acc));
   if (dims.n == 0) return {y, h};
+  const BrgemmLayout layout = brgemm_layout_for(dtype, dims);
   dispatch_dtype(dtype, [&](auto t, auto a) {
-    forward_blocks<decltype(t), decltype(a)>(op, y, h);
+    using T = decltype(t);
+    using acc_t = decltype(a);
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (layout != BrgemmLayout::none) return forward_blocks_brgemm<T>(op, layout, y, h);
+    }
+    forward_blocks<T, acc_t>(op, y, h);
   });
   return {y, h};
 }

@@ -23,7 +23,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     const std::optional<at::Tensor>& b_up, const at::Tensor& h, bool residual_is_x,
     c10::string_view activation, double scale, double dropout_p, int64_t seed);
 
-// Which block kernels the float path runs on this machine ("avx512" or "generic").
-std::string kernel_isa();
+// What runs the GEMMs for inputs of this dtype here: "brgemm-amx" or "brgemm-avx512" (16-bit
+// dtypes on oneDNN's ukernel), else the block kernels that run in fp32, "avx512" or "generic".
+std::string kernel_isa(at::ScalarType dtype);
 
 }  // namespace adapterfast::cpu

@@ -6,10 +6,14 @@
 
 #include "adapter_ops.h"
 #include "block_kernels.h"
+#include "brgemm.h"
 
 namespace adapterfast::cpu {
 
-std::string kernel_isa() { return block_kernels<float>().name; }
+std::string kernel_isa(at::ScalarType dtype) {
+  if (brgemm_layout(dtype) != BrgemmLayout::none) return "brgemm-" + brgemm_unit(dtype);
+  return dtype == at::kDouble ? "generic" : block_kernels<float>().name;
+}
 
 }  // namespace adapterfast::cpu
 
@@ -21,7 +25,7 @@ TORCH_LIBRARY(adapterfast_cpu, m) {
       "backward(Tensor grad_y, Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, "
       "Tensor? b_up, Tensor h, bool residual_is_x, str activation, float scale, float dropout_p, "
       "int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("kernel_isa() -> str", &adapterfast::cpu::kernel_isa);
+  m.def("kernel_isa(ScalarType dtype) -> str", &adapterfast::cpu::kernel_isa);
 }
 
 TORCH_LIBRARY_IMPL(adapterfast_cpu, CPU, m) {

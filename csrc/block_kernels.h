@@ -13,7 +13,7 @@
 namespace adapterfast::cpu {
 
 // Storage type of a tensor the kernels read or write element by element.
-enum class Kind : uint8_t { f32, bf16, f64 };
+enum class Kind : uint8_t { f32, bf16, f16, f64 };
 
 // What project_out does with each product u[i, k] = sum_j A[i, j] B[j, k]:
 //     out[i, k] = res[i, k] + factor[i, k] * (u[i, k] + bias[k])
@@ -72,6 +72,12 @@ const BlockKernels<acc_t>& kernels();
 namespace avx512 {
 // The AVX-512 kernels, or null when this build has none (non-x86 compiler).
 const BlockKernels<float>* kernels();
+
+// out[i, col0 + k] = epilogue(u[i, k]) for i < M, k < K (u fp32, leading dimension ldu): the
+// epilogue of project_out on a product computed elsewhere (by brgemm, adapter_brgemm.cpp, which
+// runs only where these kernels are in use).
+void finish_rows(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0,
+                 const OutputEpilogue<float>& e);
 }
 
 // The kernels used for this accumulation type on this machine: AVX-512 where PyTorch itself

@@ -65,6 +65,11 @@ ALWAYS_INLINE void store(float* p, __m512 v, __mmask16 m) {
 // Storage tags for the epilogue's residual and output.
 struct NoResidual {};
 struct Bf16 {};
+struct F16 {};
+// An IEEE half as stored (its own type, so that loads and stores overload on it).
+struct HalfBits {
+  uint16_t bits;
+};
 
 ALWAYS_INLINE __m512 load_as_float(const float* p, __mmask16 m) { return load(p, m); }
 
@@ -72,6 +77,12 @@ ALWAYS_INLINE __m512 load_as_float(const uint16_t* p, __mmask16 m) {
   const __m256i raw = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                                   : _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+ALWAYS_INLINE __m512 load_as_float(const HalfBits* p, __mmask16 m) {
+  const __m256i raw = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                  : _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_cvtph_ps(raw);
 }
 
 // bf16 bits of v, rounded to nearest even, NaN as 0x7FC0 (what c10::BFloat16 does).
@@ -107,8 +118,21 @@ ALWAYS_INLINE void store_from_float(uint16_t* p, __m512 v, __mmask16 m) {
   }
 }
 
+template <bool kStream>
+ALWAYS_INLINE void store_from_float(HalfBits* p, __m512 v, __mmask16 m) {
+  const __m256i packed = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if constexpr (kStream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
+  } else if (m == 0xFFFF) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  } else {
+    _mm256_mask_storeu_epi16(p, m, packed);
+  }
+}
+
 template <typename Tag> struct Storage { using type = float; };
 template <> struct Storage<Bf16> { using type = uint16_t; };
+template <> struct Storage<F16> { using type = HalfBits; };
 template <> struct Storage<NoResidual> { using type = float; };
 
 // A register tile of kRows rows by kVecs vectors of 16 columns: the accumulators of all three
@@ -326,6 +350,8 @@ void project_out_to(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
                     int64_t ldb, const OutputEpilogue<float>& e) {
   if (e.out_kind == Kind::bf16) {
     project_out_tiles<ResTag, Bf16>(M, N, K, A, lda, B, ldb, e);
+  } else if (e.out_kind == Kind::f16) {
+    project_out_tiles<ResTag, F16>(M, N, K, A, lda, B, ldb, e);
   } else {
     project_out_tiles<ResTag, float>(M, N, K, A, lda, B, ldb, e);
   }
@@ -337,8 +363,43 @@ void project_out(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
     project_out_to<NoResidual>(M, N, K, A, lda, B, ldb, e);
   } else if (e.res_kind == Kind::bf16) {
     project_out_to<Bf16>(M, N, K, A, lda, B, ldb, e);
+  } else if (e.res_kind == Kind::f16) {
+    project_out_to<F16>(M, N, K, A, lda, B, ldb, e);
   } else {
     project_out_to<float>(M, N, K, A, lda, B, ldb, e);
+  }
+}
+
+// The epilogue of project_out_tiles over a product already in memory, 4 vectors per step.
+template <typename ResTag, typename OutTag>
+void finish_rows_as(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0,
+                    const OutputEpilogue<float>& e) {
+  using Out = typename Storage<OutTag>::type;
+  const __m512 scale = _mm512_set1_ps(e.scale);
+  for (int64_t k0 = 0; k0 < K; k0 += 4 * kLanes) {
+    const TileColumns<4> cols(K, k0);
+    __m512 bias[4];
+    for (int v = 0; v < 4; ++v) {
+      bias[v] = e.bias == nullptr ? _mm512_setzero_ps()
+                                  : _mm512_maskz_loadu_ps(cols.m[v], e.bias + col0 + k0 + v * kLanes);
+    }
+    for (int64_t i = 0; i < M; ++i) {
+      __m512 acc[4];
+      for (int v = 0; v < 4; ++v) acc[v] = _mm512_maskz_loadu_ps(cols.m[v], u + i * ldu + k0 + v * kLanes);
+      finish_row<ResTag, Out, false>(e, i, col0 + k0, cols, acc, bias, scale);
+    }
+  }
+}
+
+template <typename ResTag>
+void finish_rows_to(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0,
+                    const OutputEpilogue<float>& e) {
+  if (e.out_kind == Kind::bf16) {
+    finish_rows_as<ResTag, Bf16>(M, K, u, ldu, col0, e);
+  } else if (e.out_kind == Kind::f16) {
+    finish_rows_as<ResTag, F16>(M, K, u, ldu, col0, e);
+  } else {
+    finish_rows_as<ResTag, float>(M, K, u, ldu, col0, e);
   }
 }
 
@@ -411,6 +472,19 @@ void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, in
 
 namespace adapterfast::cpu::avx512 {
 
+void finish_rows(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0,
+                 const OutputEpilogue<float>& e) {
+  if (e.res == nullptr) {
+    finish_rows_to<NoResidual>(M, K, u, ldu, col0, e);
+  } else if (e.res_kind == Kind::bf16) {
+    finish_rows_to<Bf16>(M, K, u, ldu, col0, e);
+  } else if (e.res_kind == Kind::f16) {
+    finish_rows_to<F16>(M, K, u, ldu, col0, e);
+  } else {
+    finish_rows_to<float>(M, K, u, ldu, col0, e);
+  }
+}
+
 const BlockKernels<float>* kernels() {
   static const BlockKernels<float> table{"avx512", &project_in, &accumulate_outer, &project_out,
                                          &dropout_keep};
@@ -424,6 +498,8 @@ const BlockKernels<float>* kernels() {
 namespace adapterfast::cpu::avx512 {
 
 const BlockKernels<float>* kernels() { return nullptr; }
+
+void finish_rows(int64_t, int64_t, const float*, int64_t, int64_t, const OutputEpilogue<float>&) {}
 
 }  // namespace adapterfast::cpu::avx512
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "philox.h"
 
@@ -18,6 +19,7 @@ void with_type(Kind kind, Fn&& fn) {
   switch (kind) {
     case Kind::f32: return fn(float{});
     case Kind::bf16: return fn(c10::BFloat16{});
+    case Kind::f16: return fn(c10::Half{});
     case Kind::f64: return fn(double{});
   }
 }

@@ -221,10 +221,11 @@ def _run_all(x, wd, wu, bd, bu, g, **kw):
     return (y, h) + tuple(cpu.backward(g, x, wd, bd, wu, bu, h, True, kw["activation"], 0.9, kw["p"], 77))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bitwise_identical_across_threads_and_runs(dtype):
-    x, wd, wu, bd, bu, _ = adapter_inputs(3000, 200, 24)
-    x, g = x.to(dtype), torch.randn(3000, 200).to(dtype)
+@pytest.mark.parametrize("n", [3000, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bitwise_identical_across_threads_and_runs(dtype, n):
+    x, wd, wu, bd, bu, _ = adapter_inputs(n, 200, 24)
+    x, g = x.to(dtype), torch.randn(n, 200).to(dtype)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -255,8 +256,8 @@ def test_nan_propagates_like_eager(activation):
 
 def test_clear_errors():
     x, wd, wu, bd, bu, _ = adapter_inputs(4, 8, 2)
-    with pytest.raises(TypeError, match="float16"):
-        cpu.forward(x.half(), wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
+    with pytest.raises(TypeError, match="int32"):
+        cpu.forward(x.int(), wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
     with pytest.raises(ValueError, match="w_up"):
         cpu.forward(x, wd, bd, wu.t(), bu, None, "relu", 1.0, 0.0, 0)
     with pytest.raises(ValueError, match="dropout_p"):
@@ -270,9 +271,9 @@ def test_clear_errors():
 _PORTABLE_CHECK = """
 import torch
 from adapterfast import cpu, reference
-assert cpu.kernel_isa() == "generic", cpu.kernel_isa()
+assert {cpu.kernel_isa(t) for t in (torch.float32, torch.bfloat16, torch.float16)} == {"generic"}
 torch.manual_seed(0)
-for dtype in (torch.float32, torch.bfloat16):
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
     x = torch.randn(70, 131).to(dtype)
     wd, wu, bd, bu = torch.randn(9, 131) / 11, torch.randn(131, 9) / 3, torch.randn(9), torch.randn(131)
     y, h = cpu.forward(x, wd, bd, wu, bu, None, "gelu", 0.5, 0.3, 8)

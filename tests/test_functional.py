@@ -168,9 +168,9 @@ def test_env_var_forces_backend(monkeypatch):
 
 def test_forced_backend_that_cannot_run_is_an_error(monkeypatch):
     x, wd, wu, *_ = adapter_inputs(2, 4, 2)
-    with adapterfast.use_backend("cpu"):
-        with pytest.raises(ValueError, match="the cpu backend does not support torch.float16"):
-            run(x.half(), wd, wu)
+    with adapterfast.use_backend("triton"):
+        with pytest.raises(ValueError, match="the triton backend does not support torch.float64"):
+            run(x.double(), wd.double(), wu.double())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not torch.cuda.is_available():
         with adapterfast.use_backend("triton"):
@@ -180,6 +180,8 @@ def test_forced_backend_that_cannot_run_is_an_error(monkeypatch):
 
 def test_fallback_is_logged_once(caplog, monkeypatch):
     monkeypatch.setattr(adapterfast._log, "_said", set())
+    # fp16 now runs fused on CPU; pretend it does not, to see the fallback and its one log line.
+    monkeypatch.setitem(dispatch._DTYPES, "cpu", (torch.float32, torch.bfloat16, torch.float64))
     x, wd, wu, *_ = adapter_inputs(2, 4, 2)
     with caplog.at_level(logging.WARNING, logger="adapterfast"):
         for _ in range(3):

@@ -1,0 +1,290 @@
+// The 16-bit drivers (see adapter_brgemm.h). Per block of kBlockRows rows:
+//   forward:  h = x Wd^T (brgemm, K = d) + bd;  a = act(h) in T;  then per chunk of output
+//             columns u = a Wu^T (brgemm, K = r) and y = res + s * keep * (u + bu) (finish_rows).
+//   backward: gz = g (no dropout; the factor s is folded into dh and applied to dw_up once at the
+//             end) or round(g * keep * s);  da = gz Wu (brgemm, K = d);  dh = s' da act'(h);
+//             dx = dh Wd (brgemm, K = r) + g;  and per run of up to kSumRows rows (consecutive
+//             blocks of one reduction group) dw_up^T += a^T gz and dw_down += dh^T x (brgemm,
+//             K = the run's rows, gz and x rows repacked in brgemm's B layout). Summing 256 rows
+//             per call rather than 64 cuts the [r, d] fp32 partials' trips through L2 (read and
+//             written per call) 4x: at r = 64 they otherwise outweigh the block's own data.
+// Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
+// Bias gradients: unrounded fp32 values summed in fp32 within a 64-row block, and block sums in
+// float64, so the error does not grow with N.
+#include "adapter_brgemm.h"
+
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "block_kernels.h"
+#include "philox.h"
+
+namespace adapterfast::cpu {
+namespace {
+
+using at::native::cpublas::brgemm;
+using at::native::cpublas::brgemm_release;
+
+// Output columns per brgemm call: a [64, 256] fp32 product (64 KiB) stays in L2 for its epilogue.
+constexpr int64_t kOutCols = 256;
+// Rows per weight-gradient brgemm call (a multiple of kBlockRows).
+constexpr int64_t kSumRows = 4 * kBlockRows;
+
+// brgemm's 16-bit kernels take B in the layout of brgemm_layout (is_vnni = true); fp32 plain.
+template <typename T>
+constexpr bool kVnni = !std::is_same_v<T, float>;
+
+inline int64_t even(int64_t v) { return v + (v & 1); }
+
+// Rows [row0, row0 + m) of a [*, d] tensor of T as a brgemm A operand: in place when columns are
+// contiguous, rows do not overlap and d is even; else copied into scratch (width even(d), the
+// pad column zero).
+template <typename T>
+const T* a_rows(const T* data, int64_t row_stride, int64_t col_stride, int64_t d, int64_t row0,
+                int64_t m, T* scratch, int64_t& ld) {
+  const T* first = data + row0 * row_stride;
+  if (col_stride == 1 && row_stride >= d && d % 2 == 0) {
+    ld = row_stride;
+    return first;
+  }
+  ld = even(d);
+  for (int64_t i = 0; i < m; ++i) {
+    const T* src = first + i * row_stride;
+    T* dst = scratch + i * ld;
+    for (int64_t k = 0; k < d; ++k) dst[k] = src[k * col_stride];
+    if (ld != d) dst[d] = T(0.0f);
+  }
+  return scratch;
+}
+
+// C[M, d] (+)= A[M, K] B[K, d] in column chunks of kOutCols, B packed with ldb = d; with `finish`,
+// each chunk goes through the output epilogue instead of into C.
+template <typename T>
+void product_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const T* A, int64_t lda,
+                        const T* B, float* C, int64_t ldc, bool add, float* chunk,
+                        const OutputEpilogue<float>* finish) {
+  for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
+    const int64_t nc = std::min(kOutCols, d - n0);
+    const T* b = B + b_column(layout, n0);
+    if (finish != nullptr) {
+      brgemm(M, nc, K, lda, d, nc, false, A, b, chunk, kVnni<T>);
+      avx512::finish_rows(M, nc, chunk, nc, n0, *finish);
+    } else {
+      brgemm(M, nc, K, lda, d, ldc, add, A, b, C + n0, kVnni<T>);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h) {
+  const auto [n, d, r] = op.dims;
+  const int64_t rp = even(r);
+  const std::vector<T> w_down_b = pack_b<T>(layout, d, r, op.w_down_t.data_ptr<float>(), r);
+  const std::vector<T> w_up_b = pack_b<T>(layout, r, d, op.w_up_t.data_ptr<float>(), d);
+  const T* x_data = op.x.data_ptr<T>();
+  const int64_t x_row_stride = op.x.stride(0);
+  const int64_t x_col_stride = d == 1 ? 1 : op.x.stride(1);
+  const float* b_down = op.b_down ? op.b_down->data_ptr<float>() : nullptr;
+  float* h_data = h.data_ptr<float>();
+  T* y_data = y.data_ptr<T>();
+  const bool dropout = op.dropout_p > 0.0;
+  const uint32_t threshold = philox::threshold(op.dropout_p);
+  const int64_t ld_keep = keep_row_bytes(d);
+  const BlockKernels<float>& kernels = block_kernels<float>();
+
+  OutputEpilogue<float> epilogue;
+  epilogue.bias = op.b_up ? op.b_up->data_ptr<float>() : nullptr;
+  epilogue.scale = static_cast<float>(dropout ? op.scale / (1.0 - op.dropout_p) : op.scale);
+  epilogue.out_kind = kind_of(y.scalar_type());
+  epilogue.ld_out = d;
+  epilogue.ld_keep = ld_keep;
+  if (op.residual) {
+    epilogue.res_kind = kind_of(op.residual->scalar_type());
+    epilogue.ld_res = op.residual->stride(0);
+  }
+
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<T> x_scratch(kBlockRows * even(d));
+    std::vector<T> a(kBlockRows * rp, T(0.0f));
+    std::vector<float> chunk(kBlockRows * kOutCols);
+    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    OutputEpilogue<float> e = epilogue;
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t row0 = block * kBlockRows;
+      const int64_t m = std::min(kBlockRows, n - row0);
+      int64_t ld_x = 0;
+      const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
+      float* hb = h_data + row0 * r;
+      brgemm(m, r, even(d), ld_x, r, r, false, xb, w_down_b.data(), hb, kVnni<T>);
+      visit<float>(op.activation, [&](auto f) {
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < r; ++j) {
+            if (b_down != nullptr) hb[i * r + j] += b_down[j];
+            a[i * rp + j] = static_cast<T>(f.value(hb[i * r + j]));
+          }
+        }
+      });
+      if (dropout) kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
+      e.keep = dropout ? keep.data() : nullptr;
+      if (op.residual) {
+        e.res = static_cast<const char*>(op.residual->data_ptr()) +
+                row0 * op.residual->stride(0) * op.residual->element_size();
+      } else if (x_col_stride == 1) {
+        e.res = x_data + row0 * x_row_stride;
+        e.res_kind = kind_of(op.x.scalar_type());
+        e.ld_res = x_row_stride;
+      } else {
+        e.res = xb;
+        e.res_kind = kind_of(op.x.scalar_type());
+        e.ld_res = ld_x;
+      }
+      e.out = y_data + row0 * d;
+      product_by_columns<T>(layout, m, rp, d, a.data(), rp, w_up_b.data(), nullptr, 0, false, chunk.data(), &e);
+    }
+    brgemm_release(kVnni<T>);
+  });
+}
+
+template <typename T>
+void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx,
+                            at::Tensor& partials, at::Tensor& bias_partials) {
+  const auto [n, d, r] = op.dims;
+  const int64_t rp = even(r);
+  const int64_t groups = partials.size(0);
+  const std::vector<T> w_up_b = pack_b<T>(layout, d, r, op.w_up.data_ptr<float>(), r);
+  const std::vector<T> w_down_b = pack_b<T>(layout, r, d, op.w_down.data_ptr<float>(), d);
+  const T* g_data = op.grad_y.data_ptr<T>();
+  const int64_t ld_g = op.grad_y.stride(0);
+  const T* x_data = op.x.data_ptr<T>();
+  const int64_t x_row_stride = op.x.stride(0);
+  const int64_t x_col_stride = d == 1 ? 1 : op.x.stride(1);
+  const float* h_data = op.h.data_ptr<float>();
+  T* dx_data = dx.data_ptr<T>();
+  const bool dropout = op.dropout_p > 0.0;
+  const uint32_t threshold = philox::threshold(op.dropout_p);
+  const float factor = static_cast<float>(dropout ? op.scale / (1.0 - op.dropout_p) : op.scale);
+  const float fold = dropout ? 1.0f : factor;
+  const int64_t ld_keep = keep_row_bytes(d);
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  const BlockKernels<float>& kernels = block_kernels<float>();
+
+  OutputEpilogue<float> epilogue;
+  epilogue.res_kind = kind_of(op.grad_y.scalar_type());
+  epilogue.ld_res = ld_g;
+  epilogue.out_kind = kind_of(dx.scalar_type());
+  epilogue.ld_out = d;
+
+  at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
+    const int64_t dp = even(d);
+    std::vector<T> gz(kBlockRows * dp);
+    std::vector<T> x_scratch(kBlockRows * dp);
+    std::vector<T> gz_b(kSumRows * d);       // a run's gz rows as a B operand
+    std::vector<T> x_b(kSumRows * d);        // a run's x rows as a B operand
+    std::vector<T> a_t(r * kSumRows);        // [r, kSumRows]: a^T of the run
+    std::vector<T> dh_t(r * kSumRows);       // [r, kSumRows]: dh^T of the run
+    std::vector<float> da(kBlockRows * r);
+    std::vector<T> dh(kBlockRows * rp, T(0.0f));
+    std::vector<float> col_sums(d);
+    std::vector<float> chunk(kBlockRows * kOutCols);
+    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    OutputEpilogue<float> e = epilogue;
+    for (int64_t group = first_group; group < last_group; ++group) {
+      float* row = partials.data_ptr<float>() + group * partials.size(1);
+      std::fill(row, row + partials.size(1), 0.0f);
+      double* bias_row = bias_partials.data_ptr<double>() + group * bias_partials.size(1);
+      std::fill(bias_row, bias_row + bias_partials.size(1), 0.0);
+      const Partials<float> sums(row, bias_row, op.dims);
+      const int64_t first_block = group * blocks / groups;
+      const int64_t last_block = (group + 1) * blocks / groups;
+      int64_t run = 0;  // rows (even) collected for the weight gradients
+      for (int64_t block = first_block; block < last_block; ++block) {
+        const int64_t row0 = block * kBlockRows;
+        const int64_t m = std::min(kBlockRows, n - row0);
+        const int64_t mp = even(m);
+        const T* gb = g_data + row0 * ld_g;
+
+        // gz, and its column sums (fp32 within the block, float64 across blocks).
+        std::fill(col_sums.begin(), col_sums.end(), 0.0f);
+        const T* gz_rows = nullptr;
+        int64_t ld_gz = 0;
+        if (dropout) {
+          kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
+          ld_gz = dp;
+          for (int64_t i = 0; i < m; ++i) {
+            const T* __restrict g = gb + i * ld_g;
+            const uint8_t* __restrict kp = keep.data() + i * ld_keep;
+            T* __restrict out = gz.data() + i * dp;
+            float* __restrict sum = col_sums.data();
+            for (int64_t k = 0; k < d; ++k) {
+              const float v = static_cast<float>(g[k]) * (kp[k] ? factor : 0.0f);
+              sum[k] += v;
+              out[k] = static_cast<T>(v);
+            }
+            if (dp != d) out[d] = T(0.0f);
+          }
+          gz_rows = gz.data();
+        } else {
+          for (int64_t i = 0; i < m; ++i) {
+            const T* __restrict g = gb + i * ld_g;
+            float* __restrict sum = col_sums.data();
+            for (int64_t k = 0; k < d; ++k) sum[k] += static_cast<float>(g[k]);
+          }
+          for (float& v : col_sums) v *= factor;
+          gz_rows = a_rows(g_data, ld_g, 1, d, row0, m, gz.data(), ld_gz);
+        }
+        for (int64_t k = 0; k < d; ++k) sums.db_up[k] += static_cast<double>(col_sums[k]);
+
+        brgemm(m, r, dp, ld_gz, r, r, false, gz_rows, w_up_b.data(), da.data(), kVnni<T>);
+        const float* hb = h_data + row0 * r;
+        visit<float>(op.activation, [&](auto f) {
+          for (int64_t i = 0; i < mp; ++i) {
+            for (int64_t j = 0; j < r; ++j) {
+              T dh_value(0.0f);
+              T a_value(0.0f);
+              if (i < m) {
+                const float v = fold * da[i * r + j] * f.grad(hb[i * r + j]);
+                sums.db_down[j] += static_cast<double>(v);
+                dh_value = static_cast<T>(v);
+                a_value = static_cast<T>(f.value(hb[i * r + j]));
+                dh[i * rp + j] = dh_value;
+              }
+              dh_t[j * kSumRows + run + i] = dh_value;
+              a_t[j * kSumRows + run + i] = a_value;
+            }
+          }
+        });
+
+        e.res = op.residual_is_x ? gb : nullptr;
+        e.out = dx_data + row0 * d;
+        product_by_columns<T>(layout, m, rp, d, dh.data(), rp, w_down_b.data(), nullptr, 0, false, chunk.data(), &e);
+
+        rows_as_b<T>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d);
+        int64_t ld_x = 0;
+        const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
+        rows_as_b<T>(layout, m, d, xb, ld_x, x_b.data() + run * d);
+        run += mp;
+        if (run == kSumRows || block + 1 == last_block) {
+          product_by_columns<T>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), sums.dw_up_t, d, true, nullptr, nullptr);
+          product_by_columns<T>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), sums.dw_down, d, true, nullptr, nullptr);
+          run = 0;
+        }
+      }
+    }
+    brgemm_release(kVnni<T>);
+  });
+}
+
+template void forward_blocks_brgemm<c10::BFloat16>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);
+template void forward_blocks_brgemm<c10::Half>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);
+template void backward_blocks_brgemm<c10::BFloat16>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&, at::Tensor&);
+template void backward_blocks_brgemm<c10::Half>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&, at::Tensor&);
+template void forward_blocks_brgemm<float>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);
+template void backward_blocks_brgemm<float>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&, at::Tensor&);
+
+}  // namespace adapterfast::cpu

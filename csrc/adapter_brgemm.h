@@ -1,0 +1,27 @@
+#pragma once
+// The forward and backward drivers for bfloat16 and float16 inputs on brgemm (adapter_brgemm.cpp):
+// the same row blocks, fused epilogues and reduction groups as the fp32 drivers, with the three
+// GEMMs of a block run by at::native::cpublas::brgemm on 16-bit operands (AMX tiles or AVX512
+// BF16/FP16 dot products, fp32 accumulation).
+#include <ATen/core/Tensor.h>
+
+#include "adapter_operands.h"
+#include "brgemm.h"
+
+namespace adapterfast::cpu {
+
+// The layout the 16-bit drivers run in for x of this dtype, or none (then the fp32 block
+// kernels run, with operands converted to fp32).
+inline BrgemmLayout brgemm_layout_for(at::ScalarType dtype, const Dims&) { return brgemm_layout(dtype); }
+
+// forward_blocks of adapter_forward.cpp on brgemm; T is c10::BFloat16 or c10::Half.
+template <typename T>
+void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h);
+
+// backward_blocks of adapter_backward.cpp on brgemm, one row group per row of `partials`. With
+// dropout it sums dw_up = gz^T a; without, g^T a, which the caller multiplies by the scale.
+template <typename T>
+void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx,
+                            at::Tensor& partials, at::Tensor& bias_partials);
+
+}  // namespace adapterfast::cpu

@@ -1,0 +1,73 @@
+#pragma once
+// The operands of one forward or backward call as the block drivers read them (prepared once by
+// adapter_forward / adapter_backward), and the layout of the backward's per-group partial sums.
+// Shared by the fp32 block-kernel drivers and the brgemm drivers of adapter_brgemm.cpp.
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+#include "activations.h"
+#include "adapter_common.h"
+
+namespace adapterfast::cpu {
+
+struct ForwardOperands {
+  Dims dims;
+  at::Tensor x;
+  at::Tensor w_down_t;  // [d, r], accumulation type
+  at::Tensor w_up_t;    // [r, d], accumulation type
+  std::optional<at::Tensor> b_down;
+  std::optional<at::Tensor> b_up;
+  std::optional<at::Tensor> residual;  // columns contiguous
+  Activation activation;
+  double scale;
+  double dropout_p;
+  uint64_t seed;
+};
+
+struct BackwardOperands {
+  Dims dims;
+  at::Tensor grad_y;  // columns contiguous
+  at::Tensor x;
+  at::Tensor w_down;  // [r, d], accumulation type
+  at::Tensor w_up;    // [d, r], accumulation type
+  at::Tensor h;       // [N, r], accumulation type, contiguous
+  bool residual_is_x;
+  Activation activation;
+  double scale;
+  double dropout_p;
+  uint64_t seed;
+};
+
+// One row group's partial sums: the weight gradients in the accumulation type (rows of the
+// `partials` tensor) and the bias gradients in float64 (rows of `bias_partials`). The bias sums
+// add one value per row, so in fp32 their error would grow with the rows a group holds (one
+// group sums all N rows when N is small: 323 ulps at N = 1024); in float64 it stays below
+// fp32's last bit for any N this op sees.
+template <typename acc_t>
+struct Partials {
+  acc_t* dw_up_t;   // [r, d]
+  acc_t* dw_down;   // [r, d]
+  double* db_up;    // [d]
+  double* db_down;  // [r]
+
+  static int64_t size(const Dims& dims) { return (2 * dims.r * dims.d + 15) / 16 * 16; }
+  static int64_t bias_size(const Dims& dims) { return dims.d + dims.r; }
+
+  Partials(acc_t* row, double* bias_row, const Dims& dims)
+      : dw_up_t(row), dw_down(row + dims.r * dims.d), db_up(bias_row), db_down(bias_row + dims.d) {}
+};
+
+// Groups per backward: a power of two, at most 32 and the number of blocks, and small enough
+// that all partials together stay under a quarter of x's size. A function of the shape only,
+// so the summation order never depends on the thread count.
+inline int64_t reduction_groups(const Dims& dims, int64_t blocks, int64_t partial_size) {
+  constexpr int64_t kMaxGroups = 32;
+  const int64_t by_memory = std::max<int64_t>(1, dims.n * dims.d / 4 / partial_size);
+  const int64_t cap = std::min({kMaxGroups, blocks, by_memory});
+  int64_t groups = 1;
+  while (groups * 2 <= cap) groups *= 2;
+  return groups;
+}
+
+}  // namespace adapterfast::cpu

@@ -1,0 +1,76 @@
+#include "brgemm.h"
+
+#include <cstdlib>
+
+#include <ATen/Version.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include "block_kernels.h"
+
+namespace adapterfast::cpu {
+namespace {
+
+bool env_is(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::string(set) == value;
+}
+
+bool brgemm_enabled() {
+  return !env_is("ADAPTERFAST_CPU_BRGEMM", "0") && avx512::kernels() != nullptr &&
+         std::string(block_kernels<float>().name) == "avx512";
+}
+
+// C = A B for A = [1 2 3 4] and a 4x2 B packed in `layout`; true if brgemm gives the product.
+template <typename T>
+bool computes_in(BrgemmLayout layout) {
+  const float b[4][2] = {{1, -2}, {3, 5}, {-7, 11}, {13, 17}};
+  const T a[4] = {T(1.0f), T(2.0f), T(3.0f), T(4.0f)};
+  const std::vector<T> packed = pack_b<T>(layout, 4, 2, &b[0][0], 2);
+  float c[2] = {0, 0};
+  try {
+    at::native::cpublas::brgemm(1, 2, 4, 4, 2, 2, false, a, packed.data(), c, true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const std::exception&) {  // c10::Error, or dnnl::error from kernel creation
+    return false;
+  }
+  return c[0] == 1 + 6 - 21 + 52 && c[1] == -2 + 10 + 33 + 68;
+}
+
+template <typename T>
+BrgemmLayout probe() {
+  if (!brgemm_enabled()) return BrgemmLayout::none;
+  if (computes_in<T>(BrgemmLayout::vnni)) return BrgemmLayout::vnni;
+  if (computes_in<T>(BrgemmLayout::plain)) return BrgemmLayout::plain;
+  return BrgemmLayout::none;
+}
+
+}  // namespace
+
+BrgemmLayout brgemm_layout(at::ScalarType dtype) {
+  static const BrgemmLayout bf16 = probe<c10::BFloat16>();
+  static const BrgemmLayout f16 = probe<c10::Half>();
+  // fp32 stays on the hand-tiled AVX-512 kernels (block_kernels_avx512.cpp). Measured with
+  // `python -m benchmarks.cpu_paths --dtype fp32 --paths default,fp32-brgemm` (2 threads, N = 8192,
+  // relu, fwd + bwd; Intel Xeon with AMX-BF16, AVX512-BF16/FP16 on a loaded 2-core VM, so ratios
+  // only), brgemm's fp32 kernel took 1.2x to 1.9x the time: d=1024 r=64 225 ms vs 350 ms (and
+  // 322 / 424 ms vs 568 / 500 ms in two earlier runs), d=4096 r=16 650 / 913 ms vs 1252 / 1319 ms.
+  // Without a matrix unit for fp32, oneDNN's ukernel only adds per-call overhead on these skinny
+  // GEMMs. No AVX-512-without-AMX machine was available to measure; the same holds there unless
+  // shown otherwise. ADAPTERFAST_CPU_FP32_BRGEMM=1 routes fp32 to brgemm to repeat the comparison.
+  static const BrgemmLayout f32 =
+      brgemm_enabled() && env_is("ADAPTERFAST_CPU_FP32_BRGEMM", "1") ? BrgemmLayout::plain : BrgemmLayout::none;
+  switch (dtype) {
+    case at::kBFloat16: return bf16;
+    case at::kHalf: return f16;
+    case at::kFloat: return f32;
+    default: return BrgemmLayout::none;
+  }
+}
+
+std::string brgemm_unit(at::ScalarType dtype) {
+  return dtype != at::kFloat && at::native::cpublas::could_pack(dtype) ? "amx" : "avx512";
+}
+
+}  // namespace adapterfast::cpu

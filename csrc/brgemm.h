@@ -1,0 +1,79 @@
+#pragma once
+// PyTorch's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm: oneDNN's ukernel, on AMX
+// tiles or AVX512-BF16/FP16 dot products, fp32 accumulation) for the 16-bit paths: which layout
+// its B operand needs on this machine, and packing operands into it.
+//
+// The layout is found by running a 1x2x4 product once per process and dtype, not by reading CPU
+// flags: oneDNN decides (bf16 wants pairs of K rows interleaved, "VNNI", on AMX and on
+// AVX512-BF16; fp16 wants plain rows on AVX512-FP16 and VNNI on AMX-FP16), and the probe also
+// honours what caps oneDNN (ONEDNN_MAX_CPU_ISA, torch.backends.mkldnn disabled). Where the
+// ukernel is unavailable the layout is `none` and the drivers use the fp32 block kernels.
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <ATen/native/CPUBlas.h>
+#include <c10/core/ScalarType.h>
+
+namespace adapterfast::cpu {
+
+enum class BrgemmLayout : uint8_t { none, vnni, plain };
+
+// The B layout brgemm uses for a 16-bit dtype here; `none` also when ADAPTERFAST_CPU_BRGEMM=0
+// or when the AVX-512 epilogues are not in use (ATEN_CPU_CAPABILITY below AVX512). For float32,
+// `plain` only with ADAPTERFAST_CPU_FP32_BRGEMM=1 (for measuring it against the AVX-512 kernels;
+// the measurement that keeps fp32 off brgemm is at its definition in brgemm.cpp), else none.
+BrgemmLayout brgemm_layout(at::ScalarType dtype);
+
+// "amx" when oneDNN packs this dtype for AMX tiles, else "avx512" (for the report in kernel_isa).
+std::string brgemm_unit(at::ScalarType dtype);
+
+// Index of element (k, n) of a B operand with leading dimension ldb (in N positions).
+inline int64_t b_index(BrgemmLayout layout, int64_t k, int64_t n, int64_t ldb) {
+  return layout == BrgemmLayout::vnni ? (k >> 1) * ldb * 2 + n * 2 + (k & 1) : k * ldb + n;
+}
+
+// Offset of column n0 of a B operand (for a product over columns [n0, n0 + nc)).
+inline int64_t b_column(BrgemmLayout layout, int64_t n0) {
+  return layout == BrgemmLayout::vnni ? 2 * n0 : n0;
+}
+
+// src (K x N, element (k, n) at src[k * ld_k + n]) as a B operand of T with ldb = N and K rounded
+// up to even with zero rows (both layouts need an even K).
+template <typename T, typename S>
+std::vector<T> pack_b(BrgemmLayout layout, int64_t K, int64_t N, const S* src, int64_t ld_k) {
+  const int64_t k_even = K + (K & 1);
+  std::vector<T> out(k_even * N, T(0.0f));
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t n = 0; n < N; ++n) out[b_index(layout, k, n, N)] = static_cast<T>(src[k * ld_k + n]);
+  }
+  return out;
+}
+
+// dst = rows [0, m) of src (leading dimension ld_src, width N) as a B operand with ldb = N and
+// m rounded up to even with a zero row: interleaved pairs of rows (VNNI, built as 32-bit words
+// so that the loop vectorises) or a plain copy.
+template <typename T>
+void rows_as_b(BrgemmLayout layout, int64_t m, int64_t N, const T* src, int64_t ld_src, T* dst) {
+  const int64_t m_even = m + (m & 1);
+  if constexpr (sizeof(T) == 2) {
+    if (layout == BrgemmLayout::vnni) {
+      for (int64_t i = 0; i < m_even; i += 2) {
+        const uint16_t* __restrict r0 = reinterpret_cast<const uint16_t*>(src + i * ld_src);
+        uint32_t* __restrict out = reinterpret_cast<uint32_t*>(dst + i * N);
+        if (i + 1 < m) {
+          const uint16_t* __restrict r1 = reinterpret_cast<const uint16_t*>(src + (i + 1) * ld_src);
+          for (int64_t n = 0; n < N; ++n) out[n] = uint32_t(r0[n]) | (uint32_t(r1[n]) << 16);
+        } else {
+          for (int64_t n = 0; n < N; ++n) out[n] = r0[n];
+        }
+      }
+      return;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) std::copy(src + i * ld_src, src + i * ld_src + N, dst + i * N);
+  if (m_even != m) std::fill(dst + m * N, dst + m_even * N, T(0.0f));
+}
+
+}  // namespace adapterfast::cpu
