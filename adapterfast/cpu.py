@@ -77,7 +77,7 @@ def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_
     )
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed):
+def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed, *, need_dx=True):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; weight and bias gradients in the weights' dtypes."""
     _require()
     _check_dtype(x)
@@ -85,3 +85,8 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation
         grad_y, x, w_down, b_down, w_up, b_up, h, bool(residual_is_x), activation, float(scale),
         float(dropout_p), _seed(seed, dropout_p),
     )
+
+
+from . import dispatch  # noqa: E402  (registration: the backend is selectable by name once imported)
+
+dispatch.register("cpu", forward=forward, backward=backward, dtypes=DTYPES, unavailable=unavailable_reason)

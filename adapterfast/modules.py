@@ -22,6 +22,11 @@ def _check_size(name: str, value) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+def _check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (a float), got {type(value).__name__} {value!r}")
+
+
 class Adapter(nn.Module):
     """A bottleneck adapter: ``residual + scale * dropout(up(act(down(x))))``, residual = x by default.
 
@@ -34,6 +39,8 @@ class Adapter(nn.Module):
         super().__init__()
         _check_size("d_model", d_model)
         _check_size("r", r)
+        _check_real("scale", scale)
+        _check_real("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.activation = activations.canonical(activation)
