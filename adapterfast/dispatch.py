@@ -103,8 +103,13 @@ def use_backend(name: str):
         _forced.reset(token)
 
 
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether Triton runs in its interpreter: read when adapterfast is imported, as Triton reads it
+    when it is imported."""
+    return _INTERPRETING
 
 
 def _triton_loaded() -> Optional[str]:
@@ -178,9 +183,9 @@ def _choose(name: str, device: str, dtype: torch.dtype, r: int) -> str:
 def select(x: torch.Tensor, r: int) -> str:
     """The name of the backend that computes the op for input ``x`` with bottleneck size ``r``.
 
-    The answer depends only on the backend in force, x's device type and dtype, whether r fits
-    the Triton kernels, and ``TRITON_INTERPRET``; it is worked out once per combination."""
-    key = (current(), x.device.type, x.dtype, r > TRITON_MAX_R, _interpreting())
+    The answer depends only on the backend in force, x's device type and dtype, and whether r
+    fits the Triton kernels; it is worked out once per combination."""
+    key = (current(), x.device.type, x.dtype, r > TRITON_MAX_R, _INTERPRETING)
     name = _choices.get(key)
     if name is None:
         name = _choose(key[0], key[1], key[2], r)

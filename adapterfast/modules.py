@@ -50,8 +50,9 @@ class Adapter(nn.Module):
         self.up = nn.Linear(r, d_model, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        down, up = self.down, self.up
         return fused_adapter(
-            x, self.down.weight, self.up.weight, self.down.bias, self.up.bias,
+            x, down.weight, up.weight, down.bias, up.bias,
             activation=self.activation, scale=self.scale, dropout=self.dropout,
             training=self.training, residual=residual,
         )
