@@ -52,17 +52,6 @@ def _kernel_backward(kernels, grad_y, x, w_down, b_down, w_up, b_up, h, residual
                             dropout_p, seed, need_dx=need_dx)
 
 
-def _grads(ctx, grad_y):
-    x, w_down, b_down, w_up, b_up, h = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, dw_down, db_down, dw_up, db_up = _kernel_backward(
-        ctx.kernels, grad_y, x, w_down, b_down, w_up, b_up, h, ctx.residual_is_x, ctx.activation, ctx.scale,
-        ctx.dropout_p, ctx.seed, need[0],
-    )
-    return (dx if need[0] else None, dw_down if need[1] else None, db_down if need[2] else None,
-            dw_up if need[3] else None, db_up if need[4] else None, grad_y if need[5] else None)
-
-
 def tangent(x, w_down, b_down, w_up, b_up, residual_is_x, activation, scale, dropout_p, seed,
             tx, tw_down, tb_down, tw_up, tb_up, tres):
     """The forward-mode derivative ``y'`` of the op (module docstring), in x's dtype."""
@@ -101,7 +90,13 @@ class FusedAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_down, b_down, w_up, b_up, residual, kernels, seed, activation, scale, dropout_p):
-        y, h = _kernel_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p)
+        if _is_autocast_on():
+            y, h = _kernel_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale,
+                                   dropout_p)
+        else:
+            y, h = kernels.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+            if not y.is_contiguous():
+                y = y.contiguous()
         ctx.save_for_backward(x, w_down, b_down, w_up, b_up, h)
         if _forward_ad._current_level >= 0:
             ctx.save_for_forward(x, w_down, b_down, w_up, b_up, h)
@@ -112,7 +107,15 @@ class FusedAdapter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_h):
-        return _grads(ctx, grad_y) + (None,) * 5
+        x, w_down, b_down, w_up, b_up, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw_down, db_down, dw_up, db_up = _kernel_backward(
+            ctx.kernels, grad_y, x, w_down, b_down, w_up, b_up, h, ctx.residual_is_x, ctx.activation, ctx.scale,
+            ctx.dropout_p, ctx.seed, need[0],
+        )
+        return (dx if need[0] else None, dw_down if need[1] else None, db_down if need[2] else None,
+                dw_up if need[3] else None, db_up if need[4] else None, grad_y if need[5] else None,
+                None, None, None, None, None)
 
     @staticmethod
     def jvp(ctx, tx, tw_down, tb_down, tw_up, tb_up, tres, *_):

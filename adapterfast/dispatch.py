@@ -75,13 +75,20 @@ def _check_name(name, where: str = "") -> str:
     return name
 
 
+# os.environ keeps its encoded keys and values in ``_data``; reading it there skips the encoding
+# and decoding of ``os.environ.get`` (a measurable share of a small call).
+_environ = getattr(os.environ, "_data", None)
+_env_key = os.environ.encodekey(ENV_VAR) if _environ is not None and hasattr(os.environ, "encodekey") else None
+
+
 def _from_env() -> str:
     """``$ADAPTERFAST_BACKEND`` (or auto), validated the first time each value is seen."""
     global _env_seen
-    raw = os.environ.get(ENV_VAR)
-    if raw is _env_seen[0] or raw == _env_seen[0]:
+    raw = _environ.get(_env_key) if _env_key is not None else os.environ.get(ENV_VAR)
+    if raw == _env_seen[0]:
         return _env_seen[1]
-    name = _check_name(raw or "auto", f" in the environment variable {ENV_VAR}")
+    text = os.environ.get(ENV_VAR)
+    name = _check_name(text or "auto", f" in the environment variable {ENV_VAR}")
     _env_seen = (raw, name)
     return name
 
@@ -185,7 +192,8 @@ def select(x: torch.Tensor, r: int) -> str:
 
     The answer depends only on the backend in force, x's device type and dtype, and whether r
     fits the Triton kernels; it is worked out once per combination."""
-    key = (current(), x.device.type, x.dtype, r > TRITON_MAX_R, _INTERPRETING)
+    forced = _forced.get()
+    key = (forced if forced is not None else _from_env(), x.device.type, x.dtype, r > TRITON_MAX_R)
     name = _choices.get(key)
     if name is None:
         name = _choose(key[0], key[1], key[2], r)

@@ -31,11 +31,12 @@ _CANONICAL = frozenset(activations.ACTIVATIONS)
 _FLOAT = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
+_any_autocast = torch._C._is_any_autocast_enabled
 
 
 def _run(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p) -> Tensor:
     """The op on 2-D inputs; ``seed`` is None or a 0-dim int64 CPU tensor."""
-    if _is_compiling() or x.device.type == "meta" or _sharded(x):
+    if _is_compiling() or (type(x) is not Tensor and _sharded(x)) or x.device.type == "meta":
         y, _ = ops.adapter_forward(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p)
         return y
     name = dispatch.select(x, w_down.shape[0])
@@ -199,10 +200,15 @@ def fused_adapter(
     adapter); pass the block input for a parallel adapter. Dropout acts on the adapter branch only
     and only when ``training``.
     """
-    autocast = _autocast_enabled(x)
+    return fused(x, down_weight, up_weight, down_bias, up_bias, activation, scale, dropout, training, residual)
+
+
+def fused(x, down_weight, up_weight, down_bias, up_bias, activation, scale, dropout, training, residual) -> Tensor:
+    """``fused_adapter`` with positional arguments (what ``Adapter.forward`` calls)."""
+    autocast = _any_autocast() and _autocast_enabled(x)
     if not _common_case(x, down_weight, up_weight, down_bias, up_bias, residual, scale, dropout, autocast):
         _validate(x, down_weight, up_weight, down_bias, up_bias, residual, scale, dropout, autocast=autocast)
-    if activation not in _CANONICAL:
+    if type(activation) is not str or activation not in _CANONICAL:
         activation = activations.canonical(activation)
     d = x.shape[-1]
     p = float(dropout) if training else 0.0

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from . import activations
 from ._log import logger
-from .functional import fused_adapter
+from .functional import fused, fused_adapter
 
 
 def _check_size(name: str, value) -> None:
@@ -51,11 +51,8 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         down, up = self.down, self.up
-        return fused_adapter(
-            x, down.weight, up.weight, down.bias, up.bias,
-            activation=self.activation, scale=self.scale, dropout=self.dropout,
-            training=self.training, residual=residual,
-        )
+        return fused(x, down.weight, up.weight, down.bias, up.bias, self.activation, self.scale, self.dropout,
+                     self.training, residual)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.up.out_features}, r={self.down.out_features}, activation={self.activation!r}, "

@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-run-time", type=float,
                         help="seconds per provider per round and cell (default 0.2, quick 0.05)")
     parser.add_argument("--out", help="append one JSON line per cell to this file")
+    parser.add_argument("--results", help="print the tables of a file written by --out instead of measuring")
     args = parser.parse_args(argv)
     args.n = args.n or (QUICK_NS if args.quick else NS)
     args.d = args.d or (QUICK_DS if args.quick else DS)
@@ -135,6 +136,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratio_table(rows: list[dict]) -> str:
+    """Markdown: eager / adapterfast per N (rows) and pass, d and threads (columns)."""
+    columns = sorted({(r["pass"], r["threads"], r["d"]) for r in rows}, key=lambda c: (PASSES.index(c[0]), c[1], c[2]))
+    cells = {(r["pass"], r["threads"], r["d"], r["N"]): r["ratio"] for r in rows}
+    head = "| N | " + " | ".join(f"{p} {t}T d={d}" for p, t, d in columns) + " |"
+    lines = [head, "|---:|" + "---:|" * len(columns)]
+    for n in sorted({r["N"] for r in rows}):
+        values = [cells.get((p, t, d, n)) for p, t, d in columns]
+        lines.append(f"| {n} | " + " | ".join("" if v is None else f"{v:.2f}x" for v in values) + " |")
+    return "\n".join(lines)
+
+
 def summary(rows: list[dict]) -> str:
     below = [r for r in rows if r["ratio"] < 1.0]
     worst = min(rows, key=lambda r: r["ratio"])
@@ -145,12 +158,23 @@ def summary(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.results:
+        with open(args.results) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        print(f"# {rows[0]['device']}, torch {rows[0]['torch']}, r={rows[0]['r']}, fp32" if rows else "# no rows")
+        print(ratio_table(rows))
+        print()
+        print(table(rows))
+        print(summary(rows))
+        return 0
     import adapterfast
 
     info = machine.device_name(args.device)
     print(f"# adapterfast {adapterfast.__version__} vs the eager seed adapter, fp32, r={args.r}, {info}, "
           f"backend {args.backend}, {args.rounds} interleaved rounds x {args.min_run_time}s", flush=True)
     rows = measure(args)
+    print(ratio_table(rows))
+    print()
     print(table(rows))
     print(summary(rows))
     if args.out:
