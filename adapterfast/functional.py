@@ -28,6 +28,7 @@ from . import dropout as dropout_rng
 
 _HALF = (torch.float16, torch.bfloat16)
 _CANONICAL = frozenset(activations.ACTIVATIONS)
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
 _FLOAT = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
@@ -58,8 +59,8 @@ def _run(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropo
 def _common_case(x, w_down, w_up, b_down, b_up, residual, scale, p, autocast) -> bool:
     """True when the inputs are plainly valid (the common case), checked in a few attribute reads;
     False sends them to ``_validate``, which names what is wrong or accepts a rarer valid form."""
-    if not (isinstance(x, Tensor) and isinstance(w_down, Tensor) and isinstance(w_up, Tensor)):
-        return False
+    if type(x) not in _PLAIN or type(w_down) not in _PLAIN or type(w_up) not in _PLAIN:
+        return False  # not tensors, or subclasses such as DTensor: _validate decides
     ws, us = w_down.shape, w_up.shape
     if len(ws) != 2 or len(us) != 2 or x.dim() == 0:
         return False
@@ -75,7 +76,7 @@ def _common_case(x, w_down, w_up, b_down, b_up, residual, scale, p, autocast) ->
     if w_down.device != device or w_up.device != device:
         return False
     for b, n in ((b_down, r), (b_up, d)):
-        if b is not None and not (isinstance(b, Tensor) and b.dtype is wdt and b.dim() == 1 and b.shape[0] == n
+        if b is not None and not (type(b) in _PLAIN and b.dtype is wdt and b.dim() == 1 and b.shape[0] == n
                                   and b.device == device):
             return False
     if residual is not None and not (isinstance(residual, Tensor) and residual.dtype is xdt
