@@ -28,7 +28,7 @@ from . import reference
 _is_autocast_on = torch._C._is_any_autocast_enabled
 
 
-def _kernel_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p):
+def run_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p):
     """``(y, h)`` from the backend, y contiguous (the layout the custom op's fake kernel promises).
 
     Autocast is off while a backend runs: the torch ops inside one (the reference's
@@ -42,7 +42,7 @@ def _kernel_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, acti
     return (y if y.is_contiguous() else y.contiguous()), h
 
 
-def _kernel_backward(kernels, grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale,
+def run_backward(kernels, grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale,
                      dropout_p, seed, need_dx):
     if _is_autocast_on():
         with torch.autocast(x.device.type, enabled=False):
@@ -91,7 +91,7 @@ class FusedAdapter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_down, b_down, w_up, b_up, residual, kernels, seed, activation, scale, dropout_p):
         if _is_autocast_on():
-            y, h = _kernel_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale,
+            y, h = run_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale,
                                    dropout_p)
         else:
             y, h = kernels.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
@@ -109,7 +109,7 @@ class FusedAdapter(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_h):
         x, w_down, b_down, w_up, b_up, h = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw_down, db_down, dw_up, db_up = _kernel_backward(
+        dx, dw_down, db_down, dw_up, db_up = run_backward(
             ctx.kernels, grad_y, x, w_down, b_down, w_up, b_up, h, ctx.residual_is_x, ctx.activation, ctx.scale,
             ctx.dropout_p, ctx.seed, need[0],
         )
@@ -128,6 +128,3 @@ class FusedAdapter(torch.autograd.Function):
 # Function.apply without its per-call argument handling, which only torch.func transforms need:
 # ``functional.py`` calls this only when none is active.
 apply_fast = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedAdapter)
-
-
-forward_only = _kernel_forward

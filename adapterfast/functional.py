@@ -51,7 +51,7 @@ def _run(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropo
         y, _ = autograd.apply_fast(x, w_down, b_down, w_up, b_up, residual, kernels, seed, activation, scale,
                                    dropout_p)
     else:
-        y, _ = autograd.forward_only(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale,
+        y, _ = autograd.run_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale,
                                      dropout_p)
     return y
 

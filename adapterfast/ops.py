@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .autograd import _kernel_backward, _kernel_forward
+from .autograd import run_backward, run_forward
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -52,7 +52,7 @@ def adapter_forward(
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, h)``: the output ``[N, d]`` and the pre-activation ``[N, r]`` kept for backward."""
     kernels = dispatch.kernels(backend or dispatch.select(x, w_down.shape[0]))
-    return _kernel_forward(kernels, x, w_down, b_down, w_up, b_up, residual, _seed(seed), activation, scale, dropout_p)
+    return run_forward(kernels, x, w_down, b_down, w_up, b_up, residual, _seed(seed), activation, scale, dropout_p)
 
 
 @adapter_forward.register_fake
@@ -81,7 +81,7 @@ def adapter_backward(
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the bias gradients are always computed.
     Without ``need_dx`` the backend may skip dx, and dx is then an unfilled tensor nobody reads."""
     kernels = dispatch.kernels(backend or dispatch.select(x, w_down.shape[0]))
-    dx, *rest = _kernel_backward(kernels, grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation,
+    dx, *rest = run_backward(kernels, grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation,
                                  scale, dropout_p, _seed(seed), need_dx)
     if dx is None:
         dx = x.new_empty(x.shape)
