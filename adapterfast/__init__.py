@@ -6,13 +6,16 @@
 eager adapters in a model for it. Triton kernels run CUDA tensors, C++ kernels CPU tensors, and
 the eager reference everything else; ``backends()`` says which are available.
 """
+from . import cpu as _cpu  # registers the C++ backend (the reference registers with dispatch itself)
 from . import ops as _ops  # registers the custom ops
-from .dispatch import backends, use_backend
+from .dispatch import backends, current as _current_backend, use_backend
 from .functional import fused_adapter
 from .modules import Adapter, replace_adapters
 from .bank import AdapterBank, grouped_adapter
 
 __version__ = "0.1.0"
+
+_current_backend()  # a bad $ADAPTERFAST_BACKEND is an error now, naming the variable, not at the first call
 
 __all__ = ["Adapter", "backends", "fused_adapter", "replace_adapters", "use_backend", "__version__"]
 

@@ -90,7 +90,7 @@ def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_
     )
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed):
+def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed, *, need_dx=True):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; weight and bias gradients in the weights' dtypes."""
     _require()
     _check_dtype(x)
@@ -98,3 +98,24 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation
         grad_y, x, w_down, b_down, w_up, b_up, h, bool(residual_is_x), activation, float(scale),
         float(dropout_p), _seed(seed, dropout_p),
     )
+
+
+
+def _registered_backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed,
+                         *, need_dx=True):
+    return _op_backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed)
+
+
+# Registration: the backend is selectable by name once imported. dispatch only selects it for the
+# dtypes in DTYPES, and the autograd Function passes a float scale and an int seed (0 without
+# dropout), so the C++ ops are registered directly, without the checks above on every call.
+from . import dispatch  # noqa: E402
+
+if _IMPORT_ERROR is None:
+    # ``_op`` is the overload's C++ callable, without OpOverload.__call__'s Python frame
+    _op_backward = getattr(torch.ops.adapterfast_cpu.backward.default, "_op", torch.ops.adapterfast_cpu.backward)
+    _op_forward = getattr(torch.ops.adapterfast_cpu.forward.default, "_op", torch.ops.adapterfast_cpu.forward)
+    dispatch.register("cpu", forward=_op_forward, backward=_registered_backward,
+                      dtypes=DTYPES, unavailable=unavailable_reason)
+else:
+    dispatch.register("cpu", forward=forward, backward=backward, dtypes=DTYPES, unavailable=unavailable_reason)

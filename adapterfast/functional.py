@@ -1,8 +1,18 @@
 """``fused_adapter``: the op as a differentiable function of tensors of any leading shape.
 
 It checks its inputs (a wrong shape, dtype or device is a ``ValueError``/``TypeError`` that names
-it), flattens the leading dimensions to ``[N, d]``, draws the dropout seed, and runs the custom
-op of ``ops.py``, whose registered autograd formula calls the backward op.
+it), flattens the leading dimensions to ``[N, d]``, draws the dropout seed, and runs the op:
+
+- eagerly, through ``autograd.FusedAdapter`` on the backend ``dispatch.select`` names (the fast
+  path: one cheap check of the common case, a cached backend choice, one ``Function.apply``);
+- under torch.func transforms, through ``transforms.FusedAdapterFunc`` (which has the jvp and
+  vmap rules those need);
+- under ``torch.compile``, on meta tensors and on DTensors, through the ``torch.library`` custom
+  op of ``ops.py``, which the compiler sees as one node with a fake (shape-only) kernel.
+
+Accepted dtypes: x, the weights and biases in one dtype; or fp16/bf16 x with fp32 weights
+(mixed precision); or anything autocast produces. Everything else is a ``TypeError``, as for
+``nn.Linear``. The residual has x's dtype (under autocast, any floating dtype).
 """
 from __future__ import annotations
 
@@ -11,15 +21,68 @@ import sys
 
 import torch
 from torch import Tensor
+import torch.autograd.forward_ad as _forward_ad
 
-from . import activations, ops
+from . import activations, autograd, dispatch, ops, transforms
 from . import dropout as dropout_rng
+
+_HALF = (torch.float16, torch.bfloat16)
+_CANONICAL = frozenset(activations.ACTIVATIONS)
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+_FLOAT = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_any_autocast = torch._C._is_any_autocast_enabled
 
 
 def _run(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p) -> Tensor:
-    """The op on 2-D inputs; its autograd formula is registered on the custom op (``ops.py``)."""
-    y, _ = ops.adapter_forward(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p)
+    """The op on 2-D inputs; ``seed`` is None or a 0-dim int64 CPU tensor."""
+    if _is_compiling() or (type(x) is not Tensor and _sharded(x)) or x.device.type == "meta":
+        y, _ = ops.adapter_forward(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p)
+        return y
+    name = dispatch.select(x, w_down.shape[0])
+    if _functorch_active():
+        y, _ = transforms.FusedAdapterFunc.apply(x, w_down, b_down, w_up, b_up, residual, name, seed, activation,
+                                                 scale, dropout_p)
+        return y
+    kernels = dispatch.kernels(name)
+    seed = 0 if seed is None else int(seed)
+    if torch.is_grad_enabled() or _forward_ad._current_level >= 0:
+        y, _ = autograd.apply_fast(x, w_down, b_down, w_up, b_up, residual, kernels, seed, activation, scale,
+                                   dropout_p)
+    else:
+        y, _ = autograd.run_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale,
+                                     dropout_p)
     return y
+
+
+def _common_case(x, w_down, w_up, b_down, b_up, residual, scale, p, autocast) -> bool:
+    """True when the inputs are plainly valid (the common case), checked in a few attribute reads;
+    False sends them to ``_validate``, which names what is wrong or accepts a rarer valid form."""
+    if type(x) not in _PLAIN or type(w_down) not in _PLAIN or type(w_up) not in _PLAIN:
+        return False  # not tensors, or subclasses such as DTensor: _validate decides
+    ws, us = w_down.shape, w_up.shape
+    if len(ws) != 2 or len(us) != 2 or x.dim() == 0:
+        return False
+    r, d = ws
+    if x.shape[-1] != d or us[0] != d or us[1] != r or r == 0 or d == 0:
+        return False
+    wdt, xdt = w_down.dtype, x.dtype
+    if w_up.dtype is not wdt or xdt not in _FLOAT:
+        return False
+    if not autocast and wdt is not xdt and not (wdt is torch.float32 and xdt in _HALF):
+        return False
+    device = x.device
+    if w_down.device != device or w_up.device != device:
+        return False
+    for b, n in ((b_down, r), (b_up, d)):
+        if b is not None and not (type(b) in _PLAIN and b.dtype is wdt and b.dim() == 1 and b.shape[0] == n
+                                  and b.device == device):
+            return False
+    if residual is not None and not (isinstance(residual, Tensor) and residual.dtype is xdt
+                                     and residual.shape == x.shape and residual.device == device):
+        return False
+    return type(scale) is float and type(p) is float and 0.0 <= p < 1.0
 
 
 def _sharded(t) -> bool:
@@ -49,6 +112,10 @@ def _validate(x, w_down, w_up, b_down, b_up, residual, scale, p, *, autocast: bo
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"x must have a last (feature) dimension of size >= 1, got shape {tuple(x.shape)}")
     d = x.shape[-1]
+    if (w_down.dim() == 2 and w_up.dim() == 2 and w_down.shape[1] != d and w_down.shape[0] >= 1
+            and tuple(w_up.shape) == (w_down.shape[1], w_down.shape[0])):
+        raise ValueError(f"x's last dimension {d} does not match the adapter's d_model {w_down.shape[1]} "
+                         f"(x has shape {tuple(x.shape)}, down_weight {tuple(w_down.shape)})")
     if w_down.dim() != 2 or w_down.shape[1] != d or w_down.shape[0] < 1:
         raise ValueError(f"down_weight must have shape [r, d] = [r, {d}] with r >= 1 (nn.Linear(d, r).weight), "
                          f"got {tuple(w_down.shape)}")
@@ -80,10 +147,29 @@ def _validate(x, w_down, w_up, b_down, b_up, residual, scale, p, *, autocast: bo
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    _check_dtypes(x, w_down, w_up, b_down, b_up, autocast)
+
+
+def _check_dtypes(x, w_down, w_up, b_down, b_up, autocast: bool) -> None:
+    """The dtype rules of the module docstring; ``x`` is the input before autocast's cast."""
+    wdt = w_down.dtype
+    for name, t in (("up_weight", w_up), ("down_bias", b_down), ("up_bias", b_up)):
+        if t is not None and t.dtype != wdt:
+            raise TypeError(f"{name} is {t.dtype} but down_weight is {wdt}: the weights and biases must share "
+                            "one dtype")
+    xdt = x.dtype
+    if autocast and xdt != torch.float64 and wdt != torch.float64:
+        return
+    if wdt == xdt or (wdt == torch.float32 and xdt in _HALF):
+        return
+    raise TypeError(f"x is {xdt} but the weights are {wdt}: adapterfast accepts weights in x's dtype, fp32 "
+                    "weights with fp16/bf16 x, or autocast (as nn.Linear, it does not cast "
+                    f"{xdt} inputs to {wdt} weights); cast x or the adapter (adapter.to({xdt}))")
 
 
 def _autocast_enabled(x) -> bool:
-    return isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+    return (isinstance(x, Tensor) and torch._C._is_any_autocast_enabled() and x.device.type != "meta"
+            and torch.is_autocast_enabled(x.device.type))
 
 
 def _autocast_cast(x: Tensor) -> Tensor:
@@ -115,19 +201,30 @@ def fused_adapter(
     adapter); pass the block input for a parallel adapter. Dropout acts on the adapter branch only
     and only when ``training``.
     """
-    autocast = _autocast_enabled(x)
-    _validate(x, down_weight, up_weight, down_bias, up_bias, residual, scale, dropout, autocast=autocast)
-    activation = activations.canonical(activation)
+    return fused(x, down_weight, up_weight, down_bias, up_bias, activation, scale, dropout, training, residual)
+
+
+def fused(x, down_weight, up_weight, down_bias, up_bias, activation, scale, dropout, training, residual) -> Tensor:
+    """``fused_adapter`` with positional arguments (what ``Adapter.forward`` calls)."""
+    autocast = _any_autocast() and _autocast_enabled(x)
+    if not _common_case(x, down_weight, up_weight, down_bias, up_bias, residual, scale, dropout, autocast):
+        _validate(x, down_weight, up_weight, down_bias, up_bias, residual, scale, dropout, autocast=autocast)
+    if type(activation) is not str or activation not in _CANONICAL:
+        activation = activations.canonical(activation)
     d = x.shape[-1]
     p = float(dropout) if training else 0.0
     seed = dropout_rng.new_seed() if p > 0.0 else None
-    shape = x.shape
     if autocast:
         # Under autocast the branch runs in the autocast dtype, like the nn.Linear layers of an eager
         # adapter, while the residual keeps its own dtype: eager's ``x + up(act(down(x)))`` adds a
         # bf16/fp16 branch to an fp32 residual in fp32. When the two dtypes differ the fused op computes
         # the branch alone (on a zero residual) and the residual is added outside it, as eager does.
+        shape = x.shape
         x_amp = _autocast_cast(x)
+        if down_weight.dtype not in (torch.float32, x_amp.dtype):  # e.g. fp16 weights under bf16 autocast
+            down_weight, up_weight = down_weight.to(x_amp.dtype), up_weight.to(x_amp.dtype)
+            down_bias = None if down_bias is None else down_bias.to(x_amp.dtype)
+            up_bias = None if up_bias is None else up_bias.to(x_amp.dtype)
         res = x if residual is None else residual
         if res.dtype != x_amp.dtype:
             branch = _run(
@@ -137,9 +234,9 @@ def fused_adapter(
             )
             return res + branch.view(shape)
         x = x_amp
-    x2 = x.reshape(-1, d)
-    res2 = None if residual is None else residual.reshape(-1, d)
-    y = _run(
-        x2, down_weight, down_bias, up_weight, up_bias, res2, seed, activation, float(scale), p
-    )
+    if x.dim() == 2:
+        return _run(x, down_weight, down_bias, up_weight, up_bias, residual, seed, activation, float(scale), p)
+    shape = x.shape
+    y = _run(x.reshape(-1, d), down_weight, down_bias, up_weight, up_bias,
+             None if residual is None else residual.reshape(-1, d), seed, activation, float(scale), p)
     return y.view(shape)

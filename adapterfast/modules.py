@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from . import activations
 from ._log import logger
-from .functional import fused_adapter
+from .functional import fused, fused_adapter
 
 
 def _check_size(name: str, value) -> None:
@@ -20,6 +20,11 @@ def _check_size(name: str, value) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (a float), got {type(value).__name__} {value!r}")
 
 
 class Adapter(nn.Module):
@@ -34,6 +39,8 @@ class Adapter(nn.Module):
         super().__init__()
         _check_size("d_model", d_model)
         _check_size("r", r)
+        _check_real("scale", scale)
+        _check_real("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.activation = activations.canonical(activation)
@@ -43,11 +50,9 @@ class Adapter(nn.Module):
         self.up = nn.Linear(r, d_model, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return fused_adapter(
-            x, self.down.weight, self.up.weight, self.down.bias, self.up.bias,
-            activation=self.activation, scale=self.scale, dropout=self.dropout,
-            training=self.training, residual=residual,
-        )
+        down, up = self.down, self.up
+        return fused(x, down.weight, up.weight, down.bias, up.bias, self.activation, self.scale, self.dropout,
+                     self.training, residual)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.up.out_features}, r={self.down.out_features}, activation={self.activation!r}, "

@@ -1,8 +1,15 @@
 """The op as ``torch.library`` custom ops: ``adapterfast::forward`` and ``adapterfast::backward``.
 
 Custom ops make the fused kernels opaque, well-typed nodes for ``torch.compile`` (the fake
-implementations give output shapes without running anything), and are the single place where a
-backend is chosen for each call. Inputs are 2-D; ``functional.py`` validates and flattens.
+implementations give output shapes and layouts without running anything; they are also what runs
+for meta tensors). ``functional.py`` uses them under ``torch.compile``, for meta tensors and for
+DTensors; eager calls take the faster ``autograd.FusedAdapter`` to the same kernels. Inputs are
+2-D; ``functional.py`` validates and flattens.
+
+``backend`` names the backend (``dispatch.select``'s answer); empty, the op selects when it runs.
+The backward op receives the name its forward ran with when there is one (eager calls); in a
+compiled graph both ops select when they run, under the backend in force then. Every output has
+the contiguous layout the fake kernel promises, whatever layout a backend returns.
 The dropout seed is a 0-dim int64 CPU tensor, so it is read here without a device sync and a
 compiled graph carries it as data rather than as a constant.
 """
@@ -14,6 +21,11 @@ import torch
 from torch import Tensor
 
 from . import dispatch
+from .autograd import run_backward, run_forward
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _seed(seed: Optional[Tensor]) -> int:
@@ -22,15 +34,6 @@ def _seed(seed: Optional[Tensor]) -> int:
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _no_autocast(x: Tensor):
-    """Autocast off while a backend runs: an op without an autocast kernel falls through the
-    autocast dispatch key with autocast still enabled, so the torch ops inside a backend (the
-    reference's fp32-accumulating matmuls) would otherwise be cast down, and ``h`` would come back
-    in bf16/fp16 where the fake implementation promises fp32. ``functional.py`` has already applied
-    autocast's casting rules to the inputs."""
-    return torch.autocast(x.device.type, enabled=False)
 
 
 @torch.library.custom_op("adapterfast::forward", mutates_args=())
@@ -45,15 +48,15 @@ def adapter_forward(
     activation: str,
     scale: float,
     dropout_p: float,
+    backend: str = "",
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, h)``: the output ``[N, d]`` and the pre-activation ``[N, r]`` kept for backward."""
-    backend = dispatch.select(x, w_down.shape[0])
-    with _no_autocast(x):
-        return backend.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, _seed(seed))
+    kernels = dispatch.kernels(backend or dispatch.select(x, w_down.shape[0]))
+    return run_forward(kernels, x, w_down, b_down, w_up, b_up, residual, _seed(seed), activation, scale, dropout_p)
 
 
 @adapter_forward.register_fake
-def _(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p):
+def _(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p, backend=""):
     n, r = x.shape[0], w_down.shape[0]
     return x.new_empty(x.shape), x.new_empty((n, r), dtype=_acc_dtype(x))
 
@@ -72,17 +75,22 @@ def adapter_backward(
     activation: str,
     scale: float,
     dropout_p: float,
+    backend: str = "",
+    need_dx: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the bias gradients are always computed."""
-    backend = dispatch.select(x, w_down.shape[0])
-    with _no_autocast(x):
-        return backend.backward(
-            grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, _seed(seed)
-        )
+    """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the bias gradients are always computed.
+    Without ``need_dx`` the backend may skip dx, and dx is then an unfilled tensor nobody reads."""
+    kernels = dispatch.kernels(backend or dispatch.select(x, w_down.shape[0]))
+    dx, *rest = run_backward(kernels, grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation,
+                                 scale, dropout_p, _seed(seed), need_dx)
+    if dx is None:
+        dx = x.new_empty(x.shape)
+    return tuple(_contiguous(g) for g in (dx, *rest))
 
 
 @adapter_backward.register_fake
-def _(grad_y, x, w_down, b_down, w_up, b_up, h, seed, residual_is_x, activation, scale, dropout_p):
+def _(grad_y, x, w_down, b_down, w_up, b_up, h, seed, residual_is_x, activation, scale, dropout_p, backend="",
+      need_dx=True):
     r, d = w_down.shape
     return (
         x.new_empty(x.shape),
@@ -94,22 +102,23 @@ def _(grad_y, x, w_down, b_down, w_up, b_up, h, seed, residual_is_x, activation,
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p = inputs
+    x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p, backend = inputs
     _, h = output
     ctx.mark_non_differentiable(h)
     ctx.save_for_backward(x, w_down, b_down, w_up, b_up, h, seed)
     ctx.residual_is_x = residual is None
-    ctx.activation, ctx.scale, ctx.dropout_p = activation, scale, dropout_p
+    ctx.activation, ctx.scale, ctx.dropout_p, ctx.backend = activation, scale, dropout_p, backend
 
 
 def _backward(ctx, grad_y, _grad_h):
     x, w_down, b_down, w_up, b_up, h, seed = ctx.saved_tensors
     dx, dw_down, db_down, dw_up, db_up = adapter_backward(
-        grad_y, x, w_down, b_down, w_up, b_up, h, seed, ctx.residual_is_x, ctx.activation, ctx.scale, ctx.dropout_p
+        grad_y, x, w_down, b_down, w_up, b_up, h, seed, ctx.residual_is_x, ctx.activation, ctx.scale, ctx.dropout_p,
+        ctx.backend, ctx.needs_input_grad[0],
     )
     need = ctx.needs_input_grad
     grads = (dx, dw_down, db_down, dw_up, db_up, grad_y)
-    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 5
 
 
 # The autograd formula lives on the op itself (rather than in an autograd.Function around it), so

@@ -127,7 +127,7 @@ def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_
     return y.to(dtype), h
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed):
+def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed, *, need_dx=True):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``.
 
     With ``m`` the kept-mask and ``s = scale / (1 - p)``, ``a = act(h)``:

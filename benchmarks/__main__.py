@@ -1,6 +1,13 @@
-"""``python -m benchmarks``: the op benchmark (see ``benchmarks.run``)."""
+"""``python -m benchmarks``: the op benchmark (see ``benchmarks.run``); with ``--quick`` (and no
+``--shapes``) the quick per-call overhead grid of ``benchmarks.overhead`` follows it."""
 import sys
 
-from .run import main
+from .run import main, parse_args
 
-sys.exit(main())
+argv = sys.argv[1:]
+status = main(argv)
+if status == 0 and "--quick" in argv and "--shapes" not in argv:
+    from . import overhead
+
+    status = overhead.main(["--quick", "--device", parse_args(argv).device])
+sys.exit(status)

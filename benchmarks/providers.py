@@ -123,23 +123,9 @@ def build(names, d: int, r: int, activation: str, dtype: torch.dtype, device: st
 
 def adapterfast_backend(x: torch.Tensor, r: int) -> str:
     """Which adapterfast backend computes this input (``cpu``, ``triton`` or ``reference``)."""
-    import importlib
+    from adapterfast import dispatch
 
-    for name in ("adapterfast.dispatch", "adapterfast.backends"):
-        try:
-            chooser = importlib.import_module(name)
-        except ImportError:
-            continue
-        if callable(getattr(chooser, "select", None)):
-            try:
-                module = chooser.select(x, r).__name__
-            except Exception as error:
-                return f"error: {type(error).__name__}: {error}"
-            return {"adapterfast.kernels": "triton", "adapterfast.cpu": "cpu"}.get(module, module.rsplit(".", 1)[-1])
-    try:  # only the public report is there: infer from availability
-        import adapterfast
-
-        fused = "triton" if x.device.type == "cuda" else "cpu"
-        return fused if adapterfast.backends()[fused].available else "reference"
-    except Exception as error:
-        return f"unknown ({type(error).__name__}: {error})"
+    try:
+        return dispatch.select(x, r)
+    except ValueError as error:  # a forced backend that cannot run this input
+        return f"error: {error}"

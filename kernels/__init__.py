@@ -53,9 +53,15 @@ def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_
         return forward_kernel.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed):
+def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed, *, need_dx=True):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the weight gradients are bitwise reproducible."""
     _check(x, w_down, activation)
     with _on_device(x):
         return backward_kernels.backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation,
                                          scale, dropout_p, seed)
+
+
+from adapterfast import dispatch  # noqa: E402  (registration: the backend is selectable by name once imported)
+
+dispatch.register("triton", forward=forward, backward=backward,
+                  dtypes=(torch.float32, torch.float16, torch.bfloat16))

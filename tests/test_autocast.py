@@ -8,10 +8,13 @@ fp32. Checked on CPU with bf16; the CUDA fp16/bf16 cases run where there is a GP
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import adapterfast
+from adapterfast import dispatch
 from adapterfast import dropout as dropout_rng
 from adapterfast import reference
 from training_models import EagerAdapter, eager_twin, grads, make_model, rel_err
@@ -100,22 +103,23 @@ def test_fp32_residual_is_kept_in_fp32(backend):
 
 @pytest.mark.parametrize("residual", [None, "fp32", "bf16"])
 def test_op_computes_in_autocast_dtype(monkeypatch, residual):
-    """The custom op receives x in bf16 (as nn.Linear would under autocast) and the fp32 weights
+    """The backend receives x in bf16 (as nn.Linear would under autocast) and the fp32 weights
     themselves (cast inside the op, no extra copies); outside autocast nothing is cast."""
     seen = []
-    real = adapterfast.ops.adapter_forward
+    real = dispatch.kernels("reference")
 
     def spy(x, w_down, *args):
         seen.append((x.dtype, w_down.dtype))
-        return real(x, w_down, *args)
+        return real.forward(x, w_down, *args)
 
-    monkeypatch.setattr(adapterfast.ops, "adapter_forward", spy)
+    monkeypatch.setitem(dispatch._registry, "reference", dataclasses.replace(real, forward=spy))
     adapter = adapterfast.Adapter(16, 4)
     x = torch.randn(5, 16)
     res = None if residual is None else torch.randn(5, 16, dtype=torch.float32 if residual == "fp32" else torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        adapter(x, residual=res)
-    adapter(x, residual=None if res is None else res.float())
+    with adapterfast.use_backend("reference"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            adapter(x, residual=res)
+        adapter(x, residual=None if res is None else res.float())
     assert seen == [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)]
 
 

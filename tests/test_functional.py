@@ -1,4 +1,5 @@
 """fused_adapter: input checking, shapes, autograd wiring and backend choice, on every CPU backend."""
+import dataclasses
 import logging
 
 
@@ -153,14 +154,15 @@ def test_unknown_backend_is_an_error(monkeypatch):
         with adapterfast.use_backend("cuda"):
             pass
     monkeypatch.setenv("ADAPTERFAST_BACKEND", "fast")
-    with pytest.raises(ValueError, match="unknown adapterfast backend 'fast'"):
+    with pytest.raises(ValueError, match="unknown adapterfast backend 'fast' in the environment variable "
+                                         "ADAPTERFAST_BACKEND"):
         run(*adapter_inputs(2, 4, 2)[:3])
 
 
 def test_env_var_forces_backend(monkeypatch):
     monkeypatch.setenv("ADAPTERFAST_BACKEND", "reference")
     x, wd, wu, *_ = adapter_inputs(2, 4, 2)
-    assert dispatch.select(x, 2) is reference
+    assert dispatch.select(x, 2) == "reference"
     with adapterfast.use_backend("auto"):
         assert dispatch.current() == "auto"
     assert dispatch.current() == "reference"
@@ -171,7 +173,8 @@ def test_forced_backend_that_cannot_run_is_an_error(monkeypatch):
     with adapterfast.use_backend("triton"):
         with pytest.raises(ValueError, match="the triton backend does not support torch.float64"):
             run(x.double(), wd.double(), wu.double())
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(dispatch, "_INTERPRETING", False)
+    monkeypatch.setattr(dispatch, "_choices", {})
     if not torch.cuda.is_available():
         with adapterfast.use_backend("triton"):
             with pytest.raises(ValueError, match="triton backend runs CUDA tensors"):
@@ -181,7 +184,9 @@ def test_forced_backend_that_cannot_run_is_an_error(monkeypatch):
 def test_fallback_is_logged_once(caplog, monkeypatch):
     monkeypatch.setattr(adapterfast._log, "_said", set())
     # fp16 now runs fused on CPU; pretend it does not, to see the fallback and its one log line.
-    monkeypatch.setitem(dispatch._DTYPES, "cpu", (torch.float32, torch.bfloat16, torch.float64))
+    cpu = dispatch.kernels("cpu")
+    monkeypatch.setitem(dispatch._registry, "cpu", dataclasses.replace(cpu, dtypes=(torch.float32, torch.float64)))
+    monkeypatch.setattr(dispatch, "_choices", {})
     x, wd, wu, *_ = adapter_inputs(2, 4, 2)
     with caplog.at_level(logging.WARNING, logger="adapterfast"):
         for _ in range(3):

@@ -1,0 +1,188 @@
+"""``python -m benchmarks.overhead``: adapterfast against the plain eager adapter, small calls to large.
+
+Per-call cost decides small calls (a layer call sees batch x sequence rows: one to a few thousand),
+so this measures ``adapterfast.Adapter`` against the seed's eager adapter (``nn.Linear`` down,
+activation, ``nn.Linear`` up, plus the residual; ``providers.SeedAdapter``) holding the same
+weights, for N in {1, 8, 64, 320, 1024, 2048, 4096, 8192, 32768}, d in {128, 384, 768}, r = 16,
+fp32, on 1 and 2 threads:
+
+- ``train``: ``adapter(x).backward(g)`` with ``x`` requiring grad (forward + backward of a layer);
+- ``infer``: ``adapter(x)`` under ``torch.no_grad()``.
+
+The two providers alternate within each round and rounds repeat (``--rounds``), so load on a
+shared machine hits both alike; the table gives the median time of each and the ratio
+eager / adapterfast (above 1: adapterfast is faster). ``--device cuda`` measures CUDA tensors the
+same way (``--backend triton`` with ``TRITON_INTERPRET=1`` times the Triton launch path's host
+cost on CPU tensors, with the interpreter's run time in it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from . import machine, providers
+from .timing import make_timer, summarize
+
+NS = (1, 8, 64, 320, 1024, 2048, 4096, 8192, 32768)
+DS = (128, 384, 768)
+QUICK_NS = (1, 8, 320, 2048, 8192)
+QUICK_DS = (128, 768)
+PASSES = ("train", "infer")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"N in {QUICK_NS}, d in {QUICK_DS}, shorter measurements (about a minute on 2 CPUs)")
+    parser.add_argument("--n", type=int, nargs="+", help=f"row counts (default {NS})")
+    parser.add_argument("--d", type=int, nargs="+", help=f"feature sizes (default {DS})")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts (default 1 2)")
+    parser.add_argument("--backend", default="auto", help="adapterfast backend (default auto)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 2)")
+    parser.add_argument("--min-run-time", type=float,
+                        help="seconds per provider per round and cell (default 0.2, quick 0.05)")
+    parser.add_argument("--out", help="append one JSON line per cell to this file")
+    parser.add_argument("--results", help="print the tables of a file written by --out instead of measuring")
+    args = parser.parse_args(argv)
+    args.n = args.n or (QUICK_NS if args.quick else NS)
+    args.d = args.d or (QUICK_DS if args.quick else DS)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.min_run_time = args.min_run_time or (0.05 if args.quick else 0.2)
+    if args.device == "cuda":
+        args.threads = [machine.cpu_count()]
+    return args
+
+
+def _pair(d: int, r: int, device: str):
+    torch.manual_seed(0)
+    eager = providers.SeedAdapter(d, r).to(device)
+    import adapterfast
+
+    fused = adapterfast.Adapter(d, r).to(device)
+    fused.load_state_dict(eager.state_dict())
+    return {"eager": eager, "adapterfast": fused}
+
+
+def _call(module, x, g, kind: str):
+    if kind == "train":
+        return lambda: module(x).backward(g)
+
+    def infer():
+        with torch.no_grad():
+            return module(x)
+
+    return infer
+
+
+def measure(args) -> list[dict]:
+    import adapterfast
+
+    rows = []
+    with adapterfast.use_backend(args.backend):
+        for threads in args.threads:
+            timer = make_timer(args.device, threads)
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                for d in args.d:
+                    modules = _pair(d, args.r, args.device)
+                    for n in args.n:
+                        x = torch.randn(n, d, device=args.device, requires_grad=True)
+                        g = torch.randn(n, d, device=args.device)
+                        for kind in PASSES:
+                            calls = {name: _call(m, x, g, kind) for name, m in modules.items()}
+                            for fn in calls.values():  # warm-up (allocator, thread pool, first-call caches)
+                                fn()
+                            samples = {name: [] for name in calls}
+                            for round_ in range(args.rounds):
+                                order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
+                                for name in order:
+                                    samples[name] += timer.times(calls[name], args.min_run_time)
+                            eager_ms = summarize(samples["eager"])["median_ms"]
+                            fused_ms = summarize(samples["adapterfast"])["median_ms"]
+                            rows.append({"N": n, "d": d, "r": args.r, "threads": threads, "pass": kind,
+                                         "eager_ms": eager_ms, "adapterfast_ms": fused_ms,
+                                         "ratio": eager_ms / fused_ms,
+                                         "backend": adapterfast.dispatch.select(x, args.r)})
+                            x.grad = None
+                            for m in modules.values():
+                                m.zero_grad(set_to_none=True)
+            finally:
+                torch.set_num_threads(previous)
+    return rows
+
+
+def _time(ms: float) -> str:
+    return f"{ms * 1e3:.0f} us" if ms < 1 else f"{ms:.2f} ms"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (threads, d, N), train and infer side by side."""
+    lines = ["| threads | d | N | train: eager | train: adapterfast | train ratio | infer: eager "
+             "| infer: adapterfast | infer ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cells = {(r["threads"], r["d"], r["N"], r["pass"]): r for r in rows}
+    for threads, d, n in sorted({(r["threads"], r["d"], r["N"]) for r in rows}):
+        parts = [str(threads), str(d), str(n)]
+        for kind in PASSES:
+            row = cells.get((threads, d, n, kind))
+            parts += ([_time(row["eager_ms"]), _time(row["adapterfast_ms"]), f"{row['ratio']:.2f}x"]
+                      if row else ["", "", ""])
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def ratio_table(rows: list[dict]) -> str:
+    """Markdown: eager / adapterfast per N (rows) and pass, d and threads (columns)."""
+    columns = sorted({(r["pass"], r["threads"], r["d"]) for r in rows}, key=lambda c: (PASSES.index(c[0]), c[1], c[2]))
+    cells = {(r["pass"], r["threads"], r["d"], r["N"]): r["ratio"] for r in rows}
+    head = "| N | " + " | ".join(f"{p} {t}T d={d}" for p, t, d in columns) + " |"
+    lines = [head, "|---:|" + "---:|" * len(columns)]
+    for n in sorted({r["N"] for r in rows}):
+        values = [cells.get((p, t, d, n)) for p, t, d in columns]
+        lines.append(f"| {n} | " + " | ".join("" if v is None else f"{v:.2f}x" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    below = [r for r in rows if r["ratio"] < 1.0]
+    worst = min(rows, key=lambda r: r["ratio"])
+    text = (f"{len(rows) - len(below)} of {len(rows)} cells at >= 1.0x; lowest {worst['ratio']:.2f}x "
+            f"({worst['pass']}, N={worst['N']}, d={worst['d']}, {worst['threads']} thread(s))")
+    return text
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.results:
+        with open(args.results) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        print(f"# {rows[0]['device']}, torch {rows[0]['torch']}, r={rows[0]['r']}, fp32" if rows else "# no rows")
+        print(ratio_table(rows))
+        print()
+        print(table(rows))
+        print(summary(rows))
+        return 0
+    import adapterfast
+
+    info = machine.device_name(args.device)
+    print(f"# adapterfast {adapterfast.__version__} vs the eager seed adapter, fp32, r={args.r}, {info}, "
+          f"backend {args.backend}, {args.rounds} interleaved rounds x {args.min_run_time}s", flush=True)
+    rows = measure(args)
+    print(ratio_table(rows))
+    print()
+    print(table(rows))
+    print(summary(rows))
+    if args.out:
+        with open(args.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps({**row, "device": info, "torch": torch.__version__}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

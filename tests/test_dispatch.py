@@ -1,0 +1,118 @@
+"""Backend choice: names, per-thread forcing, the backward on the forward's backend, the env variable."""
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import adapterfast
+from adapterfast import dispatch
+
+from helpers import adapter_inputs, rel_err
+
+AVAILABLE = [name for name in ("reference", "cpu", "triton") if dispatch.backends()[name].available]
+
+
+def test_select_returns_a_registered_name():
+    x = torch.randn(3, 8)
+    with adapterfast.use_backend("reference"):
+        assert dispatch.select(x, 4) == "reference"
+    name = dispatch.select(x, 4)
+    assert name in AVAILABLE
+    assert dispatch.kernels(name).name == name
+    assert callable(dispatch.kernels(name).forward) and callable(dispatch.kernels(name).backward)
+
+
+def test_use_backend_is_per_thread():
+    """Two threads whose blocks overlap in time each see their own choice, and auto afterwards."""
+    entered = threading.Barrier(2)
+    seen, after = {}, {}
+
+    def work(name):
+        with adapterfast.use_backend(name):
+            entered.wait()
+            seen[name] = dispatch.current()
+            entered.wait()
+        after[name] = dispatch.current()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in ("reference", "cpu")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"reference": "reference", "cpu": "cpu"}
+    assert after == {"reference": "auto", "cpu": "auto"}
+    assert dispatch.current() == "auto"
+
+
+def test_use_backend_survives_an_exception():
+    with pytest.raises(RuntimeError):
+        with adapterfast.use_backend("reference"):
+            raise RuntimeError("inside")
+    assert dispatch.current() == "auto"
+
+
+def _spy(monkeypatch, calls):
+    for name in AVAILABLE:
+        real = dispatch.kernels(name)
+
+        def backward(*args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real.backward(*args, **kw)
+
+        monkeypatch.setitem(dispatch._registry, name, dispatch.Kernels(name, real.forward, backward, real.dtypes,
+                                                                       real.unavailable))
+
+
+@pytest.mark.skipif(len(AVAILABLE) < 2, reason="needs two backends")
+@pytest.mark.parametrize("where", ["outside", "other_block"])
+def test_backward_runs_on_the_forward_backend(monkeypatch, where):
+    calls = []
+    _spy(monkeypatch, calls)
+    x, wd, wu, bd, bu, _ = adapter_inputs(6, 8, 4)
+    x.requires_grad_()
+    other = next(n for n in AVAILABLE if n != "reference")
+    with adapterfast.use_backend("reference"):
+        y = adapterfast.fused_adapter(x, wd, wu, bd, bu, dropout=0.3)
+    if where == "outside":
+        y.sum().backward()
+    else:
+        with adapterfast.use_backend(other):
+            y.sum().backward()
+    assert calls == ["reference"]
+
+
+def test_bogus_env_variable_is_reported_at_import():
+    env = dict(os.environ, ADAPTERFAST_BACKEND="bogus")
+    result = subprocess.run([sys.executable, "-c", "import adapterfast"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "unknown adapterfast backend 'bogus' in the environment variable ADAPTERFAST_BACKEND" in result.stderr
+
+
+def test_env_variable_read_again_when_it_changes(monkeypatch):
+    monkeypatch.setenv("ADAPTERFAST_BACKEND", "reference")
+    assert dispatch.current() == "reference"
+    monkeypatch.setenv("ADAPTERFAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="ADAPTERFAST_BACKEND"):
+        dispatch.current()
+    monkeypatch.delenv("ADAPTERFAST_BACKEND")
+    assert dispatch.current() == "auto"
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_needs_input_grad_respected(backend):
+    """Frozen x (no dx wanted): weight gradients still right, x gets none."""
+    x, wd, wu, bd, bu, _ = adapter_inputs(5, 8, 4)
+    wd.requires_grad_()
+    with adapterfast.use_backend(backend):
+        y = adapterfast.fused_adapter(x, wd, wu, bd, bu, activation="silu")
+    g = torch.randn_like(y)
+    (dwd,) = torch.autograd.grad(y, [wd], g)
+    wd64 = wd.detach().double().requires_grad_()
+    from adapterfast import reference
+
+    y64 = reference.adapter(x.double(), wd64, wu.double(), bd.double(), bu.double(), activation="silu")
+    (want,) = torch.autograd.grad(y64, [wd64], g.double())
+    assert rel_err(dwd, want) < 1e-5

@@ -1,0 +1,26 @@
+"""``python -m benchmarks.overhead`` on a tiny grid: both providers timed per cell, ratios and tables."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import overhead  # noqa: E402
+
+
+def test_tiny_grid_writes_rows_and_tables(tmp_path, capsys):
+    out = tmp_path / "overhead.jsonl"
+    assert overhead.main(["--n", "1", "8", "--d", "32", "--r", "4", "--threads", "1", "--rounds", "1",
+                          "--min-run-time", "0.01", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["N"], r["pass"]) for r in rows} == {(1, "train"), (1, "infer"), (8, "train"), (8, "infer")}
+    for row in rows:
+        assert row["eager_ms"] > 0 and row["adapterfast_ms"] > 0
+        assert abs(row["ratio"] - row["eager_ms"] / row["adapterfast_ms"]) < 1e-9
+        assert row["backend"] in ("cpu", "reference", "triton")
+    printed = capsys.readouterr().out
+    assert "| N | train 1T d=32 | infer 1T d=32 |" in printed
+    assert overhead.main(["--results", str(out)]) == 0
+    assert "cells at >= 1.0x" in capsys.readouterr().out
