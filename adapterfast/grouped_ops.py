@@ -16,17 +16,17 @@ from torch import Tensor
 
 from . import dispatch
 
-# The grouped implementation that goes with each single-adapter backend module.
+# The grouped implementation of each backend ``dispatch.select`` names.
 _GROUPED_MODULES = {
-    "adapterfast.kernels": "adapterfast.kernels.grouped",
-    "adapterfast.cpu": "adapterfast.grouped_cpu",
-    "adapterfast.reference": "adapterfast.grouped_reference",
+    "triton": "adapterfast.kernels.grouped",
+    "cpu": "adapterfast.grouped_cpu",
+    "reference": "adapterfast.grouped_reference",
 }
 
 
 def _backend(x: Tensor, r: int):
     """The grouped backend for the backend ``dispatch`` selects for ``x`` and rank ``r``."""
-    return importlib.import_module(_GROUPED_MODULES[dispatch.select(x, r).__name__])
+    return importlib.import_module(_GROUPED_MODULES[dispatch.select(x, r)])
 
 
 def _seed(seed: Optional[Tensor]) -> Optional[int]:
