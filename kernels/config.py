@@ -117,3 +117,18 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return DEFAULT_SM_COUNT
+
+
+L2_BYTES = 50 * 2**20
+PROGRAMS_PER_SM = 2
+
+
+def rows_in_flight_fit_l2(d: int, elem_bytes: int, block_m: int, sm_count: int = DEFAULT_SM_COUNT) -> bool:
+    """Whether the ``[N, d]`` rows of the programs in flight fit in L2 (an H100/H200's ~50 MB).
+
+    A row kernel re-reads its rows (the forward's residual, backward-dx's g) one pass over d
+    after it first read them; that re-read is served by L2 only while ``PROGRAMS_PER_SM`` resident
+    programs per SM x ``block_m`` rows x ``d`` fit (half of L2, the rest holds weights and
+    outputs): true at d = 768, false at d = 4096 with 64-row blocks.
+    """
+    return PROGRAMS_PER_SM * sm_count * block_m * d * elem_bytes <= L2_BYTES // 2

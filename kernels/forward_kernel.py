@@ -34,21 +34,25 @@ def adapter_forward_kernel(
     x_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr, res_ptr, y_ptr, h_ptr,
     n_rows, d, r,
     stride_xm, stride_xd, stride_wd_r, stride_wd_d, stride_wu_d, stride_wu_r, stride_rm, stride_rd,
-    scale, key_lo, key_hi, threshold,
+    stride_bd, stride_bu, scale, key_lo, key_hi, threshold,
     ACTIVATION: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program: rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)``; y and h are contiguous."""
+    """One program: rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)``; y and h are contiguous.
+
+    Every offset that a stride multiplies is int64 (rows, cols and ranks), so any view of a
+    tensor past 2**31 elements (a column-major x, a slice of a flat buffer) is addressed right.
+    """
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
-    ranks = tl.arange(0, BLOCK_R)
+    ranks = tl.arange(0, BLOCK_R).to(tl.int64)
     rank_mask = ranks < r
 
     h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     for start in range(0, d, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
+        cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
         col_mask = cols < d
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd,
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
@@ -56,23 +60,35 @@ def adapter_forward_kernel(
                            mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
         h = tl.dot(x, w_down_t.to(dtype), h, input_precision=INPUT_PRECISION)
     if HAS_B_DOWN:
-        h += tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
+        h += tl.load(b_down_ptr + ranks * stride_bd, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(h_ptr + rows[:, None] * r + ranks[None, :], h, mask=row_mask[:, None] & rank_mask[None, :])
     a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(dtype)
 
     for start in range(0, d, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
+        cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
         col_mask = cols < d
         tile_mask = row_mask[:, None] & col_mask[None, :]
         w_up_t = tl.load(w_up_ptr + ranks[:, None] * stride_wu_r + cols[None, :] * stride_wu_d,
                          mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
         u = tl.dot(a, w_up_t.to(dtype), input_precision=INPUT_PRECISION)
         if HAS_B_UP:
-            u += tl.load(b_up_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            u += tl.load(b_up_ptr + cols * stride_bu, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         factor = branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
         res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rd, mask=tile_mask, other=0.0)
         y = res.to(tl.float32) + factor * u
         tl.store(y_ptr + rows[:, None] * d + cols[None, :], y.to(dtype), mask=tile_mask)
+
+
+def hbm_bytes(n_rows: int, d: int, r: int, elem_bytes: int, separate_residual: bool = False) -> int:
+    """The bytes model of one forward: HBM bytes moved for ``[N, d]`` x of ``elem_bytes`` elements.
+
+    Read x and write y (the floor), write h (fp32 ``[N, r]``), read a separate residual, and re-read
+    x as the residual when the rows in flight do not fit in L2 (``config.rows_in_flight_fit_l2``).
+    Weights (``2 r d``, L2-resident) are counted once.
+    """
+    block_m = _config.choose(d, r, torch.float32 if elem_bytes == 4 else torch.float16).forward.block_m
+    passes = 2 + (1 if separate_residual or not _config.rows_in_flight_fit_l2(d, elem_bytes, block_m) else 0)
+    return passes * n_rows * d * elem_bytes + 4 * n_rows * r + 2 * r * d * elem_bytes
 
 
 def plan(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
@@ -91,6 +107,7 @@ def plan(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, 
         n_rows, d, r,
         x.stride(0), x.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
         res.stride(0), res.stride(1),
+        1 if b_down is None else b_down.stride(0), 1 if b_up is None else b_up.stride(0),
         eff_scale, key_lo, key_hi, threshold,
     )
     constexprs = dict(

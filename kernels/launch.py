@@ -29,9 +29,26 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.constexprs, **self.config.options())
 
 
+def tf32_allowed() -> bool:
+    """Whether torch allows TF32 for fp32 matmuls, read through whichever API the user set.
+
+    PyTorch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` (``"none"`` inherits
+    ``torch.backends.fp32_precision``); once it has been set, reading the legacy ``allow_tf32``
+    raises RuntimeError ("mix of the legacy and new APIs"), so the new one is read first. Setting
+    the legacy flag is reflected in the new one, so both kinds of user are followed.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: tf32 for fp32 operands only when torch allows it (read now)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and tf32_allowed():
         return "tf32"
     return "ieee"
 
