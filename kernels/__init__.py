@@ -26,22 +26,30 @@ import torch
 from adapterfast.activations import ACTIVATIONS
 
 from . import backward_kernels, forward_kernel
-from .config import block_r
+from .config import MAX_R, block_r
 
 __all__ = ["forward", "backward"]
 
 
+_ACTIVATIONS = frozenset(ACTIVATIONS)
+
+
 def _check(x, w_down, activation):
-    if activation not in ACTIVATIONS:
+    if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; the kernels implement {', '.join(ACTIVATIONS)}")
     if x.dim() != 2:
         raise ValueError(f"the kernels take 2-D x [N, d], got shape {tuple(x.shape)}")
-    block_r(w_down.shape[0])
+    r = w_down.shape[0]
+    if not 1 <= r <= MAX_R:
+        block_r(r)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _on_device(x):
     """Triton launches on the current CUDA device: make it x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(x.device) if x.is_cuda else _NO_CONTEXT
 
 
 def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):

@@ -39,14 +39,19 @@ Bytes moved per backward, for ``[N, d]`` tensors in ``e``-byte elements and rank
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import config as _config
 from .activations import activate, activate_grad
-from .launch import Launch, dot_precision, dropout_args
+from .launch import Launch, cdiv, dot_precision, dropout_args
 from .philox import branch_factor
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])
@@ -173,6 +178,21 @@ def _zero_grads(x, w_down, w_up):
             torch.zeros((d, r), dtype=w_up.dtype, device=dev), torch.zeros((d,), dtype=w_up.dtype, device=dev))
 
 
+@functools.lru_cache(maxsize=512)
+def _static(d, r, dtype, activation, has_dropout, precision, residual_is_x, need_dx):
+    """What the launches need beyond the tensors, once per problem kind: ``(configs, (constexprs, kwargs) x 2)``."""
+    cfgs = _config.choose(d, r, dtype)
+    shared = dict(ACTIVATION=activation, HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision,
+                  DOT_DTYPE=_TL_DTYPES[dtype])
+    c = cfgs.backward_dx
+    dx_constexprs = dict(shared, RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, BLOCK_M=c.block_m,
+                         BLOCK_D=c.block_d, BLOCK_R=c.block_r)
+    c = cfgs.backward_dw
+    dw_constexprs = dict(shared, BLOCK_M=c.block_m, BLOCK_D=c.block_d, BLOCK_R=c.block_r)
+    return (cfgs, (dx_constexprs, {**dx_constexprs, **cfgs.backward_dx.options()}),
+            (dw_constexprs, {**dw_constexprs, **cfgs.backward_dw.options()}))
+
+
 def plan(grad_y, x, w_down, w_up, h, residual_is_x, activation, scale, dropout_p, seed, need_dx=True):
     """Allocates dx (None without ``need_dx``), dh and the fp32 partials; returns them with the two launches.
 
@@ -180,8 +200,10 @@ def plan(grad_y, x, w_down, w_up, h, residual_is_x, activation, scale, dropout_p
     """
     n_rows, d = x.shape
     r = w_down.shape[0]
-    cfgs = _config.choose(d, r, x.dtype)
     dev = x.device
+    has_dropout, eff_scale, key_lo, key_hi, threshold = dropout_args(scale, dropout_p, seed)
+    cfgs, (dx_constexprs, dx_kwargs), (dw_constexprs, dw_kwargs) = _static(
+        d, r, x.dtype, activation, has_dropout, dot_precision(x.dtype), bool(residual_is_x), bool(need_dx))
     dx = torch.empty((n_rows, d), dtype=x.dtype, device=dev) if need_dx else None
     dh = torch.empty((n_rows, r), dtype=torch.float32, device=dev)
     slices = _config.row_slices(n_rows, d, r, cfgs.backward_dw, _config.sm_count(dev)) if n_rows else 0
@@ -190,26 +212,24 @@ def plan(grad_y, x, w_down, w_up, h, residual_is_x, activation, scale, dropout_p
              torch.empty((slices, d), dtype=torch.float32, device=dev))
     if n_rows == 0:
         return dx, dh, parts, []
-    h = h.to(torch.float32).contiguous()
-    has_dropout, eff_scale, key_lo, key_hi, threshold = dropout_args(scale, dropout_p, seed)
-    shared = dict(ACTIVATION=activation, HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(x.dtype),
-                  DOT_DTYPE=_tl_dtype(x.dtype))
+    if h.dtype != torch.float32 or not h.is_contiguous():
+        h = h.to(torch.float32).contiguous()
+    g_strides, x_strides = grad_y.stride(), x.stride()
 
     c = cfgs.backward_dx
     dx_launch = Launch(
-        adapter_backward_dx_kernel, (triton.cdiv(n_rows, c.block_m),),
-        (grad_y, w_down, w_up, h, dh, dh if dx is None else dx, n_rows, d, r, grad_y.stride(0), grad_y.stride(1),
-         w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1), eff_scale, key_lo, key_hi, threshold),
-        dict(shared, RESIDUAL_IS_X=bool(residual_is_x), NEED_DX=bool(need_dx), BLOCK_M=c.block_m, BLOCK_D=c.block_d, BLOCK_R=c.block_r),
-        c)
+        adapter_backward_dx_kernel, (cdiv(n_rows, c.block_m),),
+        (grad_y, w_down, w_up, h, dh, dh if dx is None else dx, n_rows, d, r, *g_strides,
+         *w_down.stride(), *w_up.stride(), eff_scale, key_lo, key_hi, threshold),
+        dx_constexprs, c, dx_kwargs)
 
     c = cfgs.backward_dw
-    blocks_per_slice = triton.cdiv(triton.cdiv(n_rows, c.block_m), slices)
+    blocks_per_slice = cdiv(cdiv(n_rows, c.block_m), slices)
     dw_launch = Launch(
-        adapter_backward_dw_kernel, (triton.cdiv(d, c.block_d), slices),
-        (grad_y, x, h, dh, *parts, n_rows, d, r, blocks_per_slice,
-         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1), eff_scale, key_lo, key_hi, threshold),
-        dict(shared, BLOCK_M=c.block_m, BLOCK_D=c.block_d, BLOCK_R=c.block_r), c)
+        adapter_backward_dw_kernel, (cdiv(d, c.block_d), slices),
+        (grad_y, x, h, dh, *parts, n_rows, d, r, blocks_per_slice, *g_strides, *x_strides,
+         eff_scale, key_lo, key_hi, threshold),
+        dw_constexprs, c, dw_kwargs)
     return dx, dh, parts, [dx_launch, dw_launch]
 
 
@@ -227,8 +247,3 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation
             dw_up_part.sum(0).to(w_up.dtype), db_up_part.sum(0).to(w_up.dtype))
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return _TL_DTYPES[dtype]

@@ -23,6 +23,7 @@ limit, tensor cores for 16-bit operands.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,7 @@ _TABLE = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def choose(d: int, r: int, dtype: torch.dtype) -> Configs:
     """The configuration of the forward, backward-dx and backward-dw kernels for ``[N, d]`` x and rank r."""
     br = block_r(r)
@@ -115,8 +117,13 @@ def row_slices(n_rows: int, d: int, r: int, config: Config, sm_count: int) -> in
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a fixed default off CUDA, e.g. under the interpreter)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return DEFAULT_SM_COUNT
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 L2_BYTES = 50 * 2**20

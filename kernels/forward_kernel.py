@@ -19,13 +19,15 @@ Bytes moved per forward, for ``[N, d]`` x in ``e``-byte elements and rank r:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import config as _config
 from .activations import activate
-from .launch import Launch, dot_precision, dropout_args
+from .launch import Launch, cdiv, dot_precision, dropout_args
 from .philox import branch_factor
 
 
@@ -91,32 +93,37 @@ def hbm_bytes(n_rows: int, d: int, r: int, elem_bytes: int, separate_residual: b
     return passes * n_rows * d * elem_bytes + 4 * n_rows * r + 2 * r * d * elem_bytes
 
 
+@functools.lru_cache(maxsize=512)
+def _static(d, r, dtype, activation, has_b_down, has_b_up, has_dropout, precision):
+    """What a launch needs beyond the tensors, computed once per problem kind: ``(config, kwargs)``."""
+    cfg = _config.choose(d, r, dtype).forward
+    constexprs = dict(
+        ACTIVATION=activation, HAS_B_DOWN=has_b_down, HAS_B_UP=has_b_up, HAS_DROPOUT=has_dropout,
+        INPUT_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r,
+    )
+    return cfg, constexprs, {**constexprs, **cfg.options()}
+
+
 def plan(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
     """Allocates ``(y, h)`` and returns them with the launch that fills them (None when N == 0)."""
     n_rows, d = x.shape
     r = w_down.shape[0]
-    cfg = _config.choose(d, r, x.dtype).forward
     y = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
     h = torch.empty((n_rows, r), dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, h, None
     res = x if residual is None else residual
     has_dropout, eff_scale, key_lo, key_hi, threshold = dropout_args(scale, dropout_p, seed)
+    cfg, constexprs, kwargs = _static(d, r, x.dtype, activation, b_down is not None, b_up is not None, has_dropout,
+                                      dot_precision(x.dtype))
+    x_strides, wd_strides, wu_strides, res_strides = x.stride(), w_down.stride(), w_up.stride(), res.stride()
     args = (
         x, w_down, w_down if b_down is None else b_down, w_up, w_up if b_up is None else b_up, res, y, h,
-        n_rows, d, r,
-        x.stride(0), x.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
-        res.stride(0), res.stride(1),
+        n_rows, d, r, *x_strides, *wd_strides, wu_strides[0], wu_strides[1], *res_strides,
         1 if b_down is None else b_down.stride(0), 1 if b_up is None else b_up.stride(0),
         eff_scale, key_lo, key_hi, threshold,
     )
-    constexprs = dict(
-        ACTIVATION=activation, HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
-        HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r,
-    )
-    launch = Launch(adapter_forward_kernel, (triton.cdiv(n_rows, cfg.block_m),), args, constexprs, cfg)
-    return y, h, launch
+    return y, h, Launch(adapter_forward_kernel, (cdiv(n_rows, cfg.block_m),), args, constexprs, cfg, kwargs)
 
 
 def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):

@@ -438,3 +438,32 @@ def test_tanh_is_accurate_near_zero_and_saturates(activation):
     if activation == "tanh":
         assert torch.equal(out.cpu()[:120], -out.cpu()[120:240])
         assert out.cpu()[-3:].tolist() == [1.0, -1.0, 1.0]
+
+
+def test_launch_setup_is_cached_per_problem_kind_but_follows_the_tf32_flag():
+    """Config choice and constexprs are computed once per (d, r, dtype, flags); the TF32 flag is read per call."""
+    from adapterfast.kernels import forward_kernel
+
+    t = make_inputs(12, 48, 8, torch.float32)
+    forward_kernel._static.cache_clear()
+    plans = [forward_kernel.plan(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, "relu", 1.0, 0.0,
+                                 None)[2] for _ in range(3)]
+    assert forward_kernel._static.cache_info().misses == 1 and forward_kernel._static.cache_info().hits == 2
+    assert plans[0].kwargs is plans[2].kwargs and plans[0].args[0] is t["x"]
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        try:
+            matmul.fp32_precision = "tf32"
+            tf32 = forward_kernel.plan(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, "relu", 1.0,
+                                       0.0, None)[2]
+        finally:
+            matmul.fp32_precision = "none"
+        assert tf32.kwargs["INPUT_PRECISION"] == "tf32" and plans[0].kwargs["INPUT_PRECISION"] == "ieee"
+
+
+def test_host_overhead_benchmark_runs():
+    from benchmarks import gpu_check_overhead
+
+    figures = gpu_check_overhead.measure(calls=20)
+    assert set(figures) == {"forward_us", "forward_dropout_us", "backward_us"}
+    assert all(0 < v < 1e5 for v in figures.values())
