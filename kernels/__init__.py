@@ -59,8 +59,7 @@ def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_
         return forward_kernel.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed,
-             need_dx=True):
+def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed, *, need_dx=True):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the weight gradients are bitwise reproducible.
 
     With ``need_dx=False`` (x does not require grad) dx is not computed and is returned as None.
