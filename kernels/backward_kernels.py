@@ -21,7 +21,9 @@ Two kernels, because dh needs a full reduction over d before anything that uses 
 2. ``adapter_backward_dw_kernel``: a program owns a ``BLOCK_D`` column tile and one of S fixed
    row slices; per ``BLOCK_M`` rows it loads g (mask again), x, h and dh and accumulates
    ``dWu^T[:, tile]``, ``dWd[:, tile]`` (both ``[BLOCK_R, BLOCK_D]``, so both dots share one warp
-   layout) and ``dbu[tile]`` in registers, then writes them as fp32 partials ``[S, ...]``. The
+   layout) and ``dbu[tile]`` in registers (elementwise in a ``[BLOCK_M, BLOCK_D]`` accumulator,
+   reduced across rows once after the loop rather than with a cross-warp sum per block), then
+   writes them as fp32 partials ``[S, ...]``. The
    launcher sums the S partials with torch (fixed order, no atomics), so the weight gradients
    are bitwise reproducible; S depends only on the shapes and the device
    (``config.row_slices``). ``dbd = dh.sum(0)`` in torch.
@@ -47,7 +49,7 @@ import triton.language as tl
 
 from . import config as _config
 from .activations import activate, activate_grad
-from .launch import Launch, cdiv, dot_precision, dropout_args
+from .launch import Launch, cdiv, dot_precision, dropout_args, in_dtype as _in_dtype
 from .philox import branch_factor
 
 
@@ -125,7 +127,7 @@ def adapter_backward_dw_kernel(
 
     dw_up_t = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     dw_down = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    db_up = tl.zeros((BLOCK_D,), tl.float32)
+    db_up = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for block in range(0, blocks_per_slice):
         rows = (slice_id * blocks_per_slice + block) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
@@ -140,12 +142,12 @@ def adapter_backward_dw_kernel(
         dh = tl.load(dh_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0).to(DOT_DTYPE)
         dw_up_t = tl.dot(tl.trans(a), gz.to(DOT_DTYPE), dw_up_t, input_precision=INPUT_PRECISION)
         dw_down = tl.dot(tl.trans(dh), x.to(DOT_DTYPE), dw_down, input_precision=INPUT_PRECISION)
-        db_up += tl.sum(gz, axis=0)
+        db_up += gz
 
     dw_mask = rank_mask[:, None] & col_mask[None, :]
     tl.store(dw_down_part_ptr + (slice_id * r + ranks[:, None]) * d + cols[None, :], dw_down, mask=dw_mask)
     tl.store(dw_up_part_ptr + (slice_id * d + cols[None, :]) * r + ranks[:, None], dw_up_t, mask=dw_mask)
-    tl.store(db_up_part_ptr + slice_id * d + cols, db_up, mask=col_mask)
+    tl.store(db_up_part_ptr + slice_id * d + cols, tl.sum(db_up, axis=0), mask=col_mask)
 
 
 def hbm_bytes(n_rows: int, d: int, r: int, elem_bytes: int, residual_is_x: bool = True,
@@ -212,6 +214,7 @@ def plan(grad_y, x, w_down, w_up, h, residual_is_x, activation, scale, dropout_p
              torch.empty((slices, d), dtype=torch.float32, device=dev))
     if n_rows == 0:
         return dx, dh, parts, []
+    w_down, w_up = _in_dtype(w_down, x.dtype), _in_dtype(w_up, x.dtype)
     if h.dtype != torch.float32 or not h.is_contiguous():
         h = h.to(torch.float32).contiguous()
     g_strides, x_strides = grad_y.stride(), x.stride()

@@ -3,7 +3,7 @@
 One kernel, one program per ``BLOCK_M`` rows:
 
 1. ``h = x_rows @ Wd^T`` accumulated in fp32 over d-chunks of ``BLOCK_D`` (``tl.dot`` with the
-   weights cast to x's dtype); ``h`` (``[BLOCK_M, BLOCK_R]``, r padded and masked) stays in
+   weights in x's dtype: the launcher casts fp32 weights once per call); ``h`` (``[BLOCK_M, BLOCK_R]``, r padded and masked) stays in
    registers. Add ``bd``, store h (fp32, the only saved activation), ``a = act(h)`` in x's dtype.
 2. For each d-chunk: ``u = a @ Wu^T[:, chunk] + bu``, the Philox dropout factor, the residual,
    and the store of ``y``.
@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import config as _config
 from .activations import activate
-from .launch import Launch, cdiv, dot_precision, dropout_args
+from .launch import Launch, cdiv, dot_precision, dropout_args, in_dtype
 from .philox import branch_factor
 
 
@@ -113,6 +113,7 @@ def plan(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, 
     if n_rows == 0:
         return y, h, None
     res = x if residual is None else residual
+    w_down, w_up = in_dtype(w_down, x.dtype), in_dtype(w_up, x.dtype)
     has_dropout, eff_scale, key_lo, key_hi, threshold = dropout_args(scale, dropout_p, seed)
     cfg, constexprs, kwargs = _static(d, r, x.dtype, activation, b_down is not None, b_up is not None, has_dropout,
                                       dot_precision(x.dtype))

@@ -63,6 +63,15 @@ def _precision_getter():
 _PRECISION_GETTER = _precision_getter()
 
 
+def in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in the dot dtype, cast once per call (fp32 weights with 16-bit x).
+
+    The kernels round weights to x's dtype before every dot; doing it once here, with the same
+    round-to-nearest-even, gives the same bits and saves every program a conversion per tile.
+    """
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` in Python (``triton.cdiv`` is a jit function, slow to call from the host)."""
     return -(-a // b)

@@ -467,3 +467,14 @@ def test_host_overhead_benchmark_runs():
     figures = gpu_check_overhead.measure(calls=20)
     assert set(figures) == {"forward_us", "forward_dropout_us", "backward_us"}
     assert all(0 < v < 1e5 for v in figures.values())
+
+
+def test_fp32_weights_are_rounded_once_exactly_like_16bit_weights():
+    """fp32 weights with fp16 x give the bits of the same weights rounded to fp16 (cast once per call)."""
+    t = make_inputs(29, 96, 12, torch.float16, weight_dtype=torch.float32)
+    rounded = dict(t, w_down=t["w_down"].half(), w_up=t["w_up"].half())
+    y32, h32, g32 = run_kernels(t, "gelu", 0.5, 0.2, SEED)
+    y16, h16, g16 = run_kernels(rounded, "gelu", 0.5, 0.2, SEED)
+    assert torch.equal(y32, y16) and torch.equal(h32, h16) and torch.equal(g32[0], g16[0])
+    assert g32[1].dtype == torch.float32 and torch.equal(g32[1].half(), g16[1])
+    assert torch.equal(g32[3].half(), g16[3])
