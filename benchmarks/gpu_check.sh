@@ -51,6 +51,7 @@ step() {
     local rc=$?
     local why=""
     { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] || [ "$rc" -eq 130 ]; } && why=" (timed out)"
+    case "$name" in tests*) [ "$rc" -eq 5 ] && why=" (no tests selected)";; esac
     note "$name rc=$rc seconds=$((SECONDS - started))$why"
 }
 

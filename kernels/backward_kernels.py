@@ -17,7 +17,8 @@ Two kernels, because dh needs a full reduction over d before anything that uses 
 1. ``adapter_backward_dx_kernel``, shaped like the forward: a program owns ``BLOCK_M`` rows,
    accumulates ``da`` over d-chunks in registers (regenerating the dropout mask from the seed),
    forms ``dh = da * act'(h)``, writes it (``[N, r]`` fp32, for kernel 2), then produces ``dx``
-   chunk by chunk from ``dh`` and ``Wd`` (adding g again when the residual is x).
+   chunk by chunk, last chunk first (the g chunks it re-reads most recently read, so likeliest
+   in L2), from ``dh`` and ``Wd`` (adding g again when the residual is x).
 2. ``adapter_backward_dw_kernel``: a program owns a ``BLOCK_D`` column tile and one of S fixed
    row slices; per ``BLOCK_M`` rows it loads g (mask again), x, h and dh and accumulates
    ``dWu^T[:, tile]``, ``dWd[:, tile]`` (both ``[BLOCK_R, BLOCK_D]``, so both dots share one warp
@@ -93,7 +94,9 @@ def adapter_backward_dx_kernel(
     tl.store(dh_ptr + rows[:, None] * r + ranks[None, :], dh, mask=hr_mask)
     if NEED_DX:
         dh = dh.to(DOT_DTYPE)
-        for start in range(0, d, BLOCK_D):
+        last = (d - 1) // BLOCK_D * BLOCK_D
+        for back in range(0, d, BLOCK_D):
+            start = last - back
             cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
             col_mask = cols < d
             tile_mask = row_mask[:, None] & col_mask[None, :]
@@ -154,7 +157,7 @@ def hbm_bytes(n_rows: int, d: int, r: int, elem_bytes: int, residual_is_x: bool 
               need_dx: bool = True) -> dict:
     """The bytes model of one backward, per kernel (``backward_dx``, ``backward_dw``, ``reduce``).
 
-    backward-dx: read g; re-read g for dx when the residual is x and the rows in flight miss L2;
+    backward-dx: read g; re-read for dx, when the residual is x, the part of g that misses L2;
     write dx; read h, write dh. backward-dw: read g and x, read h and dh once from HBM (the
     per-column-tile re-reads hit L2), write the fp32 partials. reduce: read the partials, write
     the weight gradients (torch sums). Weights are counted once.
@@ -163,11 +166,12 @@ def hbm_bytes(n_rows: int, d: int, r: int, elem_bytes: int, residual_is_x: bool 
     cfgs = _config.choose(d, r, dtype)
     nd = n_rows * d * elem_bytes
     small = 4 * n_rows * r
-    regreads = residual_is_x and need_dx and not _config.rows_in_flight_fit_l2(d, elem_bytes, cfgs.backward_dx.block_m)
+    regreads = (_config.reread_miss_fraction(d, elem_bytes, cfgs.backward_dx.block_m)
+                if residual_is_x and need_dx else 0.0)
     slices = _config.row_slices(n_rows, d, r, cfgs.backward_dw, _config.DEFAULT_SM_COUNT)
     partials = slices * (2 * r + 1) * d * 4
     return {
-        "backward_dx": nd * (1 + (1 if need_dx else 0) + (1 if regreads else 0)) + 2 * small + 2 * r * d * elem_bytes,
+        "backward_dx": int(nd * (1 + (1 if need_dx else 0) + regreads)) + 2 * small + 2 * r * d * elem_bytes,
         "backward_dw": 2 * nd + 2 * small + partials,
         "reduce": partials + (2 * r + 1) * d * elem_bytes + small,
     }

@@ -130,12 +130,14 @@ L2_BYTES = 50 * 2**20
 PROGRAMS_PER_SM = 2
 
 
-def rows_in_flight_fit_l2(d: int, elem_bytes: int, block_m: int, sm_count: int = DEFAULT_SM_COUNT) -> bool:
-    """Whether the ``[N, d]`` rows of the programs in flight fit in L2 (an H100/H200's ~50 MB).
+def reread_miss_fraction(d: int, elem_bytes: int, block_m: int, sm_count: int = DEFAULT_SM_COUNT) -> float:
+    """The fraction of a row kernel's second pass over its rows that misses L2 (an H100/H200's ~50 MB).
 
-    A row kernel re-reads its rows (the forward's residual, backward-dx's g) one pass over d
-    after it first read them; that re-read is served by L2 only while ``PROGRAMS_PER_SM`` resident
-    programs per SM x ``block_m`` rows x ``d`` fit (half of L2, the rest holds weights and
-    outputs): true at d = 768, false at d = 4096 with 64-row blocks.
+    A row kernel re-reads its rows (the forward's residual, backward-dx's g) in a second pass over
+    d, last chunk first. ``PROGRAMS_PER_SM`` resident programs per SM x ``block_m`` rows x ``d``
+    are in flight; half of L2 holds the most recently read of them (the rest holds weights and
+    outputs), and the backward order reads those first, so the miss fraction is
+    ``1 - (L2 / 2) / in flight``: 0 at d = 768, ~0.81 at d = 4096 with 64-row bf16 blocks.
     """
-    return PROGRAMS_PER_SM * sm_count * block_m * d * elem_bytes <= L2_BYTES // 2
+    in_flight = PROGRAMS_PER_SM * sm_count * block_m * d * elem_bytes
+    return max(0.0, 1.0 - (L2_BYTES / 2) / in_flight) if in_flight else 0.0

@@ -5,8 +5,9 @@ One kernel, one program per ``BLOCK_M`` rows:
 1. ``h = x_rows @ Wd^T`` accumulated in fp32 over d-chunks of ``BLOCK_D`` (``tl.dot`` with the
    weights in x's dtype: the launcher casts fp32 weights once per call); ``h`` (``[BLOCK_M, BLOCK_R]``, r padded and masked) stays in
    registers. Add ``bd``, store h (fp32, the only saved activation), ``a = act(h)`` in x's dtype.
-2. For each d-chunk: ``u = a @ Wu^T[:, chunk] + bu``, the Philox dropout factor, the residual,
-   and the store of ``y``.
+2. For each d-chunk, last chunk first: ``u = a @ Wu^T[:, chunk] + bu``, the Philox dropout
+   factor, the residual, and the store of ``y``. Going backwards, the residual chunks read first
+   are those step 1 read last, the likeliest to be still in L2.
 
 Bytes moved per forward, for ``[N, d]`` x in ``e``-byte elements and rank r:
 - HBM: read x (``N d e``), write y (``N d e``), write h (``4 N r``): the 2-pass floor of
@@ -66,7 +67,9 @@ def adapter_forward_kernel(
     tl.store(h_ptr + rows[:, None] * r + ranks[None, :], h, mask=row_mask[:, None] & rank_mask[None, :])
     a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(dtype)
 
-    for start in range(0, d, BLOCK_D):
+    last = (d - 1) // BLOCK_D * BLOCK_D
+    for back in range(0, d, BLOCK_D):
+        start = last - back
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
         col_mask = cols < d
         tile_mask = row_mask[:, None] & col_mask[None, :]
@@ -84,13 +87,13 @@ def adapter_forward_kernel(
 def hbm_bytes(n_rows: int, d: int, r: int, elem_bytes: int, separate_residual: bool = False) -> int:
     """The bytes model of one forward: HBM bytes moved for ``[N, d]`` x of ``elem_bytes`` elements.
 
-    Read x and write y (the floor), write h (fp32 ``[N, r]``), read a separate residual, and re-read
-    x as the residual when the rows in flight do not fit in L2 (``config.rows_in_flight_fit_l2``).
+    Read x and write y (the floor), write h (fp32 ``[N, r]``), read a separate residual, or re-read
+    the part of x (as the residual) that L2 does not serve (``config.reread_miss_fraction``).
     Weights (``2 r d``, L2-resident) are counted once.
     """
     block_m = _config.choose(d, r, torch.float32 if elem_bytes == 4 else torch.float16).forward.block_m
-    passes = 2 + (1 if separate_residual or not _config.rows_in_flight_fit_l2(d, elem_bytes, block_m) else 0)
-    return passes * n_rows * d * elem_bytes + 4 * n_rows * r + 2 * r * d * elem_bytes
+    passes = 3.0 if separate_residual else 2.0 + _config.reread_miss_fraction(d, elem_bytes, block_m)
+    return int(passes * n_rows * d * elem_bytes) + 4 * n_rows * r + 2 * r * d * elem_bytes
 
 
 @functools.lru_cache(maxsize=512)
