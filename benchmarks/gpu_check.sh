@@ -58,7 +58,7 @@ step() {
 pack() {
     "$PY" -m benchmarks.gpu_check pack >> "$LOGS/steps.log" 2>&1 || note "pack failed"
     tar -czf "$OUT_DIR/logs.tar.gz" -C "$OUT_DIR" logs 2>/dev/null && rm -rf "$LOGS"
-    rm -rf "$OUT_DIR/.triton-cache"
+    rm -rf "$OUT_DIR/.triton-cache" "$OUT_DIR/.shim"
 }
 trap pack EXIT
 
@@ -66,6 +66,30 @@ note "gpu_check start $(date -u +%Y-%m-%dT%H:%M:%SZ) dry_run=$DRY python=$PY out
 if [ "$DRY" != 1 ]; then
     nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1 || note "nvidia-smi failed"
 fi
+
+# adapterfast importable without network: an editable install (no deps, no C++ build), else a
+# sitecustomize shim that maps adapterfast.kernels onto kernels/ (as setup.py's package_dir does)
+if ! "$PY" -c "import adapterfast.kernels" > /dev/null 2>&1; then
+    "$PY" -m pip install -e . --no-deps --no-build-isolation --no-index -q > "$LOGS/install.log" 2>&1 \
+        || note "editable install failed (see logs/install.log)"
+fi
+if ! "$PY" -c "import adapterfast.kernels" > /dev/null 2>&1; then
+    SHIM="$OUT_DIR/.shim"
+    mkdir -p "$SHIM"
+    cat > "$SHIM/sitecustomize.py" <<EOF
+import importlib.abc, importlib.util, sys
+class _Kernels(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "adapterfast.kernels":
+            return importlib.util.spec_from_file_location(
+                name, "$ROOT/kernels/__init__.py", submodule_search_locations=["$ROOT/kernels"])
+        return None
+sys.meta_path.insert(0, _Kernels())
+EOF
+    export PYTHONPATH="$SHIM:$PYTHONPATH"
+    note "adapterfast.kernels mapped by a sitecustomize shim"
+fi
+"$PY" -c "import adapterfast.kernels" > /dev/null 2>> "$LOGS/install.log" || note "adapterfast.kernels NOT importable"
 
 if [ "$DRY" = 1 ]; then CAP=120; DEADLINE="${GPU_CHECK_SECONDS:-3000}"; else CAP=0; fi
 # caps (s): env 45, warm 90, correct 75, kernels 75, ops 185, ncu 25, tests 45 = the 540 s deadline;
