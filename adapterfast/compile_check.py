@@ -126,7 +126,10 @@ def full() -> list[Variant]:
 
 
 def _tensors(variant: Variant) -> dict:
-    """Meta tensors of the variant's shape; strided ones are column-major (x, g) or sliced (biases)."""
+    """Meta tensors of the variant's shape; strided ones are column-major (x, g) or sliced (biases).
+
+    The weights stay row-major: their rank offsets are int32 by design (see the forward kernel).
+    """
     import torch
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -142,8 +145,9 @@ def _tensors(variant: Variant) -> dict:
             return torch.empty((2 * shape[0],), dtype=dt, device="meta")[::2]
         return torch.empty(shape[::-1], dtype=dt, device="meta").t()
 
-    return dict(x=make((n, d), dtype), g=make((n, d), dtype), w_down=make((r, d), wdtype),
-                w_up=make((d, r), wdtype), b_down=make((r,), wdtype) if variant.bias else None,
+    return dict(x=make((n, d), dtype), g=make((n, d), dtype),
+                w_down=torch.empty((r, d), dtype=wdtype, device="meta"),
+                w_up=torch.empty((d, r), dtype=wdtype, device="meta"), b_down=make((r,), wdtype) if variant.bias else None,
                 b_up=make((d,), wdtype) if variant.bias else None,
                 h=torch.empty((n, r), dtype=torch.float32, device="meta"))
 

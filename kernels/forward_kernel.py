@@ -44,13 +44,14 @@ def adapter_forward_kernel(
 ):
     """One program: rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)``; y and h are contiguous.
 
-    Every offset that a stride multiplies is int64 (rows, cols and ranks), so any view of a
-    tensor past 2**31 elements (a column-major x, a slice of a flat buffer) is addressed right.
+    Row and column offsets are int64, so any view of an ``[N, d]`` tensor past 2**31 elements (a
+    column-major x) is addressed right. Rank offsets stay int32 (a weight's rank stride times
+    r <= 256 stays far below 2**31 for any real d); int64 there made the fp32 forward spill on sm_90.
     """
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
-    ranks = tl.arange(0, BLOCK_R).to(tl.int64)
+    ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < r
 
     h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)

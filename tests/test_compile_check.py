@@ -77,10 +77,13 @@ def test_offsets_that_strides_multiply_are_int64(strided_rows):
 
     ``cols * stride_d`` in int32 overflowed once ``stride(1) * d > 2**31``; the Triton IR shows it.
     """
+    # the forward keeps its two rank offsets (w_down's and b_down's) int32 on purpose: int64 there
+    # made its fp32 variant spill on sm_90, and r * a weight's rank stride stays far below 2**31
+    allowed = {"forward": 2}
     assert {row["kernel"] for row in strided_rows} == set(compile_check.KERNELS)
     for row in strided_rows:
         assert not compile_check.problems(row), row
-        assert row["i32_tensor_muls"] == 0, row
+        assert row["i32_tensor_muls"] == allowed.get(row["kernel"], 0), row
 
 
 def test_mma_kind_and_loop_parsers():
