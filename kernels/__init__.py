@@ -28,22 +28,30 @@ import torch
 from adapterfast.activations import ACTIVATIONS
 
 from . import backward_kernels, forward_kernel
-from .config import block_r
+from .config import MAX_R, block_r
 
 __all__ = ["forward", "backward"]
 
 
+_ACTIVATIONS = frozenset(ACTIVATIONS)
+
+
 def _check(x, w_down, activation):
-    if activation not in ACTIVATIONS:
+    if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; the kernels implement {', '.join(ACTIVATIONS)}")
     if x.dim() != 2:
         raise ValueError(f"the kernels take 2-D x [N, d], got shape {tuple(x.shape)}")
-    block_r(w_down.shape[0])
+    r = w_down.shape[0]
+    if not 1 <= r <= MAX_R:
+        block_r(r)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _on_device(x):
     """Triton launches on the current CUDA device: make it x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(x.device) if x.is_cuda else _NO_CONTEXT
 
 
 def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
@@ -54,11 +62,14 @@ def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_
 
 
 def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed, *, need_dx=True):
-    """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the weight gradients are bitwise reproducible."""
+    """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the weight gradients are bitwise reproducible.
+
+    With ``need_dx=False`` (x does not require grad) dx is not computed and is returned as None.
+    """
     _check(x, w_down, activation)
     with _on_device(x):
         return backward_kernels.backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation,
-                                         scale, dropout_p, seed)
+                                         scale, dropout_p, seed, need_dx)
 
 
 from adapterfast import dispatch  # noqa: E402  (registration: the backend is selectable by name once imported)

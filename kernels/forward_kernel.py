@@ -3,10 +3,11 @@
 One kernel, one program per ``BLOCK_M`` rows:
 
 1. ``h = x_rows @ Wd^T`` accumulated in fp32 over d-chunks of ``BLOCK_D`` (``tl.dot`` with the
-   weights cast to x's dtype); ``h`` (``[BLOCK_M, BLOCK_R]``, r padded and masked) stays in
+   weights in x's dtype: the launcher casts fp32 weights once per call); ``h`` (``[BLOCK_M, BLOCK_R]``, r padded and masked) stays in
    registers. Add ``bd``, store h (fp32, the only saved activation), ``a = act(h)`` in x's dtype.
-2. For each d-chunk: ``u = a @ Wu^T[:, chunk] + bu``, the Philox dropout factor, the residual,
-   and the store of ``y``.
+2. For each d-chunk, last chunk first: ``u = a @ Wu^T[:, chunk] + bu``, the Philox dropout
+   factor, the residual, and the store of ``y``. Going backwards, the residual chunks read first
+   are those step 1 read last, the likeliest to be still in L2.
 
 Bytes moved per forward, for ``[N, d]`` x in ``e``-byte elements and rank r:
 - HBM: read x (``N d e``), write y (``N d e``), write h (``4 N r``): the 2-pass floor of
@@ -19,13 +20,15 @@ Bytes moved per forward, for ``[N, d]`` x in ``e``-byte elements and rank r:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import config as _config
 from .activations import activate
-from .launch import Launch, dot_precision, dropout_args
+from .launch import Launch, cdiv, dot_precision, dropout_args, in_dtype
 from .philox import branch_factor
 
 
@@ -34,12 +37,17 @@ def adapter_forward_kernel(
     x_ptr, w_down_ptr, b_down_ptr, w_up_ptr, b_up_ptr, res_ptr, y_ptr, h_ptr,
     n_rows, d, r,
     stride_xm, stride_xd, stride_wd_r, stride_wd_d, stride_wu_d, stride_wu_r, stride_rm, stride_rd,
-    scale, key_lo, key_hi, threshold,
+    stride_bd, stride_bu, scale, key_lo, key_hi, threshold,
     ACTIVATION: tl.constexpr, HAS_B_DOWN: tl.constexpr, HAS_B_UP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program: rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)``; y and h are contiguous."""
+    """One program: rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)``; y and h are contiguous.
+
+    Row and column offsets are int64, so any view of an ``[N, d]`` tensor past 2**31 elements (a
+    column-major x) is addressed right. Rank offsets stay int32 (a weight's rank stride times
+    r <= 256 stays far below 2**31 for any real d); int64 there made the fp32 forward spill on sm_90.
+    """
     dtype = x_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
@@ -48,7 +56,7 @@ def adapter_forward_kernel(
 
     h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     for start in range(0, d, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
+        cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
         col_mask = cols < d
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd,
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
@@ -56,50 +64,71 @@ def adapter_forward_kernel(
                            mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
         h = tl.dot(x, w_down_t.to(dtype), h, input_precision=INPUT_PRECISION)
     if HAS_B_DOWN:
-        h += tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
+        h += tl.load(b_down_ptr + ranks * stride_bd, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(h_ptr + rows[:, None] * r + ranks[None, :], h, mask=row_mask[:, None] & rank_mask[None, :])
     a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(dtype)
 
-    for start in range(0, d, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
+    last = (d - 1) // BLOCK_D * BLOCK_D
+    for back in range(0, d, BLOCK_D):
+        start = last - back
+        cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
         col_mask = cols < d
         tile_mask = row_mask[:, None] & col_mask[None, :]
         w_up_t = tl.load(w_up_ptr + ranks[:, None] * stride_wu_r + cols[None, :] * stride_wu_d,
                          mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
         u = tl.dot(a, w_up_t.to(dtype), input_precision=INPUT_PRECISION)
         if HAS_B_UP:
-            u += tl.load(b_up_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            u += tl.load(b_up_ptr + cols * stride_bu, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         factor = branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
         res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rd, mask=tile_mask, other=0.0)
         y = res.to(tl.float32) + factor * u
         tl.store(y_ptr + rows[:, None] * d + cols[None, :], y.to(dtype), mask=tile_mask)
 
 
+def hbm_bytes(n_rows: int, d: int, r: int, elem_bytes: int, separate_residual: bool = False) -> int:
+    """The bytes model of one forward: HBM bytes moved for ``[N, d]`` x of ``elem_bytes`` elements.
+
+    Read x and write y (the floor), write h (fp32 ``[N, r]``), read a separate residual, or re-read
+    the part of x (as the residual) that L2 does not serve (``config.reread_miss_fraction``).
+    Weights (``2 r d``, L2-resident) are counted once.
+    """
+    block_m = _config.choose(d, r, torch.float32 if elem_bytes == 4 else torch.float16).forward.block_m
+    passes = 3.0 if separate_residual else 2.0 + _config.reread_miss_fraction(d, elem_bytes, block_m)
+    return int(passes * n_rows * d * elem_bytes) + 4 * n_rows * r + 2 * r * d * elem_bytes
+
+
+@functools.lru_cache(maxsize=512)
+def _static(d, r, dtype, activation, has_b_down, has_b_up, has_dropout, precision):
+    """What a launch needs beyond the tensors, computed once per problem kind: ``(config, kwargs)``."""
+    cfg = _config.choose(d, r, dtype).forward
+    constexprs = dict(
+        ACTIVATION=activation, HAS_B_DOWN=has_b_down, HAS_B_UP=has_b_up, HAS_DROPOUT=has_dropout,
+        INPUT_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r,
+    )
+    return cfg, constexprs, {**constexprs, **cfg.options()}
+
+
 def plan(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
     """Allocates ``(y, h)`` and returns them with the launch that fills them (None when N == 0)."""
     n_rows, d = x.shape
     r = w_down.shape[0]
-    cfg = _config.choose(d, r, x.dtype).forward
     y = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
     h = torch.empty((n_rows, r), dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, h, None
     res = x if residual is None else residual
+    w_down, w_up = in_dtype(w_down, x.dtype), in_dtype(w_up, x.dtype)
     has_dropout, eff_scale, key_lo, key_hi, threshold = dropout_args(scale, dropout_p, seed)
+    cfg, constexprs, kwargs = _static(d, r, x.dtype, activation, b_down is not None, b_up is not None, has_dropout,
+                                      dot_precision(x.dtype))
+    x_strides, wd_strides, wu_strides, res_strides = x.stride(), w_down.stride(), w_up.stride(), res.stride()
     args = (
         x, w_down, w_down if b_down is None else b_down, w_up, w_up if b_up is None else b_up, res, y, h,
-        n_rows, d, r,
-        x.stride(0), x.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
-        res.stride(0), res.stride(1),
+        n_rows, d, r, *x_strides, *wd_strides, wu_strides[0], wu_strides[1], *res_strides,
+        1 if b_down is None else b_down.stride(0), 1 if b_up is None else b_up.stride(0),
         eff_scale, key_lo, key_hi, threshold,
     )
-    constexprs = dict(
-        ACTIVATION=activation, HAS_B_DOWN=b_down is not None, HAS_B_UP=b_up is not None,
-        HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r,
-    )
-    launch = Launch(adapter_forward_kernel, (triton.cdiv(n_rows, cfg.block_m),), args, constexprs, cfg)
-    return y, h, launch
+    return y, h, Launch(adapter_forward_kernel, (cdiv(n_rows, cfg.block_m),), args, constexprs, cfg, kwargs)
 
 
 def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):

@@ -5,7 +5,7 @@ so ``adapterfast.compile_check`` compiles exactly the argument lists the launche
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 
@@ -15,23 +15,71 @@ from .config import Config
 from .philox import as_int32, key_words
 
 
-@dataclass
 class Launch:
-    """A kernel, its grid, positional arguments, constexpr arguments and configuration."""
+    """A kernel, its grid, positional arguments, constexpr arguments and configuration.
 
-    kernel: object
-    grid: tuple
-    args: tuple
-    constexprs: dict
-    config: Config
+    ``kwargs`` (the constexprs and the launch options together) is built once per problem kind
+    by the launchers' caches, so calling a ``Launch`` costs one ``kernel[grid](...)``.
+    """
+
+    __slots__ = ("kernel", "grid", "args", "constexprs", "config", "kwargs")
+
+    def __init__(self, kernel, grid: tuple, args: tuple, constexprs: dict, config: Config, kwargs: dict | None = None):
+        self.kernel, self.grid, self.args, self.constexprs, self.config = kernel, grid, args, constexprs, config
+        self.kwargs = kwargs if kwargs is not None else {**constexprs, **config.options()}
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, **self.config.options())
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def tf32_allowed() -> bool:
+    """Whether torch allows TF32 for fp32 matmuls, read through whichever API the user set.
+
+    PyTorch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision``; once it (or the global
+    ``torch.backends.fp32_precision``) has been set, reading the legacy ``allow_tf32`` raises
+    RuntimeError ("mix of the legacy and new APIs"), so the new one is read when it exists. Its
+    getter already resolves ``"none"`` against the global setting and reflects the legacy flag,
+    so ``"tf32"`` is the only answer that means yes. Read on every fp32 call (a user may switch
+    it between calls); it costs one C call.
+    """
+    if _PRECISION_GETTER is not None:
+        return _PRECISION_GETTER("cuda", "matmul") == "tf32"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
+def _precision_getter():
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    try:
+        getter("cuda", "matmul")
+    except Exception:  # absent or with another signature in this torch: use the public attributes
+        return None
+    return getter
+
+
+_PRECISION_GETTER = _precision_getter()
+
+
+def in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in the dot dtype, cast once per call (fp32 weights with 16-bit x).
+
+    The kernels round weights to x's dtype before every dot; doing it once here, with the same
+    round-to-nearest-even, gives the same bits and saves every program a conversion per tile.
+    """
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` in Python (``triton.cdiv`` is a jit function, slow to call from the host)."""
+    return -(-a // b)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: tf32 for fp32 operands only when torch allows it (read now)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and tf32_allowed():
         return "tf32"
     return "ieee"
 
@@ -45,4 +93,9 @@ def dropout_args(scale: float, dropout_p: float, seed) -> tuple[bool, float, int
     if dropout_p == 0.0 or seed is None:
         return False, float(scale), 0, 0, 0
     key_lo, key_hi = key_words(int(seed))
-    return True, float(scale / (1.0 - dropout_p)), key_lo, key_hi, as_int32(dropout_threshold(dropout_p))
+    return True, float(scale / (1.0 - dropout_p)), key_lo, key_hi, _threshold_bits(dropout_p)
+
+
+@functools.lru_cache(maxsize=64)
+def _threshold_bits(dropout_p: float) -> int:
+    return as_int32(dropout_threshold(dropout_p))

@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 
 from adapterfast import dropout, kernels, reference  # noqa: E402
 from adapterfast.activations import ACTIVATIONS  # noqa: E402
-from adapterfast.kernels import config, launch, philox  # noqa: E402
+from adapterfast.kernels import activations, config, launch, philox  # noqa: E402
 from adapterfast.kernels.forward_kernel import adapter_forward_kernel  # noqa: E402
 
 from helpers import rel_err  # noqa: E402
@@ -306,3 +306,175 @@ def test_config_table_covers_every_rank():
     for r in range(1, 257):
         cfgs = config.choose(1000, r, torch.float16)
         assert cfgs.forward.block_r in config.R_BUCKETS and cfgs.forward.block_r >= r
+
+
+def _column_major(v):
+    out = torch.empty(v.shape[::-1], dtype=v.dtype, device=v.device).t()
+    out.copy_(v)
+    return out
+
+
+def _sliced(v):
+    """Every other element of a larger buffer, starting at an offset: strides 2 (and 2 * cols)."""
+    base = torch.empty(2 * v.numel() + 3, dtype=v.dtype, device=v.device)
+    out = base[3:].as_strided(v.shape, tuple(2 * s for s in _contiguous_strides(v.shape)))
+    out.copy_(v)
+    return out
+
+
+def _contiguous_strides(shape):
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _expanded(v):
+    """A stride-0 view: row 0 (or element 0) repeated."""
+    return v[:1].expand(v.shape) if v.dim() == 2 else v[:1].expand(v.shape)
+
+
+LAYOUTS = {"contiguous": lambda v: v, "column_major": _column_major, "sliced": _sliced, "expanded": _expanded}
+ARGUMENTS = ("x", "residual", "w_down", "w_up", "b_down", "b_up", "grad")
+
+
+def _relayout(t, layouts):
+    out = dict(t)
+    for key, layout in layouts.items():
+        if out[key] is not None and not (layout == "column_major" and out[key].dim() == 1):
+            out[key] = LAYOUTS[layout](out[key])
+    return out
+
+
+def test_sliced_biases():
+    """Biases read as if contiguous gave max |y - ref| = 5.8 with ``b[::2]`` views."""
+    check_case(30, 70, 10, torch.float32, "gelu", p=0.2,
+               transform=lambda t: _relayout(t, {"b_down": "sliced", "b_up": "sliced"}))
+
+
+def test_transposed_grad_y():
+    check_case(33, 90, 12, torch.float32, "silu", transform=lambda t: _relayout(t, {"grad": "column_major"}))
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_every_argument_over_strides(case):
+    """Each tensor argument in a random layout (column-major, sliced with an offset, expanded)."""
+    g = torch.Generator().manual_seed(case)
+    names = list(LAYOUTS)
+    layouts = {key: names[int(torch.randint(len(names), (1,), generator=g))] for key in ARGUMENTS}
+    dtype = (torch.float32, torch.float16)[case % 2]
+    check_case(21 + case, 40 + 7 * case, 3 + 5 * case, dtype, ("relu", "tanh", "gelu")[case % 3],
+               residual=case % 3 != 0, p=0.25 if case % 2 else 0.0,
+               transform=lambda t: _relayout(t, layouts))
+
+
+def test_tf32_flag_read_through_the_new_precision_api():
+    """After ``fp32_precision`` is set, reading the legacy ``allow_tf32`` raises: the launcher must not."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    try:
+        matmul.fp32_precision = "tf32"
+        assert launch.dot_precision(torch.float32) == "tf32"
+        assert launch.dot_precision(torch.bfloat16) == "ieee"
+        check_case(20, 48, 8, torch.float16, "relu")
+        matmul.fp32_precision = "ieee"
+        assert launch.dot_precision(torch.float32) == "ieee"
+        check_case(20, 48, 8, torch.float32, "relu")
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"
+        assert launch.dot_precision(torch.float32) == "tf32"
+        torch.backends.fp32_precision = "ieee"
+        assert launch.dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.backends.fp32_precision = "none"
+        matmul.fp32_precision = "none"
+    assert matmul.allow_tf32 in (False, True)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_need_dx_false_skips_dx_and_keeps_the_rest(residual):
+    t = make_inputs(37, 90, 12, torch.float32, residual=residual)
+    p = 0.2
+    y, h = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"], "gelu", 0.5, p,
+                           SEED)
+    args = (t["grad"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], h, not residual, "gelu", 0.5, p,
+            SEED)
+    full = kernels.backward(*args)
+    skipped = kernels.backward(*args, need_dx=False)
+    assert full[0] is not None and skipped[0] is None
+    for a, b in zip(full[1:], skipped[1:]):
+        assert torch.equal(a, b)
+
+
+@triton.jit
+def _activation_kernel(h_ptr, out_ptr, grad_ptr, n, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    h = tl.load(h_ptr + offsets, mask=offsets < n, other=0.0)
+    tl.store(out_ptr + offsets, activations.activate(h, ACTIVATION), mask=offsets < n)
+    tl.store(grad_ptr + offsets, activations.activate_grad(h, ACTIVATION), mask=offsets < n)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu_tanh"])
+def test_tanh_is_accurate_near_zero_and_saturates(activation):
+    """``1 - 2 / (exp(2h) + 1)`` had 4.7e-4 relative error at |h| = 1e-4; fp32 allows a few ulps."""
+    mags = torch.logspace(-8, 1.5, 120, dtype=torch.float64)
+    h64 = torch.cat([mags, -mags, torch.tensor([0.0, 0.5499, 0.55, 0.5501, 40.0, -40.0, 1e4], dtype=torch.float64)])
+    h = h64.to(torch.float32)
+    out = torch.empty_like(h, device=DEVICE)
+    grad = torch.empty_like(out)
+    _activation_kernel[(1,)](h.to(DEVICE), out, grad, h.numel(), ACTIVATION=activation, BLOCK=512)
+    x = h.double().requires_grad_()
+    want = reference.activate(x, activation)
+    (want_grad,) = torch.autograd.grad(want.sum(), x)
+    err = (out.cpu().double() - want.detach()).abs()
+    # gelu_tanh's own 1 + tanh cancels for h << 0 (as in eager fp32): relative error only where it does not
+    judged = h64.abs() < 1 if activation == "gelu_tanh" else torch.ones_like(h64, dtype=torch.bool)
+    rel = (err / want.detach().abs().clamp_min(1e-30))[judged].max().item()
+    assert rel < 2e-6, rel
+    assert err.max().item() < 1e-6
+    assert (grad.cpu().double() - want_grad).abs().max().item() < 1e-6
+    if activation == "tanh":
+        assert torch.equal(out.cpu()[:120], -out.cpu()[120:240])
+        assert out.cpu()[-3:].tolist() == [1.0, -1.0, 1.0]
+
+
+def test_launch_setup_is_cached_per_problem_kind_but_follows_the_tf32_flag():
+    """Config choice and constexprs are computed once per (d, r, dtype, flags); the TF32 flag is read per call."""
+    from adapterfast.kernels import forward_kernel
+
+    t = make_inputs(12, 48, 8, torch.float32)
+    forward_kernel._static.cache_clear()
+    plans = [forward_kernel.plan(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, "relu", 1.0, 0.0,
+                                 None)[2] for _ in range(3)]
+    assert forward_kernel._static.cache_info().misses == 1 and forward_kernel._static.cache_info().hits == 2
+    assert plans[0].kwargs is plans[2].kwargs and plans[0].args[0] is t["x"]
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        try:
+            matmul.fp32_precision = "tf32"
+            tf32 = forward_kernel.plan(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, "relu", 1.0,
+                                       0.0, None)[2]
+        finally:
+            matmul.fp32_precision = "none"
+        assert tf32.kwargs["INPUT_PRECISION"] == "tf32" and plans[0].kwargs["INPUT_PRECISION"] == "ieee"
+
+
+def test_host_overhead_benchmark_runs():
+    from benchmarks import gpu_check_overhead
+
+    figures = gpu_check_overhead.measure(calls=20)
+    assert set(figures) == {"forward_us", "forward_dropout_us", "backward_us"}
+    assert all(0 < v < 1e5 for v in figures.values())
+
+
+def test_fp32_weights_are_rounded_once_exactly_like_16bit_weights():
+    """fp32 weights with fp16 x give the bits of the same weights rounded to fp16 (cast once per call)."""
+    t = make_inputs(29, 96, 12, torch.float16, weight_dtype=torch.float32)
+    rounded = dict(t, w_down=t["w_down"].half(), w_up=t["w_up"].half())
+    y32, h32, g32 = run_kernels(t, "gelu", 0.5, 0.2, SEED)
+    y16, h16, g16 = run_kernels(rounded, "gelu", 0.5, 0.2, SEED)
+    assert torch.equal(y32, y16) and torch.equal(h32, h16) and torch.equal(g32[0], g16[0])
+    assert g32[1].dtype == torch.float32 and torch.equal(g32[1].half(), g16[1])
+    assert torch.equal(g32[3].half(), g16[3])
