@@ -54,7 +54,7 @@ from .launch import Launch, cdiv, dot_precision, dropout_args, in_dtype as _in_d
 from .philox import branch_factor
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])
@@ -189,7 +189,7 @@ def _static(d, r, dtype, activation, has_dropout, precision, residual_is_x, need
     """What the launches need beyond the tensors, once per problem kind: ``(configs, (constexprs, kwargs) x 2)``."""
     cfgs = _config.choose(d, r, dtype)
     shared = dict(ACTIVATION=activation, HAS_DROPOUT=has_dropout, INPUT_PRECISION=precision,
-                  DOT_DTYPE=_TL_DTYPES[dtype])
+                  DOT_DTYPE=TL_DTYPES[dtype])
     c = cfgs.backward_dx
     dx_constexprs = dict(shared, RESIDUAL_IS_X=residual_is_x, NEED_DX=need_dx, BLOCK_M=c.block_m,
                          BLOCK_D=c.block_d, BLOCK_R=c.block_r)

@@ -18,7 +18,7 @@ import triton
 from adapterfast.activations import ACTIVATIONS
 
 from . import config as _config
-from .backward_kernels import _tl_dtype
+from .backward_kernels import TL_DTYPES
 from .grouped_kernels import grouped_backward_dw_kernel, grouped_backward_dx_kernel, grouped_forward_kernel
 from .launch import dot_precision, dropout_args
 
@@ -140,7 +140,7 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, scales, adapter_index, h, re
         has_dropout, _, key_lo, key_hi, threshold = dropout_args(1.0, dropout_p, seed)
         eff = _branch_scales(scales, dropout_p if has_dropout else 0.0)
         shared = dict(ACTIVATION=activation, HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(x.dtype),
-                      DOT_DTYPE=_tl_dtype(x.dtype))
+                      DOT_DTYPE=TL_DTYPES[x.dtype])
         with _on_device(x):
             grouped_backward_dx_kernel[(sched.block_slot.shape[0],)](
                 grad_y, w_down, w_up, eff, h, dh, dx,
