@@ -322,3 +322,29 @@ if __name__ == "__main__":
               f"{worst:.3g} ({time.perf_counter() - start:.0f} s)")
         for i, case, message in failures:
             print(f"  {backend}-{i}: {case}\n      {message}")
+
+
+# ----------------------------------------------------------------------------- NaN / Inf on the fused backends
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("case", ["nan_scale", "inf_scale", "-inf_scale", "inf_grad", "nan_grad"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_backends_are_nonfinite_wherever_eager_is(backend, case, activation, residual):
+    """What the fused backends do with a NaN/Inf scale or grad_y, as tested: every output is
+    non-finite wherever eager's is, and equal to eager's wherever both are finite. They are not
+    eager's exact pattern (the reference is, see test_reference.py): their ReLU backward multiplies
+    by act'(h) = 0 (NaN * 0 = NaN where eager's select gives 0), and they apply ``scale`` after a
+    matmul where eager applies it before (finite sum * Inf = Inf where eager's sum of +-Inf is NaN)."""
+    from test_reference import _eager, fused, nonfinite_case, nonfinite_outputs
+
+    if _available(backend):
+        pytest.skip(_available(backend))
+    inputs, scale, g = nonfinite_case(case, torch.float32, residual)
+    want = nonfinite_outputs(_eager, inputs, scale, g, activation)
+    got = nonfinite_outputs(fused(backend), inputs, scale, g, activation)
+    for name, a, b in zip(["y", "dx", "dw_down", "dw_up", "db_down", "db_up", "dres"], got, want):
+        eager_bad = ~torch.isfinite(b)
+        assert not torch.isfinite(a[eager_bad]).any(), f"{name}: finite where eager is not"
+        both = torch.isfinite(a) & torch.isfinite(b)
+        torch.testing.assert_close(a[both], b[both], rtol=1e-4, atol=1e-5, msg=name)
