@@ -63,11 +63,12 @@ def eager_error_ratio(out: torch.Tensor, oracle: torch.Tensor, eager: torch.Tens
 
     ``oracle`` is the float64 computation from the same inputs; ``eager`` is plain eager PyTorch in
     the dtype under test, so its error is what that dtype costs anyway and a kernel is held to a
-    multiple of it. ``atol`` (default: 4 ulps of the dtype at ``oracle``'s largest magnitude) covers
-    outputs that eager happens to compute exactly (float64, all-zero gradients). Non-finite values
-    must sit at the oracle's non-finite positions with the same value (NaN where NaN, the same
-    infinity), else the ratio is ``inf``; a NaN anywhere else never passes. An oracle value beyond
-    ``out``'s dtype's range is expected as the infinity of its sign (fp16 overflows at 65504).
+    multiple of it. ``atol`` (default ``ulp_atol``) covers outputs that eager happens to compute
+    exactly (float64, all-zero gradients). Non-finite oracle values must be matched exactly (NaN
+    where NaN, the same infinity), else the ratio is ``inf``; a NaN or Inf anywhere else never
+    passes, except where eager itself overflowed in the dtype (its error there is unbounded, so
+    any value passes). An oracle value beyond the dtype's range is expected as the infinity of its
+    sign (fp16 overflows at 65504).
     """
     if atol is None:
         atol = ulp_atol(out.dtype, oracle)
@@ -82,31 +83,39 @@ def eager_error_ratio(out: torch.Tensor, oracle: torch.Tensor, eager: torch.Tens
         same = (torch.isnan(out) & torch.isnan(oracle)) | (out == oracle)
         if not bool(same[bad].all()):
             return float("inf")
-        out, oracle, eager = out[~bad], oracle[~bad], eager[~bad]
+    keep = ~bad & torch.isfinite(eager)
+    out, oracle, eager = out[keep], oracle[keep], eager[keep]
     if not bool(torch.isfinite(out).all()):
         return float("inf")
-    eager_err = _max_abs(torch.nan_to_num(eager - oracle, nan=0.0, posinf=0.0, neginf=0.0))
-    return _max_abs(out - oracle) / (eager_err + atol)
+    return _max_abs(out - oracle) / (_max_abs(eager - oracle) + atol)
 
 
-def ulp_atol(dtype: torch.dtype, oracle: torch.Tensor, ulps: float = 4.0) -> float:
-    """``ulps`` units in the last place of ``dtype`` at ``oracle``'s largest finite magnitude."""
+def ulp_atol(dtype: torch.dtype, oracle: torch.Tensor, ulps: float | None = None) -> float:
+    """``ulps`` units in the last place of ``dtype`` at ``oracle``'s largest finite magnitude: 4 by
+    default, 64 for float64, where eager is the oracle's own algorithm (its error is 0 and only this
+    term counts) and a different summation order over a few thousand rows with cancellation costs
+    tens of ulps of the largest value."""
+    if ulps is None:
+        ulps = 64.0 if dtype == torch.float64 else 4.0
     finite = oracle[torch.isfinite(oracle)].double()
     return ulps * torch.finfo(dtype).eps * max(_max_abs(finite), torch.finfo(torch.float32).tiny)
 
 
 def assert_close_to_oracle(name: str, out: torch.Tensor, oracle: torch.Tensor, eager: torch.Tensor, *,
                            dtype: torch.dtype, k: float = 4.0, rel: float | None = None) -> float:
-    """Asserts flash-attention's rule (``max|out - oracle| <= k * max|eager - oracle| + atol``, with
-    ``atol`` 4 ulps of ``dtype``) and the norm-wise bound ``rel_err(out, oracle) <= rel`` (default by
-    dtype: 1e-12 float64, 1e-5 fp32, 2e-2 bf16/fp16). Returns the ratio for reporting."""
+    """Asserts flash-attention's rule (``max|out - oracle| <= k * (max|eager - oracle| + atol)``,
+    ``eager_error_ratio``) and the norm-wise bound ``rel_err(out, oracle) <= max(rel, k * eager's)``
+    (``rel`` by dtype: 1e-12 float64, 1e-5 fp32, 2e-2 bf16/fp16) over the positions where oracle and
+    eager are finite. Returns the ratio for reporting."""
     ratio = eager_error_ratio(out, oracle, eager, atol=ulp_atol(dtype, oracle))
     assert ratio <= k, f"{name}: max error {ratio:.3g}x eager's own error in {dtype} (allowed {k}x)"
     if rel is None:
         rel = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
-    finite = torch.isfinite(oracle)
+    finite = torch.isfinite(oracle) & torch.isfinite(eager.double())
+    if out.dtype != torch.float64:
+        finite &= oracle.double().abs() <= torch.finfo(out.dtype).max
     if bool(finite.any()):
         err = rel_err(out.double()[finite], oracle.double()[finite])
         eager_rel = rel_err(eager.double()[finite], oracle.double()[finite])
-        assert err <= max(rel, k * eager_rel), f"{name}: relative error {err:.3g} (allowed {rel:.1g})"
+        assert err <= max(rel, k * eager_rel), f"{name}: relative error {err:.3g} (allowed {max(rel, k * eager_rel):.2g})"
     return ratio

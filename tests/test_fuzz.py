@@ -114,6 +114,8 @@ def make_case(backend: str, index: int) -> Case:
         r = rng.choice((64, 256))
     scale = rng.choice(SCALES)
     scale = rng.uniform(-2.0, 2.0) if scale == "uniform" else scale
+    if dtype == torch.float16 and abs(scale) > 100:
+        scale = 100.0  # 1e4 overflows fp16 intermediates (65504) in eager too: no dtype error to compare with
     residual = rng.random() < 0.35
     dropout = 0.0 if rng.random() < 0.7 else rng.choice((0.1, 0.5, 0.9))
     # Sizes that keep the default run to a few minutes: the dropout mask is Philox evaluated in
@@ -257,19 +259,23 @@ def _available(backend: str) -> str | None:
 # Failures that are other engineers' bugs (issue 16), by backend and case index; the lead drops
 # these marks after merging the branch named in the reason.
 KNOWN: dict[tuple[str, int], str] = {
-    **{("cpu", i): "issue 16: CPU float64 bias/weight-gradient sums lose precision (r <= 2: 5-6x the 4-ulp bound), "
-                   "fixed on branch cpu" for i in (17, 121, 198)},
     ("cpu", 234): "issue 16: fp32 gelu_tanh outlier in the C++ kernel (dW_up 4.7x eager's error, N=1); "
                   "csrc/, not on any branch's list",
+    ("reference", 155): "issue 16: reference bf16 x / fp32 weights with dropout: grad x 2.4e-2 norm-wise, over "
+                        "4x eager's; robust's file, not yet diagnosed",
     **{("triton", i): "issue 12: the Triton kernels ignore bias strides (sliced/offset/expanded biases), "
-                      "fixed on branch triton" for i in (3, 4, 5, 7, 8, 9, 11, 12, 18, 19, 20, 22, 25, 26, 28, 29, 35, 39)},
+                      "fixed on branch triton" for i in (3, 4, 5, 7, 8, 9, 11, 12, 18, 19, 22, 25, 26, 28, 29, 35, 39)},
 }
+# Reads memory outside an expanded bias, whose contents vary from run to run: fails or passes.
+FLAKY = {("triton", 20): "issue 12: the Triton kernels ignore bias strides (an expanded bias is read past its "
+                         "end: garbage, so this case passes or fails by chance), fixed on branch triton"}
 
 
 def _params(backend: str):
     for i in range(COUNTS[backend]):
-        case = make_case(backend, i)
         marks = [pytest.mark.xfail(strict=True, reason=KNOWN[(backend, i)])] if (backend, i) in KNOWN else []
+        if (backend, i) in FLAKY:
+            marks = [pytest.mark.xfail(strict=False, reason=FLAKY[(backend, i)])]
         yield pytest.param(backend, i, id=f"{backend}-{i}", marks=marks)
 
 
