@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -241,15 +242,55 @@ class Trainer:
         return value
 
 
+def _terminal_bar() -> bool:
+    """Whether stderr is a terminal that can draw a progress bar (a pty without a size cannot:
+    tqdm then draws nothing at all)."""
+    return sys.stderr.isatty() and shutil.get_terminal_size((0, 0)).columns > 0
+
+
+class Progress:
+    """Training progress: a tqdm bar on a terminal, else a line on stdout every tenth of the run
+    (and at least every 30 s), each with the step, the loss and the elapsed time."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, *, bar: bool | None = None):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.start = self.last_line = time.perf_counter()
+        self.every = max(1, total // 10)
+        self.bar = None
+        if enabled and (_terminal_bar() if bar is None else bar):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+        elif enabled:
+            print(f"  {desc}: {total} steps", flush=True)
+
+    def update(self, step: int, postfix: dict) -> None:
+        """Reports that ``step`` (1-based) is done."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if step % self.every == 0 or step == self.total or now - self.last_line >= 30:
+            self.last_line = now
+            extra = "  ".join(f"{k} {v}" for k, v in postfix.items())
+            print(f"  step {step:>{len(str(self.total))}}/{self.total}  {extra}  elapsed {now - self.start:.0f} s",
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def train_together(trainers: list[Trainer], data: Encoded, batches: list[list[int]], *,
                    progress: bool = True) -> list[RunResult]:
     """Trains every run on the same batches, taking turns at each step (and swapping who goes first
     each step), so a machine whose load changes slows them all alike and their ratio stays fair."""
-    from tqdm.auto import tqdm
-
     desc = " vs ".join(t.label for t in trainers)
-    bar = tqdm(batches, desc=f"training ({desc})", unit="step", disable=not progress, dynamic_ncols=True)
-    for i, index in enumerate(bar):
+    shown = Progress(len(batches), f"training ({desc})", progress)
+    for i, index in enumerate(batches):
         ids, mask, labels = data.batch(index, trainers[0].device)
         order = trainers if i % 2 == 0 else trainers[::-1]
         for trainer in order:
@@ -257,8 +298,8 @@ def train_together(trainers: list[Trainer], data: Encoded, batches: list[list[in
         postfix = {"loss": f"{trainers[0].result.losses[-1]:.3f}"}
         if len(trainers) > 1:
             postfix["speedup"] = f"{paired_speedup(trainers[0].result, trainers[1].result):.2f}x"
-        bar.set_postfix(postfix, refresh=False)
-    bar.close()
+        shown.update(i + 1, postfix)
+    shown.close()
     return [t.result for t in trainers]
 
 

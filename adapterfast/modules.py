@@ -132,22 +132,61 @@ def replace_adapters(model: nn.Module, *, verify: bool = True) -> int:
     module. With ``verify`` (the default) each candidate is first run against its replacement on a
     random input; one whose forward computes something else (a layer norm, a gate, no residual) is
     left alone and logged. Weights, device, dtype and ``requires_grad`` are kept because the
-    parameters themselves are reused. Returns the number of modules replaced.
+    parameters themselves are reused. Returns the number of modules replaced; when that is 0 it
+    logs why (no candidate, or each candidate and the reason it was left).
+
+    A module cannot replace itself in place, so when ``model`` is itself an eager adapter it is not
+    swapped (the call logs this and returns 0): convert it with ``model = Adapter.from_module(model)``.
     """
-    swaps = []
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"replace_adapters: model must be an nn.Module, got {type(model).__name__}")
+    swaps, left = [], []
     for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
+            path = f"{parent_name}.{name}".lstrip(".")
             if isinstance(child, Adapter):
                 continue
-            try:
-                adapter = Adapter.from_module(child)
-            except (TypeError, ValueError):
-                continue
-            if verify and not _computes_the_same(child, adapter):
-                logger.warning("adapterfast: left %s (%s) alone: its forward is not x + up(act(down(x)))",
-                               f"{parent_name}.{name}".lstrip("."), type(child).__name__)
-                continue
-            swaps.append((parent, name, adapter))
+            reason = _why_not_replaceable(child, verify)
+            if reason is None:
+                swaps.append((parent, name, Adapter.from_module(child)))
+            elif reason != _NOT_A_CANDIDATE:
+                left.append((path, type(child).__name__, reason))
+                if reason == _COMPUTES_ELSE:
+                    logger.warning("adapterfast: left %s (%s) alone: its forward is not x + up(act(down(x)))",
+                                   path, type(child).__name__)
     for parent, name, adapter in swaps:
         setattr(parent, name, adapter)
+    if not swaps:
+        _say_why_none(model, left, verify)
     return len(swaps)
+
+
+_NOT_A_CANDIDATE = "no down/up nn.Linear submodules"
+_COMPUTES_ELSE = "its forward is not x + up(act(down(x)))"
+
+
+def _why_not_replaceable(module: nn.Module, verify: bool) -> str | None:
+    """Why ``module`` is not swapped for an ``Adapter``, or None when it is."""
+    if not (isinstance(getattr(module, "down", None), nn.Linear) and isinstance(getattr(module, "up", None), nn.Linear)):
+        return _NOT_A_CANDIDATE
+    try:
+        adapter = Adapter.from_module(module)
+    except (TypeError, ValueError) as error:
+        return str(error)
+    if verify and not _computes_the_same(module, adapter):
+        return _COMPUTES_ELSE
+    return None
+
+
+def _say_why_none(model: nn.Module, left: list, verify: bool) -> None:
+    """Logs why ``replace_adapters`` replaced nothing in ``model``."""
+    kind = type(model).__name__
+    if _why_not_replaceable(model, verify) is None:
+        logger.warning("adapterfast: replace_adapters replaced nothing: %s is itself an eager adapter, and a module "
+                       "cannot replace itself in place; use `model = adapterfast.Adapter.from_module(model)`", kind)
+    elif left:
+        logger.warning("adapterfast: replace_adapters replaced nothing in %s: %s", kind,
+                       "; ".join(f"{path} ({name}): {reason}" for path, name, reason in left))
+    else:
+        logger.warning("adapterfast: replace_adapters replaced nothing in %s: no submodule has `down` and `up` "
+                       "nn.Linear submodules and one activation module (an eager adapter)", kind)

@@ -49,7 +49,7 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def activate_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act'(h)``, the derivative the backward multiplies by."""
+    """``act'(h)``, the derivative the backward multiplies by (see ``activation_backward``)."""
     if activation == "relu":
         return (h > 0).to(h.dtype)
     if activation == "gelu":
@@ -79,11 +79,29 @@ def activate_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def branch_scale(mask: torch.Tensor | None, scale: float, p: float) -> torch.Tensor | float:
-    """The factor on the adapter branch: ``scale / (1 - p)`` where kept, 0 where dropped."""
+def activation_backward(grad: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:
+    """``grad * act'(h)``, with eager autograd's non-finite pattern.
+
+    Eager's ReLU backward is a select (``threshold_backward``), not a product: where ``h <= 0`` the
+    gradient is 0 even when ``grad`` is NaN or Inf (a NaN ``scale``, an Inf in ``grad_y``). Every
+    other activation's backward multiplies, so NaN/Inf propagate there as they do in eager.
+    """
+    if activation == "relu":
+        return torch.where(h > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    return grad * activate_grad(h, activation)
+
+
+def apply_branch_scale(t: torch.Tensor, mask: torch.Tensor | None, scale: float, p: float) -> torch.Tensor:
+    """``t`` times the factor on the adapter branch: ``scale / (1 - p)`` where kept, 0 where dropped.
+
+    The factor is a Python float applied to ``t`` in ``t``'s own precision, so float64 inputs get
+    ``scale / (1 - p)`` in float64 (gradcheck with dropout relies on it) and fp32 inputs get it
+    rounded to fp32, as the fused backends do. The mask multiplies (it does not select), so a
+    dropped Inf gives NaN, as ``nn.Dropout`` does.
+    """
     if mask is None:
-        return scale
-    return mask * (scale / (1.0 - p))
+        return t * scale
+    return (t * (scale / (1.0 - p))) * mask.to(t.dtype)
 
 
 def dropout_mask(seed: int | torch.Tensor | None, p: float, rows: int, cols: int, device) -> torch.Tensor | None:
@@ -98,7 +116,7 @@ def adapter(x, w_down, w_up, b_down=None, b_up=None, *, activation="relu", scale
     h = F.linear(x, w_down.to(x.dtype), None if b_down is None else b_down.to(x.dtype))
     u = F.linear(activate(h, activation), w_up.to(x.dtype), None if b_up is None else b_up.to(x.dtype))
     mask = dropout_mask(seed, dropout_p, x.shape[0], x.shape[1], x.device)
-    return (x if residual is None else residual) + branch_scale(mask, scale, dropout_p) * u
+    return (x if residual is None else residual) + apply_branch_scale(u, mask, scale, dropout_p)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,7 +130,11 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
-    """Returns ``(y, h)``: ``y`` ``[N, d]`` in x's dtype and the pre-activation ``h`` ``[N, r]`` in fp32."""
+    """Returns ``(y, h)``: ``y`` ``[N, d]`` in x's dtype and the pre-activation ``h`` ``[N, r]`` in fp32.
+
+    Both are contiguous whatever the inputs' strides (an expanded x, a transposed residual), as the
+    op's fake implementation promises and ``fused_adapter``'s final ``view`` needs.
+    """
     dtype = x.dtype
     h = _matmul(x, w_down.t(), dtype)
     if b_down is not None:
@@ -123,8 +145,8 @@ def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_
         u = u + b_up.to(u.dtype)
     mask = dropout_mask(seed, dropout_p, x.shape[0], x.shape[1], x.device)
     res = x if residual is None else residual
-    y = res.to(u.dtype) + branch_scale(mask, scale, dropout_p) * u
-    return y.to(dtype), h
+    y = res.to(u.dtype) + apply_branch_scale(u, mask, scale, dropout_p)
+    return y.to(dtype).contiguous(), h.contiguous()
 
 
 def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed, *, need_dx=True):
@@ -134,6 +156,7 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation
         gz      = g * m * s                      gradient at the up-projection output  [N, d]
         db_up   = sum_rows gz                    dw_up   = gz^T a                     [d, r]
         dh      = (gz @ w_up) * act'(h)          gradient at the pre-activation       [N, r]
+                  (a select for ReLU, as in eager: see ``activation_backward``)
         db_down = sum_rows dh                    dw_down = dh^T x                     [r, d]
         dx      = dh @ w_down  (+ g when the residual is x)
     """
@@ -141,15 +164,16 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation
     acc = _acc_dtype(dtype)
     g = grad_y.to(acc)
     mask = dropout_mask(seed, dropout_p, x.shape[0], x.shape[1], x.device)
-    gz = g * branch_scale(mask, scale, dropout_p)
+    gz = apply_branch_scale(g, mask, scale, dropout_p)
     a = activate(h, activation)
     dw_up = _matmul(gz.t(), a, dtype)
     db_up = gz.sum(0)
-    dh = _matmul(gz, w_up, dtype) * activate_grad(h, activation)
+    dh = activation_backward(_matmul(gz, w_up, dtype), h, activation)
     dw_down = _matmul(dh.t(), x, dtype)
     db_down = dh.sum(0)
     dx = _matmul(dh, w_down, dtype)
     if residual_is_x:
         dx = dx + g
     wd = w_down.dtype
-    return (dx.to(dtype), dw_down.to(wd), db_down.to(wd), dw_up.to(w_up.dtype), db_up.to(w_up.dtype))
+    return (dx.to(dtype).contiguous(), dw_down.to(wd).contiguous(), db_down.to(wd), dw_up.to(w_up.dtype).contiguous(),
+            db_up.to(w_up.dtype))

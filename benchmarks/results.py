@@ -2,6 +2,11 @@
 
 Every row carries its run's ``run_id``, timestamp, device, versions and thread count, so one file
 can hold many runs; readers pick a run (by default the latest per device).
+
+``DEFAULT_DIR`` (``benchmarks/results``) holds the tracked results the README's figures come from;
+they change only when a run is pointed there on purpose (``--out benchmarks/results``). A run
+without ``--out`` writes a new file of its own under ``RUNS_DIR`` (``benchmarks/runs``, ignored
+by git), named by its run id (``new_run_path``).
 """
 from __future__ import annotations
 
@@ -12,6 +17,13 @@ import os
 DEFAULT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OPS_FILE = "ops.jsonl"
 E2E_FILE = "e2e.jsonl"
+RUNS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
+
+
+def new_run_path(kind: str, run_id: str, directory: str | None = None) -> str:
+    """A file of its own for one run's rows: ``<directory>/<kind>-<run_id>.jsonl`` (``RUNS_DIR`` by default)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(run_id))
+    return os.path.join(directory or RUNS_DIR, f"{kind}-{safe}.jsonl")
 
 
 def _clean(value):

@@ -18,6 +18,7 @@ copy bandwidth measured at the start of the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -48,8 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             "compile_max_autotune only on CUDA without --quick)")
     parser.add_argument("--passes", default=",".join(PASSES), help="comma list of fwd, bwd, full")
     parser.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
-    parser.add_argument("--out", default=results.DEFAULT_DIR,
-                        help="directory for ops.jsonl (default benchmarks/results)")
+    parser.add_argument("--out", default=None,
+                        help="directory whose ops.jsonl the rows are appended to; --out benchmarks/results updates "
+                             "the tracked results the README quotes (default: a new file "
+                             "benchmarks/runs/ops-<run id>.jsonl, ignored by git)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per pass (default 2 quick, 3 full)")
     parser.add_argument("--min-run-time", type=float,
                         help="seconds of timed runs per provider per round "
@@ -58,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="stop starting new shapes after this many seconds (rows so far are kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep what PyTorch's C++ side writes to stderr (the profiler's USDT lines, allocator "
+                             "warnings); hidden by default")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 2 if args.quick else 3
@@ -253,8 +259,39 @@ def _progress(iterable, total: int, disable: bool):
                 file=sys.stderr)
 
 
+@contextlib.contextmanager
+def native_stderr_silenced(enabled: bool = True):
+    """Sends what C++ code writes to file descriptor 2 to /dev/null (the CPU memory measurement runs
+    ``torch.profiler``, whose kineto backend prints two USDT lines per call), while Python's
+    ``sys.stderr`` (messages, the progress bar, warnings) still reaches the terminal through a copy
+    of the original descriptor."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_stderr = sys.stderr
+    sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sys.stderr.close()
+        sys.stderr = python_stderr
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with native_stderr_silenced(not args.verbose):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("python -m benchmarks: --device cuda but torch sees no CUDA device", file=sys.stderr)
@@ -269,7 +306,8 @@ def main(argv=None) -> int:
     timer = make_timer(device, threads)
     started = time.perf_counter()
     bandwidth = timer.copy_bandwidth(min_run_time=0.5 if args.quick else 2.0)
-    out_path = os.path.join(args.out, results.OPS_FILE)
+    out_path = (results.new_run_path("ops", info["run_id"]) if args.out is None
+                else os.path.join(args.out, results.OPS_FILE))
     print(f"adapterfast benchmarks on {info['device_name']}: torch {info['torch']}, triton {info['triton']}, "
           f"{threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s; {len(args.points)} shapes x "
           f"{len(args.providers)} providers x {len(args.passes)} passes -> {out_path}", file=sys.stderr)
@@ -295,4 +333,7 @@ def main(argv=None) -> int:
         print(f"\nStopped at the time budget ({args.time_budget:.0f} s) before {stopped}; "
               f"{len(written)} rows written.", file=sys.stderr)
     print(f"\n{len(written)} rows appended to {out_path} (run {info['run_id']}) in {elapsed:.0f} s", file=sys.stderr)
+    if args.out is None:
+        print("(the tracked results in benchmarks/results are unchanged; rerun with --out benchmarks/results to "
+              "update them)", file=sys.stderr)
     return 0

@@ -52,3 +52,70 @@ def adapter_inputs(n, d, r, *, dtype=torch.float32, bias=True, residual=False, d
     bu = torch.randn(d, **g) * 0.1 if bias else None
     res = torch.randn(n, d, **g) if residual else None
     return x, wd, wu, bd, bu, res
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def eager_error_ratio(out: torch.Tensor, oracle: torch.Tensor, eager: torch.Tensor, *, atol: float | None = None) -> float:
+    """flash-attention's elementwise rule as a number: ``max|out - oracle| / (max|eager - oracle| + atol)``.
+
+    ``oracle`` is the float64 computation from the same inputs; ``eager`` is plain eager PyTorch in
+    the dtype under test, so its error is what that dtype costs anyway and a kernel is held to a
+    multiple of it. ``atol`` (default ``ulp_atol``) covers outputs that eager happens to compute
+    exactly (float64, all-zero gradients). Non-finite oracle values must be matched exactly (NaN
+    where NaN, the same infinity), else the ratio is ``inf``; a NaN or Inf anywhere else never
+    passes, except where eager itself overflowed in the dtype (its error there is unbounded, so
+    any value passes). An oracle value beyond the dtype's range is expected as the infinity of its
+    sign (fp16 overflows at 65504).
+    """
+    if atol is None:
+        atol = ulp_atol(out.dtype, oracle)
+    if out.dtype != torch.float64:
+        big = oracle.double().abs() > torch.finfo(out.dtype).max
+        oracle = torch.where(big, oracle.double().sign() * float("inf"), oracle.double())
+    out, oracle, eager = out.double(), oracle.double(), eager.double()
+    if out.shape != oracle.shape:
+        return float("inf")
+    bad = ~torch.isfinite(oracle)
+    if bad.any():
+        same = (torch.isnan(out) & torch.isnan(oracle)) | (out == oracle)
+        if not bool(same[bad].all()):
+            return float("inf")
+    keep = ~bad & torch.isfinite(eager)
+    out, oracle, eager = out[keep], oracle[keep], eager[keep]
+    if not bool(torch.isfinite(out).all()):
+        return float("inf")
+    return _max_abs(out - oracle) / (_max_abs(eager - oracle) + atol)
+
+
+def ulp_atol(dtype: torch.dtype, oracle: torch.Tensor, ulps: float | None = None) -> float:
+    """``ulps`` units in the last place of ``dtype`` at ``oracle``'s largest finite magnitude: 4 by
+    default, 64 for float64, where eager is the oracle's own algorithm (its error is 0 and only this
+    term counts) and a different summation order over a few thousand rows with cancellation costs
+    tens of ulps of the largest value."""
+    if ulps is None:
+        ulps = 64.0 if dtype == torch.float64 else 4.0
+    finite = oracle[torch.isfinite(oracle)].double()
+    return ulps * torch.finfo(dtype).eps * max(_max_abs(finite), torch.finfo(torch.float32).tiny)
+
+
+def assert_close_to_oracle(name: str, out: torch.Tensor, oracle: torch.Tensor, eager: torch.Tensor, *,
+                           dtype: torch.dtype, k: float = 4.0, rel: float | None = None) -> float:
+    """Asserts flash-attention's rule (``max|out - oracle| <= k * (max|eager - oracle| + atol)``,
+    ``eager_error_ratio``) and the norm-wise bound ``rel_err(out, oracle) <= max(rel, k * eager's)``
+    (``rel`` by dtype: 1e-12 float64, 1e-5 fp32, 2e-2 bf16/fp16) over the positions where oracle and
+    eager are finite. Returns the ratio for reporting."""
+    ratio = eager_error_ratio(out, oracle, eager, atol=ulp_atol(dtype, oracle))
+    assert ratio <= k, f"{name}: max error {ratio:.3g}x eager's own error in {dtype} (allowed {k}x)"
+    if rel is None:
+        rel = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    finite = torch.isfinite(oracle) & torch.isfinite(eager.double())
+    if out.dtype != torch.float64:
+        finite &= oracle.double().abs() <= torch.finfo(out.dtype).max
+    if bool(finite.any()):
+        err = rel_err(out.double()[finite], oracle.double()[finite])
+        eager_rel = rel_err(eager.double()[finite], oracle.double()[finite])
+        assert err <= max(rel, k * eager_rel), f"{name}: relative error {err:.3g} (allowed {max(rel, k * eager_rel):.2g})"
+    return ratio

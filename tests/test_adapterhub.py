@@ -427,3 +427,15 @@ def test_unfusable_adapter_added_after_accelerate_is_reported_once(calls, caplog
     assert len(said) == 1 and "late_gated" in said[0] and "gating" in said[0], said
     assert calls[0] == 0
     assert torch.equal(got, want)
+
+
+def test_accelerate_and_restore_count_the_same_adapter_modules():
+    """Two adapters in each layer, one of them unfusable: both calls count the fused modules."""
+    model = tiny_model("gpt2")
+    model.add_adapter("a", config="double_seq_bn[reduction_factor=4]")
+    model.add_adapter("b", config="seq_bn[reduction_factor=4]")
+    model.add_adapter("gated", config="seq_bn[reduction_factor=4,use_gating=True]")
+    fused = ah.accelerate(model)
+    assert fused == 4 + 2  # a: two locations in each of two blocks; b: one location each; gated: none
+    assert ah.restore(model) == fused
+    assert ah.restore(model) == 0

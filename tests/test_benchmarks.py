@@ -260,3 +260,28 @@ def test_cuda_benchmark_point_bf16():
     fast = [r for r in rows if r["provider"] == "adapterfast"]
     assert len(fast) == 3 and all(r["median_ms"] > 0 and r["peak_bytes"] is not None for r in fast)
     assert fast[0]["check"] == "ok", fast[0]
+
+
+# ----------------------------------------------------------------------------- quiet, and tracked results untouched
+
+def test_native_stderr_is_silenced_but_python_stderr_is_not(capfd):
+    with run.native_stderr_silenced():
+        os.write(2, b"USDT: from C++\n")
+        print("from python", file=sys.stderr)
+    os.write(2, b"after\n")
+    err = capfd.readouterr().err
+    assert "from python" in err and "after" in err and "USDT" not in err
+
+
+def test_default_run_is_quiet_and_writes_a_new_file(tmp_path, monkeypatch, capfd):
+    tracked = os.path.join(results.DEFAULT_DIR, results.OPS_FILE)
+    before = os.path.getsize(tracked) if os.path.exists(tracked) else None
+    monkeypatch.setattr(results, "RUNS_DIR", str(tmp_path))
+    assert run.main(["--device", "cpu", "--quick", "--shapes", "64,32,4", "--providers", "eager,adapterfast",
+                     "--passes", "fwd", "--rounds", "1", "--min-run-time", "0.01", "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "profiler" not in err, err
+    written = list(tmp_path.glob("ops-*.jsonl"))
+    assert len(written) == 1 and str(written[0]) in err
+    assert {r["provider"] for r in results.read(str(written[0]))} == {"eager", "adapterfast"}
+    assert (os.path.getsize(tracked) if os.path.exists(tracked) else None) == before

@@ -194,3 +194,47 @@ def test_bf16_autocast_training_runs_and_stays_near_fp32(assets, tokenizer):
         losses[dtype] = demo.train(model, data, batches, backend="auto", dtype=dtype, lr=3e-3, device="cpu").losses
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(abs(a - b) < demo.LOSS_TOLERANCE["bf16"][0] for a, b in zip(losses["fp32"], losses["bf16"])), losses
+
+
+# ----------------------------------------------------------------------------- progress while training
+
+class _FakeTrainer:
+    """Stands in for ``demo.Trainer``: a label, a device, and a loss per step."""
+
+    def __init__(self, label):
+        self.label, self.device = label, "cpu"
+        self.result = demo.RunResult(label, [], [], 0)
+
+    def step(self, ids, mask, labels):
+        self.result.losses.append(1.0 / (len(self.result.losses) + 1))
+        self.result.step_seconds.append(0.01)
+        return self.result.losses[-1]
+
+
+class _FakeData:
+    def batch(self, index, device):
+        return None, None, None
+
+
+def test_training_progress_lines_when_not_on_a_terminal(capsys):
+    """Without a terminal that can draw a bar (a log, CI, a pty without a size), the demo prints a
+    line every tenth of the run with step, loss and elapsed time."""
+    demo.train_together([_FakeTrainer("adapterfast cpu")], _FakeData(), [[0]] * 20, progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "step" in line]
+    assert len(lines) == 1 + 10, lines
+    assert "20 steps" in lines[0]
+    assert lines[-1].split()[:4] == ["step", "20/20", "loss", "0.050"] and "elapsed" in lines[-1]
+
+
+def test_training_progress_is_silent_when_disabled(capsys):
+    demo.train_together([_FakeTrainer("a"), _FakeTrainer("b")], _FakeData(), [[0]] * 5, progress=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_training_progress_bar_on_a_terminal(capsys):
+    progress = demo.Progress(3, "training", True, bar=True)
+    for step in (1, 2, 3):
+        progress.update(step, {"loss": "0.5"})
+    progress.close()
+    err = capsys.readouterr().err
+    assert "3/3" in err and "loss=0.5" in err

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import adapterfast
 from adapterfast import dropout, reference
 from adapterfast.activations import ACTIVATIONS
 
@@ -63,3 +64,112 @@ def test_mixed_precision_forward_rounds_operands_to_x_dtype():
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
     exact = reference.adapter(xb.double(), wd.bfloat16().double(), wu.bfloat16().double(), bd.double(), bu.double())
     assert rel_err(y, exact) < 1e-2
+
+
+def test_float64_dropout_factor_is_exact():
+    """``scale / (1 - p)`` in float64 for float64 inputs, not rounded to fp32 (1.1111111640930176)."""
+    x, wd, wu, bd, bu, _ = adapter_inputs(64, 32, 8, dtype=torch.float64)
+    res = torch.zeros_like(x)
+    y, _ = reference.forward(x, wd, bd, wu, bu, res, "relu", 1.0, 0.1, 11)
+    full, _ = reference.forward(x, wd, bd, wu, bu, res, "relu", 1.0, 0.0, 11)
+    kept = y != 0
+    assert kept.any()
+    assert torch.equal(y[kept], full[kept] * (1.0 / 0.9))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "sigmoid"])
+def test_gradcheck_float64_with_dropout_through_fused_adapter(activation):
+    x, wd, wu, bd, bu, res = adapter_inputs(6, 7, 3, dtype=torch.float64, residual=True)
+    inputs = [t.requires_grad_() for t in (x, wd, wu, bd, bu, res)]
+
+    def f(x, wd, wu, bd, bu, res):
+        torch.manual_seed(5)  # the same dropout mask on every call gradcheck makes
+        return adapterfast.fused_adapter(x.view(2, 3, 7), wd, wu, bd, bu, activation=activation, scale=0.7,
+                                         dropout=0.1, residual=res.view(2, 3, 7))
+
+    with adapterfast.use_backend("reference"):
+        assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("layout", ["expanded_x", "transposed_residual", "transposed_grad", "expanded_grad"])
+def test_outputs_are_contiguous_for_any_strides(layout):
+    x, wd, wu, bd, bu, res = adapter_inputs(48, 64, 8, residual=True)
+    if layout == "expanded_x":
+        x = x[:1].expand(48, 64)
+    if layout == "transposed_residual":
+        res = res.t().contiguous().t()
+    g = torch.randn(48, 64)
+    g = g.t().contiguous().t() if layout == "transposed_grad" else g[:1].expand(48, 64) if layout == "expanded_grad" else g
+    y, h = reference.forward(x, wd, bd, wu, bu, res, "gelu", 0.5, 0.0, 0)
+    grads = reference.backward(g, x, wd, bd, wu, bu, h, False, "gelu", 0.5, 0.0, 0)
+    assert y.is_contiguous() and h.is_contiguous() and all(t.is_contiguous() for t in grads)
+    with adapterfast.use_backend("reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, wd, wu, bd, bu, res)]
+        y2 = adapterfast.fused_adapter(leaves[0], *leaves[1:5], activation="gelu", scale=0.5, residual=leaves[5])
+        got = torch.autograd.grad(y2, leaves, g)
+    want_y = reference.adapter(*(t.double() for t in (x, wd, wu, bd, bu)), activation="gelu", scale=0.5,
+                               residual=res.double())
+    assert rel_err(y2, want_y) < 1e-6
+    assert all(t.is_contiguous() for t in got[:5])  # the residual's gradient is grad_y itself
+
+
+# ----------------------------------------------------------------------------- NaN / Inf
+
+def _eager(x, wd, wu, bd, bu, res, activation, scale):
+    """The seed's eager adapter (nn.Linear algebra, autograd's own backward)."""
+    a = reference.activate(torch.nn.functional.linear(x, wd, bd), activation)
+    return (x if res is None else res) + scale * torch.nn.functional.linear(a, wu, bu)
+
+
+def _pattern(t):
+    return torch.where(torch.isnan(t), 1, 0) + torch.where(torch.isposinf(t), 2, 0) + torch.where(torch.isneginf(t), 3, 0)
+
+
+NONFINITE = ["nan_scale", "inf_scale", "-inf_scale", "inf_grad", "nan_grad"]
+
+
+def nonfinite_case(case, dtype, residual, activation="relu"):
+    """Inputs for one NaN/Inf case: ``(inputs, scale, grad_y)`` with all hidden units of one row
+    inactive for ReLU (so eager's select and a product differ there)."""
+    gen = torch.Generator().manual_seed(3)
+    n, d, r = 6, 10, 5
+    x = torch.randn(n, d, generator=gen, dtype=dtype)
+    wd, wu = torch.randn(r, d, generator=gen, dtype=dtype) / 3, torch.randn(d, r, generator=gen, dtype=dtype) / 2
+    bd, bu = torch.randn(r, generator=gen, dtype=dtype) * 0.1 - 0.5, torch.randn(d, generator=gen, dtype=dtype) * 0.1
+    res = torch.randn(n, d, generator=gen, dtype=dtype) if residual else None
+    g = torch.randn(n, d, generator=gen, dtype=dtype)
+    scale = float(case.split("_")[0]) if case.endswith("scale") else 0.7
+    if case == "inf_grad":
+        g[2, 3] = float("inf")
+    if case == "nan_grad":
+        g[2, 3] = float("nan")
+    return (x, wd, wu, bd, bu, res), scale, g
+
+
+def nonfinite_outputs(fn, inputs, scale, g, activation):
+    leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    y = fn(*leaves, activation, scale)
+    used = [t for t in leaves if t is not None]
+    return [y.detach()] + list(torch.autograd.grad(y, used, g))
+
+
+def fused(backend):
+    def run(x, wd, wu, bd, bu, res, activation, scale):
+        with adapterfast.use_backend(backend):
+            return adapterfast.fused_adapter(x, wd, wu, bd, bu, activation=activation, scale=scale, residual=res)
+    return run
+
+
+@pytest.mark.parametrize("case", NONFINITE)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_matches_eagers_nonfinite_pattern(case, residual, activation, dtype):
+    """A NaN/Inf scale or an Inf/NaN in grad_y: NaN, +Inf and -Inf at exactly eager's positions."""
+    inputs, scale, g = nonfinite_case(case, dtype, residual)
+    want = nonfinite_outputs(_eager, inputs, scale, g, activation)
+    got = nonfinite_outputs(fused("reference"), inputs, scale, g, activation)
+    for name, a, b in zip(["y", "dx", "dw_down", "dw_up", "db_down", "db_up", "dres"], got, want):
+        assert torch.equal(_pattern(a), _pattern(b)), name
+        finite = torch.isfinite(b)
+        assert rel_err(a[finite], b[finite]) < (1e-12 if dtype == torch.float64 else 1e-5), name

@@ -366,11 +366,10 @@ def accelerate(model: nn.Module) -> int:
                            type(layer).__name__)
             continue
         layer.__dict__[_FLAG] = True
+        fused += _fused_count(layer)
         for name, adapter in getattr(layer, "adapters", {}).items():
             activation, reason = plan(adapter)
-            if activation is not None:
-                fused += 1
-            else:
+            if activation is None:
                 fallbacks[(name, reason)] += 1
                 _first_report(layer, name, reason)
     for (name, reason), count in sorted(fallbacks.items()):
@@ -383,15 +382,22 @@ def accelerate(model: nn.Module) -> int:
 def restore(model: nn.Module) -> int:
     """Undoes ``accelerate``: every bottleneck layer of ``model`` runs the library's own code again.
 
-    Returns how many bottleneck layers were switched back. (The class-level wrappers stay installed;
-    on a layer that is not switched on they call the library's method and nothing else.)
+    Returns how many adapter modules ran fused and now run on the library's code: the same count
+    ``accelerate`` returns (one per adapter, layer and location), so ``restore(model) ==
+    accelerate(model)`` when no adapter was added in between. (The class-level wrappers stay
+    installed; on a layer that is not switched on they call the library's method and nothing else.)
     """
     restored = 0
     for layer in model.modules():
         if isinstance(layer, BottleneckLayer) and layer.__dict__.pop(_FLAG, False):
             layer.__dict__.pop(_FUSE_DEPTH, None)
-            restored += 1
+            restored += _fused_count(layer)
     return restored
+
+
+def _fused_count(layer: nn.Module) -> int:
+    """How many of ``layer``'s adapter modules the fused op runs (those ``plan`` accepts)."""
+    return sum(plan(adapter)[0] is not None for adapter in getattr(layer, "adapters", {}).values())
 
 
 def is_accelerated(layer: nn.Module) -> bool:
