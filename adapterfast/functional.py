@@ -211,6 +211,8 @@ def fused(x, down_weight, up_weight, down_bias, up_bias, activation, scale, drop
         _validate(x, down_weight, up_weight, down_bias, up_bias, residual, scale, dropout, autocast=autocast)
     if type(activation) is not str or activation not in _CANONICAL:
         activation = activations.canonical(activation)
+    if training is not True and training is not False:
+        raise TypeError(f"training must be a bool, got {type(training).__name__} {training!r}")
     d = x.shape[-1]
     p = float(dropout) if training else 0.0
     seed = dropout_rng.new_seed() if p > 0.0 else None

@@ -43,6 +43,9 @@ class Adapter(nn.Module):
         _check_real("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (the adapter's parameters are trained), "
+                            f"got {dtype}")
         self.activation = activations.canonical(activation)
         self.scale = float(scale)
         self.dropout = float(dropout)

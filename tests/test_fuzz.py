@@ -256,26 +256,18 @@ def _available(backend: str) -> str | None:
     return None if info.available else info.reason
 
 
-# Failures that are other engineers' bugs (issue 16), by backend and case index; the lead drops
-# these marks after merging the branch named in the reason.
+# Known failures, by backend and case index, with what is known of them (xfail, strict).
 KNOWN: dict[tuple[str, int], str] = {
     ("cpu", 234): "issue 16: fp32 gelu_tanh outlier in the C++ kernel (dW_up 4.7x eager's error, N=1); "
                   "csrc/, not on any branch's list",
     ("reference", 155): "issue 16: reference bf16 x / fp32 weights with dropout: grad x 2.4e-2 norm-wise, over "
                         "4x eager's; robust's file, not yet diagnosed",
-    **{("triton", i): "issue 12: the Triton kernels ignore bias strides (sliced/offset/expanded biases), "
-                      "fixed on branch triton" for i in (3, 4, 5, 7, 8, 9, 11, 12, 18, 19, 22, 25, 26, 28, 29, 35, 39)},
 }
-# Reads memory outside an expanded bias, whose contents vary from run to run: fails or passes.
-FLAKY = {("triton", 20): "issue 12: the Triton kernels ignore bias strides (an expanded bias is read past its "
-                         "end: garbage, so this case passes or fails by chance), fixed on branch triton"}
 
 
 def _params(backend: str):
     for i in range(COUNTS[backend]):
         marks = [pytest.mark.xfail(strict=True, reason=KNOWN[(backend, i)])] if (backend, i) in KNOWN else []
-        if (backend, i) in FLAKY:
-            marks = [pytest.mark.xfail(strict=False, reason=FLAKY[(backend, i)])]
         yield pytest.param(backend, i, id=f"{backend}-{i}", marks=marks)
 
 
