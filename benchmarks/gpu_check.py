@@ -200,16 +200,20 @@ def pack() -> None:
         f.write(markdown(rows))
 
 
-def main(argv: list[str]) -> int:
-    steps = {"env": env, "pack": pack}
+def run_step(prog: str, steps: dict, argv: list[str]) -> int:
+    """Runs the one step named on the command line; 130 when SIGINT (the step's timeout) stops it."""
     if len(argv) != 1 or argv[0] not in steps:
-        print(f"usage: python -m benchmarks.gpu_check {'|'.join(steps)}", file=sys.stderr)
+        print(f"usage: python -m {prog} {'|'.join(steps)}", file=sys.stderr)
         return 2
     try:
         steps[argv[0]]()
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_step("benchmarks.gpu_check", {"env": env, "pack": pack}, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from multiprocessing import get_context
 
 import torch
 
-from .gpu_check import DRY, TIMING_SHAPES, bench_ms, device, guarded, read_records, record
+from .gpu_check import DRY, TIMING_SHAPES, bench_ms, device, guarded, read_records, record, run_step
 
 SEED = 0x5EED_0123_4567
 WARM_N = 64
@@ -238,14 +238,7 @@ def ncu_target() -> None:
 
 def main(argv: list[str]) -> int:
     steps = {"warm": warm, "kernels": kernels, "ops": ops, "ncu_target": ncu_target}
-    if len(argv) != 1 or argv[0] not in steps:
-        print(f"usage: python -m benchmarks.gpu_check_speed {'|'.join(steps)}", file=sys.stderr)
-        return 2
-    try:
-        steps[argv[0]]()
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_step("benchmarks.gpu_check_speed", steps, argv)
 
 
 if __name__ == "__main__":
