@@ -134,3 +134,15 @@ def grouped_adapter(
         None if residual is None else residual.reshape(-1, d), seed, activation, p,
     )
     return y.view(shape)
+
+
+def pad_rank(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """``t`` zero-padded to rank ``r`` along ``dim``, so adapters of different ranks stack into one
+    ``[A, r, d]``/``[A, d, r]`` tensor exactly: a padded rank's down row (and bias) gives act(0) and
+    its zero up column cancels it."""
+    missing = r - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim)

@@ -20,7 +20,7 @@ from adapters.composition import AdapterCompositionBlock
 from adapters.context import ForwardContext
 from adapters.methods.modeling import Adapter, ParallelAdapter
 
-from ..grouped import grouped_adapter
+from ..grouped import grouped_adapter, pad_rank
 from . import adapterhub as ah
 
 
@@ -47,15 +47,6 @@ def _eligible(layer, children) -> list[str] | None:
     return list(children) if len(settings) == 1 else None
 
 
-def _pad_rows(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
-    missing = r - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t, t.new_zeros(shape)], dim)
-
-
 def _run_grouped(layer, names: list[str], state, per_sample: torch.Tensor):
     """The children's adapter step for all rows at once; returns the composition's output state."""
     modules = [layer.adapters[n] for n in names]
@@ -71,9 +62,9 @@ def _run_grouped(layer, names: list[str], state, per_sample: torch.Tensor):
             wu = wu * s.reshape(-1, 1)
             bu = None if bu is None else bu * s.reshape(-1)
             scaling = 1.0
-        w_down.append(_pad_rows(down.weight, r, 0))
-        w_up.append(_pad_rows(wu, r, 1))
-        b_down.append(None if down.bias is None else _pad_rows(down.bias, r, 0))
+        w_down.append(pad_rank(down.weight, r, 0))
+        w_up.append(pad_rank(wu, r, 1))
+        b_down.append(None if down.bias is None else pad_rank(down.bias, r, 0))
         b_up.append(bu)
         scales.append(float(scaling))
     x = state.hidden_states

@@ -22,7 +22,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..grouped import grouped_adapter
+from ..grouped import grouped_adapter, pad_rank
 from . import hf
 
 BASE_NAME = "__base__"
@@ -77,26 +77,15 @@ def _row_index(per_sample: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return per_sample.to(x.device).view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
 
 
-def _pad(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
-    """``t`` zero-padded to size r along ``dim``: adapters of different ranks share one stacked tensor
-    exactly, as a padded rank's down row (and bias) gives act(0) and its up column 0 cancels it."""
-    missing = r - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t, t.new_zeros(shape)], dim)
-
-
 def _grouped_branch(layer, group: list[str], per_sample: torch.Tensor):
     """A ``Branch`` (``f(x, residual=None)``) running the adapters ``group`` of this site in one call."""
     downs = [layer.adapterfast_down[n] for n in group]
     ups = [layer.adapterfast_up[n] for n in group]
     settings = layer.adapterfast_settings[group[0]]
     r = max(m.out_features for m in downs)
-    w_down = torch.stack([_pad(m.weight, r, 0) for m in downs])
-    w_up = torch.stack([_pad(m.weight, r, 1) for m in ups])
-    b_down = torch.stack([_pad(m.bias, r, 0) for m in downs]) if downs[0].bias is not None else None
+    w_down = torch.stack([pad_rank(m.weight, r, 0) for m in downs])
+    w_up = torch.stack([pad_rank(m.weight, r, 1) for m in ups])
+    b_down = torch.stack([pad_rank(m.bias, r, 0) for m in downs]) if downs[0].bias is not None else None
     b_up = torch.stack([m.bias for m in ups]) if ups[0].bias is not None else None
     scales = [layer.adapterfast_settings[n].scale for n in group]
 
