@@ -21,7 +21,6 @@ from adapters.context import ForwardContext
 from adapters.methods.modeling import Adapter, ParallelAdapter
 
 from ..grouped import grouped_adapter, pad_rank
-from . import adapterhub as ah
 
 
 def _eligible(layer, children) -> list[str] | None:
@@ -129,3 +128,8 @@ def compose_parallel(self, adapter_setup, state, lvl=0):
         return self.pad_and_concat(children)
     per_sample = torch.arange(len(names)).repeat_interleave(original)
     return _run_grouped(self, names, block_state, per_sample)
+
+
+# At the end: adapterhub.py installs the functions above and imports this module, so either may be
+# imported first.
+from . import adapterhub as ah  # noqa: E402
