@@ -6,8 +6,12 @@
 //
 // NaN propagates as in eager: relu and leaky_relu pass a NaN through (torch.relu does), and
 // their derivatives are 0 and the leaky slope for NaN (the reference's `h > 0` comparisons).
+// `backprop` applies the chain rule at the pre-activation; for relu it selects rather than
+// multiplies, as eager's threshold_backward does, so a non-finite upstream gradient where h <= 0
+// gives 0 there, not NaN.
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include <c10/util/Exception.h>
 
@@ -121,6 +125,16 @@ struct QuickGelu {
 };
 
 }  // namespace act
+
+// upstream * act'(h): the gradient at the pre-activation.
+template <typename F, typename T>
+T backprop(F f, T h, T upstream) {
+  if constexpr (std::is_same_v<F, act::Relu<T>>) {
+    return h > T(0) ? upstream : T(0);
+  } else {
+    return upstream * f.grad(h);
+  }
+}
 
 // Calls fn(Functor{}) with the functor of `activation`, so the caller's loop is compiled once
 // per activation instead of switching per element.

@@ -64,7 +64,7 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
                              int64_t r, acc_t* __restrict dh, acc_t* __restrict a,
                              double* __restrict db_down) {
   for (int64_t j = 0; j < r; ++j) {
-    const acc_t dh_value = fold * da[j] * f.grad(h[j]);
+    const acc_t dh_value = backprop(f, h[j], fold * da[j]);
     db_down[j] += dh_value;
     dh[j] = round_as<T>(dh_value);
     a[j] = round_as<T>(f.value(h[j])) * fold;

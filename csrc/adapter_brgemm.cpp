@@ -248,7 +248,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
               T dh_value(0.0f);
               T a_value(0.0f);
               if (i < m) {
-                const float v = fold * da[i * r + j] * f.grad(hb[i * r + j]);
+                const float v = backprop(f, hb[i * r + j], fold * da[i * r + j]);
                 sums.db_down[j] += static_cast<double>(v);
                 dh_value = static_cast<T>(v);
                 a_value = static_cast<T>(f.value(hb[i * r + j]));

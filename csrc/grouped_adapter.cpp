@@ -489,7 +489,7 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
         for (int64_t i = 0; i < m; ++i) std::memcpy(hb.data() + i * r, h_data + rows[i] * r, r * sizeof(acc_t));
         visit<acc_t>(op.activation, [&](auto f) {
           for (int64_t idx = 0; idx < m * r; ++idx) {
-            const acc_t value = da[idx] * f.grad(hb[idx]);
+            const acc_t value = backprop(f, hb[idx], da[idx]);
             sums.db_down[idx % r] += value;
             dh[idx] = round_as<T>(value);
             a[idx] = round_as<T>(f.value(hb[idx]));
