@@ -14,7 +14,7 @@ PY5 := $(VENV5)/bin/python
 INSTALLED5 := $(VENV5)/.installed
 # The tests that run on both transformers lines (AdapterHub's adapters pins transformers 4.57: .venv only).
 HF_TESTS := tests/test_hf_adapters.py tests/test_hf_architectures.py tests/test_hf_default_sites.py \
-	tests/test_peft_method.py tests/test_peft_example.py tests/test_kernels_shadowing.py
+	tests/test_peft_method.py tests/test_peft_example.py tests/test_peft_mixed.py tests/test_kernels_shadowing.py
 # With a C++ compiler on this machine the CPU backend must build (a failed build fails make test), unless
 # ADAPTERFAST_BUILD_CPU=0 says to skip it; without one, the install goes on without it.
 CXX_FOUND := $(shell command -v "$${CXX:-c++}" 2>/dev/null)
