@@ -110,3 +110,14 @@ def activate_grad(h, ACTIVATION: tl.constexpr):
     else:
         tl.static_assert(False, "unknown activation")
     return out
+
+
+@triton.jit
+def backprop(h, upstream, ACTIVATION: tl.constexpr):
+    """``upstream * act'(h)``, the gradient at the pre-activation. For relu it selects instead of
+    multiplying, as eager's ``threshold_backward`` does, so a NaN/Inf upstream where h <= 0 gives 0."""
+    if ACTIVATION == "relu":
+        out = tl.where(h > 0.0, upstream, 0.0)
+    else:
+        out = upstream * activate_grad(h, ACTIVATION)
+    return out

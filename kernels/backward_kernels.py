@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from . import config as _config
-from .activations import activate, activate_grad
+from .activations import activate, backprop
 from .launch import Launch, cdiv, dot_precision, dropout_args, in_dtype as _in_dtype
 from .philox import branch_factor
 
@@ -90,7 +90,7 @@ def adapter_backward_dx_kernel(
 
     hr_mask = row_mask[:, None] & rank_mask[None, :]
     h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
-    dh = da * activate_grad(h, ACTIVATION)
+    dh = backprop(h, da, ACTIVATION)
     tl.store(dh_ptr + rows[:, None] * r + ranks[None, :], dh, mask=hr_mask)
     if NEED_DX:
         dh = dh.to(DOT_DTYPE)

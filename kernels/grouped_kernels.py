@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .activations import activate, activate_grad
+from .activations import activate, backprop
 from .philox import branch_factor
 
 
@@ -149,7 +149,7 @@ def grouped_backward_dx_kernel(
             da = tl.dot(gz.to(DOT_DTYPE), w_up.to(DOT_DTYPE), da, input_precision=INPUT_PRECISION)
 
         h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
-        dh = da * activate_grad(h, ACTIVATION)
+        dh = backprop(h, da, ACTIVATION)
         tl.store(dh_ptr + rows[:, None] * r + ranks[None, :], dh, mask=hr_mask)
         dh = dh.to(DOT_DTYPE)
 

@@ -338,10 +338,9 @@ if __name__ == "__main__":
 def test_fused_backends_are_nonfinite_wherever_eager_is(backend, case, activation, residual):
     """What the fused backends do with a NaN/Inf scale or grad_y, as tested: every output is
     non-finite wherever eager's is, and equal to eager's wherever both are finite. They are not
-    eager's exact pattern (the reference is, see test_reference.py): Triton's ReLU backward
-    multiplies by act'(h) = 0 (NaN * 0 = NaN where eager's select gives 0; the C++ backend selects),
-    and both apply ``scale`` after a matmul where eager applies it before (finite sum * Inf = Inf
-    where eager's sum of +-Inf is NaN)."""
+    eager's exact pattern (the reference is, see test_reference.py): they apply ``scale`` after a
+    matmul where eager applies it before (finite sum * Inf = Inf where eager's sum of +-Inf is NaN).
+    Their ReLU backward selects, as eager's does."""
     from test_reference import _eager, fused, nonfinite_case, nonfinite_outputs
 
     if _available(backend):
