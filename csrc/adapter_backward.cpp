@@ -16,11 +16,12 @@
 // thread count and any run.
 #include "adapter_ops.h"
 
+#include <array>
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/Dispatch.h>
 
 #include "activations.h"
 #include "adapter_common.h"
@@ -158,23 +159,40 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   });
 }
 
-// Sums the groups' partials in group order (parallel over elements, so the order per element
-// never changes).
+// Sums the groups' partials into the first group's row, in group order (parallel over elements,
+// so the order per element never changes), and returns that row.
 template <typename acc_t>
-at::Tensor sum_partials(const at::Tensor& partials) {
+const acc_t* sum_partials(at::Tensor& partials) {
   const int64_t groups = partials.size(0);
   const int64_t size = partials.size(1);
-  at::Tensor total = at::empty({size}, partials.options());
-  const acc_t* src = partials.data_ptr<acc_t>();
-  acc_t* dst = total.data_ptr<acc_t>();
+  acc_t* total = partials.data_ptr<acc_t>();
+  if (groups == 1) return total;
   at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
-    std::copy(src + begin, src + end, dst + begin);
     for (int64_t group = 1; group < groups; ++group) {
-      const acc_t* part = src + group * size;
-      for (int64_t k = begin; k < end; ++k) dst[k] += part[k];
+      const acc_t* part = total + group * size;
+      for (int64_t k = begin; k < end; ++k) total[k] += part[k];
     }
   });
   return total;
+}
+
+// A weight or bias gradient in dtype from the contiguous [rows, cols] sums (transposed with
+// `transpose`), each sum multiplied by `factor` in the sums' type first.
+template <typename acc_t>
+at::Tensor gradient(const acc_t* sums, int64_t rows, int64_t cols, bool transpose, acc_t factor,
+                    at::ScalarType dtype, const at::TensorOptions& options) {
+  const std::array<int64_t, 2> sizes = transpose ? std::array<int64_t, 2>{cols, rows}
+                                                  : std::array<int64_t, 2>{rows, cols};
+  at::Tensor out = at::empty(sizes, options.dtype(dtype));
+  if (transpose && dtype == c10::CppTypeToScalarType<acc_t>::value && factor == acc_t(1)) {
+    block_kernels<acc_t>().transpose(rows, cols, sums, cols, out.data_ptr<acc_t>(), rows);
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "adapterfast_cpu_gradient", [&] {
+    copy_matrix(sums, cols, 1, rows, cols, transpose, out.data_ptr<scalar_t>(),
+                [factor](acc_t v) { return static_cast<scalar_t>(v * factor); });
+  });
+  return out;
 }
 
 }  // namespace
@@ -208,42 +226,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
                             static_cast<uint64_t>(seed)};
 
   at::Tensor dx = empty_output({dims.n, dims.d}, x.options());
-  at::Tensor total = at::zeros({Partials<float>::size(dims)}, x.options().dtype(acc));
-  at::Tensor bias_total = at::zeros({Partials<float>::bias_size(dims)}, x.options().dtype(at::kDouble));
-  if (dims.n > 0) {
-    dispatch_dtype(dtype, [&](auto t, auto a) {
-      using T = decltype(t);
-      using acc_t = decltype(a);
-      const int64_t blocks = (dims.n + kBlockRows - 1) / kBlockRows;
-      const int64_t size = Partials<acc_t>::size(dims);
-      const int64_t groups = reduction_groups(dims, blocks, size);
-      at::Tensor partials = empty_output({groups, size}, x.options().dtype(acc));
-      at::Tensor bias_partials = at::empty({groups, Partials<acc_t>::bias_size(dims)}, x.options().dtype(at::kDouble));
+  at::Tensor dw_down, db_down, dw_up, db_up;
+  const auto options = x.options();
+  dispatch_dtype(dtype, [&](auto t, auto a) {
+    using T = decltype(t);
+    using acc_t = decltype(a);
+    const int64_t blocks = (dims.n + kBlockRows - 1) / kBlockRows;
+    const int64_t size = Partials<acc_t>::size(dims);
+    const int64_t groups = dims.n == 0 ? 1 : reduction_groups(dims, blocks, size);
+    at::Tensor partials = empty_output({groups, size}, options.dtype(acc));
+    at::Tensor bias_partials = at::empty({groups, Partials<acc_t>::bias_size(dims)}, options.dtype(at::kDouble));
+    // Applied to g^T a when the driver sums it unscaled (see below).
+    acc_t dw_up_factor = 1;
+    if (dims.n == 0) {
+      partials.zero_();
+      bias_partials.zero_();
+    } else {
       constexpr bool kSameType = std::is_same_v<T, acc_t>;
       const BrgemmLayout layout = brgemm_layout_for(dtype, dims);
       if (layout != BrgemmLayout::none) {
         if constexpr (std::is_same_v<acc_t, float>) {
           backward_blocks_brgemm<T>(op, layout, dx, partials, bias_partials);
+          // The brgemm driver sums g^T a: the factor s of gz = s g is applied once, at the end.
+          if (dropout_p == 0.0) dw_up_factor = static_cast<acc_t>(scale);
         }
       } else if (kSameType && dropout_p == 0.0) {
         backward_blocks<T, acc_t, kSameType>(op, dx, partials, bias_partials, groups);
       } else {
         backward_blocks<T, acc_t, false>(op, dx, partials, bias_partials, groups);
       }
-      total = sum_partials<acc_t>(partials);
-      bias_total = sum_partials<double>(bias_partials);
-      if (layout != BrgemmLayout::none && dropout_p == 0.0) {
-        // The brgemm driver sums g^T a: the factor s of gz = s g is applied once here.
-        total.narrow(0, 0, dims.r * dims.d).mul_(scale);
-      }
-    });
-  }
-
-  const int64_t rd = dims.r * dims.d;
-  at::Tensor dw_up = total.narrow(0, 0, rd).view({dims.r, dims.d}).t().contiguous().to(w_up.scalar_type());
-  at::Tensor dw_down = total.narrow(0, rd, rd).view({dims.r, dims.d}).to(w_down.scalar_type(), false, true);
-  at::Tensor db_up = bias_total.narrow(0, 0, dims.d).to(w_up.scalar_type(), false, true);
-  at::Tensor db_down = bias_total.narrow(0, dims.d, dims.r).to(w_down.scalar_type(), false, true);
+    }
+    const acc_t* total = sum_partials<acc_t>(partials);
+    const double* bias_total = sum_partials<double>(bias_partials);
+    const int64_t rd = dims.r * dims.d;
+    dw_up = gradient<acc_t>(total, dims.r, dims.d, /*transpose=*/true, dw_up_factor, w_up.scalar_type(), options);
+    dw_down = gradient<acc_t>(total + rd, dims.r, dims.d, false, 1, w_down.scalar_type(), options);
+    db_up = gradient<double>(bias_total, 1, dims.d, false, 1, w_up.scalar_type(), options).view({dims.d});
+    db_down = gradient<double>(bias_total + dims.d, 1, dims.r, false, 1, w_down.scalar_type(), options).view({dims.r});
+  });
   return {dx, dw_down, db_down, dw_up, db_up};
 }
 

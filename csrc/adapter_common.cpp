@@ -1,5 +1,6 @@
 #include "adapter_common.h"
 
+#include <array>
 #include <cstdlib>
 #include <string>
 
@@ -89,8 +90,34 @@ void check_dropout(const char* op, double dropout_p) {
 }
 
 at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose) {
+  const at::ScalarType acc = accumulation_type(x_dtype);
+  const at::ScalarType w_dtype = w.scalar_type();
+  if (!transpose && w_dtype == x_dtype && w_dtype == acc && w.is_contiguous()) return w;
+  at::Tensor out;
+  dispatch_dtype(x_dtype, [&](auto t, auto a) {
+    using T = decltype(t);
+    using acc_t = decltype(a);
+    const auto copy_from = [&](auto source) {
+      using W = decltype(source);
+      const std::array<int64_t, 2> sizes = transpose ? std::array<int64_t, 2>{w.size(1), w.size(0)}
+                                                      : std::array<int64_t, 2>{w.size(0), w.size(1)};
+      out = at::empty(sizes, w.options().dtype(acc));
+      copy_matrix(w.data_ptr<W>(), w.stride(0), w.stride(1), w.size(0), w.size(1), transpose,
+                  out.data_ptr<acc_t>(), [](W v) { return round_as<T>(static_cast<acc_t>(v)); });
+    };
+    if (transpose && w_dtype == x_dtype && std::is_same_v<T, acc_t> && w.stride(1) == 1) {
+      out = at::empty({w.size(1), w.size(0)}, w.options());
+      block_kernels<acc_t>().transpose(w.size(0), w.size(1), w.data_ptr<acc_t>(), w.stride(0),
+                                       out.data_ptr<acc_t>(), w.size(0));
+    } else if (w_dtype == x_dtype) {
+      copy_from(T{});
+    } else if (w_dtype == at::kFloat && acc == at::kFloat) {
+      copy_from(float{});
+    }
+  });
+  if (out.defined()) return out;
   const at::Tensor oriented = transpose ? w.t() : w;
-  return oriented.to(x_dtype).to(accumulation_type(x_dtype)).contiguous();
+  return oriented.to(x_dtype).to(acc).contiguous();
 }
 
 std::optional<at::Tensor> operand_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype) {

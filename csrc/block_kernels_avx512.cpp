@@ -458,6 +458,53 @@ void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, in
   }
 }
 
+// r[c] = column c of the 16 x 16 tile whose rows r held: pairs of rows interleaved (unpack_ps),
+// then pairs of pairs (unpack_pd), which leaves in 128-bit lane L of u[4 q + c] rows 4q..4q+3 of
+// column 4L + c; two rounds of 128-bit lane shuffles gather each column's four lanes.
+ALWAYS_INLINE void transpose_tile(__m512 (&r)[kLanes]) {
+  __m512 t[kLanes];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  __m512 u[kLanes];
+  for (int q = 0; q < 4; ++q) {
+    const __m512d a = _mm512_castps_pd(t[4 * q]), b = _mm512_castps_pd(t[4 * q + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * q + 1]), e = _mm512_castps_pd(t[4 * q + 3]);
+    u[4 * q + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, e));
+    u[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, e));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 p0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 p1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 q0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 q1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(p0, q0, 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(p0, q0, 0xdd);
+    r[c + 4] = _mm512_shuffle_f32x4(p1, q1, 0x88);
+    r[c + 12] = _mm512_shuffle_f32x4(p1, q1, 0xdd);
+  }
+}
+
+void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B, int64_t ldb) {
+  for (int64_t i0 = 0; i0 < M; i0 += kLanes) {
+    const int64_t mi = min64(kLanes, M - i0);
+    const __mmask16 row_mask = lanes(mi);
+    for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
+      const int64_t kc = min64(kLanes, K - k0);
+      const __mmask16 col_mask = lanes(kc);
+      __m512 r[kLanes];
+      for (int t = 0; t < kLanes; ++t) {
+        r[t] = t < mi ? load(A + (i0 + t) * lda + k0, col_mask) : _mm512_setzero_ps();
+      }
+      transpose_tile(r);
+      for (int t = 0; t < kc; ++t) store(B + (k0 + t) * ldb + i0, r[t], row_mask);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace adapterfast::cpu::avx512
 
@@ -487,7 +534,7 @@ void finish_rows(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0
 
 const BlockKernels<float>* kernels() {
   static const BlockKernels<float> table{"avx512", &project_in, &accumulate_outer, &project_out,
-                                         &dropout_keep};
+                                         &transpose, &dropout_keep};
   return &table;
 }
 

@@ -95,12 +95,27 @@ void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, in
   }
 }
 
+// In 16 x 16 tiles, so reads and writes both stay within a few cache lines per tile.
+template <typename acc_t>
+void transpose(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* B, int64_t ldb) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < M; i0 += kTile) {
+    const int64_t i1 = std::min(M, i0 + kTile);
+    for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+      const int64_t k1 = std::min(K, k0 + kTile);
+      for (int64_t k = k0; k < k1; ++k) {
+        for (int64_t i = i0; i < i1; ++i) B[k * ldb + i] = A[i * lda + k];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 template <typename acc_t>
 const BlockKernels<acc_t>& kernels() {
   static const BlockKernels<acc_t> table{"generic", &project_in<acc_t>, &accumulate_outer<acc_t>,
-                                         &project_out<acc_t>, &dropout_keep};
+                                         &project_out<acc_t>, &transpose<acc_t>, &dropout_keep};
   return table;
 }
 
