@@ -72,16 +72,20 @@ struct Gelu {
   }
 };
 
-// 0.5 h (1 + tanh(k (h + 0.044715 h^3))), k = sqrt(2 / pi).
+// 0.5 h (1 + tanh(v / 2)), v = 2k (h + 0.044715 h^3), k = sqrt(2 / pi), evaluated as h s with
+// s = sigmoid(v) = 0.5 (1 + tanh(v / 2)): where tanh is near -1 (h below about -2), 1 + tanh
+// cancels and loses up to ~10 bits in fp32, the sigmoid form loses none. Derivative
+// s + h s (1 - s) v', with 1 - tanh^2 = 4 s (1 - s) and 1 - s = sigmoid(-v) (again no cancellation).
 template <typename T>
 struct GeluTanh {
-  static constexpr T kSqrt2OverPi = T(0.79788456080286535588);
+  static constexpr T kTwoSqrt2OverPi = T(1.59576912160573071176);
   static constexpr T kCubic = T(0.044715);
-  static T value(T h) { return T(0.5) * h * (T(1) + std::tanh(kSqrt2OverPi * (h + kCubic * h * h * h))); }
+  static T inner(T h) { return kTwoSqrt2OverPi * (h + kCubic * h * h * h); }
+  static T value(T h) { return h * logistic(inner(h)); }
   static T grad(T h) {
-    const T t = std::tanh(kSqrt2OverPi * (h + kCubic * h * h * h));
-    return T(0.5) * (T(1) + t) +
-           T(0.5) * h * (T(1) - t * t) * kSqrt2OverPi * (T(1) + T(3) * kCubic * h * h);
+    const T v = inner(h);
+    const T s = logistic(v);
+    return s + h * s * logistic(-v) * kTwoSqrt2OverPi * (T(1) + T(3) * kCubic * h * h);
   }
 };
 

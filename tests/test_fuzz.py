@@ -258,8 +258,6 @@ def _available(backend: str) -> str | None:
 
 # Known failures, by backend and case index, with what is known of them (xfail, strict).
 KNOWN: dict[tuple[str, int], str] = {
-    ("cpu", 234): "issue 16: fp32 gelu_tanh outlier in the C++ kernel (dW_up 4.7x eager's error, N=1); "
-                  "csrc/, not on any branch's list",
     ("reference", 155): "issue 16: reference bf16 x / fp32 weights with dropout: grad x 2.4e-2 norm-wise, over "
                         "4x eager's; robust's file, not yet diagnosed",
 }
