@@ -1,8 +1,11 @@
 """The op as ``torch.autograd.Function``s: the eager fast path, and the one torch.func transforms use.
 
-``FusedAdapter`` is what an eager call runs: its forward calls the selected backend's kernel
-directly, so a call costs one ``Function.apply`` on top of the kernels (no custom-op wrapper, no
-argument re-binding, no per-call module lookups). It records the backend that ran the forward on
+``FusedAdapter`` is what an eager call runs on a backend without a native differentiable op (the
+reference and Triton backends; the C++ backend's ``adapterfast_cpu::fused`` is a C++
+``torch::autograd::Function`` and replaces it, see ``cpu.py``), and on any backend under forward-mode
+AD or autocast: its forward calls the selected backend's kernel directly, so a call costs one
+``Function.apply`` on top of the kernels (no custom-op wrapper, no argument re-binding, no per-call
+module lookups). It records the backend that ran the forward on
 the autograd context, and its backward runs that backend (whose saved pre-activation and dropout
 mask it relies on), whatever backend is in force when the backward runs.
 

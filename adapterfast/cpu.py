@@ -20,6 +20,15 @@ brgemm off; ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` makes oneDNN act as on a CPU
 ``ATEN_CPU_CAPABILITY=avx2`` selects the portable kernels (and so no brgemm). All are read once,
 at the first call.
 
+An eager call with autograd recording runs ``adapterfast_cpu::fused`` (``csrc/adapter_autograd.cpp``):
+the op with its derivative as a C++ ``torch::autograd::Function``, so a training step costs one op
+call from Python and the autograd engine runs the backward without coming back to Python. The
+Python ``autograd.FusedAdapter`` around ``forward``/``backward`` gives bitwise the same results,
+but its Python backward node, the saved-tensor unpacking and a second op call from Python made a
+[8, 768] r=16 forward + backward cost 1.6x as much (239 us against 147 us on the loaded 2-CPU dev VM,
+``benchmarks/overhead.py``'s cell timed both ways), which at small N decides whether adapterfast
+beats the eager adapter. Forward-mode AD, torch.func and autocast still take the Python Function.
+
 Large outputs are allocated by PyTorch and then advised to use transparent huge pages (Linux),
 which makes their first-touch page faults several times cheaper; ``ADAPTERFAST_CPU_HUGE_PAGES=0``
 turns that off.
@@ -115,7 +124,8 @@ if _IMPORT_ERROR is None:
     # ``_op`` is the overload's C++ callable, without OpOverload.__call__'s Python frame
     _op_backward = getattr(torch.ops.adapterfast_cpu.backward.default, "_op", torch.ops.adapterfast_cpu.backward)
     _op_forward = getattr(torch.ops.adapterfast_cpu.forward.default, "_op", torch.ops.adapterfast_cpu.forward)
+    _op_fused = getattr(torch.ops.adapterfast_cpu.fused.default, "_op", torch.ops.adapterfast_cpu.fused)
     dispatch.register("cpu", forward=_op_forward, backward=_registered_backward,
-                      dtypes=DTYPES, unavailable=unavailable_reason)
+                      dtypes=DTYPES, unavailable=unavailable_reason, differentiable=_op_fused)
 else:
     dispatch.register("cpu", forward=forward, backward=backward, dtypes=DTYPES, unavailable=unavailable_reason)

@@ -38,13 +38,19 @@ _choices: dict[tuple, str] = {}
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
-    """A backend's two functions, with the dtypes of x it runs and why it cannot run, if so."""
+    """A backend's two functions, with the dtypes of x it runs and why it cannot run, if so.
+
+    ``differentiable``, where a backend has one, is the op with its derivative in one native
+    autograd node, ``(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+    -> y``: what an eager call with autograd recording runs instead of ``autograd.FusedAdapter``
+    around ``forward``/``backward`` (same results, bitwise; no Python in the backward)."""
 
     name: str
     forward: Callable
     backward: Callable
     dtypes: tuple[torch.dtype, ...]
     unavailable: Callable[[], Optional[str]]
+    differentiable: Optional[Callable] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +67,12 @@ class BackendInfo:
 _registry: dict[str, Kernels] = {}
 
 
-def register(name: str, *, forward: Callable, backward: Callable, dtypes, unavailable=lambda: None) -> None:
+def register(name: str, *, forward: Callable, backward: Callable, dtypes, unavailable=lambda: None,
+             differentiable: Optional[Callable] = None) -> None:
     """Called by each backend module when imported: makes ``name`` selectable."""
     if name not in NAMES or name == "auto":
         raise ValueError(f"unknown adapterfast backend {name!r}")
-    _registry[name] = Kernels(name, forward, backward, tuple(dtypes), unavailable)
+    _registry[name] = Kernels(name, forward, backward, tuple(dtypes), unavailable, differentiable)
     _choices.clear()
 
 

@@ -3,8 +3,10 @@
 It checks its inputs (a wrong shape, dtype or device is a ``ValueError``/``TypeError`` that names
 it), flattens the leading dimensions to ``[N, d]``, draws the dropout seed, and runs the op:
 
-- eagerly, through ``autograd.FusedAdapter`` on the backend ``dispatch.select`` names (the fast
-  path: one cheap check of the common case, a cached backend choice, one ``Function.apply``);
+- eagerly, on the backend ``dispatch.select`` names (the fast path: one cheap check of the common
+  case, a cached backend choice, then one call): the backend's native differentiable op where it
+  has one (the C++ backend) and neither forward-mode AD nor autocast is on, else
+  ``autograd.FusedAdapter`` around its forward and backward;
 - under torch.func transforms, through ``transforms.FusedAdapterFunc`` (which has the jvp and
   vmap rules those need);
 - under ``torch.compile``, on meta tensors and on DTensors, through the ``torch.library`` custom
@@ -48,6 +50,8 @@ def _run(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropo
     kernels = dispatch.kernels(name)
     seed = 0 if seed is None else int(seed)
     if torch.is_grad_enabled() or _forward_ad._current_level >= 0:
+        if kernels.differentiable is not None and _forward_ad._current_level < 0 and not _any_autocast():
+            return kernels.differentiable(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
         y, _ = autograd.apply_fast(x, w_down, b_down, w_up, b_up, residual, kernels, seed, activation, scale,
                                    dropout_p)
     else:

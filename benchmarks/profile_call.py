@@ -6,6 +6,11 @@ the time spent in Python code (functions defined in ``.py`` files: module ``__ca
 wrappers, validation, dispatch) and in native code (kernels, the autograd engine, tensor
 methods), then the top functions of each. cProfile slows Python code down more than native code,
 so compare the two providers with each other, not with untimed runs.
+
+Then, without the profiler, the wall time per call of each, and of adapterfast's step through the
+Python ``autograd.FusedAdapter`` instead of the backend's native differentiable op (the C++
+backend's ``adapterfast_cpu::fused``): interleaved batches, the fastest batch of each kept (the
+least disturbed by other load), to show what moving the autograd node into C++ saves.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import cProfile
 import io
 import pstats
 import sys
+import time
 
 import torch
 
@@ -41,6 +47,38 @@ def profile(module, x, g, steps: int) -> tuple[float, float, str]:
     return python / steps, native / steps, listing.getvalue()
 
 
+class PythonAutogradAdapter(torch.nn.Module):
+    """``adapterfast.Adapter``'s forward through ``autograd.FusedAdapter`` on the same backend."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, x):
+        from adapterfast import autograd, dispatch
+
+        a = self.adapter
+        kernels = dispatch.kernels(dispatch.select(x, a.down.weight.shape[0]))
+        y, _ = autograd.apply_fast(x, a.down.weight, a.down.bias, a.up.weight, a.up.bias, None, kernels, 0,
+                                   a.activation, a.scale, 0.0)
+        return y
+
+
+def fastest_batches(modules: dict, x, g, batches: int = 300, per_batch: int = 10) -> dict:
+    """Seconds per forward + backward of each module: the fastest of ``batches`` interleaved batches."""
+    best = dict.fromkeys(modules, float("inf"))
+    for module in modules.values():
+        for _ in range(50):
+            module(x).backward(g)
+    for _ in range(batches):
+        for name, module in modules.items():
+            start = time.perf_counter()
+            for _ in range(per_batch):
+                module(x).backward(g)
+            best[name] = min(best[name], (time.perf_counter() - start) / per_batch)
+    return best
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_call", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=8)
@@ -66,6 +104,11 @@ def main(argv=None) -> int:
         print(f"  {name:20s} python {python * 1e6:7.1f} us   native {native * 1e6:7.1f} us")
         if args.listing:
             print(listing)
+    timed = fastest_batches({"eager seed adapter": eager, "adapterfast": fused,
+                             "adapterfast, Python autograd.Function": PythonAutogradAdapter(fused)}, x, g)
+    print("wall time per call, fastest of 300 interleaved batches of 10 (no profiler):")
+    for name, seconds in timed.items():
+        print(f"  {name:38s} {seconds * 1e6:7.1f} us   eager / this {timed['eager seed adapter'] / seconds:5.2f}x")
     return 0
 
 

@@ -1,5 +1,6 @@
-// Registers the CPU ops as torch.ops.adapterfast_cpu.{forward, backward, kernel_isa}, and makes
-// the library importable as the Python module adapterfast._C (importing it registers the ops).
+// Registers the CPU ops as torch.ops.adapterfast_cpu.{forward, backward, kernel_isa} (fused, the
+// differentiable op, registers itself in adapter_autograd.cpp), and makes the library importable
+// as the Python module adapterfast._C (importing it registers the ops).
 #include <Python.h>
 
 #include <torch/library.h>
