@@ -1,7 +1,8 @@
 // The fused forward on CPU:
 //     h = x Wd^T + bd                                    (returned, [N, r], saved for backward)
 //     y = res + scale * keep / (1 - p) * (act(h) Wu^T + bu)
-// Rows are processed in blocks of kBlockRows, in parallel over blocks. Per block, x is read from
+// Rows are processed in blocks of kBlockRows (fewer when a call has too few rows to keep every
+// thread busy), in parallel over blocks. Per block, x is read from
 // memory once (project_in) and y written once (project_out, with bias, dropout, scale and
 // residual applied to each tile as it leaves the registers), so no [N, d] temporary exists.
 #include "adapter_ops.h"
@@ -19,6 +20,17 @@
 
 namespace adapterfast::cpu {
 namespace {
+
+// Rows per block: kBlockRows, or fewer when that would leave threads idle (a call of 64 to a few
+// hundred rows is one to a few blocks). Each row's result is the same in any block, so unlike the
+// backward's reduction groups this may depend on the thread count. At least 16 rows, so the
+// register tiles (6 or 8 rows) stay full.
+int64_t forward_block_rows(int64_t n) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || n >= threads * kBlockRows) return kBlockRows;
+  const int64_t share = (n + threads - 1) / threads;
+  return std::max<int64_t>(16, (share + 7) / 8 * 8);
+}
 
 template <typename T, typename acc_t>
 void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
@@ -47,15 +59,16 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
     epilogue.ld_res = op.residual->stride(0);
   }
 
-  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  const int64_t rows = forward_block_rows(n);
+  const int64_t blocks = (n + rows - 1) / rows;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    std::vector<acc_t> x_scratch(x_rows.in_place() ? 0 : kBlockRows * d);
-    std::vector<acc_t> a(kBlockRows * r);
-    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    std::vector<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);
+    std::vector<acc_t> a(rows * r);
+    std::vector<uint8_t> keep(dropout ? rows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
     for (int64_t block = first; block < last; ++block) {
-      const int64_t row0 = block * kBlockRows;
-      const int64_t m = std::min(kBlockRows, n - row0);
+      const int64_t row0 = block * rows;
+      const int64_t m = std::min(rows, n - row0);
       int64_t ld_x = 0;
       const acc_t* xb = x_rows.rows(row0, m, x_scratch.data(), ld_x);
       acc_t* hb = h_data + row0 * r;
