@@ -72,6 +72,10 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
   }
 }
 
+// Rows per block: kBlockRows, or half of it below 2 kBlockRows rows, so that a call of 33 to 127
+// rows has two blocks (two reduction groups, two threads). A function of n only.
+int64_t backward_block_rows(int64_t n) { return n < 2 * kBlockRows ? kBlockRows / 2 : kBlockRows; }
+
 // kGradInPlace: g is stored in the accumulation type and there is no dropout, so g serves as gz.
 template <typename T, typename acc_t, bool kGradInPlace>
 void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& partials,
@@ -89,7 +93,8 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const acc_t factor = static_cast<acc_t>(dropout ? op.scale / (1.0 - op.dropout_p) : op.scale);
   const int64_t ld_keep = keep_row_bytes(d);
-  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  const int64_t rows = backward_block_rows(n);
+  const int64_t blocks = (n + rows - 1) / rows;
 
   OutputEpilogue<acc_t> epilogue;
   epilogue.res_kind = kind_of(op.grad_y.scalar_type());
@@ -99,12 +104,12 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   epilogue.stream_out = dx.nbytes() >= kStreamOutputBytes;
 
   at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
-    std::vector<acc_t> gz(kGradInPlace ? 0 : kBlockRows * d);
-    std::vector<acc_t> x_scratch(x_rows.in_place() ? 0 : kBlockRows * d);
-    std::vector<acc_t> da(kBlockRows * r);
-    std::vector<acc_t> a(kBlockRows * r);
-    std::vector<acc_t> dh(kBlockRows * r);
-    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    std::vector<acc_t> gz(kGradInPlace ? 0 : rows * d);
+    std::vector<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);
+    std::vector<acc_t> da(rows * r);
+    std::vector<acc_t> a(rows * r);
+    std::vector<acc_t> dh(rows * r);
+    std::vector<uint8_t> keep(dropout ? rows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
     for (int64_t group = first_group; group < last_group; ++group) {
       acc_t* row = partials.data_ptr<acc_t>() + group * partials.size(1);
@@ -113,8 +118,8 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
       std::fill(bias_row, bias_row + bias_partials.size(1), 0.0);
       const Partials<acc_t> sums(row, bias_row, op.dims);
       for (int64_t block = group * blocks / groups; block < (group + 1) * blocks / groups; ++block) {
-        const int64_t row0 = block * kBlockRows;
-        const int64_t m = std::min(kBlockRows, n - row0);
+        const int64_t row0 = block * rows;
+        const int64_t m = std::min(rows, n - row0);
 
         // gz = g * keep * s. Without dropout, g stored in the accumulation type is gz up to the
         // factor s, which is folded into the [rows, r] operands below instead of copying g.
@@ -231,9 +236,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   dispatch_dtype(dtype, [&](auto t, auto a) {
     using T = decltype(t);
     using acc_t = decltype(a);
-    const int64_t blocks = (dims.n + kBlockRows - 1) / kBlockRows;
     const int64_t size = Partials<acc_t>::size(dims);
-    const int64_t groups = dims.n == 0 ? 1 : reduction_groups(dims, blocks, size);
+    const BrgemmLayout layout = dims.n == 0 ? BrgemmLayout::none : brgemm_layout_for(dtype, dims);
+    // The brgemm driver walks blocks of kBlockRows; the fp32 block kernels backward_block_rows.
+    const int64_t rows = layout != BrgemmLayout::none ? kBlockRows : backward_block_rows(dims.n);
+    const int64_t groups = dims.n == 0 ? 1 : reduction_groups(dims, (dims.n + rows - 1) / rows, size);
     at::Tensor partials = empty_output({groups, size}, options.dtype(acc));
     at::Tensor bias_partials = at::empty({groups, Partials<acc_t>::bias_size(dims)}, options.dtype(at::kDouble));
     // Applied to g^T a when the driver sums it unscaled (see below).
@@ -243,7 +250,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
       bias_partials.zero_();
     } else {
       constexpr bool kSameType = std::is_same_v<T, acc_t>;
-      const BrgemmLayout layout = brgemm_layout_for(dtype, dims);
       if (layout != BrgemmLayout::none) {
         if constexpr (std::is_same_v<acc_t, float>) {
           backward_blocks_brgemm<T>(op, layout, dx, partials, bias_partials);

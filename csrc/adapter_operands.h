@@ -59,11 +59,13 @@ struct Partials {
 };
 
 // Groups per backward: a power of two, at most 32 and the number of blocks, and small enough
-// that all partials together stay under a quarter of x's size. A function of the shape only,
-// so the summation order never depends on the thread count.
+// that all partials together stay under a quarter of x's size, but two wherever there are two
+// blocks (so a small call still keeps two threads busy; the extra partial costs about 5% of a
+// one-thread call). A function of the shape only, so the summation order never depends on the
+// thread count.
 inline int64_t reduction_groups(const Dims& dims, int64_t blocks, int64_t partial_size) {
   constexpr int64_t kMaxGroups = 32;
-  const int64_t by_memory = std::max<int64_t>(1, dims.n * dims.d / 4 / partial_size);
+  const int64_t by_memory = std::max<int64_t>(2, dims.n * dims.d / 4 / partial_size);
   const int64_t cap = std::min({kMaxGroups, blocks, by_memory});
   int64_t groups = 1;
   while (groups * 2 <= cap) groups *= 2;
