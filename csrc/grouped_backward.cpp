@@ -30,6 +30,37 @@ using namespace grouped;
 constexpr const char* kBackward = "adapterfast_cpu::grouped_backward";
 constexpr int64_t kMaxGroupsPerAdapter = 32;
 
+// col_sums[k] += g[k] * factor.
+template <typename acc_t>
+void add_scaled_row(const acc_t* __restrict g, acc_t factor, int64_t d, acc_t* __restrict col_sums) {
+  for (int64_t k = 0; k < d; ++k) col_sums[k] += g[k] * factor;
+}
+
+// gz[k] = round(g[k] * factor * keep[k]) (keep null: all kept), col_sums[k] += the unrounded
+// value. Restrict-qualified so that it vectorises.
+template <typename T, typename acc_t>
+void scale_row(const T* __restrict g, const uint8_t* __restrict keep, acc_t factor, int64_t d, acc_t* __restrict gz,
+               acc_t* __restrict col_sums) {
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t v = static_cast<acc_t>(g[k]) * (keep == nullptr || keep[k] ? factor : acc_t(0));
+    col_sums[k] += v;
+    gz[k] = round_as<T>(v);
+  }
+}
+
+// One row of the bottleneck: dh = fold * da * act'(h), summed unrounded into db_down, and dh and
+// a = fold * act(h) rounded to T as matmul operands.
+template <typename T, typename acc_t, typename Act>
+void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __restrict da, acc_t fold, int64_t r,
+                             acc_t* __restrict dh, acc_t* __restrict a, acc_t* __restrict db_down) {
+  for (int64_t j = 0; j < r; ++j) {
+    const acc_t value = backprop(f, h[j], fold * da[j]);
+    db_down[j] += value;
+    dh[j] = round_as<T>(value);
+    a[j] = round_as<T>(f.value(h[j])) * fold;
+  }
+}
+
 // Each adapter's blocks split into groups: a power of two per adapter, at most its block count
 // and kMaxGroupsPerAdapter, and small enough that all partials stay under a quarter of x's size.
 // A function of the row counts only, so the summation order never depends on threads.
@@ -58,10 +89,8 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
   const auto [n, d, r] = op.dims;
   const std::vector<int64_t> used = seg.used();
-  const at::Tensor w_down_operand = stacked_operand<T, acc_t>(op.w_down, /*transpose=*/false, used);
-  const at::Tensor w_up_operand = stacked_operand<T, acc_t>(op.w_up, /*transpose=*/false, used);
-  const acc_t* w_down = w_down_operand.data_ptr<acc_t>();
-  const acc_t* w_up = w_up_operand.data_ptr<acc_t>();
+  const acc_t* w_down = stacked_operand<T, acc_t>(op.w_down, /*transpose=*/false, used, 0);
+  const acc_t* w_up = stacked_operand<T, acc_t>(op.w_up, /*transpose=*/false, used, 1);
   const int64_t sorted_end = seg.offsets.back();
   const acc_t* h_data = op.h.data_ptr<acc_t>();
   T* dx_data = dx.data_ptr<T>();
@@ -99,39 +128,47 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
         const int64_t* rows = seg.order.data() + block.begin;
 
         // gz = g * keep * s, rounded to x's dtype as a matmul operand; db_up sums it unrounded.
+        // Without dropout and with g in the accumulation type, the gathered g rows are gz up to
+        // the factor s, which is folded into the [rows, r] operands instead (as the
+        // single-adapter op does): no gz pass.
         gather_bytes(op.grad_y, rows, m, sorted_end - block.begin, reinterpret_cast<char*>(gb.data()));
-        for (int64_t i = 0; i < m; ++i) {
-          const uint8_t* kr = nullptr;
-          if (dropout) {
-            kr = keep.data() + i * ld_keep;
-            kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data() + i * ld_keep, ld_keep);
+        const acc_t* gz_rows = gz.data();
+        acc_t fold = 1;
+        if constexpr (std::is_same_v<T, acc_t>) {
+          if (!dropout) {
+            gz_rows = gb.data();
+            fold = factor;
+            for (int64_t i = 0; i < m; ++i) add_scaled_row(gb.data() + i * d, factor, d, sums.db_up);
           }
-          const T* g = gb.data() + i * d;
-          acc_t* out = gz.data() + i * d;
-          for (int64_t k = 0; k < d; ++k) {
-            const acc_t v = static_cast<acc_t>(g[k]) * (kr == nullptr || kr[k] ? factor : acc_t(0));
-            sums.db_up[k] += v;
-            out[k] = round_as<T>(v);
+        }
+        if (gz_rows == gz.data()) {
+          for (int64_t i = 0; i < m; ++i) {
+            const uint8_t* kr = nullptr;
+            if (dropout) {
+              kr = keep.data() + i * ld_keep;
+              kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data() + i * ld_keep, ld_keep);
+            }
+            scale_row<T>(gb.data() + i * d, kr, factor, d, gz.data() + i * d, sums.db_up);
           }
         }
 
         // dh = (gz Wu) * act'(h); a = act(h) from the saved pre-activation.
-        kernels.project_in(m, r, d, gz.data(), d, w_up + adapter * d * r, r, da.data(), r);
-        for (int64_t i = 0; i < m; ++i) std::memcpy(hb.data() + i * r, h_data + rows[i] * r, r * sizeof(acc_t));
+        kernels.project_in(m, r, d, gz_rows, d, w_up + adapter * d * r, r, da.data(), r);
+        for (int64_t i = 0; i < m; ++i) {
+          if (i + kPrefetchAhead < sorted_end - block.begin) {
+            prefetch_bytes(reinterpret_cast<const char*>(h_data + rows[i + kPrefetchAhead] * r), r * sizeof(acc_t));
+          }
+          std::memcpy(hb.data() + i * r, h_data + rows[i] * r, r * sizeof(acc_t));
+        }
         visit<acc_t>(op.activation, [&](auto f) {
           for (int64_t i = 0; i < m; ++i) {
-            for (int64_t j = 0; j < r; ++j) {
-              const int64_t idx = i * r + j;
-              const acc_t value = backprop(f, hb[idx], da[idx]);
-              sums.db_down[j] += value;
-              dh[idx] = round_as<T>(value);
-              a[idx] = round_as<T>(f.value(hb[idx]));
-            }
+            activation_backward_row<T>(f, hb.data() + i * r, da.data() + i * r, fold, r, dh.data() + i * r,
+                                       a.data() + i * r, sums.db_down);
           }
         });
 
         gather_rows<T, acc_t>(op.x, rows, m, sorted_end - block.begin, xb.data(), d);
-        kernels.accumulate_outer(m, r, d, a.data(), r, gz.data(), d, sums.dw_up_t, d);
+        kernels.accumulate_outer(m, r, d, a.data(), r, gz_rows, d, sums.dw_up_t, d);
         kernels.accumulate_outer(m, r, d, dh.data(), r, xb.data(), d, sums.dw_down, d);
 
         e.res = op.residual_is_x ? gb.data() : nullptr;
@@ -210,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_b
   dispatch_dtype(dtype, [&](auto t, auto a) {
     using T = decltype(t);
     using acc_t = decltype(a);
-    at::Tensor partials = at::empty({static_cast<int64_t>(groups.size()), size}, x.options().dtype(acc));
+    at::Tensor partials = empty_output({static_cast<int64_t>(groups.size()), size}, x.options().dtype(acc));
     if (dims.n > 0) {
       const BrgemmLayout layout = brgemm_layout(dtype);
       if constexpr (sizeof(T) == 2) {

@@ -1,9 +1,9 @@
 // The grouped backward for 16-bit inputs on brgemm (grouped_backward.h). Per block of one
 // adapter's rows, as the single-adapter op's 16-bit driver (adapter_brgemm.cpp) does on
 // contiguous rows:
-//   gz = round(g * keep * s) formed while the block's g rows are read (db_up sums it unrounded);
+//   g rows gathered; gz = round(g * keep * s) (db_up sums it unrounded);
 //   da = gz Wu (brgemm, K = d);  dh = da act'(h) (db_down sums it);  a = act(h);
-//   dx = dh Wd (brgemm, K = r), each row through the epilogue (+ g) straight into its row of dx;
+//   dx = dh Wd (brgemm, K = r) + g, formed in a block scratch and streamed to its rows of dx;
 //   and per run of up to kSumRows rows of the group, dw_up^T += a^T gz and dw_down += dh^T x
 //   (brgemm, K = the run's rows, the gz and gathered x rows repacked in brgemm's B layout).
 // Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
@@ -49,10 +49,8 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
   const int64_t dp = even(d);
   const bool vnni = layout == BrgemmLayout::vnni;
   const std::vector<int64_t> used = seg.used();
-  const std::vector<T> w_up_b = packed_operand<T>(layout, op.w_up, /*transpose=*/false, used);      // [A][dp, r]
-  const std::vector<T> w_down_b = packed_operand<T>(layout, op.w_down, /*transpose=*/false, used);  // [A][rp, d]
-  const T* g_data = op.grad_y.data_ptr<T>();
-  const int64_t ld_g = op.grad_y.stride(0);
+  const T* w_up_b = packed_operand<T>(layout, op.w_up, /*transpose=*/false, used, 0);      // [A][dp, r]
+  const T* w_down_b = packed_operand<T>(layout, op.w_down, /*transpose=*/false, used, 1);  // [A][rp, d]
   const float* h_data = op.h.data_ptr<float>();
   T* dx_data = dx.data_ptr<T>();
   const int64_t sorted_end = seg.offsets.back();
@@ -61,12 +59,16 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
   const int64_t ld_keep = keep_row_bytes(d);
   const BlockKernels<float>& kernels = block_kernels<float>();
 
+  const bool stream = dx.nbytes() >= kStreamOutputBytes;
   OutputEpilogue<float> epilogue;
   epilogue.res_kind = kind_of(op.grad_y.scalar_type());
+  epilogue.ld_res = d;
   epilogue.out_kind = kind_of(dx.scalar_type());
   epilogue.ld_out = d;
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
+    std::vector<T> gb(kBlockRows * d);
+    std::vector<T> dxb(kBlockRows * d);
     std::vector<T> gz(kBlockRows * dp, T(0.0f));
     std::vector<T> xb(kBlockRows * dp, T(0.0f));
     std::vector<T> gz_b(kSumRows * d);  // a run's gz rows as a B operand
@@ -85,26 +87,24 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
       float* row = partials.data_ptr<float>() + gi * partials.size(1);
       std::fill(row, row + partials.size(1), 0.0f);
       const Partials<float> sums(row, op.dims);
-      const T* w_up = w_up_b.data() + adapter * dp * r;
-      const T* w_down = w_down_b.data() + adapter * rp * d;
+      const T* w_up = w_up_b + adapter * dp * r;
+      const T* w_down = w_down_b + adapter * rp * d;
       int64_t run = 0;  // rows (even) collected for the weight gradients
       for (size_t bi = 0; bi < group.blocks.size(); ++bi) {
         const Block& block = group.blocks[bi];
         const int64_t m = block.end - block.begin;
         const int64_t mp = even(m);
         const int64_t* rows = seg.order.data() + block.begin;
-        const int64_t reach = std::min(m + kPrefetchAhead, sorted_end - block.begin);
+        const int64_t ahead = sorted_end - block.begin;
 
+        gather_rows<T, T>(op.grad_y, rows, m, ahead, gb.data(), d);
         for (int64_t i = 0; i < m; ++i) {
-          if (i + kPrefetchAhead < reach) {
-            prefetch_bytes(reinterpret_cast<const char*>(g_data + rows[i + kPrefetchAhead] * ld_g), d * sizeof(T));
-          }
           const uint8_t* __restrict kp = nullptr;
           if (dropout) {
             kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data(), ld_keep);
             kp = keep.data();
           }
-          const T* __restrict g = g_data + rows[i] * ld_g;
+          const T* __restrict g = gb.data() + i * d;
           T* __restrict out = gz.data() + i * dp;
           float* __restrict sum = sums.db_up;
           for (int64_t k = 0; k < d; ++k) {
@@ -115,6 +115,9 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
         }
 
         brgemm(m, r, dp, dp, r, r, false, gz.data(), w_up, da.data(), vnni);
+        for (int64_t i = 0; i < m && i + kPrefetchAhead < ahead; ++i) {
+          prefetch_bytes(reinterpret_cast<const char*>(h_data + rows[i + kPrefetchAhead] * r), r * sizeof(float));
+        }
         visit<float>(op.activation, [&](auto f) {
           for (int64_t i = 0; i < mp; ++i) {
             const float* hb = h_data + (i < m ? rows[i] : 0) * r;
@@ -134,18 +137,17 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
           }
         });
 
+        e.res = op.residual_is_x ? gb.data() : nullptr;
+        e.out = dxb.data();
         for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
           const int64_t nc = std::min(kOutCols, d - n0);
           brgemm(m, nc, rp, rp, d, nc, false, dh.data(), w_down + b_column(layout, n0), chunk.data(), vnni);
-          for (int64_t i = 0; i < m; ++i) {
-            e.out = dx_data + rows[i] * d;
-            e.res = op.residual_is_x ? static_cast<const void*>(g_data + rows[i] * ld_g) : nullptr;
-            avx512::finish_rows(1, nc, chunk.data() + i * nc, nc, n0, e);
-          }
+          avx512::finish_rows(m, nc, chunk.data(), nc, n0, e);
         }
+        scatter_rows(dxb.data(), rows, m, d, dx_data, stream);
 
         rows_as_b<T>(layout, m, d, gz.data(), dp, gz_b.data() + run * d);
-        gather_rows<T, T>(op.x, rows, m, sorted_end - block.begin, xb.data(), dp);
+        gather_rows<T, T>(op.x, rows, m, ahead, xb.data(), dp);
         rows_as_b<T>(layout, m, d, xb.data(), dp, x_b.data() + run * d);
         run += mp;
         if (run == kSumRows || bi + 1 == group.blocks.size()) {
@@ -155,6 +157,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
         }
       }
     }
+    store_fence();
     brgemm_release(vnni);
   });
 }

@@ -8,10 +8,11 @@
 // - float32 and float64: the block kernels (block_kernels.h) on the block's x rows gathered into
 //   a cache-resident scratch; the output rows are formed in scratch and streamed to their rows of y;
 // - bfloat16 and float16 where brgemm runs (brgemm.h): h = x Wd^T and u = act(h) Wu^T on brgemm
-//   (AMX or AVX512-BF16/FP16), as the single-adapter op's 16-bit driver does; each output row goes
-//   through the epilogue (bias, dropout, scale, residual) straight into its row of y, so only x's
-//   rows are copied.
-// Per row, x is read from memory once and y written once, whatever the order of the rows.
+//   (AMX or AVX512-BF16/FP16), as the single-adapter op's 16-bit driver does, the epilogue (bias,
+//   dropout, scale, residual) applied per column chunk into a block-sized scratch.
+// Per row, x is read from memory once and y written once, whatever the order of the rows: the
+// output rows leave the scratch with non-temporal stores (grouped_rows.h, scatter_rows), so a
+// row of y is never read for ownership, which stores into scattered rows could not hide.
 #include "grouped_ops.h"
 
 #include <vector>
@@ -73,7 +74,7 @@ void finish_h(acc_t* hb, const acc_t* bias, const int64_t* rows, int64_t m, int6
     if (bias != nullptr) {
       for (int64_t j = 0; j < r; ++j) hb[i * r + j] += bias[j];
     }
-    std::memcpy(h_data + rows[i] * r, hb + i * r, r * sizeof(acc_t));
+    write_h_row(h_data + rows[i] * r, hb + i * r, r);
   }
 }
 
@@ -82,8 +83,8 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, at::Tensor& 
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
   const auto [n, d, r] = op.dims;
   const std::vector<int64_t> used = seg.used();
-  const at::Tensor w_down_t = stacked_operand<T, acc_t>(op.w_down, /*transpose=*/true, used);  // [A, d, r]
-  const at::Tensor w_up_t = stacked_operand<T, acc_t>(op.w_up, /*transpose=*/true, used);      // [A, r, d]
+  const acc_t* w_down_t = stacked_operand<T, acc_t>(op.w_down, /*transpose=*/true, used, 0);  // [A, d, r]
+  const acc_t* w_up_t = stacked_operand<T, acc_t>(op.w_up, /*transpose=*/true, used, 1);      // [A, r, d]
   const std::vector<Block> blocks = all_blocks(seg, op.adapters);
   const int64_t sorted_end = seg.offsets.back();
   const acc_t* b_down = op.b_down ? op.b_down->data_ptr<acc_t>() : nullptr;
@@ -114,7 +115,7 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, at::Tensor& 
       const int64_t ahead = sorted_end - block.begin;
 
       gather_rows<T, acc_t>(op.x, rows, m, ahead, xb.data(), d);
-      kernels.project_in(m, r, d, xb.data(), d, w_down_t.data_ptr<acc_t>() + adapter * d * r, r, hb.data(), r);
+      kernels.project_in(m, r, d, xb.data(), d, w_down_t + adapter * d * r, r, hb.data(), r);
       finish_h(hb.data(), b_down != nullptr ? b_down + adapter * r : nullptr, rows, m, r, h_data);
       visit<acc_t>(op.activation, [&](auto f) {
         for (int64_t idx = 0; idx < m * r; ++idx) a[idx] = round_as<T>(f.value(hb[idx]));
@@ -133,7 +134,7 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, at::Tensor& 
       e.bias = b_up != nullptr ? b_up + adapter * d : nullptr;
       e.scale = static_cast<acc_t>(op.scales[adapter]);
       e.out = yb.data();
-      kernels.project_out(m, r, d, a.data(), r, w_up_t.data_ptr<acc_t>() + adapter * r * d, d, e);
+      kernels.project_out(m, r, d, a.data(), r, w_up_t + adapter * r * d, d, e);
       scatter_rows(yb.data(), rows, m, d, y_data, stream);
     }
     store_fence();
@@ -149,8 +150,8 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, const
   const int64_t dp = even(d);
   const bool vnni = layout == BrgemmLayout::vnni;
   const std::vector<int64_t> used = seg.used();
-  const std::vector<T> w_down_b = packed_operand<T>(layout, op.w_down, /*transpose=*/true, used);  // [A][dp, r]
-  const std::vector<T> w_up_b = packed_operand<T>(layout, op.w_up, /*transpose=*/true, used);      // [A][rp, d]
+  const T* w_down_b = packed_operand<T>(layout, op.w_down, /*transpose=*/true, used, 0);  // [A][dp, r]
+  const T* w_up_b = packed_operand<T>(layout, op.w_up, /*transpose=*/true, used, 1);      // [A][rp, d]
   const std::vector<Block> blocks = all_blocks(seg, op.adapters);
   const int64_t sorted_end = seg.offsets.back();
   const float* b_down = op.b_down ? op.b_down->data_ptr<float>() : nullptr;
@@ -161,8 +162,8 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, const
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const int64_t ld_keep = keep_row_bytes(d);
   const BlockKernels<float>& kernels = block_kernels<float>();
-  const char* res_data = op.residual ? static_cast<const char*>(op.residual->data_ptr()) : nullptr;
-  const int64_t res_row_bytes = op.residual ? op.residual->stride(0) * op.residual->element_size() : 0;
+  const int64_t res_bytes = op.residual ? op.residual->element_size() : 0;
+  const bool stream = y.nbytes() >= kStreamOutputBytes;
   OutputEpilogue<float> epilogue = base_epilogue<float>(op, y);
   if (!op.residual) {
     epilogue.res_kind = kind_of(op.x.scalar_type());
@@ -174,6 +175,8 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, const
     std::vector<float> hb(kBlockRows * r);
     std::vector<T> a(kBlockRows * rp, T(0.0f));
     std::vector<float> chunk(kBlockRows * kOutCols);
+    std::vector<T> yb(kBlockRows * d);
+    std::vector<char> res(kBlockRows * d * res_bytes);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
     for (int64_t b = first; b < last; ++b) {
@@ -181,9 +184,10 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, const
       const int64_t m = block.end - block.begin;
       const int64_t adapter = block.adapter;
       const int64_t* rows = seg.order.data() + block.begin;
+      const int64_t ahead = sorted_end - block.begin;
 
-      gather_rows<T, T>(op.x, rows, m, sorted_end - block.begin, xb.data(), dp);
-      brgemm(m, r, dp, dp, r, r, false, xb.data(), w_down_b.data() + adapter * dp * r, hb.data(), vnni);
+      gather_rows<T, T>(op.x, rows, m, ahead, xb.data(), dp);
+      brgemm(m, r, dp, dp, r, r, false, xb.data(), w_down_b + adapter * dp * r, hb.data(), vnni);
       finish_h(hb.data(), b_down != nullptr ? b_down + adapter * r : nullptr, rows, m, r, h_data);
       visit<float>(op.activation, [&](auto f) {
         for (int64_t i = 0; i < m; ++i) {
@@ -193,21 +197,25 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, const
       if (dropout) {
         for (int64_t i = 0; i < m; ++i) kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data() + i * ld_keep, ld_keep);
       }
+      e.keep = dropout ? keep.data() : nullptr;
+      if (op.residual) {
+        gather_bytes(*op.residual, rows, m, ahead, res.data());
+        e.res = res.data();
+      } else {
+        e.res = xb.data();
+      }
       e.bias = b_up != nullptr ? b_up + adapter * d : nullptr;
       e.scale = static_cast<float>(op.scales[adapter]);
-      const T* w_up = w_up_b.data() + adapter * rp * d;
+      e.out = yb.data();
+      const T* w_up = w_up_b + adapter * rp * d;
       for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
         const int64_t nc = std::min(kOutCols, d - n0);
         brgemm(m, nc, rp, rp, d, nc, false, a.data(), w_up + b_column(layout, n0), chunk.data(), vnni);
-        for (int64_t i = 0; i < m; ++i) {
-          e.out = y_data + rows[i] * d;
-          e.res = res_data != nullptr ? static_cast<const void*>(res_data + rows[i] * res_row_bytes)
-                                      : static_cast<const void*>(xb.data() + i * dp);
-          e.keep = dropout ? keep.data() + i * ld_keep : nullptr;
-          avx512::finish_rows(1, nc, chunk.data() + i * nc, nc, n0, e);
-        }
+        avx512::finish_rows(m, nc, chunk.data(), nc, n0, e);
       }
+      scatter_rows(yb.data(), rows, m, d, y_data, stream);
     }
+    store_fence();
     brgemm_release(vnni);
   });
 }

@@ -5,8 +5,10 @@
 // and the adapters' weights prepared as matmul operands.
 //
 // Rows arrive in any order, so a block's rows are scattered over x: each row is copied as one
-// contiguous run, and the rows a few places ahead are prefetched while it is copied (a row of
-// a random permutation starts on a new page, where the hardware prefetcher has no history).
+// contiguous run, and while row i of a block is copied, row i of the next block is prefetched
+// into L2. A row of a random permutation starts on a new page, where the hardware prefetcher
+// has no history, so without this every row starts with a full memory latency; one block ahead,
+// the prefetches have the block's GEMMs to complete in, and they fit in L2 (64 rows of d).
 //
 // Weights are prepared once per call and only for the adapters that have rows (a batch naming
 // 2 of 32 adapters converts 2), in parallel over those adapters, by direct loops that read the
@@ -125,12 +127,13 @@ inline std::vector<double> scale_values(const at::Tensor& scales, double dropout
   return out;
 }
 
-// Rows this many places ahead in a block's row list are prefetched while one is copied.
-constexpr int64_t kPrefetchAhead = 3;
+// Rows this many places ahead in the sorted row list are prefetched while one is copied: the
+// same row of the next block.
+constexpr int64_t kPrefetchAhead = kBlockRows;
 
 inline void prefetch_bytes(const char* p, int64_t bytes) {
 #if defined(__AVX__)
-  for (int64_t k = 0; k < bytes; k += 64) _mm_prefetch(p + k, _MM_HINT_T0);
+  for (int64_t k = 0; k < bytes; k += 64) _mm_prefetch(p + k, _MM_HINT_T1);
 #else
   (void)p;
   (void)bytes;
@@ -145,9 +148,8 @@ void gather_rows(const at::Tensor& t, const int64_t* order, int64_t m, int64_t a
   const int64_t width = t.size(1);
   const int64_t rs = t.stride(0);
   const int64_t cs = width == 1 ? 1 : t.stride(1);
-  const int64_t reach = std::min(m + kPrefetchAhead, ahead);
   for (int64_t i = 0; i < m; ++i) {
-    if (cs == 1 && i + kPrefetchAhead < reach) {
+    if (cs == 1 && i + kPrefetchAhead < ahead) {
       prefetch_bytes(reinterpret_cast<const char*>(data + order[i + kPrefetchAhead] * rs), width * sizeof(T));
     }
     const T* src = data + order[i] * rs;
@@ -167,9 +169,8 @@ inline void gather_bytes(const at::Tensor& t, const int64_t* order, int64_t m, i
   const char* data = static_cast<const char*>(t.data_ptr());
   const int64_t row_bytes = t.size(1) * t.element_size();
   const int64_t stride_bytes = t.stride(0) * t.element_size();
-  const int64_t reach = std::min(m + kPrefetchAhead, ahead);
   for (int64_t i = 0; i < m; ++i) {
-    if (i + kPrefetchAhead < reach) prefetch_bytes(data + order[i + kPrefetchAhead] * stride_bytes, row_bytes);
+    if (i + kPrefetchAhead < ahead) prefetch_bytes(data + order[i + kPrefetchAhead] * stride_bytes, row_bytes);
     std::memcpy(dst + i * row_bytes, data + order[i] * stride_bytes, row_bytes);
   }
 }
@@ -196,6 +197,24 @@ void scatter_rows(const T* src, const int64_t* order, int64_t m, int64_t d, T* o
 #endif
   (void)stream;
   for (int64_t i = 0; i < m; ++i) std::memcpy(out + order[i] * d, src + i * d, bytes);
+}
+
+// dst = the r values of src, one row of h: written with non-temporal stores when the row is whole
+// 32-byte aligned chunks (rows of h are written in a random order, where each ordinary store would
+// first read its line), else copied.
+template <typename acc_t>
+inline void write_h_row(acc_t* dst, const acc_t* src, int64_t r) {
+  const int64_t bytes = r * static_cast<int64_t>(sizeof(acc_t));
+#if defined(__AVX__)
+  if (bytes % 32 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+    for (int64_t k = 0; k < bytes; k += 32) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(reinterpret_cast<char*>(dst) + k),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const char*>(src) + k)));
+    }
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
 }
 
 inline void store_fence() {
@@ -253,6 +272,19 @@ void dispatch_weight(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// Storage for the prepared weights that lives with the calling thread and is reused by its later
+// calls. A fresh [A, d, r] buffer from the allocator is, past malloc's mmap threshold, new pages
+// on every call, and faulting them in cost more than preparing the weights (measured with perf:
+// page faults and clearing ahead of the conversion loop itself at A = 32, d = 768, r = 16). Holds
+// the largest size a thread has asked for, per slot (the two weights of one call).
+template <typename V>
+V* workspace(int slot, int64_t count) {
+  thread_local std::vector<V> buffers[2];
+  std::vector<V>& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
+
 // A weight element as a matmul operand: rounded to x's storage type T (as autocast would), as V.
 template <typename T, typename V, typename S>
 inline V operand_value(S s) {
@@ -264,16 +296,18 @@ inline V operand_value(S s) {
 }
 
 // The stacked weight w [A, P, Q] as per-adapter matmul operands of acc_t, rounded to x's storage
-// type T: [A, Q, P] with `transpose`, else [A, P, Q]. Only the `used` adapters are filled.
+// type T: [A, Q, P] with `transpose`, else [A, P, Q]. Only the `used` adapters are filled; the
+// result is w's own data when that already is the operand, else workspace `slot`.
 template <typename T, typename acc_t>
-at::Tensor stacked_operand(const at::Tensor& w, bool transpose, const std::vector<int64_t>& used) {
+const acc_t* stacked_operand(const at::Tensor& w, bool transpose, const std::vector<int64_t>& used, int slot) {
   const int64_t P = w.size(1);
   const int64_t Q = w.size(2);
   constexpr at::ScalarType acc = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
-  if (!transpose && w.scalar_type() == acc && std::is_same_v<T, acc_t> && w.is_contiguous()) return w;
-  at::Tensor out = at::empty({w.size(0), transpose ? Q : P, transpose ? P : Q}, w.options().dtype(acc));
+  if (!transpose && w.scalar_type() == acc && std::is_same_v<T, acc_t> && w.is_contiguous()) {
+    return w.data_ptr<acc_t>();
+  }
+  acc_t* dst = workspace<acc_t>(slot, w.size(0) * P * Q);
   const at::Tensor src = w.contiguous();
-  acc_t* dst = out.data_ptr<acc_t>();
   dispatch_weight(src.scalar_type(), [&](auto s) {
     using S = decltype(s);
     const S* data = src.data_ptr<S>();
@@ -282,8 +316,17 @@ at::Tensor stacked_operand(const at::Tensor& w, bool transpose, const std::vecto
         const S* in = data + used[u] * P * Q;
         acc_t* o = dst + used[u] * P * Q;
         if (transpose) {
-          for (int64_t q = 0; q < Q; ++q) {
-            for (int64_t p = 0; p < P; ++p) o[q * P + p] = operand_value<T, acc_t>(in[p * Q + q]);
+          // In 16 x 16 tiles, so that the rows of `in` a tile reads stay in L1 (a plain loop over
+          // one column at a time reads d/16 lines per column of the [d, r] weight).
+          constexpr int64_t kTile = 16;
+          for (int64_t p0 = 0; p0 < P; p0 += kTile) {
+            const int64_t p1 = std::min(P, p0 + kTile);
+            for (int64_t q0 = 0; q0 < Q; q0 += kTile) {
+              const int64_t q1 = std::min(Q, q0 + kTile);
+              for (int64_t q = q0; q < q1; ++q) {
+                for (int64_t p = p0; p < p1; ++p) o[q * P + p] = operand_value<T, acc_t>(in[p * Q + q]);
+              }
+            }
           }
         } else {
           for (int64_t k = 0; k < P * Q; ++k) o[k] = operand_value<T, acc_t>(in[k]);
@@ -291,36 +334,81 @@ at::Tensor stacked_operand(const at::Tensor& w, bool transpose, const std::vecto
       }
     });
   });
-  return out;
+  return dst;
 }
 
-// The stacked weight w [A, P, Q] as per-adapter brgemm B operands of T (see brgemm.h) for the
-// product with K rows and N columns: B[k, n] = w[a, k, n] (K = P) or, with `transpose`,
-// w[a, n, k] (K = Q). Each adapter's operand takes even(K) * N elements (the pad row zero);
-// only the `used` adapters are filled.
+// One adapter's [P, Q] weight in T: `in` itself when S is T, else converted into `scratch`.
+template <typename T, typename S>
+const T* weight_in(const S* in, int64_t size, std::vector<T>& scratch) {
+  if constexpr (std::is_same_v<S, T>) {
+    return in;
+  } else {
+    scratch.resize(size);
+    for (int64_t k = 0; k < size; ++k) scratch[k] = operand_value<T, T>(in[k]);
+    return scratch.data();
+  }
+}
+
+// w [P, Q] of 16-bit T as the B operand (K rows, N columns, ldb = N; even(K) rows, the pad row
+// zero): B[k, n] = w[k, n] (K = P), or with `transpose` w[n, k] (K = Q). In the VNNI layout a
+// 32-bit word holds B[2j, n] and B[2j + 1, n], which are two adjacent elements of w when
+// transposed and an element of two adjacent rows of w otherwise, so both are built as words.
 template <typename T>
-std::vector<T> packed_operand(BrgemmLayout layout, const at::Tensor& w, bool transpose,
-                              const std::vector<int64_t>& used) {
+void pack_16bit(BrgemmLayout layout, const T* w, int64_t P, int64_t Q, bool transpose, T* out) {
+  static_assert(sizeof(T) == 2);
+  const int64_t K = transpose ? Q : P;
+  const int64_t N = transpose ? P : Q;
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(w);
+  // Element (k, n) of B as bits, 0 past the last row.
+  auto at = [&](int64_t k, int64_t n) -> uint32_t {
+    if (k >= K) return 0;
+    return transpose ? in[n * Q + k] : in[k * Q + n];
+  };
+  if (layout == BrgemmLayout::vnni) {
+    uint32_t* words = reinterpret_cast<uint32_t*>(out);
+    for (int64_t j = 0; 2 * j < K; ++j) {
+      uint32_t* __restrict o = words + j * N;
+      if (transpose && 2 * j + 1 < K) {
+        for (int64_t n = 0; n < N; ++n) o[n] = uint32_t(in[n * Q + 2 * j]) | (uint32_t(in[n * Q + 2 * j + 1]) << 16);
+      } else if (!transpose && 2 * j + 1 < K) {
+        const uint16_t* __restrict r0 = in + 2 * j * Q;
+        const uint16_t* __restrict r1 = r0 + Q;
+        for (int64_t n = 0; n < N; ++n) o[n] = uint32_t(r0[n]) | (uint32_t(r1[n]) << 16);
+      } else {
+        for (int64_t n = 0; n < N; ++n) o[n] = at(2 * j, n) | (at(2 * j + 1, n) << 16);
+      }
+    }
+    return;
+  }
+  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
+  const int64_t k_even = K + (K & 1);
+  for (int64_t k = 0; k < k_even; ++k) {
+    for (int64_t n = 0; n < N; ++n) bits[k * N + n] = static_cast<uint16_t>(at(k, n));
+  }
+}
+
+// The stacked weight w [A, P, Q] as per-adapter brgemm B operands of 16-bit T (see brgemm.h) for
+// the product with K rows and N columns: B[k, n] = w[a, k, n] (K = P) or, with `transpose`,
+// w[a, n, k] (K = Q). Each adapter's operand takes even(K) * N elements (the pad row zero);
+// only the `used` adapters are filled, in workspace `slot`.
+template <typename T>
+const T* packed_operand(BrgemmLayout layout, const at::Tensor& w, bool transpose, const std::vector<int64_t>& used,
+                        int slot) {
   const int64_t P = w.size(1);
   const int64_t Q = w.size(2);
   const int64_t K = transpose ? Q : P;
   const int64_t N = transpose ? P : Q;
   const int64_t size = (K + (K & 1)) * N;
-  std::vector<T> out(w.size(0) * size);
+  T* out = workspace<T>(slot, w.size(0) * size);
   const at::Tensor src = w.contiguous();
   dispatch_weight(src.scalar_type(), [&](auto s) {
     using S = decltype(s);
     const S* data = src.data_ptr<S>();
     at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t first, int64_t last) {
+      std::vector<T> scratch;
       for (int64_t u = first; u < last; ++u) {
-        const S* in = data + used[u] * P * Q;
-        T* o = out.data() + used[u] * size;
-        if (K & 1) std::fill(o + (K - 1) * N, o + size, T(0.0f));
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t n = 0; n < N; ++n) {
-            o[b_index(layout, k, n, N)] = operand_value<T, T>(transpose ? in[n * Q + k] : in[k * Q + n]);
-          }
-        }
+        const T* weight = weight_in<T>(data + used[u] * P * Q, P * Q, scratch);
+        pack_16bit<T>(layout, weight, P, Q, transpose, out + used[u] * size);
       }
     });
   });
