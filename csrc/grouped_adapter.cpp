@@ -1,6 +1,7 @@
 // Registers the grouped op on CPU as adapterfast_cpu::grouped_forward and
 // adapterfast_cpu::grouped_backward (grouped_ops.h; forward in grouped_forward.cpp, backward in
-// grouped_backward.cpp, the row segments and operand preparation they share in grouped_rows.h).
+// grouped_backward.cpp, the row segments they share in grouped_rows.h, the weight operands in
+// grouped_weights.h).
 #include <torch/library.h>
 
 #include "grouped_ops.h"

@@ -10,6 +10,7 @@
 #include "adapter_common.h"
 #include "brgemm.h"
 #include "grouped_rows.h"
+#include "grouped_weights.h"
 
 namespace adapterfast::cpu::grouped {
 

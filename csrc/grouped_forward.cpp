@@ -24,6 +24,7 @@
 #include "adapter_common.h"
 #include "brgemm.h"
 #include "grouped_rows.h"
+#include "grouped_weights.h"
 #include "philox.h"
 
 namespace adapterfast::cpu {
