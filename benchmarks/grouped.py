@@ -10,7 +10,10 @@ A mixed batch of N rows, each randomly assigned one of A adapters (d, r fixed), 
 - ``single``: one ``fused_adapter`` over all N rows (the floor the grouped op is held to);
 - ``peft_lora``: PEFT's mixed-batch LoRA (``model(x, adapter_names=[...])``) at the same r on an
   ``nn.Linear(d, d)``, which includes the base layer's matmul; ``base_linear`` times that layer
-  alone, so ``peft_lora - base_linear`` is the LoRA share.
+  alone, so ``peft_lora - base_linear`` is the LoRA share;
+- ``stack``: what adapterfast's own PEFT mixed-batch path (``integrations/peft_mixed.py``) adds
+  per adapter site and call before its grouped op: stacking the A adapters' separate
+  ``nn.Linear`` weights into ``[A, r, d]`` and ``[A, d, r]`` (forward only).
 
 Forward in inference (``no_grad``, eval) for all providers, and forward+backward (x requiring
 grad, adapter weights trainable) for grouped, loop and single. Providers are timed in
@@ -98,6 +101,8 @@ def measure(adapters: int, n: int, d: int, r: int, dtype, rounds: int, timer: Cp
     x = torch.randn(n, d, dtype=dtype)
     index = torch.randint(0, adapters, (n,))
     w_down, w_up = bank.down_weight[0].detach(), bank.up_weight[0].detach()
+    downs = [bank.down_weight[a].detach().clone() for a in range(adapters)]
+    ups = [bank.up_weight[a].detach().clone() for a in range(adapters)]
     lora = peft_lora(adapters, d, r, dtype)
     names = [f"a{a}" for a in index.tolist()]
     x3 = x.view(n, 1, d)
@@ -123,6 +128,7 @@ def measure(adapters: int, n: int, d: int, r: int, dtype, rounds: int, timer: Cp
         "grouped_presorted": lambda: bank(x_sorted, index_sorted),
         "loop": lambda: loop_forward(bank, x, index),
         "single": lambda: fused_adapter(x, w_down, w_up),
+        "stack": lambda: (torch.stack(downs), torch.stack(ups)),
     }
     if lora is not None:
         fwd["peft_lora"] = lambda: lora(x3, adapter_names=names)
@@ -190,7 +196,7 @@ def main(argv=None) -> int:
     print(f"# {machine}")
     print(f"# N={args.rows} d={args.d} r={args.r}; median ms; ratios: loop/grouped and grouped/single")
     print(f"{'dtype':9} {'A':>3} {'pass':8} {'grouped':>8} {'presort':>8} {'loop':>8} {'single':>8} {'peft_lora':>9} "
-          f"{'base_lin':>8} {'loop/grp':>8} {'grp/single':>10}")
+          f"{'base_lin':>8} {'stack':>6} {'loop/grp':>8} {'grp/single':>10}")
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
                 get = lambda name: ms.get((kind, name))  # noqa: E731
                 row = {"dtype": dtype_name, "adapters": adapters, "pass": kind, "rows": args.rows, "d": args.d,
                        "r": args.r, **{name: get(name) for name in ("grouped", "grouped_presorted", "loop", "single",
-                                                                    "peft_lora", "base_linear")}}
+                                                                    "peft_lora", "base_linear", "stack")}}
                 row["loop_over_grouped"] = row["loop"] / row["grouped"]
                 row["grouped_over_single"] = row["grouped"] / row["single"]
                 rows.append(row)
@@ -208,7 +214,7 @@ def main(argv=None) -> int:
                 print(f"{dtype_name:9} {adapters:>3} {kind:8} {fmt(row['grouped'], 8)} "
                       f"{fmt(row['grouped_presorted'], 8)} {fmt(row['loop'], 8)} "
                       f"{fmt(row['single'], 8)} {fmt(row['peft_lora'], 9)} {fmt(row['base_linear'], 8)} "
-                      f"{row['loop_over_grouped']:8.2f}x {row['grouped_over_single']:9.2f}x", flush=True)
+                      f"{fmt(row['stack'], 6)} {row['loop_over_grouped']:8.2f}x {row['grouped_over_single']:9.2f}x", flush=True)
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:

@@ -215,3 +215,38 @@ def test_autocast_runs_the_branch_in_the_autocast_dtype_and_keeps_the_residual()
     assert rel_err(y, want) < 2e-2
     plain = index < 0
     assert torch.equal(y[plain], x[plain])
+
+
+def test_cpu_many_blocks_per_adapter():
+    """Adapters with several 64-row blocks (and, in the bf16 backward, more rows than one 256-row
+    weight-gradient run), odd d and r: the block loops and the run flushes of the C++ drivers."""
+    if "cpu" not in AVAILABLE:
+        pytest.skip("C++ backend not built")
+    n, d, r, adapters = 700, 67, 6, 2
+    index = torch.where(torch.rand(n) < 0.1, -1, torch.randint(0, adapters, (n,)))
+    for dtype in (torch.float32, torch.bfloat16):
+        run_case("cpu", dtype, n, d, r, adapters, index)
+        run_case("cpu", dtype, n, d, r, adapters, index, p=0.2, residual=True, activation="relu")
+
+
+def test_cpu_bfloat16_rows_with_float32_weights():
+    """Mixed precision: bf16 activations, fp32 weights (rounded to bf16 as matmul operands, as
+    fused_adapter does); gradients come back in the weights' dtype."""
+    if "cpu" not in AVAILABLE:
+        pytest.skip("C++ backend not built")
+    n, d, r, adapters = 300, 80, 8, 5
+    x, wd, wu, bd, bu, _ = bank_inputs(n, d, r, adapters, dtype=torch.float32)
+    index = torch.randint(-1, adapters, (n,))
+    scales = [0.5 + a for a in range(adapters)]
+    xb = x.bfloat16()
+    params = [t.clone().requires_grad_() for t in (wd, wu, bd, bu)]
+    with use_backend("cpu"):
+        y = grouped_adapter(xb, index, *params, activation="gelu", scale=scales)
+    want, leaves = loop_oracle(xb, index, wd, wu, bd, bu, None, scales, "gelu", 0.0, None)
+    grad = torch.randn(n, d, dtype=torch.bfloat16)
+    y.backward(grad)
+    want.backward(grad.double())
+    assert y.dtype == torch.bfloat16 and rel_err(y, want) < 2e-2
+    for got, leaf in zip(params, leaves[1:]):
+        assert got.grad.dtype == torch.float32
+        assert rel_err(got.grad, leaf.grad) < 8e-2, rel_err(got.grad, leaf.grad)

@@ -1,0 +1,277 @@
+// The grouped backward on CPU (adapterfast_cpu::grouped_backward); the forward and the row
+// segments are described in grouped_forward.cpp and grouped_rows.h.
+//
+// Chain rule per adapter a over its rows, m the dropout keep-mask, s = scales[a] / (1 - p):
+//     gz = g * m * s;   db_up[a] = sum gz;   dw_up[a] = gz^T act(h)
+//     dh = (gz Wu[a]) * act'(h);   db_down[a] = sum dh;   dw_down[a] = dh^T x
+//     dx = dh Wd[a] (+ g when the residual is x)
+// Weight gradients are deterministic: an adapter's blocks are split into a number of contiguous
+// groups that depends only on the row counts, each group sums fp32 partials block by block, and
+// the groups are summed in order. Adapters without rows get zero gradients.
+#include "grouped_ops.h"
+
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include "activations.h"
+#include "adapter_common.h"
+#include "grouped_backward.h"
+#include "grouped_rows.h"
+#include "philox.h"
+
+namespace adapterfast::cpu {
+namespace {
+
+using namespace grouped;
+
+constexpr const char* kBackward = "adapterfast_cpu::grouped_backward";
+constexpr int64_t kMaxGroupsPerAdapter = 32;
+
+// col_sums[k] += g[k] * factor.
+template <typename acc_t>
+void add_scaled_row(const acc_t* __restrict g, acc_t factor, int64_t d, acc_t* __restrict col_sums) {
+  for (int64_t k = 0; k < d; ++k) col_sums[k] += g[k] * factor;
+}
+
+// gz[k] = round(g[k] * factor * keep[k]) (keep null: all kept), col_sums[k] += the unrounded
+// value. Restrict-qualified so that it vectorises.
+template <typename T, typename acc_t>
+void scale_row(const T* __restrict g, const uint8_t* __restrict keep, acc_t factor, int64_t d, acc_t* __restrict gz,
+               acc_t* __restrict col_sums) {
+  for (int64_t k = 0; k < d; ++k) {
+    const acc_t v = static_cast<acc_t>(g[k]) * (keep == nullptr || keep[k] ? factor : acc_t(0));
+    col_sums[k] += v;
+    gz[k] = round_as<T>(v);
+  }
+}
+
+// One row of the bottleneck: dh = fold * da * act'(h), summed unrounded into db_down, and dh and
+// a = fold * act(h) rounded to T as matmul operands.
+template <typename T, typename acc_t, typename Act>
+void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __restrict da, acc_t fold, int64_t r,
+                             acc_t* __restrict dh, acc_t* __restrict a, acc_t* __restrict db_down) {
+  for (int64_t j = 0; j < r; ++j) {
+    const acc_t value = backprop(f, h[j], fold * da[j]);
+    db_down[j] += value;
+    dh[j] = round_as<T>(value);
+    a[j] = round_as<T>(f.value(h[j])) * fold;
+  }
+}
+
+// Each adapter's blocks split into groups: a power of two per adapter, at most its block count
+// and kMaxGroupsPerAdapter, and small enough that all partials stay under a quarter of x's size.
+// A function of the row counts only, so the summation order never depends on threads.
+std::vector<Group> reduction_groups(const Segments& seg, const Dims& dims, int64_t adapters) {
+  int64_t used = 0;
+  for (int64_t a = 0; a < adapters; ++a) used += seg.rows(a + 1) > 0;
+  const int64_t budget = std::max<int64_t>(1, dims.n * dims.d / 4 / Partials<float>::size(dims));
+  const int64_t cap = std::min<int64_t>(kMaxGroupsPerAdapter, std::max<int64_t>(1, budget / std::max<int64_t>(1, used)));
+  std::vector<Group> groups;
+  for (int64_t a = 0; a < adapters; ++a) {
+    const std::vector<Block> blocks = adapter_blocks(seg, a);
+    const int64_t nb = static_cast<int64_t>(blocks.size());
+    if (nb == 0) continue;
+    int64_t count = 1;
+    while (count * 2 <= std::min(cap, nb)) count *= 2;
+    for (int64_t g = 0; g < count; ++g) {
+      groups.push_back({a, std::vector<Block>(blocks.begin() + g * nb / count, blocks.begin() + (g + 1) * nb / count)});
+    }
+  }
+  return groups;
+}
+
+template <typename T, typename acc_t>
+void backward_blocks(const BackwardOperands& op, const Segments& seg, const std::vector<Group>& groups,
+                     at::Tensor& dx, at::Tensor& partials) {
+  const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
+  const auto [n, d, r] = op.dims;
+  const std::vector<int64_t> used = seg.used();
+  const acc_t* w_down = stacked_operand<T, acc_t>(op.w_down, /*transpose=*/false, used, 0);
+  const acc_t* w_up = stacked_operand<T, acc_t>(op.w_up, /*transpose=*/false, used, 1);
+  const int64_t sorted_end = seg.offsets.back();
+  const acc_t* h_data = op.h.data_ptr<acc_t>();
+  T* dx_data = dx.data_ptr<T>();
+  const bool dropout = op.dropout_p > 0.0;
+  const uint32_t threshold = philox::threshold(op.dropout_p);
+  const int64_t ld_keep = keep_row_bytes(d);
+  const bool stream = dx.nbytes() >= kStreamOutputBytes;
+
+  OutputEpilogue<acc_t> epilogue;
+  epilogue.res_kind = kind_of(op.grad_y.scalar_type());
+  epilogue.ld_res = d;
+  epilogue.out_kind = kind_of(dx.scalar_type());
+  epilogue.ld_out = d;
+
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
+    std::vector<T> gb(kBlockRows * d);
+    std::vector<acc_t> gz(kBlockRows * d);
+    std::vector<acc_t> xb(kBlockRows * d);
+    std::vector<acc_t> hb(kBlockRows * r);
+    std::vector<acc_t> da(kBlockRows * r);
+    std::vector<acc_t> a(kBlockRows * r);
+    std::vector<acc_t> dh(kBlockRows * r);
+    std::vector<T> dxb(kBlockRows * d);
+    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    OutputEpilogue<acc_t> e = epilogue;
+    for (int64_t gi = first; gi < last; ++gi) {
+      const Group& group = groups[gi];
+      const int64_t adapter = group.adapter;
+      const acc_t factor = static_cast<acc_t>(op.scales[adapter]);
+      acc_t* row = partials.data_ptr<acc_t>() + gi * partials.size(1);
+      std::fill(row, row + partials.size(1), acc_t(0));
+      const Partials<acc_t> sums(row, op.dims);
+      for (const Block& block : group.blocks) {
+        const int64_t m = block.end - block.begin;
+        const int64_t* rows = seg.order.data() + block.begin;
+
+        // gz = g * keep * s, rounded to x's dtype as a matmul operand; db_up sums it unrounded.
+        // Without dropout and with g in the accumulation type, the gathered g rows are gz up to
+        // the factor s, which is folded into the [rows, r] operands instead (as the
+        // single-adapter op does): no gz pass.
+        gather_bytes(op.grad_y, rows, m, sorted_end - block.begin, reinterpret_cast<char*>(gb.data()));
+        const acc_t* gz_rows = gz.data();
+        acc_t fold = 1;
+        if constexpr (std::is_same_v<T, acc_t>) {
+          if (!dropout) {
+            gz_rows = gb.data();
+            fold = factor;
+            for (int64_t i = 0; i < m; ++i) add_scaled_row(gb.data() + i * d, factor, d, sums.db_up);
+          }
+        }
+        if (gz_rows == gz.data()) {
+          for (int64_t i = 0; i < m; ++i) {
+            const uint8_t* kr = nullptr;
+            if (dropout) {
+              kr = keep.data() + i * ld_keep;
+              kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data() + i * ld_keep, ld_keep);
+            }
+            scale_row<T>(gb.data() + i * d, kr, factor, d, gz.data() + i * d, sums.db_up);
+          }
+        }
+
+        // dh = (gz Wu) * act'(h); a = act(h) from the saved pre-activation.
+        kernels.project_in(m, r, d, gz_rows, d, w_up + adapter * d * r, r, da.data(), r);
+        for (int64_t i = 0; i < m; ++i) {
+          if (i + kPrefetchAhead < sorted_end - block.begin) {
+            prefetch_bytes(reinterpret_cast<const char*>(h_data + rows[i + kPrefetchAhead] * r), r * sizeof(acc_t));
+          }
+          std::memcpy(hb.data() + i * r, h_data + rows[i] * r, r * sizeof(acc_t));
+        }
+        visit<acc_t>(op.activation, [&](auto f) {
+          for (int64_t i = 0; i < m; ++i) {
+            activation_backward_row<T>(f, hb.data() + i * r, da.data() + i * r, fold, r, dh.data() + i * r,
+                                       a.data() + i * r, sums.db_down);
+          }
+        });
+
+        gather_rows<T, acc_t>(op.x, rows, m, sorted_end - block.begin, xb.data(), d);
+        kernels.accumulate_outer(m, r, d, a.data(), r, gz_rows, d, sums.dw_up_t, d);
+        kernels.accumulate_outer(m, r, d, dh.data(), r, xb.data(), d, sums.dw_down, d);
+
+        e.res = op.residual_is_x ? gb.data() : nullptr;
+        e.out = dxb.data();
+        kernels.project_out(m, r, d, dh.data(), r, w_down + adapter * r * d, d, e);
+        scatter_rows(dxb.data(), rows, m, d, dx_data, stream);
+      }
+    }
+    store_fence();
+  });
+}
+
+// dx = g (residual x) or 0 on the rows without an adapter.
+template <typename T>
+void plain_rows(const BackwardOperands& op, const Segments& seg, at::Tensor& dx) {
+  const int64_t plain = seg.rows(0);
+  if (plain > 0) {
+    copy_plain_rows<T>(op.residual_is_x ? std::optional<at::Tensor>(op.grad_y) : std::nullopt, seg.order.data(), plain,
+                       op.dims.d, dx.data_ptr<T>());
+  }
+}
+
+// totals[a] = the partials of adapter a's groups summed in group order (zeros for unused adapters).
+template <typename acc_t>
+at::Tensor sum_partials(const at::Tensor& partials, const std::vector<Group>& groups, int64_t adapters) {
+  const int64_t size = partials.size(1);
+  at::Tensor totals = at::zeros({adapters, size}, partials.options());
+  const acc_t* src = partials.data_ptr<acc_t>();
+  acc_t* dst = totals.data_ptr<acc_t>();
+  at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+    for (size_t g = 0; g < groups.size(); ++g) {
+      const acc_t* part = src + g * size;
+      acc_t* total = dst + groups[g].adapter * size;
+      for (int64_t k = begin; k < end; ++k) total[k] += part[k];
+    }
+  });
+  return totals;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
+    const at::Tensor& w_up, const std::optional<at::Tensor>& b_up, const at::Tensor& scales,
+    const at::Tensor& adapter_index, const at::Tensor& h, bool residual_is_x, c10::string_view activation,
+    double dropout_p, int64_t seed) {
+  const Dims dims = check_stacked(kBackward, x, w_down, b_down, w_up, b_up, scales);
+  check_dropout(kBackward, dropout_p);
+  check_like_x(kBackward, "grad_y", grad_y, dims);
+  const at::ScalarType dtype = x.scalar_type();
+  const at::ScalarType acc = accumulation_type(dtype);
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == dtype, kBackward, ": grad_y must have x's dtype ", dtype, ", got ",
+                   grad_y.scalar_type());
+  TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == dims.n && h.size(1) == dims.r, kBackward, ": h must be [", dims.n,
+                    ", ", dims.r, "], got ", h.sizes());
+  const int64_t adapters = w_down.size(0);
+  const Segments seg = sort_rows(kBackward, adapter_index, dims.n, adapters);
+  const std::vector<Group> groups = reduction_groups(seg, dims, adapters);
+
+  const BackwardOperands op{dims,
+                            adapters,
+                            grad_y.contiguous(),
+                            x,
+                            w_down,
+                            w_up,
+                            h.to(acc).contiguous(),
+                            scale_values(scales, dropout_p),
+                            residual_is_x,
+                            parse_activation(std::string(activation)),
+                            dropout_p,
+                            static_cast<uint64_t>(seed)};
+
+  at::Tensor dx = empty_output({dims.n, dims.d}, x.options());
+  const int64_t size = Partials<float>::size(dims);
+  at::Tensor totals;
+  dispatch_dtype(dtype, [&](auto t, auto a) {
+    using T = decltype(t);
+    using acc_t = decltype(a);
+    at::Tensor partials = empty_output({static_cast<int64_t>(groups.size()), size}, x.options().dtype(acc));
+    if (dims.n > 0) {
+      const BrgemmLayout layout = brgemm_layout(dtype);
+      if constexpr (sizeof(T) == 2) {
+        if (layout != BrgemmLayout::none) {
+          backward_blocks_brgemm<T>(op, layout, seg, groups, dx, partials);
+        } else {
+          backward_blocks<T, acc_t>(op, seg, groups, dx, partials);
+        }
+      } else {
+        backward_blocks<T, acc_t>(op, seg, groups, dx, partials);
+      }
+      plain_rows<T>(op, seg, dx);
+    }
+    totals = sum_partials<acc_t>(partials, groups, adapters);
+  });
+
+  const int64_t rd = dims.r * dims.d;
+  at::Tensor dw_up = totals.narrow(1, 0, rd).reshape({adapters, dims.r, dims.d}).transpose(1, 2).contiguous()
+                         .to(w_up.scalar_type());
+  at::Tensor dw_down = totals.narrow(1, rd, rd).reshape({adapters, dims.r, dims.d}).to(w_down.scalar_type());
+  at::Tensor db_up = totals.narrow(1, 2 * rd, dims.d).contiguous().to(w_up.scalar_type());
+  at::Tensor db_down = totals.narrow(1, 2 * rd + dims.d, dims.r).contiguous().to(w_down.scalar_type());
+  return {dx, dw_down, db_down, dw_up, db_up};
+}
+
+
+}  // namespace adapterfast::cpu

@@ -1,0 +1,170 @@
+// The grouped backward for 16-bit inputs on brgemm (grouped_backward.h). Per block of one
+// adapter's rows, as the single-adapter op's 16-bit driver (adapter_brgemm.cpp) does on
+// contiguous rows:
+//   g rows gathered; gz = round(g * keep * s) (db_up sums it unrounded);
+//   da = gz Wu (brgemm, K = d);  dh = da act'(h) (db_down sums it);  a = act(h);
+//   dx = dh Wd (brgemm, K = r) + g, formed in a block scratch and streamed to its rows of dx;
+//   and per run of up to kSumRows rows of the group, dw_up^T += a^T gz and dw_down += dh^T x
+//   (brgemm, K = the run's rows, the gz and gathered x rows repacked in brgemm's B layout).
+// Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "grouped_backward.h"
+#include "philox.h"
+
+namespace adapterfast::cpu::grouped {
+namespace {
+
+using at::native::cpublas::brgemm;
+using at::native::cpublas::brgemm_release;
+
+// Output columns per brgemm call: a [64, 256] fp32 product (64 KiB) stays in L2 for its epilogue.
+constexpr int64_t kOutCols = 256;
+// Rows per weight-gradient brgemm call (a multiple of kBlockRows).
+constexpr int64_t kSumRows = 4 * kBlockRows;
+
+inline int64_t even(int64_t v) { return v + (v & 1); }
+
+// C[M, d] += A[M, K] B[K, d] in column chunks of kOutCols, B packed with ldb = d.
+template <typename T>
+void accumulate_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const T* A, int64_t lda,
+                           const T* B, float* C) {
+  for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
+    const int64_t nc = std::min(kOutCols, d - n0);
+    brgemm(M, nc, K, lda, d, d, true, A, B + b_column(layout, n0), C + n0, layout == BrgemmLayout::vnni);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, const Segments& seg,
+                            const std::vector<Group>& groups, at::Tensor& dx, at::Tensor& partials) {
+  const auto [n, d, r] = op.dims;
+  const int64_t rp = even(r);
+  const int64_t dp = even(d);
+  const bool vnni = layout == BrgemmLayout::vnni;
+  const std::vector<int64_t> used = seg.used();
+  const T* w_up_b = packed_operand<T>(layout, op.w_up, /*transpose=*/false, used, 0);      // [A][dp, r]
+  const T* w_down_b = packed_operand<T>(layout, op.w_down, /*transpose=*/false, used, 1);  // [A][rp, d]
+  const float* h_data = op.h.data_ptr<float>();
+  T* dx_data = dx.data_ptr<T>();
+  const int64_t sorted_end = seg.offsets.back();
+  const bool dropout = op.dropout_p > 0.0;
+  const uint32_t threshold = philox::threshold(op.dropout_p);
+  const int64_t ld_keep = keep_row_bytes(d);
+  const BlockKernels<float>& kernels = block_kernels<float>();
+
+  const bool stream = dx.nbytes() >= kStreamOutputBytes;
+  OutputEpilogue<float> epilogue;
+  epilogue.res_kind = kind_of(op.grad_y.scalar_type());
+  epilogue.ld_res = d;
+  epilogue.out_kind = kind_of(dx.scalar_type());
+  epilogue.ld_out = d;
+
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
+    std::vector<T> gb(kBlockRows * d);
+    std::vector<T> dxb(kBlockRows * d);
+    std::vector<T> gz(kBlockRows * dp, T(0.0f));
+    std::vector<T> xb(kBlockRows * dp, T(0.0f));
+    std::vector<T> gz_b(kSumRows * d);  // a run's gz rows as a B operand
+    std::vector<T> x_b(kSumRows * d);   // a run's x rows as a B operand
+    std::vector<T> a_t(r * kSumRows);   // [r, kSumRows]: a^T of the run
+    std::vector<T> dh_t(r * kSumRows);  // [r, kSumRows]: dh^T of the run
+    std::vector<float> da(kBlockRows * r);
+    std::vector<T> dh(kBlockRows * rp, T(0.0f));
+    std::vector<float> chunk(kBlockRows * kOutCols);
+    std::vector<uint8_t> keep(dropout ? ld_keep : 0);
+    OutputEpilogue<float> e = epilogue;
+    for (int64_t gi = first; gi < last; ++gi) {
+      const Group& group = groups[gi];
+      const int64_t adapter = group.adapter;
+      const float factor = static_cast<float>(op.scales[adapter]);
+      float* row = partials.data_ptr<float>() + gi * partials.size(1);
+      std::fill(row, row + partials.size(1), 0.0f);
+      const Partials<float> sums(row, op.dims);
+      const T* w_up = w_up_b + adapter * dp * r;
+      const T* w_down = w_down_b + adapter * rp * d;
+      int64_t run = 0;  // rows (even) collected for the weight gradients
+      for (size_t bi = 0; bi < group.blocks.size(); ++bi) {
+        const Block& block = group.blocks[bi];
+        const int64_t m = block.end - block.begin;
+        const int64_t mp = even(m);
+        const int64_t* rows = seg.order.data() + block.begin;
+        const int64_t ahead = sorted_end - block.begin;
+
+        gather_rows<T, T>(op.grad_y, rows, m, ahead, gb.data(), d);
+        for (int64_t i = 0; i < m; ++i) {
+          const uint8_t* __restrict kp = nullptr;
+          if (dropout) {
+            kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data(), ld_keep);
+            kp = keep.data();
+          }
+          const T* __restrict g = gb.data() + i * d;
+          T* __restrict out = gz.data() + i * dp;
+          float* __restrict sum = sums.db_up;
+          for (int64_t k = 0; k < d; ++k) {
+            const float v = static_cast<float>(g[k]) * (kp == nullptr || kp[k] ? factor : 0.0f);
+            sum[k] += v;
+            out[k] = static_cast<T>(v);
+          }
+        }
+
+        brgemm(m, r, dp, dp, r, r, false, gz.data(), w_up, da.data(), vnni);
+        for (int64_t i = 0; i < m && i + kPrefetchAhead < ahead; ++i) {
+          prefetch_bytes(reinterpret_cast<const char*>(h_data + rows[i + kPrefetchAhead] * r), r * sizeof(float));
+        }
+        visit<float>(op.activation, [&](auto f) {
+          for (int64_t i = 0; i < mp; ++i) {
+            const float* hb = h_data + (i < m ? rows[i] : 0) * r;
+            for (int64_t j = 0; j < r; ++j) {
+              T dh_value(0.0f);
+              T a_value(0.0f);
+              if (i < m) {
+                const float v = backprop(f, hb[j], da[i * r + j]);
+                sums.db_down[j] += v;
+                dh_value = static_cast<T>(v);
+                a_value = static_cast<T>(f.value(hb[j]));
+                dh[i * rp + j] = dh_value;
+              }
+              dh_t[j * kSumRows + run + i] = dh_value;
+              a_t[j * kSumRows + run + i] = a_value;
+            }
+          }
+        });
+
+        e.res = op.residual_is_x ? gb.data() : nullptr;
+        e.out = dxb.data();
+        for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
+          const int64_t nc = std::min(kOutCols, d - n0);
+          brgemm(m, nc, rp, rp, d, nc, false, dh.data(), w_down + b_column(layout, n0), chunk.data(), vnni);
+          avx512::finish_rows(m, nc, chunk.data(), nc, n0, e);
+        }
+        scatter_rows(dxb.data(), rows, m, d, dx_data, stream);
+
+        rows_as_b<T>(layout, m, d, gz.data(), dp, gz_b.data() + run * d);
+        gather_rows<T, T>(op.x, rows, m, ahead, xb.data(), dp);
+        rows_as_b<T>(layout, m, d, xb.data(), dp, x_b.data() + run * d);
+        run += mp;
+        if (run == kSumRows || bi + 1 == group.blocks.size()) {
+          accumulate_by_columns<T>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), sums.dw_up_t);
+          accumulate_by_columns<T>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), sums.dw_down);
+          run = 0;
+        }
+      }
+    }
+    store_fence();
+    brgemm_release(vnni);
+  });
+}
+
+template void backward_blocks_brgemm<c10::BFloat16>(const BackwardOperands&, BrgemmLayout, const Segments&,
+                                                    const std::vector<Group>&, at::Tensor&, at::Tensor&);
+template void backward_blocks_brgemm<c10::Half>(const BackwardOperands&, BrgemmLayout, const Segments&,
+                                                const std::vector<Group>&, at::Tensor&, at::Tensor&);
+
+}  // namespace adapterfast::cpu::grouped

@@ -1,0 +1,220 @@
+#pragma once
+// The stacked weights of the grouped op as per-adapter matmul operands: for the fp32/fp64 block
+// kernels (stacked_operand) and for brgemm's 16-bit B layouts (packed_operand).
+//
+// Weights are prepared once per call and only for the adapters that have rows (a batch naming
+// 2 of 32 adapters converts 2), in parallel over those adapters, by direct loops that read the
+// nn.Linear layouts as they are (no transposed copy by torch first), into a per-thread workspace.
+#include <algorithm>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "brgemm.h"
+
+namespace adapterfast::cpu::grouped {
+
+// Calls fn(S{}) for a weight dtype.
+template <typename Fn>
+void dispatch_weight(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    case at::kDouble: return fn(double{});
+    default: TORCH_CHECK_TYPE(false, "adapterfast grouped op: unsupported weight dtype ", dtype);
+  }
+}
+
+// Storage for the prepared weights that lives with the calling thread and is reused by its later
+// calls. A fresh [A, d, r] buffer from the allocator is, past malloc's mmap threshold, new pages
+// on every call, and faulting them in cost more than preparing the weights (measured with perf:
+// page faults and clearing ahead of the conversion loop itself at A = 32, d = 768, r = 16). Holds
+// the largest size a thread has asked for, per slot (the two weights of one call).
+template <typename V>
+V* workspace(int slot, int64_t count) {
+  thread_local std::vector<V> buffers[2];
+  std::vector<V>& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
+}
+
+// A weight element as a matmul operand: rounded to x's storage type T (as autocast would), as V.
+template <typename T, typename V, typename S>
+inline V operand_value(S s) {
+  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) {
+    return static_cast<V>(static_cast<T>(s));
+  } else {
+    return static_cast<V>(static_cast<T>(static_cast<float>(s)));
+  }
+}
+
+// out [Q, P] = in [P, Q]^T for float: 8 x 8 tiles transposed in AVX registers (scalar loops
+// over single elements ran at ~1 ns per element here, the largest per-adapter cost of a call),
+// the edges element by element.
+inline void transpose_floats(const float* in, int64_t P, int64_t Q, float* out) {
+  int64_t p0 = 0;
+#if defined(__AVX__)
+  for (; p0 + 8 <= P; p0 += 8) {
+    int64_t q0 = 0;
+    for (; q0 + 8 <= Q; q0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + (p0 + i) * Q + q0);
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      const __m256 c[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                           _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                           _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                           _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (q0 + j) * P + p0, c[j]);
+    }
+    for (; q0 < Q; ++q0) {
+      for (int64_t p = p0; p < p0 + 8; ++p) out[q0 * P + p] = in[p * Q + q0];
+    }
+  }
+#endif
+  for (; p0 < P; ++p0) {
+    for (int64_t q = 0; q < Q; ++q) out[q * P + p0] = in[p0 * Q + q];
+  }
+}
+
+// The stacked weight w [A, P, Q] as per-adapter matmul operands of acc_t, rounded to x's storage
+// type T: [A, Q, P] with `transpose`, else [A, P, Q]. Only the `used` adapters are filled; the
+// result is w's own data when that already is the operand, else workspace `slot`.
+template <typename T, typename acc_t>
+const acc_t* stacked_operand(const at::Tensor& w, bool transpose, const std::vector<int64_t>& used, int slot) {
+  const int64_t P = w.size(1);
+  const int64_t Q = w.size(2);
+  constexpr at::ScalarType acc = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  if (!transpose && w.scalar_type() == acc && std::is_same_v<T, acc_t> && w.is_contiguous()) {
+    return w.data_ptr<acc_t>();
+  }
+  acc_t* dst = workspace<acc_t>(slot, w.size(0) * P * Q);
+  const at::Tensor src = w.contiguous();
+  dispatch_weight(src.scalar_type(), [&](auto s) {
+    using S = decltype(s);
+    const S* data = src.data_ptr<S>();
+    at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t first, int64_t last) {
+      for (int64_t u = first; u < last; ++u) {
+        const S* in = data + used[u] * P * Q;
+        acc_t* o = dst + used[u] * P * Q;
+        if constexpr (std::is_same_v<S, float> && std::is_same_v<acc_t, float> && std::is_same_v<T, float>) {
+          if (transpose) {
+            transpose_floats(in, P, Q, o);
+            continue;
+          }
+        }
+        if (transpose) {
+          // In 16 x 16 tiles, so that the rows of `in` a tile reads stay in L1 (a plain loop over
+          // one column at a time reads d/16 lines per column of the [d, r] weight).
+          constexpr int64_t kTile = 16;
+          for (int64_t p0 = 0; p0 < P; p0 += kTile) {
+            const int64_t p1 = std::min(P, p0 + kTile);
+            for (int64_t q0 = 0; q0 < Q; q0 += kTile) {
+              const int64_t q1 = std::min(Q, q0 + kTile);
+              for (int64_t q = q0; q < q1; ++q) {
+                for (int64_t p = p0; p < p1; ++p) o[q * P + p] = operand_value<T, acc_t>(in[p * Q + q]);
+              }
+            }
+          }
+        } else {
+          for (int64_t k = 0; k < P * Q; ++k) o[k] = operand_value<T, acc_t>(in[k]);
+        }
+      }
+    });
+  });
+  return dst;
+}
+
+// One adapter's [P, Q] weight in T: `in` itself when S is T, else converted into `scratch`.
+template <typename T, typename S>
+const T* weight_in(const S* in, int64_t size, std::vector<T>& scratch) {
+  if constexpr (std::is_same_v<S, T>) {
+    return in;
+  } else {
+    scratch.resize(size);
+    for (int64_t k = 0; k < size; ++k) scratch[k] = operand_value<T, T>(in[k]);
+    return scratch.data();
+  }
+}
+
+// w [P, Q] of 16-bit T as the B operand (K rows, N columns, ldb = N; even(K) rows, the pad row
+// zero): B[k, n] = w[k, n] (K = P), or with `transpose` w[n, k] (K = Q). In the VNNI layout a
+// 32-bit word holds B[2j, n] and B[2j + 1, n], which are two adjacent elements of w when
+// transposed and an element of two adjacent rows of w otherwise, so both are built as words.
+template <typename T>
+void pack_16bit(BrgemmLayout layout, const T* w, int64_t P, int64_t Q, bool transpose, T* out) {
+  static_assert(sizeof(T) == 2);
+  const int64_t K = transpose ? Q : P;
+  const int64_t N = transpose ? P : Q;
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(w);
+  // Element (k, n) of B as bits, 0 past the last row.
+  auto at = [&](int64_t k, int64_t n) -> uint32_t {
+    if (k >= K) return 0;
+    return transpose ? in[n * Q + k] : in[k * Q + n];
+  };
+  if (layout == BrgemmLayout::vnni) {
+    uint32_t* words = reinterpret_cast<uint32_t*>(out);
+    for (int64_t j = 0; 2 * j < K; ++j) {
+      uint32_t* __restrict o = words + j * N;
+      if (transpose && 2 * j + 1 < K) {
+        for (int64_t n = 0; n < N; ++n) o[n] = uint32_t(in[n * Q + 2 * j]) | (uint32_t(in[n * Q + 2 * j + 1]) << 16);
+      } else if (!transpose && 2 * j + 1 < K) {
+        const uint16_t* __restrict r0 = in + 2 * j * Q;
+        const uint16_t* __restrict r1 = r0 + Q;
+        for (int64_t n = 0; n < N; ++n) o[n] = uint32_t(r0[n]) | (uint32_t(r1[n]) << 16);
+      } else {
+        for (int64_t n = 0; n < N; ++n) o[n] = at(2 * j, n) | (at(2 * j + 1, n) << 16);
+      }
+    }
+    return;
+  }
+  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
+  const int64_t k_even = K + (K & 1);
+  for (int64_t k = 0; k < k_even; ++k) {
+    for (int64_t n = 0; n < N; ++n) bits[k * N + n] = static_cast<uint16_t>(at(k, n));
+  }
+}
+
+// The stacked weight w [A, P, Q] as per-adapter brgemm B operands of 16-bit T (see brgemm.h) for
+// the product with K rows and N columns: B[k, n] = w[a, k, n] (K = P) or, with `transpose`,
+// w[a, n, k] (K = Q). Each adapter's operand takes even(K) * N elements (the pad row zero);
+// only the `used` adapters are filled, in workspace `slot`.
+template <typename T>
+const T* packed_operand(BrgemmLayout layout, const at::Tensor& w, bool transpose, const std::vector<int64_t>& used,
+                        int slot) {
+  const int64_t P = w.size(1);
+  const int64_t Q = w.size(2);
+  const int64_t K = transpose ? Q : P;
+  const int64_t N = transpose ? P : Q;
+  const int64_t size = (K + (K & 1)) * N;
+  T* out = workspace<T>(slot, w.size(0) * size);
+  const at::Tensor src = w.contiguous();
+  dispatch_weight(src.scalar_type(), [&](auto s) {
+    using S = decltype(s);
+    const S* data = src.data_ptr<S>();
+    at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t first, int64_t last) {
+      std::vector<T> scratch;
+      for (int64_t u = first; u < last; ++u) {
+        const T* weight = weight_in<T>(data + used[u] * P * Q, P * Q, scratch);
+        pack_16bit<T>(layout, weight, P, Q, transpose, out + used[u] * size);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace adapterfast::cpu::grouped
