@@ -35,7 +35,7 @@ import adapterfast
 
 from . import demo_data
 from .demo_data import MissingPackage
-from .integrations.hf import PLACEMENTS
+from .integrations.options import PLACEMENTS
 
 SEED = 0
 EXIT_MISSING = 2  # also for a --backend that cannot run on --device
