@@ -12,29 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 import adapterfast  # noqa: E402
 from adapterfast.integrations import hf  # noqa: E402
+from helpers import ids, tiny_bert, tiny_llama  # noqa: E402
 from hf_compat import checkpointing_enable  # noqa: E402
-
-VOCAB = 100
-
-
-def tiny_bert(seed=0, dtype=torch.float32):
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, num_labels=2)
-    torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(config).to(dtype).eval()
-
-
-def tiny_llama(seed=0, dtype=torch.float32):
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
-
-
-def ids(seed=1, batch=2, length=7):
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
 
 def adapt(model, path, **options):
     if path == "peft":

@@ -1,5 +1,9 @@
 """AdapterHub ``adapters``: run the bottleneck adapters of an ``adapters`` model on the fused op.
 
+(Past 400 lines on purpose: about 100 are this docstring, which maps the library's forward onto
+the op; the code is one job, the library's bottleneck layer on the fused op, and its mixed-batch
+compositions are in ``adapterhub_grouped.py``.)
+
     import adapters, adapterfast.integrations.adapterhub as ah
     model = adapters.AutoAdapterModel.from_pretrained(...)   # or adapters.init(hf_model)
     model.add_adapter("task", config="seq_bn"); model.train_adapter("task")
