@@ -94,6 +94,19 @@ def ids(seed: int = 1, batch: int = 2, length: int = 7) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def fp16_unsupported_reason() -> str | None:
+    """Why fp16 mixed precision (autocast and GradScaler) cannot train here, or None when it can."""
+    if torch.cuda.is_available():
+        return None
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+        torch.amp.GradScaler("cpu")
+    except (RuntimeError, TypeError, ValueError) as error:  # depends on the torch build
+        return f"fp16 autocast on CPU unavailable: {error}"
+    return None
+
+
 BACKEND_NAMES = ("reference", "cpu", "triton")
 
 

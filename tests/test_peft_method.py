@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 from adapterfast import AdapterConfig  # noqa: E402
 from adapterfast.integrations import peft as af_peft  # noqa: E402
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
-from helpers import ids, tiny_bert, tiny_llama  # noqa: E402
+from helpers import fp16_unsupported_reason, ids, tiny_bert, tiny_llama  # noqa: E402
 from hf_compat import checkpointing_argument, checkpointing_enable, is_checkpointing  # noqa: E402
 
 def adapter_layers(model):
@@ -278,22 +278,10 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.y[i]}
 
 
-def _fp16_unsupported_reason():
-    if torch.cuda.is_available():
-        return None
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
-        torch.amp.GradScaler("cpu")
-    except Exception as error:  # pragma: no cover - depends on the torch build
-        return f"fp16 autocast on CPU unavailable: {error}"
-    return None
-
-
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_trainer_mixed_precision(tmp_path, precision):
-    if precision == "fp16" and _fp16_unsupported_reason():
-        pytest.skip(_fp16_unsupported_reason())
+    if precision == "fp16" and fp16_unsupported_reason():
+        pytest.skip(fp16_unsupported_reason())
     model = get_peft_model(tiny_bert(), AdapterConfig(task_type=TaskType.SEQ_CLS, r=8, dropout=0.1))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = transformers.TrainingArguments(
