@@ -5,6 +5,11 @@
 ``fused_adapter`` is the op, ``Adapter`` the drop-in module, ``replace_adapters`` swaps existing
 eager adapters in a model for it. Triton kernels run CUDA tensors, C++ kernels CPU tensors, and
 the eager reference everything else; ``backends()`` says which are available.
+
+Importing the package calls ``register()`` once: adapterfast becomes a PEFT method (when PEFT is,
+or gets, imported), so ``PeftModel.from_pretrained`` loads adapterfast checkpoints after a plain
+``import adapterfast``. ``unregister()`` undoes everything adapterfast changed in PEFT and
+AdapterHub (``adapterfast/integrations/registration.py`` lists it).
 """
 from . import cpu as _cpu  # registers the C++ backend (the reference registers with dispatch itself)
 from . import ops as _ops  # registers the custom ops
@@ -17,14 +22,14 @@ __version__ = "0.1.0"
 
 _current_backend()  # a bad $ADAPTERFAST_BACKEND is an error now, naming the variable, not at the first call
 
-__all__ = ["Adapter", "backends", "fused_adapter", "replace_adapters", "use_backend", "__version__"]
+__all__ = ["Adapter", "backends", "fused_adapter", "register", "replace_adapters", "unregister", "use_backend",
+           "__version__"]
 
 # Hugging Face integrations, loaded on first use so that `import adapterfast` needs neither
-# transformers nor PEFT (see adapterfast/integrations). The PEFT method registers itself with
-# PEFT when PEFT is (or gets) imported, so PeftModel.from_pretrained works after `import adapterfast`.
-from .integrations import install_peft_registration as _install_peft_registration  # noqa: E402
+# transformers nor PEFT (see adapterfast/integrations).
+from .integrations.registration import register, unregister  # noqa: E402
 
-_install_peft_registration()
+register()
 _INTEGRATION_NAMES = ("AdapterConfig", "AdapterOptions", "add_adapters", "save_adapters", "load_adapters",
                       "remove_adapters")
 

@@ -19,7 +19,10 @@ ACTIVATIONS = (
     "quick_gelu",
 )
 
+# The one source of the activations' constants: the reference and the Triton kernels import these;
+# tests/test_constants.py checks the C++ copies in csrc/activations.h against them.
 LEAKY_RELU_SLOPE = 0.01
+QUICK_GELU_ALPHA = 1.702  # quick_gelu(h) = h * sigmoid(1.702 h)
 
 ALIASES = {
     "gelu_python": "gelu",

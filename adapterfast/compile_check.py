@@ -1,5 +1,8 @@
 """Compile every Triton kernel variant ahead of time, without a GPU, and report its resources.
 
+(One file past 400 lines on purpose: enumerating the variants, compiling them and reading ptxas/SASS
+output are one job, a report row per variant, and every part is only used here.)
+
     python -m adapterfast.compile_check [--arch sm_80 sm_90] [--full] [--json] [--workers N]
 
 For each variant (kernel x dtype x rank bucket x activation x constexpr flags x layout) it builds

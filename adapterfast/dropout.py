@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+# The one source of the Philox constants: kernels/philox.py imports them; tests/test_constants.py
+# checks the C++ copies in csrc/philox.h against them.
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9

@@ -1,7 +1,7 @@
 """adapterfast benchmarks: the adapter op against eager PyTorch, torch.compile and AdapterHub.
 
     python -m benchmarks --device cpu --quick      # op benchmarks, rows appended to benchmarks/results/
-    python -m benchmarks.table                      # markdown tables (and the issue-3 targets) for the README
+    python -m benchmarks.table                      # markdown tables (and the CPU speed targets) for the README
     python -m benchmarks.plot                       # PNG charts next to the results
     python -m benchmarks.e2e --device cpu --quick   # one training step of a small encoder, tokens/s
     bash benchmarks/gpu_check.sh                    # the whole GPU check, on a CUDA machine

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import machine, memory, results
-from .providers import LABELS, SeedAdapter
+from .providers import LABELS, PROVIDER_ERRORS, EagerAdapter
 from .shapes import DTYPES, DTYPE_NAMES
 from .timing import make_timer, summarize
 
@@ -46,7 +46,7 @@ class AdaptedEncoder(nn.Module):
 def build(provider: str, layers: nn.ModuleList, d: int, r: int, dtype, device, seed: int) -> AdaptedEncoder:
     """The model for one provider: the shared frozen base, adapters with identical initial weights."""
     torch.manual_seed(seed)
-    seeds = nn.ModuleList(SeedAdapter(d, r) for _ in layers)
+    seeds = nn.ModuleList(EagerAdapter(d, r) for _ in layers)
     if provider == "eager":
         adapters = seeds
     elif provider == "compile":
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
             timer.sync()
             steps[name] = {"step": step, "first_calls_s": time.perf_counter() - started,
                            "trainable": sum(p.numel() for p in params)}
-        except Exception as error:
+        except PROVIDER_ERRORS as error:
             steps[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
     live = [n for n in args.providers if "step" in steps[n]]
     print(f"e2e on {info['device_name']}: {args.layers} layers d={d}, batch {args.batch} x seq {args.seq}, "

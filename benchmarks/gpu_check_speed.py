@@ -9,7 +9,7 @@
   (``triton.testing.do_bench``), at N=16384 d=4096 r=64 and N=8192 d=768 r=16; bf16 with
   dropout 0 and 0.1, fp32 ieee and tf32, bf16 x with fp32 weights. Each is reported with its
   bytes model (``hbm_bytes`` next to each kernel) and the fraction of the copy-bandwidth floor
-  (model bytes / measured copy bandwidth / time), and the whole step against DESIGN.md's floor
+  (model bytes / measured copy bandwidth / time), and the whole step against the fused floor
   (2 passes forward, 3 backward).
 - ``ops``: forward and forward+backward of the seed's eager adapter, a cuBLAS ``addmm`` adapter
   (residual folded into the GEMM), ``torch.compile`` default and max-autotune (skipped with a
@@ -153,9 +153,9 @@ class _Addmm(torch.nn.Module):
 
 def _providers(d, r, dtype, deadline):
     import adapterfast
-    from benchmarks.providers import SeedAdapter
+    from benchmarks.providers import EagerAdapter
 
-    seed = SeedAdapter(d, r).to(device=device(), dtype=dtype)
+    seed = EagerAdapter(d, r).to(device=device(), dtype=dtype)
     fused = adapterfast.Adapter(d, r).to(device=device(), dtype=dtype)
     fused.load_state_dict(seed.state_dict())
     yield "eager", seed

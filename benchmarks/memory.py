@@ -47,7 +47,7 @@ def cpu_peak(fn: Callable[[], object]) -> dict:
             out = fn()
         del out
         events = _allocation_events(prof)
-    except Exception as error:  # a torch whose profiler internals differ
+    except (AttributeError, KeyError, TypeError, RuntimeError) as error:  # a torch whose profiler internals differ
         return {"peak_bytes": None, "retained_bytes": None, "mem_error": f"{type(error).__name__}: {error}"}
     current = peak = 0
     for _, size in events:

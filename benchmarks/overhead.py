@@ -2,7 +2,7 @@
 
 Per-call cost decides small calls (a layer call sees batch x sequence rows: one to a few thousand),
 so this measures ``adapterfast.Adapter`` against the seed's eager adapter (``nn.Linear`` down,
-activation, ``nn.Linear`` up, plus the residual; ``providers.SeedAdapter``) holding the same
+activation, ``nn.Linear`` up, plus the residual; ``providers.EagerAdapter``) holding the same
 weights, for N in {1, 8, 64, 320, 1024, 2048, 4096, 8192, 32768}, d in {128, 384, 768}, r = 16,
 fp32, on 1 and 2 threads:
 
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _pair(d: int, r: int, device: str):
     torch.manual_seed(0)
-    eager = providers.SeedAdapter(d, r).to(device)
+    eager = providers.EagerAdapter(d, r).to(device)
     import adapterfast
 
     fused = adapterfast.Adapter(d, r).to(device)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .providers import SeedAdapter
+from .providers import EagerAdapter
 
 
 def profile(module, x, g, steps: int) -> tuple[float, float, str]:
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    eager = SeedAdapter(args.d, args.r)
+    eager = EagerAdapter(args.d, args.r)
     fused = adapterfast.Adapter(args.d, args.r)
     fused.load_state_dict(eager.state_dict())
     x = torch.randn(args.n, args.d, requires_grad=True)

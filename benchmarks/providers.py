@@ -26,20 +26,37 @@ LABELS = {
     "adapterhub": "AdapterHub adapters",
     "adapterfast": "adapterfast",
 }
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+# What a provider raises on a point it cannot run (out of memory, an unsupported dtype, size or
+# backend): recorded in the result row. Anything else is a bug in the harness and propagates.
+PROVIDER_ERRORS = (RuntimeError, ValueError, TypeError)
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
-class SeedAdapter(nn.Module):
-    """The seed's eager adapter, with the activation as a parameter."""
+class EagerAdapter(nn.Module):
+    """The adapter as users write it in plain PyTorch: ``residual + scale * up(act(down(x)))``.
 
-    def __init__(self, d_model: int, r: int = 16, activation: str = "relu"):
+    With the defaults it is the seed project's module (bias-free ``nn.Linear``s, ReLU, residual = x,
+    no scale multiply): the benchmarks' baseline, and the tests' eager twin (``tests/helpers.py``).
+    Its parameter names are ``adapterfast.Adapter``'s, so state dicts load both ways. No dropout:
+    ``nn.Dropout``'s masks are not the op's.
+    """
+
+    def __init__(self, d_model: int, r: int = 16, activation: str = "relu", *, bias: bool = False,
+                 scale: float = 1.0, dropout: float = 0.0):
         super().__init__()
-        self.down = nn.Linear(d_model, r, bias=False)
+        if dropout != 0.0:
+            raise ValueError("the eager adapter has no dropout: nn.Dropout's masks differ from the op's")
+        self.down = nn.Linear(d_model, r, bias=bias)
         self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(r, d_model, bias=False)
+        self.up = nn.Linear(r, d_model, bias=bias)
+        self.scale = scale
 
-    def forward(self, x):
-        return x + self.up(self.act(self.down(x)))
+    def forward(self, x, residual=None):
+        branch = self.up(self.act(self.down(x)))
+        if self.scale != 1.0:  # the seed multiplies by nothing; 1.0 * t would add a kernel to the baseline
+            branch = self.scale * branch
+        return (x if residual is None else residual) + branch
 
 
 class AdapterHubLayer(nn.Module):
@@ -66,11 +83,11 @@ class Provider:
         return LABELS.get(self.name, self.name)
 
 
-def _adapterhub(seed: SeedAdapter, d: int, r: int, activation: str) -> tuple[nn.Module | None, str | None]:
+def _adapterhub(seed: EagerAdapter, d: int, r: int, activation: str) -> tuple[nn.Module | None, str | None]:
     try:
         from adapters.configuration import SeqBnConfig
         from adapters.methods.modeling import Adapter as HubAdapter
-    except Exception as error:  # not installed, or an incompatible transformers
+    except (ImportError, AttributeError) as error:  # not installed, or an incompatible transformers
         return None, f"AdapterHub `adapters` not importable: {type(error).__name__}: {error}"
     try:
         config = SeqBnConfig(reduction_factor=max(d // r, 1), non_linearity=activation, scaling=1.0,
@@ -83,7 +100,7 @@ def _adapterhub(seed: SeedAdapter, d: int, r: int, activation: str) -> tuple[nn.
             down.bias.zero_()
             layer.adapter_up.weight.copy_(seed.up.weight)
             layer.adapter_up.bias.zero_()
-    except Exception as error:
+    except (*PROVIDER_ERRORS, AttributeError, KeyError) as error:  # an adapters version with another API
         return None, f"could not build AdapterHub's Adapter standalone: {type(error).__name__}: {error}"
     return AdapterHubLayer(layer), None
 
@@ -91,7 +108,7 @@ def _adapterhub(seed: SeedAdapter, d: int, r: int, activation: str) -> tuple[nn.
 def build(names, d: int, r: int, activation: str, dtype: torch.dtype, device: str, seed: int = 0) -> list[Provider]:
     """The providers named in ``names`` (in ``ORDER``), each with the same weights, in train mode."""
     torch.manual_seed(seed)
-    eager = SeedAdapter(d, r, activation)
+    eager = EagerAdapter(d, r, activation)
     providers = []
     for name in [n for n in ORDER if n in names]:
         module, skip, note = None, None, None

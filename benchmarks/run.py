@@ -159,7 +159,7 @@ def measure_point(point: shapes.Point, args, timer, device: str, bar=None) -> di
             if provider.name == "adapterfast":
                 entry["backend"] = providers.adapterfast_backend(x, point.r)
             del y, grads, outputs
-        except Exception as error:
+        except providers.PROVIDER_ERRORS as error:
             entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
             continue
         live.append((provider, calls))
@@ -178,7 +178,7 @@ def measure_point(point: shapes.Point, args, timer, device: str, bar=None) -> di
                         samples[provider.name] += timer.times_after(calls.fwd, calls.bwd, args.min_run_time)
                     else:
                         samples[provider.name] += timer.times(getattr(calls, pass_), args.min_run_time)
-                except Exception as error:
+                except providers.PROVIDER_ERRORS as error:
                     found[provider.name]["passes"][pass_] = {"error": f"{type(error).__name__}: {error}"[:300]}
         for provider, calls in live:
             stats = found[provider.name]["passes"].setdefault(pass_, {})
@@ -192,7 +192,7 @@ def measure_point(point: shapes.Point, args, timer, device: str, bar=None) -> di
                     del y
                 else:
                     stats.update(memory.peak(device, getattr(calls, pass_)))
-            except Exception as error:
+            except providers.PROVIDER_ERRORS as error:
                 stats["mem_error"] = f"{type(error).__name__}: {error}"[:300]
     del x, g
     return found

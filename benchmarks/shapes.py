@@ -39,7 +39,7 @@ def _grid(ns, ds, rs, acts, dtypes):
 
 
 def preset(device: str, quick: bool) -> list[Point]:
-    """The shapes measured by default (issue 3 for CPU; BERT to Llama-70B widths on CUDA)."""
+    """The shapes measured by default (the CPU speed-target grid; BERT to Llama-70B widths on CUDA)."""
     if device == "cpu":
         if quick:
             return _grid([8192], [768, 1024, 4096], [16, 64], ["relu"], ["fp32"]) + [

@@ -3,7 +3,7 @@
     python -m benchmarks.table                        # latest run per device in benchmarks/results/
     python -m benchmarks.table --results DIR --run ID --device cpu
 
-Prints, per device and pass, one table (times are the median ± half the IQR, in ms), the issue-3
+Prints, per device and pass, one table (times are the median ± half the IQR, in ms), the CPU speed
 targets checked against the CPU rows, and the end-to-end training-step table if there is one.
 ``--stat min`` uses each provider's fastest sample instead of the median for the times, ratios and
 floor fractions: on a loaded machine the minimum is the less disturbed estimate (say so if you
@@ -19,7 +19,7 @@ from . import results
 from .providers import LABELS, ORDER
 
 PASS_TITLES = {"fwd": "forward", "bwd": "backward", "full": "full step (forward + backward)"}
-# Issue 3 (CPU, fp32, N = 8192): fwd+bwd >= 3x eager and >= 2x torch.compile, forward >= 3x eager,
+# The CPU speed targets (fp32, N = 8192): fwd+bwd >= 3x eager and >= 2x torch.compile, forward >= 3x eager,
 # peak memory <= eager, for d in {768, 1024, 4096} and r in {16, 64}.
 TARGET_SHAPES = [(8192, d, r) for d in (768, 1024, 4096) for r in (16, 64)]
 
@@ -145,7 +145,7 @@ def _notes(rows: list[dict]) -> list[str]:
 
 
 def targets_markdown(rows: list[dict]) -> str:
-    """The issue-3 CPU targets, checked shape by shape against the fp32 relu rows at N = 8192."""
+    """The CPU speed targets, checked shape by shape against the fp32 relu rows at N = 8192."""
     cpu = [r for r in rows if r.get("device") == "cpu" and r.get("kind", "op") == "op"
            and r.get("dtype") == "fp32" and r.get("activation") == "relu"]
     index = {(r["provider"], r["N"], r["d"], r["r"], r["pass"]): r for r in cpu}
@@ -159,7 +159,7 @@ def targets_markdown(rows: list[dict]) -> str:
         ok = value >= target if higher else value <= target
         return f"{value:.2f}{'x' if higher else ''} {'✅' if ok else '❌'}"
 
-    lines = [f"Issue-3 targets, CPU fp32 relu, N = 8192, threads {threads} (targets are for 2 threads), "
+    lines = [f"CPU speed targets, fp32 relu, N = 8192, threads {threads} (targets are for 2 threads), "
              f"{_stat_caption().split(' ±')[0]} times\n",
              "| d, r | fwd+bwd vs eager (≥ 3x) | fwd+bwd vs torch.compile (≥ 2x) | forward vs eager (≥ 3x) "
              "| peak memory vs eager (≤ 1) |",

@@ -141,7 +141,7 @@ class CudaTimer:
             if self._cache is None:
                 self._cache = runtime.driver.active.get_empty_cache_for_benchmark()
             runtime.driver.active.clear_cache(self._cache)
-        except Exception:
+        except (ImportError, AttributeError, RuntimeError):  # no Triton, or a driver without the cache API
             if self._cache is None or not isinstance(self._cache, torch.Tensor):
                 self._cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
             self._cache.zero_()

@@ -15,8 +15,10 @@ relative error at ``|h| = 1e-4``). The sign is restored last, so ``tanh(-h) = -t
 import triton
 import triton.language as tl
 
-LEAKY_RELU_SLOPE = tl.constexpr(0.01)
-QUICK_GELU_ALPHA = tl.constexpr(1.702)
+from adapterfast import activations as _activations
+
+LEAKY_RELU_SLOPE = tl.constexpr(_activations.LEAKY_RELU_SLOPE)
+QUICK_GELU_ALPHA = tl.constexpr(_activations.QUICK_GELU_ALPHA)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_R = 256
+from adapterfast.dispatch import TRITON_MAX_R as MAX_R  # one source: dispatch routes r > MAX_R elsewhere
 R_BUCKETS = (16, 32, 64, 128, 256)
 FP_FUSION = True
 DEFAULT_SM_COUNT = 132

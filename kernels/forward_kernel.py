@@ -10,8 +10,8 @@ One kernel, one program per ``BLOCK_M`` rows:
    are those step 1 read last, the likeliest to be still in L2.
 
 Bytes moved per forward, for ``[N, d]`` x in ``e``-byte elements and rank r:
-- HBM: read x (``N d e``), write y (``N d e``), write h (``4 N r``): the 2-pass floor of
-  DESIGN.md. The residual (x itself by default) is re-read in step 2 right after step 1 read the
+- HBM: read x (``N d e``), write y (``N d e``), write h (``4 N r``): the fused 2-pass
+  floor. The residual (x itself by default) is re-read in step 2 right after step 1 read the
   same rows: that read is served from L2 while the rows of the programs in flight
   (``BLOCK_M * d * e`` bytes each: 96 KB for d = 768 in bf16, 512 KB for d = 4096) fit in it,
   and costs up to one more read pass beyond that. A separate residual adds one read pass.

@@ -13,11 +13,13 @@ their kernel argument type never depends on their value.
 import triton
 import triton.language as tl
 
-PHILOX_M0 = tl.constexpr(0xD2511F53)
-PHILOX_M1 = tl.constexpr(0xCD9E8D57)
-PHILOX_W0 = tl.constexpr(0x9E3779B9)
-PHILOX_W1 = tl.constexpr(0xBB67AE85)
-PHILOX_ROUNDS = tl.constexpr(10)
+from adapterfast import dropout as _dropout
+
+PHILOX_M0 = tl.constexpr(_dropout.PHILOX_M0)
+PHILOX_M1 = tl.constexpr(_dropout.PHILOX_M1)
+PHILOX_W0 = tl.constexpr(_dropout.PHILOX_W0)
+PHILOX_W1 = tl.constexpr(_dropout.PHILOX_W1)
+PHILOX_ROUNDS = tl.constexpr(_dropout.PHILOX_ROUNDS)
 
 
 def as_int32(word: int) -> int:

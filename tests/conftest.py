@@ -17,3 +17,12 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["auto", "reference"])
+def backend(request):
+    """Runs the test under ``use_backend("auto")`` (what users get) and ``use_backend("reference")``."""
+    import adapterfast
+
+    with adapterfast.use_backend(request.param):
+        yield request.param

@@ -1,21 +1,23 @@
-"""Shared test tools: the seed's eager modules, random inputs, and the error measure."""
+"""Shared test tools: the eager adapter and a toy layer, random inputs, the error rules, and which
+backends can run here (missing ones become skips that say why, not shorter parameter lists)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn as nn
 
+from adapterfast import dispatch
 
-class SeedAdapter(nn.Module):
-    """The eager adapter adapterfast replaces, exactly as users write it."""
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-    def __init__(self, d_model, r=16):
-        super().__init__()
-        self.down = nn.Linear(d_model, r, bias=False)
-        self.act = nn.ReLU()
-        self.up = nn.Linear(r, d_model, bias=False)
+from benchmarks.providers import EagerAdapter  # noqa: E402  (one eager adapter, the benchmarks' baseline)
 
-    def forward(self, x):
-        return x + self.up(self.act(self.down(x)))
+SeedAdapter = EagerAdapter  # the name tests/test_grouped_bank.py imports
 
 
 class ToyTransformerLayer(nn.Module):
@@ -26,7 +28,7 @@ class ToyTransformerLayer(nn.Module):
         self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
         self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
-        self.adapter = SeedAdapter(d_model, r)
+        self.adapter = EagerAdapter(d_model, r)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, x):
@@ -34,12 +36,86 @@ class ToyTransformerLayer(nn.Module):
         return self.norm2(x + self.adapter(self.ff(x)))
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64; NaN never passes a threshold."""
-    out, ref = out.double(), ref.double()
-    denom = ref.norm().item()
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """``||out - ref|| / max(||ref||, floor)`` in float64 (``||out - ref||`` when that is zero); NaN
+    never passes a threshold. ``floor`` is for gradients that are zero up to rounding."""
+    out, ref = out.detach().double(), ref.detach().double()
+    denom = max(ref.norm().item(), floor)
     num = (out - ref).norm().item()
     return num / denom if denom > 0 else num
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|out - ref| / max|ref|``: the elementwise companion of ``rel_err``. One wrong row in
+    thousands barely moves the norm-wise error but shows here in full."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if out.shape != ref.shape:
+        return float("inf")
+    if not out.numel():
+        return 0.0
+    num = (out - ref).abs().max().item()
+    denom = ref.abs().max().item()
+    return num / denom if denom > 0 else num
+
+
+def assert_matches(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """Both rules, the norm-wise and the elementwise one, within ``tol``."""
+    norm_wise, elementwise = rel_err(out, ref), max_rel_err(out, ref)
+    assert norm_wise < tol and elementwise < tol, (
+        f"{name}: relative error {norm_wise:.3g}, max elementwise {elementwise:.3g} (of max|ref|), allowed {tol:g}")
+
+
+VOCAB = 100  # the tiny transformers models' vocabulary
+
+
+def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A 2-layer BERT sequence classifier (hidden 32) with random weights from ``seed``, in eval mode."""
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, num_labels=2)
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(config).to(dtype).eval()
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A 2-layer Llama causal LM (hidden 32, grouped KV heads) with random weights from ``seed``, in eval mode."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def ids(seed: int = 1, batch: int = 2, length: int = 7) -> torch.Tensor:
+    """Random token ids for the tiny models (3 and up: clear of the special tokens)."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def fp16_unsupported_reason() -> str | None:
+    """Why fp16 mixed precision (autocast and GradScaler) cannot train here, or None when it can."""
+    if torch.cuda.is_available():
+        return None
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
+        torch.amp.GradScaler("cpu")
+    except (RuntimeError, TypeError, ValueError) as error:  # depends on the torch build
+        return f"fp16 autocast on CPU unavailable: {error}"
+    return None
+
+
+BACKEND_NAMES = ("reference", "cpu", "triton")
+
+
+def backend_params(names=BACKEND_NAMES) -> list:
+    """``pytest.param`` per backend, skipped with the reason where it cannot run here."""
+    report = dispatch.backends()
+    return [pytest.param(name, id=name, marks=pytest.mark.skipif(
+        not report[name].available, reason=f"backend {name!r} unavailable: {report[name].reason}"))
+        for name in names]
 
 
 def adapter_inputs(n, d, r, *, dtype=torch.float32, bias=True, residual=False, device="cpu"):

@@ -17,7 +17,8 @@ import adapterfast
 from adapterfast import dispatch
 from adapterfast import dropout as dropout_rng
 from adapterfast import reference
-from training_models import EagerAdapter, eager_twin, grads, make_model, rel_err
+from helpers import EagerAdapter, rel_err
+from training_models import eager_twin, grads, make_model
 
 BF16_TOL = 2e-2
 
@@ -26,12 +27,6 @@ DEVICE_DTYPES = [
     pytest.param("cuda", torch.float16, id="cuda-fp16", marks=pytest.mark.gpu),
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu),
 ]
-
-
-@pytest.fixture(params=["auto", "reference"])
-def backend(request):
-    with adapterfast.use_backend(request.param):
-        yield request.param
 
 
 def _skip_without(device):

@@ -49,7 +49,7 @@ def test_bench_fwd_bwd_cpu(benchmark, provider, n, d, r):
 # --- shapes and statistics ----------------------------------------------------------------------
 
 
-def test_presets_cover_issue_3():
+def test_presets_cover_the_cpu_speed_targets():
     quick = shapes.preset("cpu", quick=True)
     targets = {(8192, d, r) for d in (768, 1024, 4096) for r in (16, 64)}
     assert targets <= {(p.N, p.d, p.r) for p in quick if p.dtype == "fp32" and p.activation == "relu"}
@@ -111,7 +111,7 @@ def test_providers_agree(activation):
 
 
 def test_seed_adapter_is_the_seed():
-    seed = providers.SeedAdapter(32, 4)
+    seed = providers.EagerAdapter(32, 4)
     x = torch.randn(5, 32)
     assert torch.equal(seed(x), x + seed.up(torch.relu(seed.down(x))))
     assert seed.down.bias is None and seed.up.bias is None

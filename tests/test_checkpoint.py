@@ -18,12 +18,6 @@ from adapterfast import dropout as dropout_rng
 from training_models import grads, make_model
 
 
-@pytest.fixture(params=["auto", "reference"])
-def backend(request):
-    with adapterfast.use_backend(request.param):
-        yield request.param
-
-
 class Checkpointed(nn.Module):
     """Runs each block of ``model`` under ``torch.utils.checkpoint``."""
 

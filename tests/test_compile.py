@@ -17,15 +17,8 @@ from torch.library import opcheck
 
 import adapterfast
 from adapterfast import dropout as dropout_rng
-from training_models import grads, make_model, rel_err
-
-BACKENDS = ["auto", "reference"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    with adapterfast.use_backend(request.param):
-        yield request.param
+from helpers import backend_params, rel_err
+from training_models import grads, make_model
 
 
 @pytest.fixture(autouse=True)
@@ -231,7 +224,7 @@ def test_fullgraph_inductor_cuda_matches_eager():
         assert rel_err(g_comp[name], g_eager[name]) < 1e-4, name
 
 
-STRIDED_BACKENDS = [n for n in ("reference", "cpu", "triton") if adapterfast.backends()[n].available]
+STRIDED_BACKENDS = backend_params()
 
 
 @pytest.mark.parametrize("name", STRIDED_BACKENDS)

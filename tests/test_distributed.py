@@ -36,7 +36,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import adapterfast
-from training_models import make_model, rel_err
+from helpers import rel_err
+from training_models import make_model
 
 pytestmark = pytest.mark.slow
 

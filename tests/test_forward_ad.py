@@ -5,11 +5,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import adapterfast
-from adapterfast import dispatch, reference
+from adapterfast import reference
 
-from helpers import adapter_inputs, rel_err
+from helpers import adapter_inputs, backend_params, rel_err
 
-BACKENDS = [name for name in ("reference", "cpu", "triton") if dispatch.backends()[name].available]
+BACKENDS = backend_params()
 
 
 def _case(residual):

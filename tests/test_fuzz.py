@@ -73,7 +73,7 @@ class Case:
 
 def _dtype(rng: random.Random, backend: str) -> tuple[torch.dtype, torch.dtype]:
     if backend == "triton":
-        return torch.float32, torch.float32  # bf16 tl.dot is wrong under the interpreter (DESIGN.md)
+        return torch.float32, torch.float32  # bf16 tl.dot is wrong under the Triton 3.9 interpreter
     roll = rng.random()
     if roll < 0.5:
         return torch.float32, torch.float32

@@ -12,29 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 import adapterfast  # noqa: E402
 from adapterfast.integrations import hf  # noqa: E402
+from helpers import ids, tiny_bert, tiny_llama  # noqa: E402
 from hf_compat import checkpointing_enable  # noqa: E402
-
-VOCAB = 100
-
-
-def tiny_bert(seed=0, dtype=torch.float32):
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, num_labels=2)
-    torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(config).to(dtype).eval()
-
-
-def tiny_llama(seed=0, dtype=torch.float32):
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
-
-
-def ids(seed=1, batch=2, length=7):
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
 
 def adapt(model, path, **options):
     if path == "peft":
@@ -54,6 +33,45 @@ def site_adapter(module, path):
 
 def branch(x, down, up, scale):
     return scale * up(torch.nn.functional.gelu(down(x)))
+
+
+# -- one definition of an adapter for both routes ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_routes_build_the_same_adapter_modules(dtype):
+    pytest.importorskip("peft")
+    options = dict(r=4, alpha=8, activation="gelu", init="houlsby", bias=True, dropout=0.1, placement="houlsby")
+    peft_model = adapt(tiny_bert(dtype=dtype), "peft", **options)
+    hf_model = adapterfast.add_adapters(tiny_bert(dtype=dtype), autocast_adapter_dtype=False, **options)
+    sites = [n for n, m in hf_model.named_modules() if n in hf.adapted_modules(hf_model)]
+    assert len(sites) == 4
+    for name in sites:
+        ours = hf_model.get_submodule(name).adapterfast
+        layer = peft_model.base_model.model.get_submodule(name)
+        theirs = layer.adapterfast_settings["default"]
+        assert type(ours) is type(theirs) and isinstance(theirs, adapterfast.Adapter)
+        assert theirs.down is layer.adapterfast_down["default"] and theirs.up is layer.adapterfast_up["default"]
+        assert (ours.activation, ours.scale, ours.dropout, ours.mode) == (theirs.activation, theirs.scale,
+                                                                          theirs.dropout, theirs.mode)
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            assert a.dtype == dtype and torch.equal(a, b)   # same init drawn in fp32 whatever the dtype
+    assert not any("adapterfast_settings" in k for k in peft_model.state_dict())
+    peft_model.train()
+    assert all(a.training for m in peft_model.modules() for a in getattr(m, "adapterfast_settings", {}).values())
+    peft_model.eval()
+    assert not any(a.training for m in peft_model.modules() for a in getattr(m, "adapterfast_settings", {}).values())
+
+
+def test_option_fields_are_declared_once():
+    pytest.importorskip("peft")
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(hf.AdapterFields)]
+    assert len(fields) == 9
+    for cls in (hf.AdapterOptions, adapterfast.AdapterConfig):
+        assert issubclass(cls, hf.AdapterFields)
+        assert [f.name for f in dataclasses.fields(cls) if f.name in fields] == fields
+        assert not any(name in vars(cls).get("__annotations__", {}) for name in fields)
 
 
 # -- what each placement computes -----------------------------------------------------------------

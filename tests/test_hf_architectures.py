@@ -16,6 +16,7 @@ pytest.importorskip("peft")
 
 import adapterfast  # noqa: E402
 from adapterfast.integrations import hf  # noqa: E402
+from helpers import rel_err  # noqa: E402
 
 VOCAB = 100
 _ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -85,10 +86,6 @@ def adapter_params(model):
 def is_part(name: str, part: str) -> bool:
     """Whether a parameter name belongs to an adapter's ``down`` or ``up`` projection (either path)."""
     return f"adapterfast_{part}." in name or f"adapterfast.{part}." in name
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def test_every_architecture_has_default_sites():

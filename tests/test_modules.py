@@ -7,15 +7,15 @@ import torch
 import torch.nn as nn
 
 import adapterfast
-from adapterfast import Adapter, dispatch, replace_adapters
+from adapterfast import Adapter, replace_adapters
 
-from helpers import SeedAdapter, ToyTransformerLayer, rel_err
+from helpers import EagerAdapter, ToyTransformerLayer, backend_params, rel_err
 
-BACKENDS = [name for name in ("reference", "cpu", "triton") if dispatch.backends()[name].available]
+BACKENDS = backend_params()
 
 
 def test_state_dict_interchangeable_with_seed():
-    seed = SeedAdapter(32, 8)
+    seed = EagerAdapter(32, 8)
     fused = Adapter(32, 8)
     fused.load_state_dict(seed.state_dict())
     seed.load_state_dict(fused.state_dict())
@@ -41,7 +41,7 @@ def test_constructor_errors(kwargs, error, words):
     (nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid"), (nn.LeakyReLU(), "leaky_relu"), (nn.Identity(), "identity"),
 ])
 def test_from_module_each_activation(act, name):
-    seed = SeedAdapter(24, 6)
+    seed = EagerAdapter(24, 6)
     seed.act = act
     fused = Adapter.from_module(seed)
     assert fused.activation == name
@@ -52,7 +52,7 @@ def test_from_module_each_activation(act, name):
 
 
 def test_from_module_rejects_what_it_cannot_compute():
-    seed = SeedAdapter(16, 4)
+    seed = EagerAdapter(16, 4)
     seed.act = nn.LeakyReLU(0.2)
     with pytest.raises(TypeError, match="not an activation the fused op computes"):
         Adapter.from_module(seed)
@@ -60,13 +60,13 @@ def test_from_module_rejects_what_it_cannot_compute():
         Adapter.from_module(nn.Linear(3, 3))
 
 
-class NoResidual(SeedAdapter):
+class NoResidual(EagerAdapter):
     def forward(self, x):
         return self.up(self.act(self.down(x)))
 
 
 def test_replace_leaves_other_computations_alone(caplog):
-    model = nn.Sequential(SeedAdapter(16, 4), NoResidual(16, 4))
+    model = nn.Sequential(EagerAdapter(16, 4), NoResidual(16, 4))
     with caplog.at_level(logging.WARNING, logger="adapterfast"):
         assert replace_adapters(model) == 1
     assert isinstance(model[0], Adapter) and isinstance(model[1], NoResidual)
@@ -74,7 +74,7 @@ def test_replace_leaves_other_computations_alone(caplog):
 
 
 def test_replace_keeps_dtype_device_and_requires_grad():
-    model = nn.Sequential(SeedAdapter(16, 4)).to(torch.float64)
+    model = nn.Sequential(EagerAdapter(16, 4)).to(torch.float64)
     model[0].down.weight.requires_grad_(False)
     assert replace_adapters(model) == 1
     assert model[0].down.weight.dtype == torch.float64

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import fp16_unsupported_reason
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
@@ -39,18 +41,6 @@ class MarkerTask(torch.utils.data.Dataset):
 
 def accuracy(prediction):
     return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
-
-
-def fp16_supported() -> bool:
-    if torch.cuda.is_available():
-        return True
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
-        torch.amp.GradScaler("cpu")
-        return True
-    except Exception:
-        return False
 
 
 _RELOAD = textwrap.dedent("""
@@ -92,7 +82,7 @@ def test_readme_example_trains_saves_and_reloads(tmp_path):
         eval_strategy="epoch",
         save_strategy="no",
         logging_strategy="epoch",
-        fp16=fp16_supported(),
+        fp16=fp16_unsupported_reason() is None,
         use_cpu=not torch.cuda.is_available(),
         report_to=[],
         seed=0,

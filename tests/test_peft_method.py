@@ -15,29 +15,8 @@ peft = pytest.importorskip("peft")
 from adapterfast import AdapterConfig  # noqa: E402
 from adapterfast.integrations import peft as af_peft  # noqa: E402
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
+from helpers import fp16_unsupported_reason, ids, tiny_bert, tiny_llama  # noqa: E402
 from hf_compat import checkpointing_argument, checkpointing_enable, is_checkpointing  # noqa: E402
-
-VOCAB = 100
-
-
-def tiny_bert(seed: int = 0):
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, num_labels=2)
-    torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def tiny_llama(seed: int = 0):
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def ids(seed: int = 1, batch: int = 2, length: int = 7):
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
 
 def adapter_layers(model):
     return [m for m in model.modules() if isinstance(m, af_peft.AdapterfastLayer)]
@@ -164,8 +143,13 @@ def test_two_active_adapters_run_in_order():
 
 def test_generate_with_adapters():
     model = get_peft_model(tiny_llama(), AdapterConfig(task_type=TaskType.CAUSAL_LM, r=4, init="bert"))
-    out = model.generate(input_ids=ids(), max_new_tokens=3, do_sample=False)
-    assert out.shape == (2, 10)
+    prompt = ids()
+    out = model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+    greedy = prompt
+    with torch.no_grad():
+        for _ in range(3):  # the same greedy decoding without generate's KV cache
+            greedy = torch.cat([greedy, model(input_ids=greedy).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.shape == (2, 10) and torch.equal(out, greedy)
 
 
 def test_merge_and_unload_is_a_clear_error_and_unload_works():
@@ -294,22 +278,10 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.y[i]}
 
 
-def _fp16_unsupported_reason():
-    if torch.cuda.is_available():
-        return None
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))
-        torch.amp.GradScaler("cpu")
-    except Exception as error:  # pragma: no cover - depends on the torch build
-        return f"fp16 autocast on CPU unavailable: {error}"
-    return None
-
-
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_trainer_mixed_precision(tmp_path, precision):
-    if precision == "fp16" and _fp16_unsupported_reason():
-        pytest.skip(_fp16_unsupported_reason())
+    if precision == "fp16" and fp16_unsupported_reason():
+        pytest.skip(fp16_unsupported_reason())
     model = get_peft_model(tiny_bert(), AdapterConfig(task_type=TaskType.SEQ_CLS, r=8, dropout=0.1))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = transformers.TrainingArguments(

@@ -7,10 +7,10 @@ import torch.nn as nn
 
 from adapterfast import Adapter, replace_adapters
 
-from helpers import SeedAdapter, ToyTransformerLayer, rel_err
+from helpers import EagerAdapter, ToyTransformerLayer, rel_err
 
 
-class NormedAdapter(SeedAdapter):
+class NormedAdapter(EagerAdapter):
     """Has down/up and an activation, but a layer norm on the output: not the fused op."""
 
     def __init__(self, d_model, r=4):
@@ -42,7 +42,7 @@ def test_candidates_left_alone_are_listed_with_their_reason(caplog):
 
 
 def test_root_adapter_is_not_swapped_and_the_log_says_how(caplog):
-    root = SeedAdapter(16, 4)
+    root = EagerAdapter(16, 4)
     with caplog.at_level(logging.WARNING, logger="adapterfast"):
         assert replace_adapters(root) == 0
     said = _said(caplog)

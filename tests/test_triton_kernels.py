@@ -27,7 +27,7 @@ from adapterfast.activations import ACTIVATIONS  # noqa: E402
 from adapterfast.kernels import activations, config, launch, philox  # noqa: E402
 from adapterfast.kernels.forward_kernel import adapter_forward_kernel  # noqa: E402
 
-from helpers import rel_err  # noqa: E402
+from helpers import assert_matches, rel_err  # noqa: E402
 
 INTERPRETED = type(adapter_forward_kernel).__name__ == "InterpretedFunction"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -103,8 +103,8 @@ def check_case(n, d, r, dtype, activation="relu", *, bias=True, residual=False, 
              "dw_up": (dwu, dwu_ref)}
     if bias:
         pairs.update(db_down=(dbd, dbd_ref), db_up=(dbu, dbu_ref))
-    errors = {name: rel_err(a.cpu(), b) for name, (a, b) in pairs.items()}
-    assert all(e < tol for e in errors.values()), errors
+    for name, (a, b) in pairs.items():
+        assert_matches(name, a.cpu(), b, tol)
     return t, y
 
 
@@ -251,9 +251,14 @@ def test_weight_gradients_are_deterministic():
 
 
 def test_db_are_returned_without_biases():
+    """Without biases the kernels still return db_down/db_up: the gradients zero biases would get."""
     t = make_inputs(10, 20, 3, torch.float32, bias=False)
-    _, _, (_, _, dbd, _, dbu) = run_kernels(t, "relu", 1.0, 0.0, None)
+    _, _, (_, _, dbd, _, dbu) = run_kernels(t, "gelu", 0.5, 0.0, None)
+    zero_biases = dict(t, b_down=torch.zeros(3, device=t["x"].device), b_up=torch.zeros(20, device=t["x"].device))
+    _, _, (_, _, dbd_ref, _, dbu_ref) = run_oracle(zero_biases, "gelu", 0.5, 0.0, None, torch.float32)
     assert dbd.shape == (3,) and dbu.shape == (20,)
+    assert_matches("db_down", dbd.cpu(), dbd_ref, TOL[torch.float32])
+    assert_matches("db_up", dbu.cpu(), dbu_ref, TOL[torch.float32])
 
 
 def test_rank_over_256_raises():

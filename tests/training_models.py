@@ -2,9 +2,9 @@
 
 ``Block`` is a transformer-ish block with the two adapter placements people use: a sequential
 adapter on a sublayer output (Houlsby/Pfeiffer, residual = its input) and a parallel adapter
-``h + s * f(x)`` (He et al.), whose residual is the sublayer output ``h``. ``EagerAdapter`` is the
-plain-PyTorch adapter users write; with the same parameter names, so one model's state dict loads
-into the other and eager and fused runs can be compared weight for weight.
+``h + s * f(x)`` (He et al.), whose residual is the sublayer output ``h``. ``eager_twin`` builds
+the same model with ``helpers.EagerAdapter`` (same parameter names), so eager and fused runs can
+be compared weight for weight.
 """
 from __future__ import annotations
 
@@ -12,24 +12,7 @@ import torch
 import torch.nn as nn
 
 from adapterfast import Adapter
-
-ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-class EagerAdapter(nn.Module):
-    """``residual + scale * up(act(down(x)))`` in plain PyTorch (no dropout), residual = x by default."""
-
-    def __init__(self, d_model, r=16, *, activation="relu", bias=False, scale=1.0, dropout=0.0):
-        super().__init__()
-        assert dropout == 0.0, "the eager twin has no dropout: its nn.Dropout masks differ from the op's"
-        self.down = nn.Linear(d_model, r, bias=bias)
-        self.act = ACTIVATION_MODULES[activation]()
-        self.up = nn.Linear(r, d_model, bias=bias)
-        self.scale = scale
-
-    def forward(self, x, residual=None):
-        return (x if residual is None else residual) + self.scale * self.up(self.act(self.down(x)))
-
+from helpers import EagerAdapter
 
 class Block(nn.Module):
     """A frozen-able base sublayer with a sequential and a parallel adapter, then a LayerNorm."""
@@ -78,10 +61,3 @@ def eager_twin(model: nn.Module) -> nn.Module:
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64 (NaN compares false against any bound)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)

@@ -1,5 +1,9 @@
 """AdapterHub ``adapters``: run the bottleneck adapters of an ``adapters`` model on the fused op.
 
+(Past 400 lines on purpose: about 100 are this docstring, which maps the library's forward onto
+the op; the code is one job, the library's bottleneck layer on the fused op, and its mixed-batch
+compositions are in ``adapterhub_grouped.py``.)
+
     import adapters, adapterfast.integrations.adapterhub as ah
     model = adapters.AutoAdapterModel.from_pretrained(...)   # or adapters.init(hf_model)
     model.add_adapter("task", config="seq_bn"); model.train_adapter("task")
@@ -45,8 +49,9 @@ How it maps onto ``fused_adapter(x, Wd, Wu, bd, bu, activation, scale, dropout, 
   Inside a composition (Stack of several, Parallel, Average, Split, BatchSplit), where the library
   needs the branch alone, the op runs with a zero residual.
 
-How it is switched on: three methods of ``BottleneckLayer`` get wrappers, put on the class once
-(by the first ``accelerate``): ``compose_single`` (runs one adapter), ``compose_fuse`` (marks
+How it is switched on: methods of ``BottleneckLayer`` get wrappers, put on the class once
+(``install()``, by the first ``accelerate``; ``uninstall()``, or ``adapterfast.unregister()``, takes
+them off): ``compose_single`` (runs one adapter), ``compose_fuse`` (marks
 AdapterFusion, whose children stay on the library path because fusion needs each adapter's
 un-dropped up-projection output) and ``bottleneck_layer_forward`` (the parallel fast path). A
 wrapper does something new only on a layer whose ``__dict__`` holds the flag ``accelerate`` sets
@@ -69,6 +74,7 @@ residual has another shape or dtype than ``x``.
 """
 from __future__ import annotations
 
+import logging
 import numbers
 import weakref
 from collections import defaultdict
@@ -78,7 +84,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import activations, reference
-from .._log import logger
+from .._log import first_time, logger, warn_once
 from ..functional import fused_adapter
 
 try:
@@ -93,24 +99,16 @@ except ImportError as error:  # pragma: no cover - exercised only without the pa
         "(pip install 'adapterfast[adapterhub]')"
     ) from error
 
-__all__ = ["SUPPORTED_VERSIONS", "accelerate", "is_accelerated", "plan", "restore"]
+__all__ = ["SUPPORTED_VERSIONS", "accelerate", "install", "is_accelerated", "plan", "restore", "uninstall"]
 
 SUPPORTED_VERSIONS = ((1, 1), (1, 4))  # >= 1.1, < 1.4: the forwards mirrored here are unchanged there
 _FLAG = "_adapterfast_accelerated"  # per-layer switch read by the wrappers
 _FUSE_DEPTH = "_adapterfast_fuse_depth"
 _PROBE = torch.linspace(-6.0, 6.0, 121, dtype=torch.float64)
 
-# (adapter name, reason) pairs already logged, per model: keyed by id() of the adapters config the
-# model's layers share (it defines __eq__ without __hash__), dropped when that config is collected
-_reported: dict[int, set] = {}
+# plan()'s activation check per adapter module (a float64 probe: too slow to repeat every call),
+# valid while the module's activation function is the one checked; gone with the module.
 _activation_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_said: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        logger.info(message)
 
 
 # ----------------------------------------------------------------------------- eligibility
@@ -213,23 +211,18 @@ def _run(adapter: nn.Module, activation: str, x: torch.Tensor, residual: torch.T
 
 
 def _first_report(layer: nn.Module, name: str, reason: str) -> bool:
-    """True the first time ``(name, reason)`` is seen for ``layer``'s model; records it."""
-    owner = getattr(layer, "adapters_config", layer)
-    seen = _reported.get(id(owner))
-    if seen is None:
-        seen = _reported[id(owner)] = set()
-        weakref.finalize(owner, _reported.pop, id(owner), None)
-    if (name, reason) in seen:
-        return False
-    seen.add((name, reason))
-    return True
+    """True the first time ``(name, reason)`` is seen for ``layer``'s model; records it.
+
+    The model is the adapters config its layers share (``_log.first_time``'s owner).
+    """
+    return first_time((name, reason), owner=getattr(layer, "adapters_config", layer))
 
 
 def _fusable(layer: nn.Module, name: str, x: torch.Tensor, residual: torch.Tensor | None) -> str | None:
     """The activation to fuse adapter ``name`` of ``layer`` with for this call, or None for the library path."""
     if layer.__dict__.get(_FUSE_DEPTH, 0) > 0:
-        _say_once("adapterfast: adapters inside a Fuse block run on the adapters library code "
-                  "(AdapterFusion needs each adapter's up-projection output)")
+        warn_once("adapterfast: adapters inside a Fuse block run on the adapters library code "
+                  "(AdapterFusion needs each adapter's up-projection output)", level=logging.INFO)
         return None
     context = ForwardContext.get_context()
     if context is not None and getattr(context, "output_adapter_gating_scores", False):
@@ -311,15 +304,35 @@ _REPLACEMENTS = {
 _ORIGINAL: dict = {}
 
 
-def _install() -> None:
-    """Puts the three wrappers on ``BottleneckLayer`` once; they do nothing new for unflagged layers."""
+_INHERITED: set = set()  # names install() added to BottleneckLayer that it had only by inheritance
+
+
+def install() -> None:
+    """Puts the wrappers on ``BottleneckLayer`` (idempotent); ``accelerate`` calls it.
+
+    They do nothing new for layers ``accelerate`` did not switch on; ``uninstall`` takes them off.
+    """
     if _ORIGINAL:
         return
     for name, wrapper in _REPLACEMENTS.items():
         original = getattr(BottleneckLayer, name)  # compose_batch_split/_parallel are inherited
         wrapper.__wrapped__ = original
         _ORIGINAL[name] = original
+        if name not in BottleneckLayer.__dict__:
+            _INHERITED.add(name)
         setattr(BottleneckLayer, name, wrapper)
+
+
+def uninstall() -> None:
+    """Gives ``BottleneckLayer`` its own methods back (idempotent): every model runs the library's code
+    until the next ``accelerate``. ``adapterfast.unregister()`` calls it."""
+    for name, original in _ORIGINAL.items():
+        if name in _INHERITED:
+            delattr(BottleneckLayer, name)
+        else:
+            setattr(BottleneckLayer, name, original)
+    _ORIGINAL.clear()
+    _INHERITED.clear()
 
 
 # ----------------------------------------------------------------------------- public API
@@ -353,7 +366,7 @@ def accelerate(model: nn.Module) -> int:
         logger.warning("adapterfast: adapters %s is outside the tested range >=%d.%d,<%d.%d; "
                        "accelerating anyway", getattr(_adapters, "__version__", "?"),
                        *SUPPORTED_VERSIONS[0], *SUPPORTED_VERSIONS[1])
-    _install()
+    install()
     layers = [m for m in model.modules() if isinstance(m, BottleneckLayer)]
     if not layers:
         logger.warning("adapterfast: %s has no AdapterHub bottleneck layers (call adapters.init(model) first)",
@@ -385,7 +398,8 @@ def restore(model: nn.Module) -> int:
     Returns how many adapter modules ran fused and now run on the library's code: the same count
     ``accelerate`` returns (one per adapter, layer and location), so ``restore(model) ==
     accelerate(model)`` when no adapter was added in between. (The class-level wrappers stay
-    installed; on a layer that is not switched on they call the library's method and nothing else.)
+    installed, for other models; on a layer that is not switched on they call the library's method
+    and nothing else. ``uninstall()`` removes them.)
     """
     restored = 0
     for layer in model.modules():

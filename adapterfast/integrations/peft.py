@@ -20,8 +20,10 @@ weights are kept in fp32 as PEFT does by default; the op takes them with half ac
 (``model(..., adapter_names=[...])``, eval mode) runs every adapter of the batch in one grouped op
 per site (``peft_mixed.py``); ``PeftMixedModel`` is not supported.
 
-The fields, the placements and where the adapters go are documented in ``integrations/hf.py``,
-which this module shares with ``add_adapters``. Here ``bias`` is the adapter's own bias (a bool),
+The fields are ``options.AdapterFields``, shared with ``AdapterOptions``; the placements and
+where the adapters go are documented in ``integrations/hf.py``. Each site runs the same
+``adapterfast.Adapter`` modules (``options.new_adapter``) through the same forward
+(``site_forward.run_site``) as ``add_adapters``. Here ``bias`` is the adapter's own bias (a bool),
 not PEFT's LoRA-style choice of which *base* biases to train (those stay frozen), so the tuner
 overrides the four ``BaseTuner`` hooks that read ``config.bias`` with that meaning.
 
@@ -33,10 +35,11 @@ the enum. ``PeftType`` is a ``str`` enum, and PEFT only ever looks these dicts u
 compare equal to the string (``config.peft_type``, or the ``"peft_type"`` read back from
 ``adapter_config.json``), so ``register()`` adds our own ``str`` enum member ``"ADAPTERFAST"`` (it
 has ``.value`` and ``.name`` like a PeftType member) to the config, tuner and prefix dicts (not the
-mixed-model one), with the uniqueness checks ``register_peft_method`` makes. Nothing of PEFT is
-patched: no enum, class or function of PEFT is modified. ``register()`` is idempotent and runs
-when this module is imported; ``import adapterfast`` imports it as soon as PEFT is imported (or at
-once if PEFT already is), so ``PeftModel.from_pretrained`` works in a fresh process.
+mixed-model one), with the uniqueness checks ``register_peft_method`` makes, and ``unregister()``
+takes it out. Nothing of PEFT is patched: no enum, class or function of PEFT is modified. Who calls
+them, and when: ``integrations/registration.py`` (``import adapterfast`` registers, as soon as
+PEFT is imported or at once if it already is, so ``PeftModel.from_pretrained`` works in a fresh
+process; ``adapterfast.unregister()`` undoes it).
 
 Versions: PEFT >= 0.21 (tested: 0.21.2) with transformers 4.46 through 5.x (``make test`` runs the
 pinned 4.57.6 and 5.24.0). PEFT 0.21 is the first release whose save/load selects a
@@ -48,11 +51,10 @@ with an error that says so (``PEFT_MIN_VERSION``).
 from __future__ import annotations
 
 import enum
-import functools
+import sys
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
-import torch
 import torch.nn as nn
 
 import peft as _peft
@@ -60,9 +62,10 @@ from packaging.version import Version
 from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 
-from .. import activations
-from ..functional import fused_adapter
-from . import hf, peft_mixed
+from . import peft_mixed
+from .architectures import ARCHITECTURES, default_target_modules
+from .options import AdapterFields, SiteAdapter, adapter_dtype, check_options, new_adapter
+from .site_forward import base_device_dtype, check_site, feature_size, linear_sizes, run_site, site_mode
 
 PEFT_MIN_VERSION = "0.21.0"
 if Version(_peft.__version__) < Version(PEFT_MIN_VERSION):
@@ -92,36 +95,18 @@ PEFT_TYPE = AdapterfastPeftType.ADAPTERFAST
 
 
 @dataclass
-class AdapterConfig(PeftConfig):
+class AdapterConfig(PeftConfig, AdapterFields):
     """Bottleneck adapters (Houlsby/Pfeiffer/parallel) run by adapterfast's fused op, as a PEFT config.
+
+    The adapter fields (``r``, ``alpha``, ``dropout``, ``activation``, ``bias``, ``placement``,
+    ``target_modules``, ``init``, ``modules_to_save``) are ``options.AdapterFields``, shared with
+    ``AdapterOptions``; besides them:
 
     Args:
         task_type: PEFT's task type; SEQ_CLS/TOKEN_CLS keep ``classifier``/``score`` trainable.
-        r: bottleneck size.
-        alpha: the adapter branch is scaled by ``alpha / r``; None means ``alpha = r`` (scale 1).
-        dropout: dropout on the adapter branch (never on the residual).
-        activation: relu (default), gelu, gelu_tanh, silu, tanh, sigmoid, leaky_relu, identity, ...
-        bias: whether the adapter's down/up projections have biases.
-        placement: ``"pfeiffer"`` (after each FFN), ``"houlsby"`` (after attention and FFN) or
-            ``"parallel"`` (beside each FFN, He et al. 2022).
-        target_modules: None for the architecture's default sites, else module-name suffixes or a
-            regular expression (PEFT's rules).
-        init: ``"zero"`` (the adapted model equals the base at step 0), ``"bert"`` or ``"houlsby"``.
         init_weights: PEFT's common switch; ``False`` with ``init="zero"`` means ``init="bert"``.
-        modules_to_save: extra modules trained and saved in full (the task head is added for you).
     """
 
-    r: int = field(default=16, metadata={"help": "Bottleneck size"})
-    alpha: Optional[float] = field(default=None, metadata={"help": "Scale = alpha / r (None: alpha = r)"})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter branch"})
-    activation: str = field(default="relu", metadata={"help": "Activation between down and up"})
-    bias: bool = field(default=False, metadata={"help": "Biases in the adapter's down/up projections"})
-    placement: str = field(default="pfeiffer", metadata={"help": "pfeiffer, houlsby or parallel"})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names/suffixes or a regex; None: the architecture's default"})
-    init: str = field(default="zero", metadata={"help": "zero, bert or houlsby"})
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules besides the adapters to train and save"})
     init_weights: bool = field(default=True, metadata={
         "help": "PEFT's convention: False turns the default identity init ('zero') into 'bert'"})
     # Saved in adapter_config.json for whoever reads it, or meets PEFT's bare KeyError: 'ADAPTERFAST'.
@@ -138,33 +123,19 @@ class AdapterConfig(PeftConfig):
             raise TypeError(f"init_weights must be True or False, got {self.init_weights!r}")
         if not self.init_weights and self.init == "zero":
             self.init = "bert"
-        hf.check_options(self)
-
-    @property
-    def scale(self) -> float:
-        return hf.adapter_scale(self)
-
-
-@dataclass(frozen=True)
-class _Settings:
-    mode: str
-    activation: str
-    scale: float
-    dropout: float
-    placement: str = "pfeiffer"
-
-
-def _fused_branch(down: nn.Linear, up: nn.Linear, settings: _Settings, training: bool,
-                  x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return fused_adapter(x, down.weight, up.weight, down.bias, up.bias, activation=settings.activation,
-                         scale=settings.scale, dropout=settings.dropout, training=training, residual=residual)
+        check_options(self)
 
 
 class AdapterfastLayer(nn.Module, BaseTunerLayer):
-    """Wraps a module (``base_layer``) and runs the active adapters at its site (see ``hf.run_site``).
+    """Wraps a module (``base_layer``) and runs the active adapters at its site (``site_forward.run_site``).
 
-    Per adapter name: ``adapterfast_down[name]`` (``nn.Linear(d, r)``), ``adapterfast_up[name]``
-    (``nn.Linear(r, d)``) and ``adapterfast_settings[name]`` (mode, activation, scale, dropout).
+    Per adapter name: ``adapterfast_settings[name]`` is the ``adapterfast.Adapter`` (an
+    ``options.SiteAdapter``, which also records its mode and placement) that runs at this site,
+    built by ``options.new_adapter`` as ``add_adapters`` builds its own. Its ``down``/``up``
+    linears are also held in ``adapterfast_down[name]``/``adapterfast_up[name]``: those module
+    dicts are where the parameters live in the module tree (so PEFT's state-dict keys,
+    ``...adapterfast_down.weight``, are those of every saved checkpoint); the dict of adapters is
+    not a submodule, so nothing is counted or saved twice.
     """
 
     adapter_layer_names = ("adapterfast_down", "adapterfast_up")
@@ -173,38 +144,36 @@ class AdapterfastLayer(nn.Module, BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: AdapterConfig, mode: str, features: int):
         nn.Module.__init__(self)
         self.base_layer = base_layer
-        d_in, d_out = hf.linear_sizes(base_layer)
+        d_in, d_out = linear_sizes(base_layer)
         self.in_features = features if d_in is None else d_in
         self.out_features = features if d_out is None else d_out
         self.adapterfast_down = nn.ModuleDict()
         self.adapterfast_up = nn.ModuleDict()
-        self.adapterfast_settings: dict[str, _Settings] = {}
+        self.adapterfast_settings: dict[str, SiteAdapter] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, mode, features)
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, mode: str, features: int) -> None:
-        device, dtype = hf.base_device_dtype(self.get_base_layer())
-        down = nn.Linear(features, config.r, bias=config.bias, device=device, dtype=torch.float32)
-        up = nn.Linear(config.r, features, bias=config.bias, device=device, dtype=torch.float32)
-        hf.init_adapter_(down, up, config.init)
-        if dtype is not None and dtype != torch.float32:  # PeftModel upcasts half dtypes back to fp32 by default
-            down.to(dtype)
-            up.to(dtype)
-        self.adapterfast_down[adapter_name] = down
-        self.adapterfast_up[adapter_name] = up
-        self.adapterfast_settings[adapter_name] = _Settings(
-            mode, activations.canonical(config.activation), hf.adapter_scale(config), float(config.dropout),
-            config.placement)
+        device, dtype = base_device_dtype(self.get_base_layer())
+        # In the base dtype: PeftModel applies its own autocast_adapter_dtype (fp32 for half bases) afterwards.
+        adapter = new_adapter(features, config, mode, device=device,
+                              dtype=adapter_dtype(dtype, autocast_adapter_dtype=False))
+        self.adapterfast_down[adapter_name] = adapter.down
+        self.adapterfast_up[adapter_name] = adapter.up
+        self.adapterfast_settings[adapter_name] = adapter
+        adapter.train(self.training)
         self.set_adapter(self.active_adapters)
         if config.inference_mode:
-            down.requires_grad_(False)
-            up.requires_grad_(False)
+            adapter.requires_grad_(False)
 
-    def _branch(self, name: str):
-        return functools.partial(_fused_branch, self.adapterfast_down[name], self.adapterfast_up[name],
-                                 self.adapterfast_settings[name], self.training)
+    def train(self, mode: bool = True):
+        """Also sets the adapters' mode: ``adapterfast_settings`` is not a submodule that ``train`` reaches."""
+        super().train(mode)
+        for adapter in self.adapterfast_settings.values():
+            adapter.train(mode)
+        return self
 
     def forward(self, *args, **kwargs):
         if self.disable_adapters:
@@ -214,8 +183,8 @@ class AdapterfastLayer(nn.Module, BaseTunerLayer):
         active = [n for n in self.active_adapters if n in self.adapterfast_down]
         if not active:
             return self.base_layer(*args, **kwargs)
-        adapters = [(self.adapterfast_settings[n].mode, self._branch(n)) for n in active]
-        return hf.run_site(self.base_layer, args, kwargs, adapters)
+        adapters = [(self.adapterfast_settings[n].mode, self.adapterfast_settings[n]) for n in active]
+        return run_site(self.base_layer, args, kwargs, adapters)
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         raise ValueError(MERGE_ERROR)
@@ -225,8 +194,8 @@ class AdapterfastLayer(nn.Module, BaseTunerLayer):
         return None
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(f"{name}: r={self.adapterfast_down[name].out_features}, activation={s.activation}, "
-                             f"placement={s.placement} ({s.mode}), scale={s.scale:g}" for name, s in self.adapterfast_settings.items())
+        adapters = ", ".join(f"{name}: r={a.down.out_features}, activation={a.activation}, placement={a.placement} "
+                             f"({a.mode}), scale={a.scale:g}" for name, a in self.adapterfast_settings.items())
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}]"
 
     def __repr__(self) -> str:
@@ -238,12 +207,12 @@ class AdapterfastModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = AdapterfastLayer
-    target_module_mapping = {name: sites.ffn_output for name, sites in hf.ARCHITECTURES.items()}
+    target_module_mapping = {name: sites.ffn_output for name, sites in ARCHITECTURES.items()}
 
     def _prepare_adapter_config(self, peft_config: AdapterConfig, model_config: dict) -> AdapterConfig:
         if peft_config.target_modules is None:
-            peft_config.target_modules = hf.default_target_modules(model_config.get("model_type"),
-                                                                   peft_config.placement, self.model)
+            peft_config.target_modules = default_target_modules(model_config.get("model_type"),
+                                                                peft_config.placement, self.model)
         return peft_config
 
     @staticmethod
@@ -252,9 +221,9 @@ class AdapterfastModel(BaseTuner):
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        mode = hf.site_mode(base, peft_config.placement)
-        hf.check_site(base, mode, current_key)
-        features = hf.feature_size(base, mode, getattr(self.model, "config", None), current_key)
+        mode = site_mode(base, peft_config.placement)
+        check_site(base, mode, current_key)
+        features = feature_size(base, mode, getattr(self.model, "config", None), current_key)
         if isinstance(target, AdapterfastLayer):
             target.update_layer(adapter_name, peft_config, mode, features)
             return
@@ -332,15 +301,19 @@ class AdapterfastModel(BaseTuner):
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
 
-def register() -> None:
-    """Makes ``AdapterConfig`` known to PEFT (idempotent); see the module docstring."""
+def _tables() -> dict:
     from peft import mapping
 
-    tables = {
-        "config": mapping.PEFT_TYPE_TO_CONFIG_MAPPING,
-        "tuner": mapping.PEFT_TYPE_TO_TUNER_MAPPING,
-        "prefix": mapping.PEFT_TYPE_TO_PREFIX_MAPPING,
-    }
+    return {"config": mapping.PEFT_TYPE_TO_CONFIG_MAPPING, "tuner": mapping.PEFT_TYPE_TO_TUNER_MAPPING,
+            "prefix": mapping.PEFT_TYPE_TO_PREFIX_MAPPING}
+
+
+def register() -> None:
+    """Makes ``AdapterConfig`` known to PEFT (idempotent); see the module docstring.
+
+    ``adapterfast.integrations.registration.register()`` (run by ``import adapterfast``) calls it.
+    """
+    tables = _tables()
     ours = {"config": AdapterConfig, "tuner": AdapterfastModel, "prefix": PREFIX}
 
     def same(a, b) -> bool:  # a class from an earlier import of this module (importlib.reload) is ours too
@@ -358,5 +331,13 @@ def register() -> None:
         table[PEFT_TYPE] = ours[key]
 
 
-register()
-_READY = True  # tells the import hook in integrations/__init__.py that registration is done
+def unregister() -> None:
+    """Takes ``"ADAPTERFAST"`` out of PEFT's tables again (idempotent)."""
+    for table in _tables().values():
+        table.pop(PEFT_TYPE, None)
+
+
+_LOADED = True  # tells registration._register_with_peft that this module is complete
+from . import registration as _registration  # noqa: E402
+
+_registration.peft_module_loaded(sys.modules[__name__])
