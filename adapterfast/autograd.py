@@ -58,7 +58,7 @@ def run_backward(kernels, grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_
 def tangent(x, w_down, b_down, w_up, b_up, residual_is_x, activation, scale, dropout_p, seed,
             tx, tw_down, tb_down, tw_up, tb_up, tres):
     """The forward-mode derivative ``y'`` of the op (module docstring), in x's dtype."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = reference.accumulation_dtype(x.dtype)
 
     def f(t):
         return None if t is None else t.to(acc)

@@ -16,16 +16,9 @@ import torch.nn as nn
 
 from . import activations
 from .grouped import grouped_adapter, scales_tensor
-from .modules import Adapter
+from .modules import Adapter, _check_size
 
 __all__ = ["AdapterBank", "grouped_adapter"]
-
-
-def _check_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 class AdapterBank(nn.Module):

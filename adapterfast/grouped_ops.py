@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, reference
 
 # The grouped implementation of each backend ``dispatch.select`` names.
 _GROUPED_MODULES = {
@@ -31,10 +31,6 @@ def _backend(x: Tensor, r: int):
 
 def _seed(seed: Optional[Tensor]) -> Optional[int]:
     return None if seed is None else int(seed)
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("adapterfast::grouped_forward", mutates_args=())
@@ -60,7 +56,7 @@ def grouped_forward(
 
 @grouped_forward.register_fake
 def _(x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, seed, activation, dropout_p):
-    return x.new_empty(x.shape), x.new_empty((x.shape[0], w_down.shape[1]), dtype=_acc_dtype(x))
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], w_down.shape[1]), dtype=reference.accumulation_dtype(x.dtype))
 
 
 @torch.library.custom_op("adapterfast::grouped_backward", mutates_args=())

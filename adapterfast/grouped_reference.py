@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import dropout as _dropout
-from .reference import _acc_dtype, _matmul, activate, activate_grad
+from .reference import _matmul, accumulation_dtype, activate, activate_grad
 
 
 def _keep(seed, p: float, rows: torch.Tensor, d: int) -> torch.Tensor | None:
@@ -62,7 +62,7 @@ def _groups(adapter_index: torch.Tensor, adapters: int):
 def forward(x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, activation, dropout_p, seed):
     """Returns ``(y, h)``: ``y`` ``[N, d]`` in x's dtype and ``h`` ``[N, r]`` in fp32 (float64 for float64)."""
     dtype = x.dtype
-    acc = _acc_dtype(dtype)
+    acc = accumulation_dtype(dtype)
     n, d = x.shape
     res = x if residual is None else residual
     y = res.to(acc).clone()
@@ -91,7 +91,7 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, scales, adapter_index, h, re
         dx = dh @ w_down[a]  (+ g when the residual is x; rows without an adapter get g or 0)
     """
     dtype = x.dtype
-    acc = _acc_dtype(dtype)
+    acc = accumulation_dtype(dtype)
     n, d = x.shape
     A, r, _ = w_down.shape
     g = grad_y.to(acc)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, reference
 from .autograd import run_backward, run_forward
 
 
@@ -30,10 +30,6 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed)
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("adapterfast::forward", mutates_args=())
@@ -58,7 +54,7 @@ def adapter_forward(
 @adapter_forward.register_fake
 def _(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p, backend=""):
     n, r = x.shape[0], w_down.shape[0]
-    return x.new_empty(x.shape), x.new_empty((n, r), dtype=_acc_dtype(x))
+    return x.new_empty(x.shape), x.new_empty((n, r), dtype=reference.accumulation_dtype(x.dtype))
 
 
 @torch.library.custom_op("adapterfast::backward", mutates_args=())

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from . import dropout as _dropout
-from .activations import LEAKY_RELU_SLOPE
+from .activations import LEAKY_RELU_SLOPE, QUICK_GELU_ALPHA
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_QUICK_GELU_ALPHA = 1.702
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -44,7 +43,7 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "identity":
         return h
     if activation == "quick_gelu":
-        return h * torch.sigmoid(_QUICK_GELU_ALPHA * h)
+        return h * torch.sigmoid(QUICK_GELU_ALPHA * h)
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -74,8 +73,8 @@ def activate_grad(h: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "identity":
         return torch.ones_like(h)
     if activation == "quick_gelu":
-        s = torch.sigmoid(_QUICK_GELU_ALPHA * h)
-        return s + _QUICK_GELU_ALPHA * h * s * (1.0 - s)
+        s = torch.sigmoid(QUICK_GELU_ALPHA * h)
+        return s + QUICK_GELU_ALPHA * h * s * (1.0 - s)
     raise ValueError(f"unknown activation {activation!r}")
 
 
@@ -119,13 +118,14 @@ def adapter(x, w_down, w_up, b_down=None, b_up=None, *, activation="relu", scale
     return (x if residual is None else residual) + apply_branch_scale(u, mask, scale, dropout_p)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What every backend accumulates inputs of ``dtype`` in: float64 for float64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a @ b`` with operands rounded to ``dtype`` and the product accumulated in fp32 (or float64)."""
-    acc = _acc_dtype(dtype)
+    acc = accumulation_dtype(dtype)
     return torch.matmul(a.to(dtype).to(acc), b.to(dtype).to(acc))
 
 
@@ -161,7 +161,7 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation
         dx      = dh @ w_down  (+ g when the residual is x)
     """
     dtype = x.dtype
-    acc = _acc_dtype(dtype)
+    acc = accumulation_dtype(dtype)
     g = grad_y.to(acc)
     mask = dropout_mask(seed, dropout_p, x.shape[0], x.shape[1], x.device)
     gz = apply_branch_scale(g, mask, scale, dropout_p)

@@ -190,7 +190,7 @@ at::Tensor gradient(const acc_t* sums, int64_t rows, int64_t cols, bool transpos
                                                   : std::array<int64_t, 2>{rows, cols};
   at::Tensor out = at::empty(sizes, options.dtype(dtype));
   if (transpose && dtype == c10::CppTypeToScalarType<acc_t>::value && factor == acc_t(1)) {
-    block_kernels<acc_t>().transpose(rows, cols, sums, cols, out.data_ptr<acc_t>(), rows);
+    block_kernels<acc_t>().transpose(rows, cols, sums, cols, out.data_ptr<acc_t>());
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "adapterfast_cpu_gradient", [&] {

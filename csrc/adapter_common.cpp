@@ -108,7 +108,7 @@ at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool tran
     if (transpose && w_dtype == x_dtype && std::is_same_v<T, acc_t> && w.stride(1) == 1) {
       out = at::empty({w.size(1), w.size(0)}, w.options());
       block_kernels<acc_t>().transpose(w.size(0), w.size(1), w.data_ptr<acc_t>(), w.stride(0),
-                                       out.data_ptr<acc_t>(), w.size(0));
+                                       out.data_ptr<acc_t>());
     } else if (w_dtype == x_dtype) {
       copy_from(T{});
     } else if (w_dtype == at::kFloat && acc == at::kFloat) {

@@ -58,9 +58,10 @@ struct BlockKernels {
   void (*project_out)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
                       int64_t ldb, const OutputEpilogue<acc_t>& epilogue);
 
-  // B[k, i] = A[i, k] for i < M, k < K: a weight into the layout the other GEMM streams through
-  // (every forward call transposes both weights; at a few rows that costs as much as the GEMMs).
-  void (*transpose)(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* B, int64_t ldb);
+  // B[k, i] = A[i, k] for i < M, k < K, B dense [K, M]: a weight into the layout the other GEMM
+  // streams through (every forward call transposes both weights; at a few rows that costs as
+  // much as the GEMMs).
+  void (*transpose)(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* B);
 
   // keep[i, k] = 1 if element (row0 + i, k) of an [*, d] output survives dropout, else 0, with
   // the Philox mask of adapterfast/dropout.py.

@@ -497,7 +497,8 @@ ALWAYS_INLINE void transpose_tile(__m512 (&r)[kLanes]) {
   }
 }
 
-void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B, int64_t ldb) {
+void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B) {
+  const int64_t ldb = M;
   for (int64_t i0 = 0; i0 < M; i0 += kLanes) {
     const int64_t mi = min64(kLanes, M - i0);
     const __mmask16 row_mask = lanes(mi);

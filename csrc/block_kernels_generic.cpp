@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "matrix_copy.h"
 #include "philox.h"
 
 namespace adapterfast::cpu::generic {
@@ -95,19 +96,9 @@ void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, in
   }
 }
 
-// In 16 x 16 tiles, so reads and writes both stay within a few cache lines per tile.
 template <typename acc_t>
-void transpose(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* B, int64_t ldb) {
-  constexpr int64_t kTile = 16;
-  for (int64_t i0 = 0; i0 < M; i0 += kTile) {
-    const int64_t i1 = std::min(M, i0 + kTile);
-    for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-      const int64_t k1 = std::min(K, k0 + kTile);
-      for (int64_t k = k0; k < k1; ++k) {
-        for (int64_t i = i0; i < i1; ++i) B[k * ldb + i] = A[i * lda + k];
-      }
-    }
-  }
+void transpose(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* B) {
+  copy_matrix(A, lda, 1, M, K, /*transpose=*/true, B, [](acc_t v) { return v; });
 }
 
 }  // namespace

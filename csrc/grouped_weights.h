@@ -6,9 +6,6 @@
 // 2 of 32 adapters converts 2), in parallel over those adapters, by direct loops that read the
 // nn.Linear layouts as they are (no transposed copy by torch first), into a per-thread workspace.
 #include <algorithm>
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
 #include <type_traits>
 #include <vector>
 
@@ -17,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "block_kernels.h"
+#include "matrix_copy.h"
 #include "brgemm.h"
 
 namespace adapterfast::cpu::grouped {
@@ -56,41 +55,6 @@ inline V operand_value(S s) {
   }
 }
 
-// out [Q, P] = in [P, Q]^T for float: 8 x 8 tiles transposed in AVX registers (scalar loops
-// over single elements ran at ~1 ns per element here, the largest per-adapter cost of a call),
-// the edges element by element.
-inline void transpose_floats(const float* in, int64_t P, int64_t Q, float* out) {
-  int64_t p0 = 0;
-#if defined(__AVX__)
-  for (; p0 + 8 <= P; p0 += 8) {
-    int64_t q0 = 0;
-    for (; q0 + 8 <= Q; q0 += 8) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + (p0 + i) * Q + q0);
-      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-      const __m256 c[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
-                           _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
-                           _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
-                           _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + (q0 + j) * P + p0, c[j]);
-    }
-    for (; q0 < Q; ++q0) {
-      for (int64_t p = p0; p < p0 + 8; ++p) out[q0 * P + p] = in[p * Q + q0];
-    }
-  }
-#endif
-  for (; p0 < P; ++p0) {
-    for (int64_t q = 0; q < Q; ++q) out[q * P + p0] = in[p0 * Q + q];
-  }
-}
-
 // The stacked weight w [A, P, Q] as per-adapter matmul operands of acc_t, rounded to x's storage
 // type T: [A, Q, P] with `transpose`, else [A, P, Q]. Only the `used` adapters are filled; the
 // result is w's own data when that already is the operand, else workspace `slot`.
@@ -113,26 +77,11 @@ const acc_t* stacked_operand(const at::Tensor& w, bool transpose, const std::vec
         acc_t* o = dst + used[u] * P * Q;
         if constexpr (std::is_same_v<S, float> && std::is_same_v<acc_t, float> && std::is_same_v<T, float>) {
           if (transpose) {
-            transpose_floats(in, P, Q, o);
+            block_kernels<float>().transpose(P, Q, in, Q, o);
             continue;
           }
         }
-        if (transpose) {
-          // In 16 x 16 tiles, so that the rows of `in` a tile reads stay in L1 (a plain loop over
-          // one column at a time reads d/16 lines per column of the [d, r] weight).
-          constexpr int64_t kTile = 16;
-          for (int64_t p0 = 0; p0 < P; p0 += kTile) {
-            const int64_t p1 = std::min(P, p0 + kTile);
-            for (int64_t q0 = 0; q0 < Q; q0 += kTile) {
-              const int64_t q1 = std::min(Q, q0 + kTile);
-              for (int64_t q = q0; q < q1; ++q) {
-                for (int64_t p = p0; p < p1; ++p) o[q * P + p] = operand_value<T, acc_t>(in[p * Q + q]);
-              }
-            }
-          }
-        } else {
-          for (int64_t k = 0; k < P * Q; ++k) o[k] = operand_value<T, acc_t>(in[k]);
-        }
+        copy_matrix(in, Q, 1, P, Q, transpose, o, [](S v) { return operand_value<T, acc_t>(v); });
       }
     });
   });
