@@ -19,7 +19,12 @@
 // written with non-temporal stores, as the fp32 drivers do.
 #include "adapter_brgemm.h"
 
+#include <type_traits>
 #include <vector>
+
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -82,6 +87,22 @@ void product_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, co
       brgemm(M, nc, K, lda, d, ldc, add, A, b, C + n0, kVnni<T>);
     }
   }
+}
+
+// sum[k] += float(g[k]) for k < d. c10::Half's conversion is scalar bit manipulation (column sums
+// of 8M fp16 values took ~15 ms of one core here); with F16C, 8 at a time (exact: the same sums).
+template <typename T>
+void add_to_sums(const T* __restrict g, float* __restrict sum, int64_t d) {
+  int64_t k = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    for (; k + 8 <= d; k += 8) {
+      const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + k)));
+      _mm256_storeu_ps(sum + k, _mm256_add_ps(_mm256_loadu_ps(sum + k), v));
+    }
+  }
+#endif
+  for (; k < d; ++k) sum[k] += static_cast<float>(g[k]);
 }
 
 // An [rows, d] fp32 matrix stored as consecutive [rows, nc] blocks, one per chunk of kOutCols
@@ -270,11 +291,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
           }
           gz_rows = gz.data();
         } else {
-          for (int64_t i = 0; i < m; ++i) {
-            const T* __restrict g = gb + i * ld_g;
-            float* __restrict sum = col_sums.data();
-            for (int64_t k = 0; k < d; ++k) sum[k] += static_cast<float>(g[k]);
-          }
+          for (int64_t i = 0; i < m; ++i) add_to_sums(gb + i * ld_g, col_sums.data(), d);
           for (float& v : col_sums) v *= factor;
           gz_rows = a_rows(g_data, ld_g, 1, d, row0, m, gz.data(), ld_gz);
         }
