@@ -2,11 +2,18 @@
 
 The path is fixed per process (adapterfast.cpu reads its switches once), so each path runs in its
 own subprocess, alternating path by path for ``--repeats`` rounds; each prints forward and
-backward medians (torch.utils.benchmark) at the given shape. Paths: ``default`` (what runs for
-the dtype here), ``brgemm-off`` (ADAPTERFAST_CPU_BRGEMM=0), ``fp32-brgemm``
-(ADAPTERFAST_CPU_FP32_BRGEMM=1), ``no-amx`` (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16).
+backward times at the given shape. Paths: ``default`` (what runs for the dtype here),
+``brgemm-off`` (ADAPTERFAST_CPU_BRGEMM=0), ``fp32-brgemm`` (ADAPTERFAST_CPU_FP32_BRGEMM=1),
+``no-amx`` (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), ``eager`` (the op as PyTorch ops in the same
+dtype, as the eager provider of ``python -m benchmarks``: ``x + up(relu(down(x)))``).
+
+``--clock wall`` (default) reports medians of wall time (torch.utils.benchmark). ``--clock
+thread`` reports the least thread CPU time of ``--calls`` calls and needs ``--threads 1`` (the
+op then runs on the calling thread): on a machine shared with other jobs, where wall times of
+multi-threaded calls are dominated by waiting for a core, it still measures the work done.
 
     python -m benchmarks.cpu_paths --dtype fp32 --paths default,fp32-brgemm --shapes 8192,1024,64 8192,4096,16
+    python -m benchmarks.cpu_paths --dtype bf16 --paths eager,default --threads 1 --clock thread
 """
 from __future__ import annotations
 
@@ -23,13 +30,15 @@ PATHS = {
     "brgemm-off": {"ADAPTERFAST_CPU_BRGEMM": "0"},
     "fp32-brgemm": {"ADAPTERFAST_CPU_FP32_BRGEMM": "1"},
     "no-amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "eager": {},
 }
 
 _CHILD = r"""
-import json, sys, torch
+import json, sys, time, torch
 from torch.utils import benchmark
 from adapterfast import cpu
 n, d, r, dtype, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+path, clock, calls = sys.argv[6], sys.argv[7], int(sys.argv[8])
 torch.set_num_threads(threads)
 dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 torch.manual_seed(0)
@@ -37,11 +46,30 @@ x, g = torch.randn(n, d).to(dt), torch.randn(n, d).to(dt)
 wd, wu = torch.randn(r, d) / d**0.5, torch.randn(d, r) / r**0.5
 bd, bu = torch.zeros(r), torch.zeros(d)
 _, h = cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
-fwd = lambda: cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
-bwd = lambda: cpu.backward(g, x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.0, 0)
-out = {"kernel": cpu.kernel_isa(dt)}
+if path == "eager":
+    F = torch.nn.functional
+    leaves = [t.to(dt).requires_grad_() for t in (x, wd, bd, wu, bu)]
+    fwd = lambda: leaves[0] + F.linear(torch.relu(F.linear(leaves[0], leaves[1], leaves[2])), leaves[3], leaves[4])
+    y_eager = fwd()
+    bwd = lambda: torch.autograd.grad(y_eager, leaves, g, retain_graph=True)
+    out = {"kernel": "eager"}
+else:
+    fwd = lambda: cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
+    bwd = lambda: cpu.backward(g, x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.0, 0)
+    out = {"kernel": cpu.kernel_isa(dt)}
+def least_thread_time(f):
+    f()
+    times = []
+    for _ in range(calls):
+        start = time.thread_time()
+        f()
+        times.append(time.thread_time() - start)
+    return min(times)
 for name, f in (("fwd", fwd), ("bwd", bwd)):
-    out[name + "_ms"] = benchmark.Timer("f()", globals={"f": f}).blocked_autorange(min_run_time=0.5).median * 1e3
+    if clock == "thread":
+        out[name + "_ms"] = least_thread_time(f) * 1e3
+    else:
+        out[name + "_ms"] = benchmark.Timer("f()", globals={"f": f}).blocked_autorange(min_run_time=0.5).median * 1e3
 print(json.dumps(out))
 """
 
@@ -53,18 +81,25 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=["8192,1024,64", "8192,4096,16"], metavar="N,d,r")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--clock", default="wall", choices=("wall", "thread"),
+                        help="wall: median wall time; thread: least thread CPU time (needs --threads 1)")
+    parser.add_argument("--calls", type=int, default=5, help="calls per measurement with --clock thread")
     args = parser.parse_args(argv)
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread measures the calling thread only: use it with --threads 1")
     paths = args.paths.split(",")
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
         parser.error(f"unknown paths {unknown}; choose from {', '.join(PATHS)}")
-    print(f"{machine.cpu_name()}, flags {' '.join(machine.cpu_flags())}, {args.threads} threads, {args.dtype}")
+    print(f"{machine.cpu_name()}, flags {' '.join(machine.cpu_flags())}, {args.threads} threads, {args.dtype}, "
+          f"{'least thread CPU time of %d calls' % args.calls if args.clock == 'thread' else 'median wall time'}")
     for shape in args.shapes:
         n, d, r = (int(v) for v in shape.split(","))
         for repeat in range(args.repeats):
             for path in paths:
                 env = dict(os.environ, **PATHS[path])
-                done = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), str(r), args.dtype, str(args.threads)],
+                done = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), str(r), args.dtype, str(args.threads),
+                                       path, args.clock, str(args.calls)],
                                       env=env, capture_output=True, text=True, check=True)
                 row = json.loads(done.stdout.strip().splitlines()[-1])
                 print(f"N={n} d={d} r={r} {path:12s} {row['kernel']:14s} fwd {row['fwd_ms']:8.2f} ms  "

@@ -8,12 +8,23 @@
 //             K = the run's rows, gz and x rows repacked in brgemm's B layout). Summing 256 rows
 //             per call rather than 64 cuts the [r, d] fp32 partials' trips through L2 (read and
 //             written per call) 4x: at r = 64 they otherwise outweigh the block's own data.
+//             The group's weight-gradient sums live in a thread-local buffer blocked by column
+//             chunk (ColumnBlocked), so brgemm's C rows are kOutCols floats apart rather than d
+//             (d = 1024 put every C tile row on one 4 KiB-aliased cache set: the dW products ran
+//             at under half the rate of the others); the group's sums are copied to its partials
+//             row once, at the group's end.
 // Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
 // Bias gradients: unrounded fp32 values summed in fp32 within a 64-row block, and block sums in
-// float64, so the error does not grow with N.
+// float64, so the error does not grow with N. Outputs of at least kStreamOutputBytes (y, dx) are
+// written with non-temporal stores, as the fp32 drivers do.
 #include "adapter_brgemm.h"
 
+#include <type_traits>
 #include <vector>
+
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -78,6 +89,49 @@ void product_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, co
   }
 }
 
+// sum[k] += float(g[k]) for k < d. c10::Half's conversion is scalar bit manipulation (column sums
+// of 8M fp16 values took ~15 ms of one core here); with F16C, 8 at a time (exact: the same sums).
+template <typename T>
+void add_to_sums(const T* __restrict g, float* __restrict sum, int64_t d) {
+  int64_t k = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    for (; k + 8 <= d; k += 8) {
+      const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + k)));
+      _mm256_storeu_ps(sum + k, _mm256_add_ps(_mm256_loadu_ps(sum + k), v));
+    }
+  }
+#endif
+  for (; k < d; ++k) sum[k] += static_cast<float>(g[k]);
+}
+
+// An [rows, d] fp32 matrix stored as consecutive [rows, nc] blocks, one per chunk of kOutCols
+// columns (the last chunk narrower): the C operand of the weight-gradient products.
+struct ColumnBlocked {
+  int64_t rows, d;
+  float* data;
+  float* chunk(int64_t n0) const { return data + rows * n0; }
+
+  // dst[i * d + n0 + k] = this (i, n0 + k): back to row-major.
+  void copy_to(float* dst) const {
+    for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
+      const int64_t nc = std::min(kOutCols, d - n0);
+      const float* src = chunk(n0);
+      for (int64_t i = 0; i < rows; ++i) std::copy(src + i * nc, src + (i + 1) * nc, dst + i * d + n0);
+    }
+  }
+};
+
+// C (+)= A[M, K] B[K, d], B packed with ldb = d, C column-blocked.
+template <typename T>
+void accumulate_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const T* A, int64_t lda,
+                           const T* B, const ColumnBlocked& C, bool add) {
+  for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
+    const int64_t nc = std::min(kOutCols, d - n0);
+    brgemm(M, nc, K, lda, d, nc, add, A, B + b_column(layout, n0), C.chunk(n0), kVnni<T>);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -103,6 +157,7 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
   epilogue.out_kind = kind_of(y.scalar_type());
   epilogue.ld_out = d;
   epilogue.ld_keep = ld_keep;
+  epilogue.stream_out = y.nbytes() >= kStreamOutputBytes;
   if (op.residual) {
     epilogue.res_kind = kind_of(op.residual->scalar_type());
     epilogue.ld_res = op.residual->stride(0);
@@ -179,6 +234,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
   epilogue.ld_res = ld_g;
   epilogue.out_kind = kind_of(dx.scalar_type());
   epilogue.ld_out = d;
+  epilogue.stream_out = dx.nbytes() >= kStreamOutputBytes;
 
   at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
     const int64_t dp = even(d);
@@ -190,19 +246,24 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
     std::vector<T> dh_t(r * kSumRows);       // [r, kSumRows]: dh^T of the run
     std::vector<float> da(kBlockRows * r);
     std::vector<T> dh(kBlockRows * rp, T(0.0f));
+    std::vector<T> a(kBlockRows * r);
+    std::vector<float> dh_sums(r);
+    std::vector<float> dw_sums(2 * r * d);
+    const ColumnBlocked dw_up_sums{r, d, dw_sums.data()};
+    const ColumnBlocked dw_down_sums{r, d, dw_sums.data() + r * d};
     std::vector<float> col_sums(d);
     std::vector<float> chunk(kBlockRows * kOutCols);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
     for (int64_t group = first_group; group < last_group; ++group) {
       float* row = partials.data_ptr<float>() + group * partials.size(1);
-      std::fill(row, row + partials.size(1), 0.0f);
       double* bias_row = bias_partials.data_ptr<double>() + group * bias_partials.size(1);
       std::fill(bias_row, bias_row + bias_partials.size(1), 0.0);
       const Partials<float> sums(row, bias_row, op.dims);
       const int64_t first_block = group * blocks / groups;
       const int64_t last_block = (group + 1) * blocks / groups;
       int64_t run = 0;  // rows (even) collected for the weight gradients
+      bool first_run = true;
       for (int64_t block = first_block; block < last_block; ++block) {
         const int64_t row0 = block * kBlockRows;
         const int64_t m = std::min(kBlockRows, n - row0);
@@ -230,11 +291,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
           }
           gz_rows = gz.data();
         } else {
-          for (int64_t i = 0; i < m; ++i) {
-            const T* __restrict g = gb + i * ld_g;
-            float* __restrict sum = col_sums.data();
-            for (int64_t k = 0; k < d; ++k) sum[k] += static_cast<float>(g[k]);
-          }
+          for (int64_t i = 0; i < m; ++i) add_to_sums(gb + i * ld_g, col_sums.data(), d);
           for (float& v : col_sums) v *= factor;
           gz_rows = a_rows(g_data, ld_g, 1, d, row0, m, gz.data(), ld_gz);
         }
@@ -242,23 +299,35 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
 
         brgemm(m, r, dp, ld_gz, r, r, false, gz_rows, w_up_b.data(), da.data(), kVnni<T>);
         const float* hb = h_data + row0 * r;
+        std::fill(dh_sums.begin(), dh_sums.end(), 0.0f);
         visit<float>(op.activation, [&](auto f) {
-          for (int64_t i = 0; i < mp; ++i) {
+          for (int64_t i = 0; i < m; ++i) {
+            const float* __restrict h_row = hb + i * r;
+            const float* __restrict da_row = da.data() + i * r;
+            T* __restrict dh_row = dh.data() + i * rp;
+            T* __restrict a_row = a.data() + i * r;
+            float* __restrict sum = dh_sums.data();
             for (int64_t j = 0; j < r; ++j) {
-              T dh_value(0.0f);
-              T a_value(0.0f);
-              if (i < m) {
-                const float v = backprop(f, hb[i * r + j], fold * da[i * r + j]);
-                sums.db_down[j] += static_cast<double>(v);
-                dh_value = static_cast<T>(v);
-                a_value = static_cast<T>(f.value(hb[i * r + j]));
-                dh[i * rp + j] = dh_value;
-              }
-              dh_t[j * kSumRows + run + i] = dh_value;
-              a_t[j * kSumRows + run + i] = a_value;
+              const float v = backprop(f, h_row[j], fold * da_row[j]);
+              sum[j] += v;
+              dh_row[j] = static_cast<T>(v);
+              a_row[j] = static_cast<T>(f.value(h_row[j]));
             }
           }
         });
+        for (int64_t j = 0; j < r; ++j) sums.db_down[j] += static_cast<double>(dh_sums[j]);
+        for (int64_t j = 0; j < r; ++j) {
+          T* __restrict dh_col = dh_t.data() + j * kSumRows + run;
+          T* __restrict a_col = a_t.data() + j * kSumRows + run;
+          for (int64_t i = 0; i < m; ++i) {
+            dh_col[i] = dh[i * rp + j];
+            a_col[i] = a[i * r + j];
+          }
+          if (mp != m) {
+            dh_col[m] = T(0.0f);
+            a_col[m] = T(0.0f);
+          }
+        }
 
         e.res = op.residual_is_x ? gb : nullptr;
         e.out = dx_data + row0 * d;
@@ -270,10 +339,17 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
         rows_as_b<T>(layout, m, d, xb, ld_x, x_b.data() + run * d);
         run += mp;
         if (run == kSumRows || block + 1 == last_block) {
-          product_by_columns<T>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), sums.dw_up_t, d, true, nullptr, nullptr);
-          product_by_columns<T>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), sums.dw_down, d, true, nullptr, nullptr);
+          accumulate_by_columns<T>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), dw_up_sums, !first_run);
+          accumulate_by_columns<T>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), dw_down_sums, !first_run);
           run = 0;
+          first_run = false;
         }
+      }
+      if (first_run) {
+        std::fill(row, row + partials.size(1), 0.0f);
+      } else {
+        dw_up_sums.copy_to(sums.dw_up_t);
+        dw_down_sums.copy_to(sums.dw_down);
       }
     }
     brgemm_release(kVnni<T>);

@@ -384,6 +384,10 @@ template <typename ResTag, typename OutTag>
 void finish_rows_as(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0,
                     const OutputEpilogue<float>& e) {
   using Out = typename Storage<OutTag>::type;
+  constexpr int64_t kLine = 64;
+  const bool stream = e.stream_out && reinterpret_cast<uintptr_t>(e.out) % kLine == 0 &&
+                      (e.ld_out * static_cast<int64_t>(sizeof(Out))) % kLine == 0 &&
+                      (col0 * static_cast<int64_t>(sizeof(Out))) % kLine == 0;
   const __m512 scale = _mm512_set1_ps(e.scale);
   for (int64_t k0 = 0; k0 < K; k0 += 4 * kLanes) {
     const TileColumns<4> cols(K, k0);
@@ -395,9 +399,14 @@ void finish_rows_as(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t c
     for (int64_t i = 0; i < M; ++i) {
       __m512 acc[4];
       for (int v = 0; v < 4; ++v) acc[v] = _mm512_maskz_loadu_ps(cols.m[v], u + i * ldu + k0 + v * kLanes);
-      finish_row<ResTag, Out, false>(e, i, col0 + k0, cols, acc, bias, scale);
+      if (stream && cols.full) {
+        finish_row<ResTag, Out, true>(e, i, col0 + k0, cols, acc, bias, scale);
+      } else {
+        finish_row<ResTag, Out, false>(e, i, col0 + k0, cols, acc, bias, scale);
+      }
     }
   }
+  if (stream) _mm_sfence();
 }
 
 template <typename ResTag>
