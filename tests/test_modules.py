@@ -133,3 +133,25 @@ def test_twenty_training_steps_same_losses(backend):
     assert fused_losses[-1] < fused_losses[0]
     for a, b in zip(fused_losses, eager_losses):
         assert abs(a - b) <= 1e-4 * abs(b)
+
+
+def test_parametrized_and_replaced_layers_are_read_as_attributes():
+    """Adapter.forward reads plain nn.Linear tensors from _parameters; a parametrized weight (its
+    layer's class changes) or a replaced layer must still be what the call uses."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    adapter = Adapter(16, 4, bias=True)
+    x = torch.randn(5, 16)
+    parametrize.register_parametrization(adapter.down, "weight", Doubled())
+    down_w = adapter.down.weight
+    want = x + nn.functional.linear(torch.relu(nn.functional.linear(x, down_w, adapter.down.bias)),
+                                    adapter.up.weight, adapter.up.bias)
+    assert torch.allclose(adapter(x), want, rtol=1e-5, atol=1e-6)
+    adapter.up = nn.Linear(4, 16)
+    want = x + adapter.up(torch.relu(nn.functional.linear(x, down_w, adapter.down.bias)))
+    assert torch.allclose(adapter(x), want, rtol=1e-5, atol=1e-6)
