@@ -200,7 +200,8 @@ def select(x: torch.Tensor, r: int) -> str:
     The answer depends only on the backend in force, x's device type and dtype, and whether r
     fits the Triton kernels; it is worked out once per combination."""
     forced = _forced.get()
-    key = (forced if forced is not None else _from_env(), x.device.type, x.dtype, r > TRITON_MAX_R)
+    key = (forced if forced is not None else _from_env(), "cpu" if x.is_cpu else x.device.type, x.dtype,
+           r > TRITON_MAX_R)
     name = _choices.get(key)
     if name is None:
         name = _choose(key[0], key[1], key[2], r)

@@ -39,7 +39,7 @@ _any_autocast = torch._C._is_any_autocast_enabled
 
 def _run(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p) -> Tensor:
     """The op on 2-D inputs; ``seed`` is None or a 0-dim int64 CPU tensor."""
-    if _is_compiling() or (type(x) is not Tensor and _sharded(x)) or x.device.type == "meta":
+    if _is_compiling() or (type(x) is not Tensor and _sharded(x)) or x.is_meta:
         y, _ = ops.adapter_forward(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p)
         return y
     name = dispatch.select(x, w_down.shape[0])
@@ -76,17 +76,34 @@ def _common_case(x, w_down, w_up, b_down, b_up, residual, scale, p, autocast) ->
         return False
     if not autocast and wdt is not xdt and not (wdt is torch.float32 and xdt in _HALF):
         return False
-    device = x.device
-    if w_down.device != device or w_up.device != device:
+    # Tensor.device builds a torch.device object on every read (about 1 us here); is_cpu does not.
+    on_x_device = _is_cpu if x.is_cpu else _SameDevice(x.device)
+    if not (on_x_device(w_down) and on_x_device(w_up)):
         return False
     for b, n in ((b_down, r), (b_up, d)):
         if b is not None and not (type(b) in _PLAIN and b.dtype is wdt and b.dim() == 1 and b.shape[0] == n
-                                  and b.device == device):
+                                  and on_x_device(b)):
             return False
     if residual is not None and not (isinstance(residual, Tensor) and residual.dtype is xdt
-                                     and residual.shape == x.shape and residual.device == device):
+                                     and residual.shape == x.shape and on_x_device(residual)):
         return False
     return type(scale) is float and type(p) is float and 0.0 <= p < 1.0
+
+
+def _is_cpu(t: Tensor) -> bool:
+    return t.is_cpu
+
+
+class _SameDevice:
+    """Whether a tensor is on ``device``."""
+
+    __slots__ = ("device",)
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, t: Tensor) -> bool:
+        return t.device == self.device
 
 
 def _sharded(t) -> bool:
