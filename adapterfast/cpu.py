@@ -24,10 +24,11 @@ An eager call with autograd recording runs ``adapterfast_cpu::fused`` (``csrc/ad
 the op with its derivative as a C++ ``torch::autograd::Function``, so a training step costs one op
 call from Python and the autograd engine runs the backward without coming back to Python. The
 Python ``autograd.FusedAdapter`` around ``forward``/``backward`` gives bitwise the same results,
-but its Python backward node, the saved-tensor unpacking and a second op call from Python made a
-[8, 768] r=16 forward + backward cost 1.6x as much (239 us against 147 us on the loaded 2-CPU dev VM,
-``benchmarks/overhead.py``'s cell timed both ways), which at small N decides whether adapterfast
-beats the eager adapter. Forward-mode AD, torch.func and autocast still take the Python Function.
+but its Python backward node, the saved-tensor unpacking and a second op call from Python cost a
+[8, 64] r=8 step about a third more (``python -m benchmarks.profile_call``, fastest interleaved
+batches on the 2-CPU dev VM: 79 us native, 104 us through the Python Function, 121 us for the
+eager adapter), which at small N decides whether adapterfast beats the eager adapter.
+Forward-mode AD, torch.func and autocast still take the Python Function.
 
 Large outputs are allocated by PyTorch and then advised to use transparent huge pages (Linux),
 which makes their first-touch page faults several times cheaper; ``ADAPTERFAST_CPU_HUGE_PAGES=0``
