@@ -151,17 +151,7 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
   const int64_t ld_keep = keep_row_bytes(d);
   const BlockKernels<float>& kernels = block_kernels<float>();
 
-  OutputEpilogue<float> epilogue;
-  epilogue.bias = op.b_up ? op.b_up->data_ptr<float>() : nullptr;
-  epilogue.scale = static_cast<float>(dropout ? op.scale / (1.0 - op.dropout_p) : op.scale);
-  epilogue.out_kind = kind_of(y.scalar_type());
-  epilogue.ld_out = d;
-  epilogue.ld_keep = ld_keep;
-  epilogue.stream_out = y.nbytes() >= kStreamOutputBytes;
-  if (op.residual) {
-    epilogue.res_kind = kind_of(op.residual->scalar_type());
-    epilogue.ld_res = op.residual->stride(0);
-  }
+  const OutputEpilogue<float> epilogue = forward_epilogue<float>(op, y);
 
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {

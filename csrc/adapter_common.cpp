@@ -84,6 +84,14 @@ void check_like_x(const char* op, const char* name, const at::Tensor& t, const D
                     " must be [", dims.n, ", ", dims.d, "] like x, got ", t.sizes());
 }
 
+std::optional<at::Tensor> residual_operand(const char* op, const std::optional<at::Tensor>& residual,
+                                           const Dims& dims, at::ScalarType acc) {
+  if (!residual.has_value()) return std::nullopt;
+  check_like_x(op, "residual", *residual, dims);
+  const bool readable = acc == at::kDouble || residual->scalar_type() != at::kDouble;
+  return with_unit_column_stride(readable ? *residual : residual->to(at::kFloat));
+}
+
 void check_dropout(const char* op, double dropout_p) {
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
                     dropout_p);

@@ -40,6 +40,12 @@ Dims check_operands(const char* op, const at::Tensor& x, const at::Tensor& w_dow
 // Checks a tensor that must be [n, d] like x (residual, grad_y).
 void check_like_x(const char* op, const char* name, const at::Tensor& t, const Dims& dims);
 
+// The residual as the forward's epilogue reads it (checked to be [n, d] like x): itself when its
+// columns are contiguous, else a copy; a float64 residual of float x is read as fp32 (the float
+// kernels read fp32, bf16 and fp16 residuals).
+std::optional<at::Tensor> residual_operand(const char* op, const std::optional<at::Tensor>& residual,
+                                           const Dims& dims, at::ScalarType acc);
+
 // Checks 0 <= dropout_p < 1.
 void check_dropout(const char* op, double dropout_p);
 

@@ -40,24 +40,13 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const acc_t* w_down_t = op.w_down_t.data_ptr<acc_t>();
   const acc_t* w_up_t = op.w_up_t.data_ptr<acc_t>();
   const acc_t* b_down = op.b_down ? op.b_down->data_ptr<acc_t>() : nullptr;
-  const acc_t* b_up = op.b_up ? op.b_up->data_ptr<acc_t>() : nullptr;
   acc_t* h_data = h.data_ptr<acc_t>();
   T* y_data = y.data_ptr<T>();
   const bool dropout = op.dropout_p > 0.0;
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const int64_t ld_keep = keep_row_bytes(d);
 
-  OutputEpilogue<acc_t> epilogue;
-  epilogue.bias = b_up;
-  epilogue.scale = static_cast<acc_t>(dropout ? op.scale / (1.0 - op.dropout_p) : op.scale);
-  epilogue.out_kind = kind_of(y.scalar_type());
-  epilogue.ld_out = d;
-  epilogue.ld_keep = ld_keep;
-  epilogue.stream_out = y.nbytes() >= kStreamOutputBytes;
-  if (op.residual) {
-    epilogue.res_kind = kind_of(op.residual->scalar_type());
-    epilogue.ld_res = op.residual->stride(0);
-  }
+  const OutputEpilogue<acc_t> epilogue = forward_epilogue<acc_t>(op, y);
 
   const int64_t rows = forward_block_rows(n);
   const int64_t blocks = (n + rows - 1) / rows;
@@ -119,17 +108,11 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(
                      operand_weight(w_up, dtype, /*transpose=*/true),
                      operand_bias(b_down, dtype),
                      operand_bias(b_up, dtype),
-                     std::nullopt,
+                     residual_operand(kOp, residual, dims, acc),
                      parse_activation(std::string(activation)),
                      scale,
                      dropout_p,
                      static_cast<uint64_t>(seed)};
-  if (residual.has_value()) {
-    check_like_x(kOp, "residual", *residual, dims);
-    // The float kernels read float32 or bfloat16 residuals; anything else is added in fp32.
-    const bool readable = acc == at::kDouble || residual->scalar_type() != at::kDouble;
-    op.residual = with_unit_column_stride(readable ? *residual : residual->to(at::kFloat));
-  }
 
   at::Tensor y = empty_output({dims.n, dims.d}, x.options());
   at::Tensor h = at::empty({dims.n, dims.r}, x.options().dtype(acc));

@@ -25,6 +25,25 @@ struct ForwardOperands {
   uint64_t seed;
 };
 
+// The forward's output epilogue for y without the per-block pointers (keep, res, out): bias,
+// the branch factor scale / (1 - p), the residual's kind and stride, streaming for large y.
+template <typename acc_t>
+OutputEpilogue<acc_t> forward_epilogue(const ForwardOperands& op, const at::Tensor& y) {
+  OutputEpilogue<acc_t> e;
+  const bool dropout = op.dropout_p > 0.0;
+  e.bias = op.b_up ? op.b_up->data_ptr<acc_t>() : nullptr;
+  e.scale = static_cast<acc_t>(dropout ? op.scale / (1.0 - op.dropout_p) : op.scale);
+  e.out_kind = kind_of(y.scalar_type());
+  e.ld_out = op.dims.d;
+  e.ld_keep = keep_row_bytes(op.dims.d);
+  e.stream_out = y.nbytes() >= kStreamOutputBytes;
+  if (op.residual) {
+    e.res_kind = kind_of(op.residual->scalar_type());
+    e.ld_res = op.residual->stride(0);
+  }
+  return e;
+}
+
 struct BackwardOperands {
   Dims dims;
   at::Tensor grad_y;  // columns contiguous

@@ -259,11 +259,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_forward(
                      parse_activation(std::string(activation)),
                      dropout_p,
                      static_cast<uint64_t>(seed)};
-  if (residual.has_value()) {
-    check_like_x(kForward, "residual", *residual, dims);
-    const bool readable = acc == at::kDouble || residual->scalar_type() != at::kDouble;
-    op.residual = with_unit_column_stride(readable ? *residual : residual->to(at::kFloat));
-  }
+  op.residual = residual_operand(kForward, residual, dims, acc);
 
   at::Tensor y = empty_output({dims.n, dims.d}, x.options());
   at::Tensor h = at::empty({dims.n, dims.r}, x.options().dtype(acc));
