@@ -50,6 +50,7 @@ import triton.language as tl
 
 from . import config as _config
 from .activations import activate, backprop
+from .adapter_tiles import dx_tile, project_down
 from .launch import Launch, cdiv, dot_precision, dropout_args, in_dtype as _in_dtype
 from .philox import branch_factor
 
@@ -77,16 +78,10 @@ def adapter_backward_dx_kernel(
     ranks = tl.arange(0, BLOCK_R).to(tl.int64)
     rank_mask = ranks < r
 
-    da = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for start in range(0, d, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        col_mask = cols < d
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd,
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-        gz = g * branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
-        w_up = tl.load(w_up_ptr + cols[:, None] * stride_wu_d + ranks[None, :] * stride_wu_r,
-                       mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
-        da = tl.dot(gz.to(DOT_DTYPE), w_up.to(DOT_DTYPE), da, input_precision=INPUT_PRECISION)
+    da = project_down(tl.zeros((BLOCK_M, BLOCK_R), tl.float32), g_ptr, rows, row_mask, stride_gm, stride_gd,
+                      w_up_ptr, stride_wu_d, stride_wu_r, ranks, rank_mask, d, scale, key_lo, key_hi, threshold,
+                      SCALED=True, HAS_DROPOUT=HAS_DROPOUT, DOT_DTYPE=DOT_DTYPE, INPUT_PRECISION=INPUT_PRECISION,
+                      BLOCK_D=BLOCK_D)
 
     hr_mask = row_mask[:, None] & rank_mask[None, :]
     h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
@@ -98,15 +93,9 @@ def adapter_backward_dx_kernel(
         for back in range(0, d, BLOCK_D):
             start = last - back
             cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-            col_mask = cols < d
-            tile_mask = row_mask[:, None] & col_mask[None, :]
-            w_down = tl.load(w_down_ptr + ranks[:, None] * stride_wd_r + cols[None, :] * stride_wd_d,
-                             mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-            dx = tl.dot(dh, w_down.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
-            if RESIDUAL_IS_X:
-                dx += tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd,
-                              mask=tile_mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + rows[:, None] * d + cols[None, :], dx.to(DOT_DTYPE), mask=tile_mask)
+            dx_tile(dh, cols, rows, row_mask, ranks, rank_mask, d, w_down_ptr, stride_wd_r, stride_wd_d, g_ptr,
+                    stride_gm, stride_gd, dx_ptr, RESIDUAL_IS_X=RESIDUAL_IS_X, INPUT_PRECISION=INPUT_PRECISION,
+                    DOT_DTYPE=DOT_DTYPE)
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from . import config as _config
 from .activations import activate
+from .adapter_tiles import output_tile, project_down
 from .launch import Launch, cdiv, dot_precision, dropout_args, in_dtype
-from .philox import branch_factor
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])
@@ -54,15 +54,10 @@ def adapter_forward_kernel(
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < r
 
-    h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for start in range(0, d, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        col_mask = cols < d
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd,
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        w_down_t = tl.load(w_down_ptr + cols[:, None] * stride_wd_d + ranks[None, :] * stride_wd_r,
-                           mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
-        h = tl.dot(x, w_down_t.to(dtype), h, input_precision=INPUT_PRECISION)
+    h = project_down(tl.zeros((BLOCK_M, BLOCK_R), tl.float32), x_ptr, rows, row_mask, stride_xm, stride_xd,
+                     w_down_ptr, stride_wd_d, stride_wd_r, ranks, rank_mask, d, scale, key_lo, key_hi, threshold,
+                     SCALED=False, HAS_DROPOUT=HAS_DROPOUT, DOT_DTYPE=dtype, INPUT_PRECISION=INPUT_PRECISION,
+                     BLOCK_D=BLOCK_D)
     if HAS_B_DOWN:
         h += tl.load(b_down_ptr + ranks * stride_bd, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(h_ptr + rows[:, None] * r + ranks[None, :], h, mask=row_mask[:, None] & rank_mask[None, :])
@@ -72,17 +67,9 @@ def adapter_forward_kernel(
     for back in range(0, d, BLOCK_D):
         start = last - back
         cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        col_mask = cols < d
-        tile_mask = row_mask[:, None] & col_mask[None, :]
-        w_up_t = tl.load(w_up_ptr + ranks[:, None] * stride_wu_r + cols[None, :] * stride_wu_d,
-                         mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-        u = tl.dot(a, w_up_t.to(dtype), input_precision=INPUT_PRECISION)
-        if HAS_B_UP:
-            u += tl.load(b_up_ptr + cols * stride_bu, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        factor = branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
-        res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rd, mask=tile_mask, other=0.0)
-        y = res.to(tl.float32) + factor * u
-        tl.store(y_ptr + rows[:, None] * d + cols[None, :], y.to(dtype), mask=tile_mask)
+        output_tile(a, cols, rows, row_mask, ranks, rank_mask, d, w_up_ptr, stride_wu_r, stride_wu_d, b_up_ptr, stride_bu,
+                    res_ptr, stride_rm, stride_rd, y_ptr, scale, key_lo, key_hi, threshold,
+                    HAS_B_UP=HAS_B_UP, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION)
 
 
 def hbm_bytes(n_rows: int, d: int, r: int, elem_bytes: int, separate_residual: bool = False) -> int:

@@ -30,7 +30,39 @@ import triton
 import triton.language as tl
 
 from .activations import activate, backprop
+from .adapter_tiles import dx_tile, output_tile, project_down
 from .philox import branch_factor
+
+
+@triton.jit
+def block_rows(order_ptr, block_slot_ptr, block_begin_ptr, block_end_ptr, BLOCK_M: tl.constexpr):
+    """The slot of block ``pid`` of the block table and its rows (original positions, masked)."""
+    pid = tl.program_id(0)
+    slot = tl.load(block_slot_ptr + pid)
+    begin = tl.load(block_begin_ptr + pid)
+    end = tl.load(block_end_ptr + pid)
+    positions = begin + tl.arange(0, BLOCK_M)
+    row_mask = positions < end
+    rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
+    return slot, rows, row_mask
+
+
+@triton.jit
+def plain_rows(rows, row_mask, ranks, rank_mask, d, r, zero_ptr, src_ptr, stride_sm, stride_sd, out_ptr,
+               OUT_DTYPE: tl.constexpr, HAS_SRC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """A slot-0 block (rows without an adapter): ``zero[rows] = 0`` ([*, r]) and ``out[rows] = src[rows]``
+    (zeros without ``HAS_SRC``) in OUT_DTYPE ([*, d]): h and y = residual, or dh and dx = g or 0."""
+    tl.store(zero_ptr + rows[:, None] * r + ranks[None, :], tl.zeros((BLOCK_M, BLOCK_R), tl.float32),
+             mask=row_mask[:, None] & rank_mask[None, :])
+    for start in range(0, d, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        tile_mask = row_mask[:, None] & (cols < d)[None, :]
+        if HAS_SRC:
+            out = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sd, mask=tile_mask, other=0.0)
+        else:
+            out = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        tl.store(out_ptr + rows[:, None] * d + cols[None, :], out.to(OUT_DTYPE), mask=tile_mask)
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])
@@ -47,56 +79,30 @@ def grouped_forward_kernel(
 ):
     """One program: block ``pid`` of the block table; y and h are contiguous."""
     dtype = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    slot = tl.load(block_slot_ptr + pid)
-    begin = tl.load(block_begin_ptr + pid)
-    end = tl.load(block_end_ptr + pid)
-    positions = begin + tl.arange(0, BLOCK_M)
-    row_mask = positions < end
-    rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
+    slot, rows, row_mask = block_rows(order_ptr, block_slot_ptr, block_begin_ptr, block_end_ptr, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < r
-    hr_mask = row_mask[:, None] & rank_mask[None, :]
 
     if slot == 0:
-        tl.store(h_ptr + rows[:, None] * r + ranks[None, :], tl.zeros((BLOCK_M, BLOCK_R), tl.float32), mask=hr_mask)
-        for start in range(0, d, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            tile_mask = row_mask[:, None] & (cols < d)[None, :]
-            res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rd, mask=tile_mask, other=0.0)
-            tl.store(y_ptr + rows[:, None] * d + cols[None, :], res.to(dtype), mask=tile_mask)
+        plain_rows(rows, row_mask, ranks, rank_mask, d, r, h_ptr, res_ptr, stride_rm, stride_rd, y_ptr,
+                   OUT_DTYPE=dtype, HAS_SRC=True, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R)
     else:
         adapter = (slot - 1).to(tl.int64)
-        wd = w_down_ptr + adapter * stride_wd_a
-        wu = w_up_ptr + adapter * stride_wu_a
         scale = tl.load(scales_ptr + adapter)
-        h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-        for start in range(0, d, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < d
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd,
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            w_down_t = tl.load(wd + cols[:, None] * stride_wd_d + ranks[None, :] * stride_wd_r,
-                               mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
-            h = tl.dot(x, w_down_t.to(dtype), h, input_precision=INPUT_PRECISION)
+        h = project_down(tl.zeros((BLOCK_M, BLOCK_R), tl.float32), x_ptr, rows, row_mask, stride_xm, stride_xd,
+                         w_down_ptr + adapter * stride_wd_a, stride_wd_d, stride_wd_r, ranks, rank_mask, d, scale,
+                         key_lo, key_hi, threshold, SCALED=False, HAS_DROPOUT=HAS_DROPOUT, DOT_DTYPE=dtype,
+                         INPUT_PRECISION=INPUT_PRECISION, BLOCK_D=BLOCK_D)
         if HAS_B_DOWN:
             h += tl.load(b_down_ptr + adapter * stride_bd_a + ranks, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(h_ptr + rows[:, None] * r + ranks[None, :], h, mask=hr_mask)
+        tl.store(h_ptr + rows[:, None] * r + ranks[None, :], h, mask=row_mask[:, None] & rank_mask[None, :])
         a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(dtype)
 
         for start in range(0, d, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < d
-            tile_mask = row_mask[:, None] & col_mask[None, :]
-            w_up_t = tl.load(wu + ranks[:, None] * stride_wu_r + cols[None, :] * stride_wu_d,
-                             mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-            u = tl.dot(a, w_up_t.to(dtype), input_precision=INPUT_PRECISION)
-            if HAS_B_UP:
-                u += tl.load(b_up_ptr + adapter * stride_bu_a + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            factor = branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
-            res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rd, mask=tile_mask, other=0.0)
-            y = res.to(tl.float32) + factor * u
-            tl.store(y_ptr + rows[:, None] * d + cols[None, :], y.to(dtype), mask=tile_mask)
+            output_tile(a, start + tl.arange(0, BLOCK_D), rows, row_mask, ranks, rank_mask, d,
+                        w_up_ptr + adapter * stride_wu_a, stride_wu_r, stride_wu_d, b_up_ptr + adapter * stride_bu_a, 1,
+                        res_ptr, stride_rm, stride_rd, y_ptr, scale, key_lo, key_hi, threshold,
+                        HAS_B_UP=HAS_B_UP, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])
@@ -111,59 +117,29 @@ def grouped_backward_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """``dh`` and ``dx`` for block ``pid`` of the block table; dh and dx are contiguous."""
-    pid = tl.program_id(0)
-    slot = tl.load(block_slot_ptr + pid)
-    begin = tl.load(block_begin_ptr + pid)
-    end = tl.load(block_end_ptr + pid)
-    positions = begin + tl.arange(0, BLOCK_M)
-    row_mask = positions < end
-    rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
+    slot, rows, row_mask = block_rows(order_ptr, block_slot_ptr, block_begin_ptr, block_end_ptr, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < r
     hr_mask = row_mask[:, None] & rank_mask[None, :]
 
     if slot == 0:
-        tl.store(dh_ptr + rows[:, None] * r + ranks[None, :], tl.zeros((BLOCK_M, BLOCK_R), tl.float32), mask=hr_mask)
-        for start in range(0, d, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            tile_mask = row_mask[:, None] & (cols < d)[None, :]
-            if RESIDUAL_IS_X:
-                dx = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd, mask=tile_mask, other=0.0)
-            else:
-                dx = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-            tl.store(dx_ptr + rows[:, None] * d + cols[None, :], dx.to(DOT_DTYPE), mask=tile_mask)
+        plain_rows(rows, row_mask, ranks, rank_mask, d, r, dh_ptr, g_ptr, stride_gm, stride_gd, dx_ptr,
+                   OUT_DTYPE=DOT_DTYPE, HAS_SRC=RESIDUAL_IS_X, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R)
     else:
         adapter = (slot - 1).to(tl.int64)
-        wd = w_down_ptr + adapter * stride_wd_a
-        wu = w_up_ptr + adapter * stride_wu_a
         scale = tl.load(scales_ptr + adapter)
-        da = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-        for start in range(0, d, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < d
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd,
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-            gz = g * branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
-            w_up = tl.load(wu + cols[:, None] * stride_wu_d + ranks[None, :] * stride_wu_r,
-                           mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
-            da = tl.dot(gz.to(DOT_DTYPE), w_up.to(DOT_DTYPE), da, input_precision=INPUT_PRECISION)
-
+        da = project_down(tl.zeros((BLOCK_M, BLOCK_R), tl.float32), g_ptr, rows, row_mask, stride_gm, stride_gd,
+                          w_up_ptr + adapter * stride_wu_a, stride_wu_d, stride_wu_r, ranks, rank_mask, d, scale,
+                          key_lo, key_hi, threshold, SCALED=True, HAS_DROPOUT=HAS_DROPOUT, DOT_DTYPE=DOT_DTYPE,
+                          INPUT_PRECISION=INPUT_PRECISION, BLOCK_D=BLOCK_D)
         h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
         dh = backprop(h, da, ACTIVATION)
         tl.store(dh_ptr + rows[:, None] * r + ranks[None, :], dh, mask=hr_mask)
         dh = dh.to(DOT_DTYPE)
-
         for start in range(0, d, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < d
-            tile_mask = row_mask[:, None] & col_mask[None, :]
-            w_down = tl.load(wd + ranks[:, None] * stride_wd_r + cols[None, :] * stride_wd_d,
-                             mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-            dx = tl.dot(dh, w_down.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
-            if RESIDUAL_IS_X:
-                dx += tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd,
-                              mask=tile_mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + rows[:, None] * d + cols[None, :], dx.to(DOT_DTYPE), mask=tile_mask)
+            dx_tile(dh, start + tl.arange(0, BLOCK_D), rows, row_mask, ranks, rank_mask, d,
+                    w_down_ptr + adapter * stride_wd_a, stride_wd_r, stride_wd_d, g_ptr, stride_gm, stride_gd, dx_ptr,
+                    RESIDUAL_IS_X=RESIDUAL_IS_X, INPUT_PRECISION=INPUT_PRECISION, DOT_DTYPE=DOT_DTYPE)
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])

@@ -1,0 +1,76 @@
+"""The tile steps that the single-adapter kernels (``forward_kernel.py``, ``backward_kernels.py``)
+and the grouped kernels (``grouped_kernels.py``) share, as ``@triton.jit`` helpers.
+
+A program of either kind owns ``BLOCK_M`` rows of one adapter: contiguous rows for the single
+op, rows gathered through the sorted permutation for the grouped op. The caller passes the rows
+(int64 offsets, masked) and the adapter's weight pointers; everything below is the same
+arithmetic for both, so both paths round and accumulate identically:
+
+- ``project_down``: ``acc + rows_of(src) * factor @ w`` over d-chunks of ``BLOCK_D``, fp32
+  accumulation: the forward's ``h = x Wd^T`` (factor 1) and the backward's ``da = gz Wu`` with
+  ``gz = g * mask * s`` (the dropout factor regenerated from the seed);
+- ``output_tile``: one ``[BLOCK_M, BLOCK_D]`` tile of ``y = res + s * mask * (a Wu^T + bu)``;
+- ``dx_tile``: one tile of ``dx = dh Wd (+ g when the residual is x)``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .philox import branch_factor
+
+
+@triton.jit
+def project_down(acc, src_ptr, rows, row_mask, stride_sm, stride_sd, w_ptr, stride_w_d, stride_w_r, ranks, rank_mask,
+                 d, scale, key_lo, key_hi, threshold,
+                 SCALED: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``acc + sum over d-chunks of src[rows, chunk] @ w[chunk, ranks]``, fp32, with w[c, j] at
+    ``w_ptr + c * stride_w_d + j * stride_w_r``. With ``SCALED`` each src tile is first taken to
+    fp32 and multiplied by the dropout factor ``s * mask`` (``branch_factor``): the backward's gz."""
+    for start in range(0, d, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
+        col_mask = cols < d
+        src = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sd,
+                      mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        if SCALED:
+            src = src.to(tl.float32) * branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
+        w = tl.load(w_ptr + cols[:, None] * stride_w_d + ranks[None, :] * stride_w_r,
+                    mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
+        acc = tl.dot(src.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def output_tile(a, cols, rows, row_mask, ranks, rank_mask, d, w_up_ptr, stride_wu_r, stride_wu_d, b_up_ptr, stride_bu,
+                res_ptr, stride_rm, stride_rd, y_ptr, scale, key_lo, key_hi, threshold,
+                HAS_B_UP: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Stores ``y[rows, cols] = res + s * mask * (a @ Wu^T[:, cols] + bu)`` in a's dtype; y contiguous [*, d]."""
+    dtype = a.dtype
+    col_mask = cols < d
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    w_up_t = tl.load(w_up_ptr + ranks[:, None] * stride_wu_r + cols[None, :] * stride_wu_d,
+                     mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+    u = tl.dot(a, w_up_t.to(dtype), input_precision=INPUT_PRECISION)
+    if HAS_B_UP:
+        u += tl.load(b_up_ptr + cols * stride_bu, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    factor = branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
+    res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rd, mask=tile_mask, other=0.0)
+    y = res.to(tl.float32) + factor * u
+    tl.store(y_ptr + rows[:, None] * d + cols[None, :], y.to(dtype), mask=tile_mask)
+
+
+@triton.jit
+def dx_tile(dh, cols, rows, row_mask, ranks, rank_mask, d, w_down_ptr, stride_wd_r, stride_wd_d, g_ptr, stride_gm,
+            stride_gd, dx_ptr, RESIDUAL_IS_X: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+            DOT_DTYPE: tl.constexpr):
+    """Stores ``dx[rows, cols] = dh @ Wd[:, cols] (+ g[rows, cols] when the residual is x)``; dx contiguous [*, d]."""
+    col_mask = cols < d
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    w_down = tl.load(w_down_ptr + ranks[:, None] * stride_wd_r + cols[None, :] * stride_wd_d,
+                     mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+    dx = tl.dot(dh, w_down.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+    if RESIDUAL_IS_X:
+        dx += tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd,
+                      mask=tile_mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + rows[:, None] * d + cols[None, :], dx.to(DOT_DTYPE), mask=tile_mask)
