@@ -3,10 +3,10 @@
 ``forward`` and ``backward`` have the semantics of ``adapterfast.grouped_reference`` for 2-D CPU
 tensors in float32, bfloat16 or float64. Rows are counting-sorted by adapter inside the op and
 each block of rows of one adapter runs the single-adapter op's GEMMs (the AVX-512 block kernels
-for float32, brgemm on AMX/AVX512-BF16 for bfloat16) with that adapter's weights, gathering its
-rows into cache and streaming its output rows out, so no ``[N, d]`` temporary exists. Only the
-adapters that have rows have their weights converted, once per call. Weight gradients are
-bitwise reproducible whatever the thread count.
+for float32, brgemm on AMX/AVX512-BF16 for bfloat16) with that adapter's weights: its x rows are
+gathered into cache, and the GEMM's epilogue writes its output rows in place, so no ``[N, d]``
+temporary exists. Only the adapters that have rows have their weights converted, once per call.
+Weight gradients are bitwise reproducible whatever the thread count.
 """
 from __future__ import annotations
 

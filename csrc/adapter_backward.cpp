@@ -27,6 +27,7 @@
 #include "adapter_common.h"
 #include "adapter_operands.h"
 #include "adapter_brgemm.h"
+#include "dx_epilogue.h"
 #include "philox.h"
 
 namespace adapterfast::cpu {
@@ -96,12 +97,7 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   const int64_t rows = backward_block_rows(n);
   const int64_t blocks = (n + rows - 1) / rows;
 
-  OutputEpilogue<acc_t> epilogue;
-  epilogue.res_kind = kind_of(op.grad_y.scalar_type());
-  epilogue.ld_res = ld_g;
-  epilogue.out_kind = kind_of(dx.scalar_type());
-  epilogue.ld_out = d;
-  epilogue.stream_out = dx.nbytes() >= kStreamOutputBytes;
+  const OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, ld_g, dx);
 
   at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
     std::vector<acc_t> gz(kGradInPlace ? 0 : rows * d);

@@ -31,6 +31,7 @@
 #include <c10/util/Half.h>
 
 #include "block_kernels.h"
+#include "dx_epilogue.h"
 #include "philox.h"
 
 namespace adapterfast::cpu {
@@ -219,12 +220,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
   const BlockKernels<float>& kernels = block_kernels<float>();
 
-  OutputEpilogue<float> epilogue;
-  epilogue.res_kind = kind_of(op.grad_y.scalar_type());
-  epilogue.ld_res = ld_g;
-  epilogue.out_kind = kind_of(dx.scalar_type());
-  epilogue.ld_out = d;
-  epilogue.stream_out = dx.nbytes() >= kStreamOutputBytes;
+  const OutputEpilogue<float> epilogue = dx_epilogue<float>(op.grad_y, ld_g, dx);
 
   at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
     const int64_t dp = even(d);

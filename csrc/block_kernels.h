@@ -35,6 +35,13 @@ struct OutputEpilogue {
   // The output is far larger than the caches and this op does not read it back: kernels may
   // write it with non-temporal stores (no read-for-ownership, no eviction of the block's inputs).
   bool stream_out = false;
+  // Row i of the product reads res row res_rows[i] and writes out row out_rows[i] where these are
+  // set (the grouped op's rows, scattered over [N, d] tensors), else row i.
+  const int64_t* res_rows = nullptr;
+  const int64_t* out_rows = nullptr;
+
+  int64_t res_row(int64_t i) const { return res_rows == nullptr ? i : res_rows[i]; }
+  int64_t out_row(int64_t i) const { return out_rows == nullptr ? i : out_rows[i]; }
 };
 
 // Rows of the keep-mask buffer are padded to this many bytes, so vector code may read a whole

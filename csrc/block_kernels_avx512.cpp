@@ -295,7 +295,7 @@ template <typename ResTag, typename Out, bool kStream, int kVecs>
 ALWAYS_INLINE void finish_row(const OutputEpilogue<float>& e, int64_t row, int64_t k0, const TileColumns<kVecs>& cols,
                               const __m512 (&acc)[kVecs], const __m512 (&bias)[kVecs], __m512 scale) {
   using Res = typename Storage<ResTag>::type;
-  Out* out = static_cast<Out*>(e.out) + row * e.ld_out + k0;
+  Out* out = static_cast<Out*>(e.out) + e.out_row(row) * e.ld_out + k0;
   for (int v = 0; v < kVecs; ++v) {
     if (cols.m[v] == 0) continue;
     __m512 factor = scale;
@@ -305,7 +305,7 @@ ALWAYS_INLINE void finish_row(const OutputEpilogue<float>& e, int64_t row, int64
     }
     __m512 base = _mm512_setzero_ps();
     if constexpr (!std::is_same_v<ResTag, NoResidual>) {
-      const Res* res = static_cast<const Res*>(e.res) + row * e.ld_res + k0 + v * kLanes;
+      const Res* res = static_cast<const Res*>(e.res) + e.res_row(row) * e.ld_res + k0 + v * kLanes;
       // This row's next tile is due after the block's other rows: request its residual now.
       if (cols.full) _mm_prefetch(reinterpret_cast<const char*>(res + kVecs * kLanes), _MM_HINT_T0);
       base = load_as_float(res, cols.m[v]);

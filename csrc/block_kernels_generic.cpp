@@ -78,9 +78,9 @@ void project_out(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, c
           const acc_t* b = B + j * ldb;
           for (int64_t k = 0; k < K; ++k) u[k] += a * b[k];
         }
-        const Res* res = e.res == nullptr ? nullptr : static_cast<const Res*>(e.res) + i * e.ld_res;
+        const Res* res = e.res == nullptr ? nullptr : static_cast<const Res*>(e.res) + e.res_row(i) * e.ld_res;
         const uint8_t* keep = e.keep == nullptr ? nullptr : e.keep + i * e.ld_keep;
-        epilogue_row(u.data(), K, res, e.bias, e.scale, keep, static_cast<Out*>(e.out) + i * e.ld_out);
+        epilogue_row(u.data(), K, res, e.bias, e.scale, keep, static_cast<Out*>(e.out) + e.out_row(i) * e.ld_out);
       }
     });
   });

@@ -18,6 +18,7 @@
 
 #include "activations.h"
 #include "adapter_common.h"
+#include "dx_epilogue.h"
 #include "grouped_backward.h"
 #include "grouped_rows.h"
 #include "philox.h"
@@ -97,13 +98,8 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
   const bool dropout = op.dropout_p > 0.0;
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const int64_t ld_keep = keep_row_bytes(d);
-  const bool stream = dx.nbytes() >= kStreamOutputBytes;
-
-  OutputEpilogue<acc_t> epilogue;
-  epilogue.res_kind = kind_of(op.grad_y.scalar_type());
-  epilogue.ld_res = d;
-  epilogue.out_kind = kind_of(dx.scalar_type());
-  epilogue.ld_out = d;
+  OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, d, dx);
+  epilogue.out = dx_data;
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
     std::vector<T> gb(kBlockRows * d);
@@ -113,7 +109,6 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
     std::vector<acc_t> da(kBlockRows * r);
     std::vector<acc_t> a(kBlockRows * r);
     std::vector<acc_t> dh(kBlockRows * r);
-    std::vector<T> dxb(kBlockRows * d);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
     for (int64_t gi = first; gi < last; ++gi) {
@@ -172,9 +167,8 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
         kernels.accumulate_outer(m, r, d, dh.data(), r, xb.data(), d, sums.dw_down, d);
 
         e.res = op.residual_is_x ? gb.data() : nullptr;
-        e.out = dxb.data();
+        e.out_rows = rows;
         kernels.project_out(m, r, d, dh.data(), r, w_down + adapter * r * d, d, e);
-        scatter_rows(dxb.data(), rows, m, d, dx_data, stream);
       }
     }
     store_fence();

@@ -3,7 +3,7 @@
 // contiguous rows:
 //   g rows gathered; gz = round(g * keep * s) (db_up sums it unrounded);
 //   da = gz Wu (brgemm, K = d);  dh = da act'(h) (db_down sums it);  a = act(h);
-//   dx = dh Wd (brgemm, K = r) + g, formed in a block scratch and streamed to its rows of dx;
+//   dx = dh Wd (brgemm, K = r) + g, finished straight into its rows of dx (the epilogue's row list);
 //   and per run of up to kSumRows rows of the group, dw_up^T += a^T gz and dw_down += dh^T x
 //   (brgemm, K = the run's rows, the gz and gathered x rows repacked in brgemm's B layout).
 // Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
@@ -13,7 +13,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "dx_epilogue.h"
 #include "grouped_backward.h"
+#include "grouped_brgemm_columns.h"
 #include "philox.h"
 
 namespace adapterfast::cpu::grouped {
@@ -22,22 +24,8 @@ namespace {
 using at::native::cpublas::brgemm;
 using at::native::cpublas::brgemm_release;
 
-// Output columns per brgemm call: a [64, 256] fp32 product (64 KiB) stays in L2 for its epilogue.
-constexpr int64_t kOutCols = 256;
 // Rows per weight-gradient brgemm call (a multiple of kBlockRows).
 constexpr int64_t kSumRows = 4 * kBlockRows;
-
-inline int64_t even(int64_t v) { return v + (v & 1); }
-
-// C[M, d] += A[M, K] B[K, d] in column chunks of kOutCols, B packed with ldb = d.
-template <typename T>
-void accumulate_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const T* A, int64_t lda,
-                           const T* B, float* C) {
-  for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
-    const int64_t nc = std::min(kOutCols, d - n0);
-    brgemm(M, nc, K, lda, d, d, true, A, B + b_column(layout, n0), C + n0, layout == BrgemmLayout::vnni);
-  }
-}
 
 }  // namespace
 
@@ -59,16 +47,11 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
   const int64_t ld_keep = keep_row_bytes(d);
   const BlockKernels<float>& kernels = block_kernels<float>();
 
-  const bool stream = dx.nbytes() >= kStreamOutputBytes;
-  OutputEpilogue<float> epilogue;
-  epilogue.res_kind = kind_of(op.grad_y.scalar_type());
-  epilogue.ld_res = d;
-  epilogue.out_kind = kind_of(dx.scalar_type());
-  epilogue.ld_out = d;
+  OutputEpilogue<float> epilogue = dx_epilogue<float>(op.grad_y, d, dx);
+  epilogue.out = dx_data;
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
     std::vector<T> gb(kBlockRows * d);
-    std::vector<T> dxb(kBlockRows * d);
     std::vector<T> gz(kBlockRows * dp, T(0.0f));
     std::vector<T> xb(kBlockRows * dp, T(0.0f));
     std::vector<T> gz_b(kSumRows * d);  // a run's gz rows as a B operand
@@ -138,13 +121,8 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
         });
 
         e.res = op.residual_is_x ? gb.data() : nullptr;
-        e.out = dxb.data();
-        for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
-          const int64_t nc = std::min(kOutCols, d - n0);
-          brgemm(m, nc, rp, rp, d, nc, false, dh.data(), w_down + b_column(layout, n0), chunk.data(), vnni);
-          avx512::finish_rows(m, nc, chunk.data(), nc, n0, e);
-        }
-        scatter_rows(dxb.data(), rows, m, d, dx_data, stream);
+        e.out_rows = rows;
+        finish_by_columns<T>(layout, m, rp, d, dh.data(), rp, w_down, chunk.data(), e);
 
         rows_as_b<T>(layout, m, d, gz.data(), dp, gz_b.data() + run * d);
         gather_rows<T, T>(op.x, rows, m, ahead, xb.data(), dp);

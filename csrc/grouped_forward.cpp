@@ -4,15 +4,19 @@
 //
 // Rows are counting-sorted by adapter and each adapter's rows cut into blocks of at most
 // kBlockRows rows (grouped_rows.h), so a block runs the single-adapter op's GEMMs with its
-// adapter's weights:
-// - float32 and float64: the block kernels (block_kernels.h) on the block's x rows gathered into
-//   a cache-resident scratch; the output rows are formed in scratch and streamed to their rows of y;
-// - bfloat16 and float16 where brgemm runs (brgemm.h): h = x Wd^T and u = act(h) Wu^T on brgemm
-//   (AMX or AVX512-BF16/FP16), as the single-adapter op's 16-bit driver does, the epilogue (bias,
-//   dropout, scale, residual) applied per column chunk into a block-sized scratch.
+// adapter's weights. One driver (forward_blocks) does a block's work for every dtype; its two
+// GEMMs come from a Gemms policy:
+// - KernelGemms (float32, float64, and 16-bit x where brgemm does not run): the block kernels
+//   (block_kernels.h) on the block's x rows gathered into a cache-resident scratch in acc_t;
+// - BrgemmGemms (bfloat16, float16 where brgemm runs, brgemm.h): h = x Wd^T and u = act(h) Wu^T
+//   on brgemm (AMX or AVX512-BF16/FP16), as the single-adapter op's 16-bit driver does, u in
+//   column chunks that the epilogue finishes.
 // Per row, x is read from memory once and y written once, whatever the order of the rows: the
-// output rows leave the scratch with non-temporal stores (grouped_rows.h, scatter_rows), so a
-// row of y is never read for ownership, which stores into scattered rows could not hide.
+// output epilogue (bias, dropout, scale, residual) reads the residual rows and writes the y rows
+// where they are, through the block's row list (OutputEpilogue::res_rows / out_rows), with
+// non-temporal stores for a large y, so no y row passes through a scratch and no row of y is
+// read for ownership. Only the x rows are gathered (prefetched one block ahead into L2): the
+// GEMMs take them as a dense operand.
 #include "grouped_ops.h"
 
 #include <vector>
@@ -23,6 +27,7 @@
 #include "activations.h"
 #include "adapter_common.h"
 #include "brgemm.h"
+#include "grouped_brgemm_columns.h"
 #include "grouped_rows.h"
 #include "grouped_weights.h"
 #include "philox.h"
@@ -35,11 +40,6 @@ using at::native::cpublas::brgemm;
 using at::native::cpublas::brgemm_release;
 
 constexpr const char* kForward = "adapterfast_cpu::grouped_forward";
-
-// Output columns per brgemm call: a [64, 256] fp32 product (64 KiB) stays in L2 for its epilogue.
-constexpr int64_t kOutCols = 256;
-
-inline int64_t even(int64_t v) { return v + (v & 1); }
 
 struct ForwardOperands {
   Dims dims;
@@ -56,15 +56,86 @@ struct ForwardOperands {
   uint64_t seed;
 };
 
-// The epilogue fields common to all blocks.
-template <typename acc_t>
-OutputEpilogue<acc_t> base_epilogue(const ForwardOperands& op, const at::Tensor& y) {
+// A block's two GEMMs on the block kernels: x rows and a held in acc_t, weights transposed once
+// per call for the adapters used.
+template <typename T, typename acc_t>
+struct KernelGemms {
+  using op_t = acc_t;  // element type of the gathered x rows and of a
+  static constexpr int64_t kChunk = 0;
+  const BlockKernels<acc_t>& kernels;
+  int64_t d, r;
+  const acc_t* w_down_t;  // [A][d, r]
+  const acc_t* w_up_t;    // [A][r, d]
+
+  KernelGemms(const ForwardOperands& op, const std::vector<int64_t>& used)
+      : kernels(block_kernels<acc_t>()),
+        d(op.dims.d),
+        r(op.dims.r),
+        w_down_t(stacked_operand<T, acc_t>(op.w_down, /*transpose=*/true, used, 0)),
+        w_up_t(stacked_operand<T, acc_t>(op.w_up, /*transpose=*/true, used, 1)) {}
+
+  int64_t ld_x() const { return d; }
+  int64_t ld_a() const { return r; }
+  // hb [m, r] = xb Wd[adapter]^T.
+  void down(int64_t m, const acc_t* xb, int64_t adapter, acc_t* hb) const {
+    kernels.project_in(m, r, d, xb, d, w_down_t + adapter * d * r, r, hb, r);
+  }
+  // The epilogue of a Wu[adapter]^T, rows [m, r].
+  void up(int64_t m, const acc_t* a, int64_t adapter, const OutputEpilogue<acc_t>& e, float*) const {
+    kernels.project_out(m, r, d, a, r, w_up_t + adapter * r * d, d, e);
+  }
+  void release() const {}
+};
+
+// A block's two GEMMs on brgemm for 16-bit T: x rows and a in T, padded to even widths (the pad
+// column zero), weights packed once per call for the adapters used.
+template <typename T>
+struct BrgemmGemms {
+  using op_t = T;
+  static constexpr int64_t kChunk = kBlockRows * kOutCols;
+  BrgemmLayout layout;
+  int64_t d, r;
+  const T* w_down_b;  // [A][even(d), r]
+  const T* w_up_b;    // [A][even(r), d]
+
+  BrgemmGemms(const ForwardOperands& op, BrgemmLayout layout, const std::vector<int64_t>& used)
+      : layout(layout),
+        d(op.dims.d),
+        r(op.dims.r),
+        w_down_b(packed_operand<T>(layout, op.w_down, /*transpose=*/true, used, 0)),
+        w_up_b(packed_operand<T>(layout, op.w_up, /*transpose=*/true, used, 1)) {}
+
+  bool vnni() const { return layout == BrgemmLayout::vnni; }
+  int64_t ld_x() const { return even(d); }
+  int64_t ld_a() const { return even(r); }
+  void down(int64_t m, const T* xb, int64_t adapter, float* hb) const {
+    brgemm(m, r, even(d), even(d), r, r, false, xb, w_down_b + adapter * even(d) * r, hb, vnni());
+  }
+  // u = a Wu[adapter]^T per chunk of kOutCols columns into `chunk`, each finished by the epilogue.
+  void up(int64_t m, const T* a, int64_t adapter, const OutputEpilogue<float>& e, float* chunk) const {
+    finish_by_columns<T>(layout, m, even(r), d, a, even(r), w_up_b + adapter * even(r) * d, chunk, e);
+  }
+  void release() const { brgemm_release(vnni()); }
+};
+
+// The epilogue fields common to all blocks: y written in place through the row list, the
+// residual read in place through it (or, without one, the block's gathered x rows).
+template <typename acc_t, typename op_t>
+OutputEpilogue<acc_t> base_epilogue(const ForwardOperands& op, const at::Tensor& y, int64_t ld_x) {
   OutputEpilogue<acc_t> e;
+  e.out = y.data_ptr();
   e.out_kind = kind_of(y.scalar_type());
   e.ld_out = op.dims.d;
   e.ld_keep = keep_row_bytes(op.dims.d);
-  e.ld_res = op.dims.d;
-  if (op.residual) e.res_kind = kind_of(op.residual->scalar_type());
+  e.stream_out = y.nbytes() >= kStreamOutputBytes;
+  if (op.residual) {
+    e.res = op.residual->data_ptr();
+    e.res_kind = kind_of(op.residual->scalar_type());
+    e.ld_res = op.residual->stride(0);
+  } else {
+    e.res_kind = kind_of(c10::CppTypeToScalarType<op_t>::value);
+    e.ld_res = ld_x;
+  }
   return e;
 }
 
@@ -79,33 +150,30 @@ void finish_h(acc_t* hb, const acc_t* bias, const int64_t* rows, int64_t m, int6
   }
 }
 
-template <typename T, typename acc_t>
-void forward_blocks(const ForwardOperands& op, const Segments& seg, at::Tensor& y, at::Tensor& h) {
-  const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
+// Every block of every adapter: x rows gathered, h = x Wd^T + bd (to h), a = act(h) rounded to
+// T, and y = res + s * keep * (a Wu^T + bu) written to the rows' places in y.
+template <typename T, typename acc_t, typename Gemms>
+void forward_blocks(const ForwardOperands& op, const Segments& seg, const Gemms& gemms, at::Tensor& y, at::Tensor& h) {
+  using op_t = typename Gemms::op_t;
   const auto [n, d, r] = op.dims;
-  const std::vector<int64_t> used = seg.used();
-  const acc_t* w_down_t = stacked_operand<T, acc_t>(op.w_down, /*transpose=*/true, used, 0);  // [A, d, r]
-  const acc_t* w_up_t = stacked_operand<T, acc_t>(op.w_up, /*transpose=*/true, used, 1);      // [A, r, d]
   const std::vector<Block> blocks = all_blocks(seg, op.adapters);
   const int64_t sorted_end = seg.offsets.back();
+  const int64_t ld_x = gemms.ld_x();
+  const int64_t ld_a = gemms.ld_a();
   const acc_t* b_down = op.b_down ? op.b_down->data_ptr<acc_t>() : nullptr;
   const acc_t* b_up = op.b_up ? op.b_up->data_ptr<acc_t>() : nullptr;
   acc_t* h_data = h.data_ptr<acc_t>();
-  T* y_data = y.data_ptr<T>();
   const bool dropout = op.dropout_p > 0.0;
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const int64_t ld_keep = keep_row_bytes(d);
-  const int64_t res_bytes = op.residual ? op.residual->element_size() : 0;
-  const bool stream = y.nbytes() >= kStreamOutputBytes;
-  OutputEpilogue<acc_t> epilogue = base_epilogue<acc_t>(op, y);
-  if (!op.residual) epilogue.res_kind = std::is_same_v<acc_t, double> ? Kind::f64 : Kind::f32;
+  const BlockKernels<float>& keep_kernels = block_kernels<float>();
+  const OutputEpilogue<acc_t> epilogue = base_epilogue<acc_t, op_t>(op, y, ld_x);
 
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
-    std::vector<acc_t> xb(kBlockRows * d);
+    std::vector<op_t> xb(kBlockRows * ld_x, op_t(0));
     std::vector<acc_t> hb(kBlockRows * r);
-    std::vector<acc_t> a(kBlockRows * r);
-    std::vector<T> yb(kBlockRows * d);
-    std::vector<char> res(kBlockRows * d * res_bytes);
+    std::vector<op_t> a(kBlockRows * ld_a, op_t(0));
+    std::vector<float> chunk(Gemms::kChunk);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
     for (int64_t b = first; b < last; ++b) {
@@ -113,111 +181,34 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, at::Tensor& 
       const int64_t m = block.end - block.begin;
       const int64_t adapter = block.adapter;
       const int64_t* rows = seg.order.data() + block.begin;
-      const int64_t ahead = sorted_end - block.begin;
 
-      gather_rows<T, acc_t>(op.x, rows, m, ahead, xb.data(), d);
-      kernels.project_in(m, r, d, xb.data(), d, w_down_t + adapter * d * r, r, hb.data(), r);
+      gather_rows<T, op_t>(op.x, rows, m, sorted_end - block.begin, xb.data(), ld_x);
+      gemms.down(m, xb.data(), adapter, hb.data());
       finish_h(hb.data(), b_down != nullptr ? b_down + adapter * r : nullptr, rows, m, r, h_data);
       visit<acc_t>(op.activation, [&](auto f) {
-        for (int64_t idx = 0; idx < m * r; ++idx) a[idx] = round_as<T>(f.value(hb[idx]));
-      });
-
-      if (dropout) {
-        for (int64_t i = 0; i < m; ++i) kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data() + i * ld_keep, ld_keep);
-      }
-      e.keep = dropout ? keep.data() : nullptr;
-      if (op.residual) {
-        gather_bytes(*op.residual, rows, m, ahead, res.data());
-        e.res = res.data();
-      } else {
-        e.res = xb.data();
-      }
-      e.bias = b_up != nullptr ? b_up + adapter * d : nullptr;
-      e.scale = static_cast<acc_t>(op.scales[adapter]);
-      e.out = yb.data();
-      kernels.project_out(m, r, d, a.data(), r, w_up_t + adapter * r * d, d, e);
-      scatter_rows(yb.data(), rows, m, d, y_data, stream);
-    }
-    store_fence();
-  });
-}
-
-// forward_blocks on brgemm for 16-bit T (see the file comment).
-template <typename T>
-void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, const Segments& seg, at::Tensor& y,
-                           at::Tensor& h) {
-  const auto [n, d, r] = op.dims;
-  const int64_t rp = even(r);
-  const int64_t dp = even(d);
-  const bool vnni = layout == BrgemmLayout::vnni;
-  const std::vector<int64_t> used = seg.used();
-  const T* w_down_b = packed_operand<T>(layout, op.w_down, /*transpose=*/true, used, 0);  // [A][dp, r]
-  const T* w_up_b = packed_operand<T>(layout, op.w_up, /*transpose=*/true, used, 1);      // [A][rp, d]
-  const std::vector<Block> blocks = all_blocks(seg, op.adapters);
-  const int64_t sorted_end = seg.offsets.back();
-  const float* b_down = op.b_down ? op.b_down->data_ptr<float>() : nullptr;
-  const float* b_up = op.b_up ? op.b_up->data_ptr<float>() : nullptr;
-  float* h_data = h.data_ptr<float>();
-  T* y_data = y.data_ptr<T>();
-  const bool dropout = op.dropout_p > 0.0;
-  const uint32_t threshold = philox::threshold(op.dropout_p);
-  const int64_t ld_keep = keep_row_bytes(d);
-  const BlockKernels<float>& kernels = block_kernels<float>();
-  const int64_t res_bytes = op.residual ? op.residual->element_size() : 0;
-  const bool stream = y.nbytes() >= kStreamOutputBytes;
-  OutputEpilogue<float> epilogue = base_epilogue<float>(op, y);
-  if (!op.residual) {
-    epilogue.res_kind = kind_of(op.x.scalar_type());
-    epilogue.ld_res = dp;
-  }
-
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
-    std::vector<T> xb(kBlockRows * dp, T(0.0f));
-    std::vector<float> hb(kBlockRows * r);
-    std::vector<T> a(kBlockRows * rp, T(0.0f));
-    std::vector<float> chunk(kBlockRows * kOutCols);
-    std::vector<T> yb(kBlockRows * d);
-    std::vector<char> res(kBlockRows * d * res_bytes);
-    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
-    OutputEpilogue<float> e = epilogue;
-    for (int64_t b = first; b < last; ++b) {
-      const Block& block = blocks[b];
-      const int64_t m = block.end - block.begin;
-      const int64_t adapter = block.adapter;
-      const int64_t* rows = seg.order.data() + block.begin;
-      const int64_t ahead = sorted_end - block.begin;
-
-      gather_rows<T, T>(op.x, rows, m, ahead, xb.data(), dp);
-      brgemm(m, r, dp, dp, r, r, false, xb.data(), w_down_b + adapter * dp * r, hb.data(), vnni);
-      finish_h(hb.data(), b_down != nullptr ? b_down + adapter * r : nullptr, rows, m, r, h_data);
-      visit<float>(op.activation, [&](auto f) {
         for (int64_t i = 0; i < m; ++i) {
-          for (int64_t j = 0; j < r; ++j) a[i * rp + j] = static_cast<T>(f.value(hb[i * r + j]));
+          for (int64_t j = 0; j < r; ++j) a[i * ld_a + j] = static_cast<op_t>(round_as<T>(f.value(hb[i * r + j])));
         }
       });
+
       if (dropout) {
-        for (int64_t i = 0; i < m; ++i) kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data() + i * ld_keep, ld_keep);
+        for (int64_t i = 0; i < m; ++i) {
+          keep_kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data() + i * ld_keep, ld_keep);
+        }
       }
       e.keep = dropout ? keep.data() : nullptr;
       if (op.residual) {
-        gather_bytes(*op.residual, rows, m, ahead, res.data());
-        e.res = res.data();
+        e.res_rows = rows;
       } else {
         e.res = xb.data();
       }
+      e.out_rows = rows;
       e.bias = b_up != nullptr ? b_up + adapter * d : nullptr;
-      e.scale = static_cast<float>(op.scales[adapter]);
-      e.out = yb.data();
-      const T* w_up = w_up_b + adapter * rp * d;
-      for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
-        const int64_t nc = std::min(kOutCols, d - n0);
-        brgemm(m, nc, rp, rp, d, nc, false, a.data(), w_up + b_column(layout, n0), chunk.data(), vnni);
-        avx512::finish_rows(m, nc, chunk.data(), nc, n0, e);
-      }
-      scatter_rows(yb.data(), rows, m, d, y_data, stream);
+      e.scale = static_cast<acc_t>(op.scales[adapter]);
+      gemms.up(m, a.data(), adapter, e, chunk.data());
     }
     store_fence();
-    brgemm_release(vnni);
+    gemms.release();
   });
 }
 
@@ -265,16 +256,17 @@ std::tuple<at::Tensor, at::Tensor> grouped_forward(
   at::Tensor h = at::empty({dims.n, dims.r}, x.options().dtype(acc));
   if (dims.n == 0) return {y, h};
   const BrgemmLayout layout = brgemm_layout(dtype);
+  const std::vector<int64_t> used = seg.used();
   dispatch_dtype(dtype, [&](auto t, auto a) {
     using T = decltype(t);
     using acc_t = decltype(a);
     if constexpr (sizeof(T) == 2) {
       if (layout != BrgemmLayout::none) {
-        forward_blocks_brgemm<T>(op, layout, seg, y, h);
+        forward_blocks<T, acc_t>(op, seg, BrgemmGemms<T>(op, layout, used), y, h);
         return plain_rows<T, acc_t>(op, seg, y, h);
       }
     }
-    forward_blocks<T, acc_t>(op, seg, y, h);
+    forward_blocks<T, acc_t>(op, seg, KernelGemms<T, acc_t>(op, used), y, h);
     plain_rows<T, acc_t>(op, seg, y, h);
   });
   return {y, h};

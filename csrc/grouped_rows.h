@@ -1,8 +1,10 @@
 #pragma once
 // What the grouped forward and backward (grouped_forward.cpp, grouped_backward.cpp) share: the
 // operand checks of the stacked weights, the rows sorted into one segment per adapter and cut
-// into blocks, and the copies of a block's rows between the [N, d] tensors and a block-sized
-// scratch. The adapters' weights as matmul operands: grouped_weights.h.
+// into blocks, and the copies of a block's input rows (x, grad_y) from the [N, d] tensors into
+// a block-sized scratch, the dense operand the GEMMs take. Output rows (y, dx) are not copied:
+// the output epilogue writes them in place through the block's row list (block_kernels.h,
+// OutputEpilogue::out_rows). The adapters' weights as matmul operands: grouped_weights.h.
 //
 // Rows arrive in any order, so a block's rows are scattered over x: each row is copied as one
 // contiguous run, and while row i of a block is copied, row i of the next block is prefetched
@@ -168,30 +170,6 @@ inline void gather_bytes(const at::Tensor& t, const int64_t* order, int64_t m, i
     if (i + kPrefetchAhead < ahead) prefetch_bytes(data + order[i + kPrefetchAhead] * stride_bytes, row_bytes);
     std::memcpy(dst + i * row_bytes, data + order[i] * stride_bytes, row_bytes);
   }
-}
-
-// Writes the dense rows src [m, d] of T to rows order[.] of the contiguous out [n, d]. With
-// `stream`, rows whose bytes are 32-byte aligned are written with non-temporal stores, as the
-// single-adapter op writes its large outputs: no read-for-ownership of the destination lines and
-// no eviction of the block's inputs (the caller issues the fence).
-template <typename T>
-void scatter_rows(const T* src, const int64_t* order, int64_t m, int64_t d, T* out, bool stream) {
-  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
-#if defined(__AVX__)
-  if (stream && bytes % 32 == 0 && reinterpret_cast<uintptr_t>(out) % 32 == 0) {
-    for (int64_t i = 0; i < m; ++i) {
-      const char* s = reinterpret_cast<const char*>(src + i * d);
-      char* o = reinterpret_cast<char*>(out + order[i] * d);
-      for (int64_t k = 0; k < bytes; k += 32) {
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(o + k),
-                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k)));
-      }
-    }
-    return;
-  }
-#endif
-  (void)stream;
-  for (int64_t i = 0; i < m; ++i) std::memcpy(out + order[i] * d, src + i * d, bytes);
 }
 
 // dst = the r values of src, one row of h: written with non-temporal stores when the row is whole
