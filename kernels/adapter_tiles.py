@@ -10,13 +10,15 @@ arithmetic for both, so both paths round and accumulate identically:
   accumulation: the forward's ``h = x Wd^T`` (factor 1) and the backward's ``da = gz Wu`` with
   ``gz = g * mask * s`` (the dropout factor regenerated from the seed);
 - ``output_tile``: one ``[BLOCK_M, BLOCK_D]`` tile of ``y = res + s * mask * (a Wu^T + bu)``;
-- ``dx_tile``: one tile of ``dx = dh Wd (+ g when the residual is x)``.
+- ``dx_tile``: one tile of ``dx = dh Wd (+ g when the residual is x)``;
+- ``weight_grad_step``: one block of rows' share of a column tile of ``dWu^T``, ``dWd`` and ``dbu``.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .activations import activate
 from .philox import branch_factor
 
 
@@ -74,3 +76,25 @@ def dx_tile(dh, cols, rows, row_mask, ranks, rank_mask, d, w_down_ptr, stride_wd
         dx += tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd,
                       mask=tile_mask, other=0.0).to(tl.float32)
     tl.store(dx_ptr + rows[:, None] * d + cols[None, :], dx.to(DOT_DTYPE), mask=tile_mask)
+
+
+@triton.jit
+def weight_grad_step(dw_up_t, dw_down, db_up, rows, row_mask, cols, col_mask, ranks, rank_mask, d, r,
+                     g_ptr, stride_gm, stride_gd, x_ptr, stride_xm, stride_xd, h_ptr, dh_ptr,
+                     scale, key_lo, key_hi, threshold, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The block's rows added to the column tile's sums: ``dWu^T += act(h)^T gz``, ``dWd += dh^T x``,
+    ``dbu += sum gz`` (gz = g * mask * s). Returns them and the block's fp32 dh (for ``dbd``); h and dh
+    are contiguous [*, r] fp32."""
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    hr_mask = row_mask[:, None] & rank_mask[None, :]
+    g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd, mask=tile_mask, other=0.0).to(tl.float32)
+    gz = g * branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=tile_mask, other=0.0)
+    h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
+    a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(DOT_DTYPE)
+    dh32 = tl.load(dh_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
+    dw_up_t = tl.dot(tl.trans(a), gz.to(DOT_DTYPE), dw_up_t, input_precision=INPUT_PRECISION)
+    dw_down = tl.dot(tl.trans(dh32.to(DOT_DTYPE)), x.to(DOT_DTYPE), dw_down, input_precision=INPUT_PRECISION)
+    db_up += tl.sum(gz, axis=0)
+    return dw_up_t, dw_down, db_up, dh32

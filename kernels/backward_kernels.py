@@ -49,10 +49,9 @@ import triton
 import triton.language as tl
 
 from . import config as _config
-from .activations import activate, backprop
-from .adapter_tiles import dx_tile, project_down
+from .activations import backprop
+from .adapter_tiles import dx_tile, project_down, weight_grad_step
 from .launch import Launch, cdiv, dot_precision, dropout_args, in_dtype as _in_dtype
-from .philox import branch_factor
 
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -123,18 +122,10 @@ def adapter_backward_dw_kernel(
     for block in range(0, blocks_per_slice):
         rows = (slice_id * blocks_per_slice + block) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
-        tile_mask = row_mask[:, None] & col_mask[None, :]
-        hr_mask = row_mask[:, None] & rank_mask[None, :]
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd,
-                    mask=tile_mask, other=0.0).to(tl.float32)
-        gz = g * branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=tile_mask, other=0.0)
-        h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
-        a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(DOT_DTYPE)
-        dh = tl.load(dh_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0).to(DOT_DTYPE)
-        dw_up_t = tl.dot(tl.trans(a), gz.to(DOT_DTYPE), dw_up_t, input_precision=INPUT_PRECISION)
-        dw_down = tl.dot(tl.trans(dh), x.to(DOT_DTYPE), dw_down, input_precision=INPUT_PRECISION)
-        db_up += tl.sum(gz, axis=0)
+        dw_up_t, dw_down, db_up, _ = weight_grad_step(
+            dw_up_t, dw_down, db_up, rows, row_mask, cols, col_mask, ranks, rank_mask, d, r, g_ptr, stride_gm,
+            stride_gd, x_ptr, stride_xm, stride_xd, h_ptr, dh_ptr, scale, key_lo, key_hi, threshold,
+            ACTIVATION=ACTIVATION, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION, DOT_DTYPE=DOT_DTYPE)
 
     dw_mask = rank_mask[:, None] & col_mask[None, :]
     tl.store(dw_down_part_ptr + (slice_id * r + ranks[:, None]) * d + cols[None, :], dw_down, mask=dw_mask)
