@@ -124,7 +124,7 @@ def _op_samples():
         res = torch.randn(n, d, dtype=dtype, requires_grad=True) if residual else None
         seed = dropout_rng.new_seed() if dropout else None
         p = 0.3 if dropout else 0.0
-        cases.append((x, wd, bd, wu, bu, res, seed, "gelu" if bias else "relu", 0.7, p))
+        cases.append((x, wd, wu, bd, bu, "gelu" if bias else "relu", 0.7, p, seed, res))
     return cases
 
 
@@ -139,11 +139,11 @@ def test_opcheck_forward(backend, case):
 
 @pytest.mark.parametrize("case", range(7))
 def test_opcheck_backward(backend, case):
-    x, wd, bd, wu, bu, res, seed, act, scale, p = (a.detach() if isinstance(a, torch.Tensor) else a
+    x, wd, wu, bd, bu, act, scale, p, seed, res = (a.detach() if isinstance(a, torch.Tensor) else a
                                                    for a in _op_samples()[case])
-    _, h = torch.ops.adapterfast.forward(x, wd, bd, wu, bu, res, seed, act, scale, p)
+    _, h = torch.ops.adapterfast.forward(x, wd, wu, bd, bu, act, scale, p, seed, res)
     grad_y = torch.randn_like(x)
-    opcheck(torch.ops.adapterfast.backward.default, (grad_y, x, wd, bd, wu, bu, h, seed, res is None, act, scale, p))
+    opcheck(torch.ops.adapterfast.backward.default, (grad_y, x, wd, wu, bd, bu, h, act, scale, p, seed, res is None))
 
 
 def _count_compiles(model, xs, *, mark_dynamic):
