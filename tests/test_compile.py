@@ -71,17 +71,23 @@ def test_fullgraph_aot_eager_matches_eager(backend):
 @pytest.mark.slow
 def test_fullgraph_inductor_matches_eager():
     """Inductor with ``fallback_random`` draws the dropout seed from torch's generator, as eager does."""
-    model = make_model(dropout=0.25, freeze_base=False)
+    _check_inductor_matches_eager("cpu", 1e-5)
+
+
+def _check_inductor_matches_eager(device: str, tol: float) -> None:
+    """A fullgraph-compiled training step with dropout gives eager's output and gradients when inductor
+    draws its seeds as eager does (``fallback_random``)."""
+    model = make_model(dropout=0.25, freeze_base=False).to(device)
     with torch._inductor.config.patch(fallback_random=True):
         compiled = torch.compile(model, fullgraph=True)
-        x, target = _inputs()
+        x, target = (t.to(device) for t in _inputs())
         torch.manual_seed(7)
         y_eager, g_eager = _step(model, x, target)
         torch.manual_seed(7)
         y_comp, g_comp = _step(compiled, x, target)
-    assert rel_err(y_comp, y_eager) < 1e-5
+    assert rel_err(y_comp, y_eager) < tol
     for name in g_eager:
-        assert rel_err(g_comp[name], g_eager[name]) < 1e-5, name
+        assert rel_err(g_comp[name], g_eager[name]) < tol, name
 
 
 @pytest.mark.slow
@@ -211,17 +217,7 @@ def test_fullgraph_inductor_cuda_matches_eager():
     on the GPU; inductor with ``fallback_random`` matches eager."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    model = make_model(dropout=0.25, freeze_base=False).cuda()
-    with torch._inductor.config.patch(fallback_random=True):
-        compiled = torch.compile(model, fullgraph=True)
-        x, target = (t.cuda() for t in _inputs())
-        torch.manual_seed(7)
-        y_eager, g_eager = _step(model, x, target)
-        torch.manual_seed(7)
-        y_comp, g_comp = _step(compiled, x, target)
-    assert rel_err(y_comp, y_eager) < 1e-4
-    for name in g_eager:
-        assert rel_err(g_comp[name], g_eager[name]) < 1e-4, name
+    _check_inductor_matches_eager("cuda", 1e-4)
 
 
 STRIDED_BACKENDS = backend_params()
