@@ -5,6 +5,9 @@ Tiny random BERT and GPT-2 models (no downloads). Adapter parameters are re-draw
 with the library's code (fp32, and fp64 as the yardstick) and after ``accelerate``, under the
 default backend and the reference (and the Triton kernels, in the interpreter or on a GPU, as a
 slow test). A counting spy on the op proves which path ran.
+
+(Past 400 lines on purpose: every test here uses the tiny models, the spy and the library comparison
+defined at the top; the compositions that run on the grouped op are in test_adapterhub_grouped.py.)
 """
 import copy
 import logging

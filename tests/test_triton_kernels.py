@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 
 from adapterfast import dropout, kernels, reference  # noqa: E402
 from adapterfast.activations import ACTIVATIONS  # noqa: E402
-from adapterfast.kernels import activations, config, launch, philox  # noqa: E402
+from adapterfast.kernels import activations, config, philox  # noqa: E402
 from adapterfast.kernels.forward_kernel import adapter_forward_kernel  # noqa: E402
 
 from helpers import assert_matches, rel_err  # noqa: E402
@@ -293,24 +293,6 @@ def test_nan_propagates_as_in_eager(activation):
         assert rel_err(got[finite], want[finite]) < 1e-5
 
 
-def test_tf32_follows_torch_flag_at_launch():
-    previous = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert launch.dot_precision(torch.float32) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert launch.dot_precision(torch.float32) == "tf32"
-        assert launch.dot_precision(torch.float16) == "ieee"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def test_config_table_covers_every_rank():
-    for r in range(1, 257):
-        cfgs = config.choose(1000, r, torch.float16)
-        assert cfgs.forward.block_r in config.R_BUCKETS and cfgs.forward.block_r >= r
-
-
 def _column_major(v):
     out = torch.empty(v.shape[::-1], dtype=v.dtype, device=v.device).t()
     out.copy_(v)
@@ -372,30 +354,6 @@ def test_every_argument_over_strides(case):
                transform=lambda t: _relayout(t, layouts))
 
 
-def test_tf32_flag_read_through_the_new_precision_api():
-    """After ``fp32_precision`` is set, reading the legacy ``allow_tf32`` raises: the launcher must not."""
-    matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
-        pytest.skip("this torch has no fp32_precision API")
-    try:
-        matmul.fp32_precision = "tf32"
-        assert launch.dot_precision(torch.float32) == "tf32"
-        assert launch.dot_precision(torch.bfloat16) == "ieee"
-        check_case(20, 48, 8, torch.float16, "relu")
-        matmul.fp32_precision = "ieee"
-        assert launch.dot_precision(torch.float32) == "ieee"
-        check_case(20, 48, 8, torch.float32, "relu")
-        matmul.fp32_precision = "none"
-        torch.backends.fp32_precision = "tf32"
-        assert launch.dot_precision(torch.float32) == "tf32"
-        torch.backends.fp32_precision = "ieee"
-        assert launch.dot_precision(torch.float32) == "ieee"
-    finally:
-        torch.backends.fp32_precision = "none"
-        matmul.fp32_precision = "none"
-    assert matmul.allow_tf32 in (False, True)
-
-
 @pytest.mark.parametrize("residual", [False, True])
 def test_need_dx_false_skips_dx_and_keeps_the_rest(residual):
     t = make_inputs(37, 90, 12, torch.float32, residual=residual)
@@ -440,35 +398,6 @@ def test_tanh_is_accurate_near_zero_and_saturates(activation):
     if activation == "tanh":
         assert torch.equal(out.cpu()[:120], -out.cpu()[120:240])
         assert out.cpu()[-3:].tolist() == [1.0, -1.0, 1.0]
-
-
-def test_launch_setup_is_cached_per_problem_kind_but_follows_the_tf32_flag():
-    """Config choice and constexprs are computed once per (d, r, dtype, flags); the TF32 flag is read per call."""
-    from adapterfast.kernels import forward_kernel
-
-    t = make_inputs(12, 48, 8, torch.float32)
-    forward_kernel._static.cache_clear()
-    plans = [forward_kernel.plan(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "relu", 1.0, 0.0, None,
-                                 None)[2] for _ in range(3)]
-    assert forward_kernel._static.cache_info().misses == 1 and forward_kernel._static.cache_info().hits == 2
-    assert plans[0].kwargs is plans[2].kwargs and plans[0].args[0] is t["x"]
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        try:
-            matmul.fp32_precision = "tf32"
-            tf32 = forward_kernel.plan(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "relu", 1.0, 0.0,
-                                       None, None)[2]
-        finally:
-            matmul.fp32_precision = "none"
-        assert tf32.kwargs["INPUT_PRECISION"] == "tf32" and plans[0].kwargs["INPUT_PRECISION"] == "ieee"
-
-
-def test_host_overhead_benchmark_runs():
-    from benchmarks import gpu_check_overhead
-
-    figures = gpu_check_overhead.measure(calls=20)
-    assert set(figures) == {"forward_us", "forward_dropout_us", "backward_us"}
-    assert all(0 < v < 1e5 for v in figures.values())
 
 
 def test_fp32_weights_are_rounded_once_exactly_like_16bit_weights():
