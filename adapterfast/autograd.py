@@ -31,7 +31,7 @@ from . import reference
 _is_autocast_on = torch._C._is_any_autocast_enabled
 
 
-def run_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p):
+def run_forward(kernels, x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual):
     """``(y, h)`` from the backend, y contiguous (the layout the custom op's fake kernel promises).
 
     Autocast is off while a backend runs: the torch ops inside one (the reference's
@@ -39,24 +39,24 @@ def run_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activati
     autocast's rules to the inputs."""
     if _is_autocast_on():
         with torch.autocast(x.device.type, enabled=False):
-            y, h = kernels.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+            y, h = kernels.forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual)
     else:
-        y, h = kernels.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+        y, h = kernels.forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual)
     return (y if y.is_contiguous() else y.contiguous()), h
 
 
-def run_backward(kernels, grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale,
-                     dropout_p, seed, need_dx):
+def run_backward(kernels, grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropout_p, seed,
+                 residual_is_x, need_dx):
     if _is_autocast_on():
         with torch.autocast(x.device.type, enabled=False):
-            return kernels.backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale,
-                                    dropout_p, seed, need_dx=need_dx)
-    return kernels.backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale,
-                            dropout_p, seed, need_dx=need_dx)
+            return kernels.backward(grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropout_p, seed,
+                                    residual_is_x, need_dx=need_dx)
+    return kernels.backward(grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropout_p, seed,
+                            residual_is_x, need_dx=need_dx)
 
 
-def tangent(x, w_down, b_down, w_up, b_up, residual_is_x, activation, scale, dropout_p, seed,
-            tx, tw_down, tb_down, tw_up, tb_up, tres):
+def tangent(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual_is_x,
+            tx, tw_down, tw_up, tb_down, tb_up, tres):
     """The forward-mode derivative ``y'`` of the op (module docstring), in x's dtype."""
     acc = reference.accumulation_dtype(x.dtype)
 
@@ -92,17 +92,16 @@ class FusedAdapter(torch.autograd.Function):
     """The op on 2-D inputs for eager calls; ``kernels`` is a ``dispatch.Kernels``, ``seed`` an int."""
 
     @staticmethod
-    def forward(ctx, x, w_down, b_down, w_up, b_up, residual, kernels, seed, activation, scale, dropout_p):
+    def forward(ctx, x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual, kernels):
         if _is_autocast_on():
-            y, h = run_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale,
-                                   dropout_p)
+            y, h = run_forward(kernels, x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual)
         else:
-            y, h = kernels.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+            y, h = kernels.forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual)
             if not y.is_contiguous():
                 y = y.contiguous()
-        ctx.save_for_backward(x, w_down, b_down, w_up, b_up, h)
+        ctx.save_for_backward(x, w_down, w_up, b_down, b_up, h)
         if _forward_ad._current_level >= 0:
-            ctx.save_for_forward(x, w_down, b_down, w_up, b_up, h)
+            ctx.save_for_forward(x, w_down, w_up, b_down, b_up, h)
         ctx.kernels, ctx.seed, ctx.residual_is_x = kernels, seed, residual is None
         ctx.activation, ctx.scale, ctx.dropout_p = activation, scale, dropout_p
         ctx.mark_non_differentiable(h)
@@ -110,21 +109,21 @@ class FusedAdapter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_h):
-        x, w_down, b_down, w_up, b_up, h = ctx.saved_tensors
+        x, w_down, w_up, b_down, b_up, h = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dw_down, db_down, dw_up, db_up = run_backward(
-            ctx.kernels, grad_y, x, w_down, b_down, w_up, b_up, h, ctx.residual_is_x, ctx.activation, ctx.scale,
-            ctx.dropout_p, ctx.seed, need[0],
+            ctx.kernels, grad_y, x, w_down, w_up, b_down, b_up, h, ctx.activation, ctx.scale, ctx.dropout_p,
+            ctx.seed, ctx.residual_is_x, need[0],
         )
-        return (dx if need[0] else None, dw_down if need[1] else None, db_down if need[2] else None,
-                dw_up if need[3] else None, db_up if need[4] else None, grad_y if need[5] else None,
-                None, None, None, None, None)
+        return (dx if need[0] else None, dw_down if need[1] else None, dw_up if need[2] else None,
+                db_down if need[3] else None, db_up if need[4] else None, None, None, None, None,
+                grad_y if need[9] else None, None)
 
     @staticmethod
-    def jvp(ctx, tx, tw_down, tb_down, tw_up, tb_up, tres, *_):
-        x, w_down, b_down, w_up, b_up, _ = ctx.saved_tensors
-        ty = tangent(x, w_down, b_down, w_up, b_up, ctx.residual_is_x, ctx.activation, ctx.scale, ctx.dropout_p,
-                     ctx.seed, tx, tw_down, tb_down, tw_up, tb_up, tres)
+    def jvp(ctx, tx, tw_down, tw_up, tb_down, tb_up, _t_activation, _t_scale, _t_dropout_p, _t_seed, tres, _t_kernels):
+        x, w_down, w_up, b_down, b_up, _ = ctx.saved_tensors
+        ty = tangent(x, w_down, w_up, b_down, b_up, ctx.activation, ctx.scale, ctx.dropout_p, ctx.seed,
+                     ctx.residual_is_x, tx, tw_down, tw_up, tb_down, tb_up, tres)
         return ty, None
 
 

@@ -165,10 +165,10 @@ def _launch(variant: Variant):
     launch.tf32_allowed = lambda: variant.tf32
     try:
         if variant.kernel == "forward":
-            return forward_kernel.plan(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None,
-                                       variant.activation, 0.5, p, seed)[2]
-        launches = backward_kernels.plan(t["g"], t["x"], t["w_down"], t["w_up"], t["h"], variant.residual_is_x,
-                                         variant.activation, 0.5, p, seed)[3]
+            return forward_kernel.plan(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], variant.activation,
+                                       0.5, p, seed, None)[2]
+        launches = backward_kernels.plan(t["g"], t["x"], t["w_down"], t["w_up"], t["h"], variant.activation, 0.5, p,
+                                         seed, variant.residual_is_x)[3]
         return launches[KERNELS.index(variant.kernel) - 1]
     finally:
         launch.tf32_allowed = previous

@@ -90,30 +90,31 @@ def _seed(seed, dropout_p: float) -> int:
     return 0 if dropout_p == 0.0 or seed is None else int(seed)
 
 
-def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+def forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual):
     """Returns ``(y, h)``: ``y`` ``[N, d]`` in x's dtype and the pre-activation ``h`` ``[N, r]``
     in fp32 (float64 for float64 x)."""
     _require()
     _check_dtype(x)
     return torch.ops.adapterfast_cpu.forward(
-        x, w_down, b_down, w_up, b_up, residual, activation, float(scale), float(dropout_p), _seed(seed, dropout_p)
+        x, w_down, w_up, b_down, b_up, activation, float(scale), float(dropout_p), _seed(seed, dropout_p), residual
     )
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed, *, need_dx=True):
+def backward(grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropout_p, seed, residual_is_x, *,
+             need_dx=True):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; weight and bias gradients in the weights' dtypes."""
     _require()
     _check_dtype(x)
     return torch.ops.adapterfast_cpu.backward(
-        grad_y, x, w_down, b_down, w_up, b_up, h, bool(residual_is_x), activation, float(scale),
-        float(dropout_p), _seed(seed, dropout_p),
+        grad_y, x, w_down, w_up, b_down, b_up, h, activation, float(scale), float(dropout_p),
+        _seed(seed, dropout_p), bool(residual_is_x),
     )
 
 
 
-def _registered_backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed,
+def _registered_backward(grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropout_p, seed, residual_is_x,
                          *, need_dx=True):
-    return _op_backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed)
+    return _op_backward(grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropout_p, seed, residual_is_x)
 
 
 # Registration: the backend is selectable by name once imported. dispatch only selects it for the

@@ -41,7 +41,7 @@ class Kernels:
     """A backend's two functions, with the dtypes of x it runs and why it cannot run, if so.
 
     ``differentiable``, where a backend has one, is the op with its derivative in one native
-    autograd node, ``(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+    autograd node, ``(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual)
     -> y``: what an eager call with autograd recording runs instead of ``autograd.FusedAdapter``
     around ``forward``/``backward`` (same results, bitwise; no Python in the backward)."""
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 import torch.autograd.forward_ad as _forward_ad
 
-from . import activations, autograd, dispatch, ops, transforms
+from . import activations, autograd, checks, dispatch, ops, transforms
 from . import dropout as dropout_rng
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -37,30 +37,30 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _any_autocast = torch._C._is_any_autocast_enabled
 
 
-def _run(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p) -> Tensor:
+def _run(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual) -> Tensor:
     """The op on 2-D inputs; ``seed`` is None or a 0-dim int64 CPU tensor."""
     if _is_compiling() or (type(x) is not Tensor and _sharded(x)) or x.is_meta:
-        y, _ = ops.adapter_forward(x, w_down, b_down, w_up, b_up, residual, seed, activation, scale, dropout_p)
+        y, _ = ops.adapter_forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual)
         return y
     name = dispatch.select(x, w_down.shape[0])
     if _functorch_active():
-        y, _ = transforms.FusedAdapterFunc.apply(x, w_down, b_down, w_up, b_up, residual, name, seed, activation,
-                                                 scale, dropout_p)
+        y, _ = transforms.FusedAdapterFunc.apply(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed,
+                                                 residual, name)
         return y
     kernels = dispatch.kernels(name)
     seed = 0 if seed is None else int(seed)
     if torch.is_grad_enabled() or _forward_ad._current_level >= 0:
         if kernels.differentiable is not None and _forward_ad._current_level < 0 and not _any_autocast():
-            return kernels.differentiable(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
-        y, _ = autograd.apply_fast(x, w_down, b_down, w_up, b_up, residual, kernels, seed, activation, scale,
-                                   dropout_p)
+            return kernels.differentiable(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual)
+        y, _ = autograd.apply_fast(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual,
+                                   kernels)
     else:
-        y, _ = autograd.run_forward(kernels, x, w_down, b_down, w_up, b_up, residual, seed, activation, scale,
-                                     dropout_p)
+        y, _ = autograd.run_forward(kernels, x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed,
+                                    residual)
     return y
 
 
-def _common_case(x, w_down, w_up, b_down, b_up, residual, scale, p, autocast) -> bool:
+def _common_case(x, w_down, w_up, b_down, b_up, scale, p, residual, autocast) -> bool:
     """True when the inputs are plainly valid (the common case), checked in a few attribute reads;
     False sends them to ``_validate``, which names what is wrong or accepts a rarer valid form."""
     if type(x) not in _PLAIN or type(w_down) not in _PLAIN or type(w_up) not in _PLAIN:
@@ -113,26 +113,10 @@ def _sharded(t) -> bool:
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
-def _describe(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
-
-
-def _check_tensor(name: str, t, *, optional: bool = False) -> None:
-    if t is None and optional:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _validate(x, w_down, w_up, b_down, b_up, residual, scale, p, *, autocast: bool = False) -> None:
-    for name, t, optional in (("x", x, False), ("down_weight", w_down, False), ("up_weight", w_up, False),
-                              ("down_bias", b_down, True), ("up_bias", b_up, True), ("residual", residual, True)):
-        _check_tensor(name, t, optional=optional)
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x must have a last (feature) dimension of size >= 1, got shape {tuple(x.shape)}")
-    d = x.shape[-1]
+def _validate(x, w_down, w_up, b_down, b_up, scale, p, residual, *, autocast: bool = False) -> None:
+    checks.check_floats((("x", x, False), ("down_weight", w_down, False), ("up_weight", w_up, False),
+                         ("down_bias", b_down, True), ("up_bias", b_up, True), ("residual", residual, True)))
+    d = checks.check_features(x)
     if (w_down.dim() == 2 and w_up.dim() == 2 and w_down.shape[1] != d and w_down.shape[0] >= 1
             and tuple(w_up.shape) == (w_down.shape[1], w_down.shape[0])):
         raise ValueError(f"x's last dimension {d} does not match the adapter's d_model {w_down.shape[1]} "
@@ -147,11 +131,7 @@ def _validate(x, w_down, w_up, b_down, b_up, residual, scale, p, *, autocast: bo
         raise ValueError(f"down_bias must have shape [{r}], got {tuple(b_down.shape)}")
     if b_up is not None and tuple(b_up.shape) != (d,):
         raise ValueError(f"up_bias must have shape [{d}], got {tuple(b_up.shape)}")
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype and not autocast:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    checks.check_residual(x, residual, any_dtype=autocast)
     sharded = [name for name, t in (("down_weight", w_down), ("up_weight", w_up), ("down_bias", b_down),
                                     ("up_bias", b_up)) if _sharded(t)]
     if sharded and not _sharded(x):
@@ -159,15 +139,11 @@ def _validate(x, w_down, w_up, b_down, b_up, residual, scale, p, *, autocast: bo
                         "e.g. by FSDP2's fully_shard) but x is a plain tensor. With FSDP2, fully_shard the "
                         "Adapter or a module above it, not its down/up nn.Linear layers: their forward never "
                         "runs, so FSDP never gathers their weights")
-    for name, t in (("down_weight", w_down), ("up_weight", w_up), ("down_bias", b_down),
-                    ("up_bias", b_up), ("residual", residual)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: "
-                             f"x {_describe(x)}, {name} {_describe(t)}")
+    checks.check_devices(x, (("down_weight", w_down), ("up_weight", w_up), ("down_bias", b_down),
+                             ("up_bias", b_up), ("residual", residual)))
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    checks.check_dropout(p)
     _check_dtypes(x, w_down, w_up, b_down, b_up, autocast)
 
 
@@ -228,8 +204,8 @@ def fused_adapter(
 def fused(x, down_weight, up_weight, down_bias, up_bias, activation, scale, dropout, training, residual) -> Tensor:
     """``fused_adapter`` with positional arguments (what ``Adapter.forward`` calls)."""
     autocast = _any_autocast() and _autocast_enabled(x)
-    if not _common_case(x, down_weight, up_weight, down_bias, up_bias, residual, scale, dropout, autocast):
-        _validate(x, down_weight, up_weight, down_bias, up_bias, residual, scale, dropout, autocast=autocast)
+    if not _common_case(x, down_weight, up_weight, down_bias, up_bias, scale, dropout, residual, autocast):
+        _validate(x, down_weight, up_weight, down_bias, up_bias, scale, dropout, residual, autocast=autocast)
     if type(activation) is not str or activation not in _CANONICAL:
         activation = activations.canonical(activation)
     if training is not True and training is not False:
@@ -251,15 +227,14 @@ def fused(x, down_weight, up_weight, down_bias, up_bias, activation, scale, drop
         res = x if residual is None else residual
         if res.dtype != x_amp.dtype:
             branch = _run(
-                x_amp.reshape(-1, d), down_weight, down_bias, up_weight, up_bias,
+                x_amp.reshape(-1, d), down_weight, up_weight, down_bias, up_bias, activation, float(scale), p, seed,
                 torch.zeros((x_amp.numel() // d, d), dtype=x_amp.dtype, device=x_amp.device),
-                seed, activation, float(scale), p,
             )
             return res + branch.view(shape)
         x = x_amp
     if x.dim() == 2:
-        return _run(x, down_weight, down_bias, up_weight, up_bias, residual, seed, activation, float(scale), p)
+        return _run(x, down_weight, up_weight, down_bias, up_bias, activation, float(scale), p, seed, residual)
     shape = x.shape
-    y = _run(x.reshape(-1, d), down_weight, down_bias, up_weight, up_bias,
-             None if residual is None else residual.reshape(-1, d), seed, activation, float(scale), p)
+    y = _run(x.reshape(-1, d), down_weight, up_weight, down_bias, up_bias, activation, float(scale), p, seed,
+             None if residual is None else residual.reshape(-1, d))
     return y.view(shape)

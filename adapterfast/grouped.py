@@ -14,30 +14,14 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import activations, grouped_ops
+from . import activations, checks, grouped_ops
 from . import dropout as dropout_rng
 
 
-def _describe(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
-
-
-def _check_float(name: str, t, *, optional: bool = False) -> None:
-    if t is None and optional:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _validate(x, w_down, w_up, b_down, b_up, adapter_index, residual, p) -> None:
-    for name, t, optional in (("x", x, False), ("down_weight", w_down, False), ("up_weight", w_up, False),
-                              ("down_bias", b_down, True), ("up_bias", b_up, True), ("residual", residual, True)):
-        _check_float(name, t, optional=optional)
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x must have a last (feature) dimension of size >= 1, got shape {tuple(x.shape)}")
-    d = x.shape[-1]
+def _validate(x, adapter_index, w_down, w_up, b_down, b_up, p, residual) -> None:
+    checks.check_floats((("x", x, False), ("down_weight", w_down, False), ("up_weight", w_up, False),
+                         ("down_bias", b_down, True), ("up_bias", b_up, True), ("residual", residual, True)))
+    d = checks.check_features(x)
     if w_down.dim() != 3 or w_down.shape[0] < 1 or w_down.shape[1] < 1 or w_down.shape[2] != d:
         raise ValueError(f"down_weight must have shape [A, r, d] = [A, r, {d}] with A, r >= 1, got "
                          f"{tuple(w_down.shape)}")
@@ -55,18 +39,10 @@ def _validate(x, w_down, w_up, b_down, b_up, adapter_index, residual, p) -> None
     if tuple(adapter_index.shape) not in (tuple(x.shape[:-1]), (x.numel() // d,)):
         raise ValueError(f"adapter_index must have x's leading shape {tuple(x.shape[:-1])} (one adapter per row), "
                          f"got {tuple(adapter_index.shape)}")
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-    for name, t in (("down_weight", w_down), ("up_weight", w_up), ("down_bias", b_down), ("up_bias", b_up),
-                    ("adapter_index", adapter_index), ("residual", residual)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: x {_describe(x)}, "
-                             f"{name} {_describe(t)}")
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    checks.check_residual(x, residual)
+    checks.check_devices(x, (("down_weight", w_down), ("up_weight", w_up), ("down_bias", b_down), ("up_bias", b_up),
+                             ("adapter_index", adapter_index), ("residual", residual)))
+    checks.check_dropout(p)
 
 
 def scales_tensor(scale, adapters: int, device) -> Tensor:
@@ -110,7 +86,7 @@ def grouped_adapter(
     one number per adapter, or an ``[A]`` tensor (constants). Dropout is ``fused_adapter``'s mask
     for the whole batch, applied only when ``training``. Gradients reach only the adapters used.
     """
-    _validate(x, down_weight, up_weight, down_bias, up_bias, adapter_index, residual, dropout)
+    _validate(x, adapter_index, down_weight, up_weight, down_bias, up_bias, dropout, residual)
     activation = activations.canonical(activation)
     A = down_weight.shape[0]
     scales = scales_tensor(scale, A, x.device)
@@ -125,13 +101,13 @@ def grouped_adapter(
         # to the residual in the residual's own dtype, as eager ``x + up(act(down(x)))`` would.
         x_amp = x.to(torch.get_autocast_dtype(x.device.type)).reshape(-1, d)
         branch, _ = grouped_ops.grouped_forward(
-            x_amp, down_weight, down_bias, up_weight, up_bias, scales, index, torch.zeros_like(x_amp), seed,
-            activation, p,
+            x_amp, index, down_weight, up_weight, down_bias, up_bias, activation, scales, p, seed,
+            torch.zeros_like(x_amp),
         )
         return (x if residual is None else residual) + branch.view(shape)
     y, _ = grouped_ops.grouped_forward(
-        x.reshape(-1, d), down_weight, down_bias, up_weight, up_bias, scales, index,
-        None if residual is None else residual.reshape(-1, d), seed, activation, p,
+        x.reshape(-1, d), index, down_weight, up_weight, down_bias, up_bias, activation, scales, p, seed,
+        None if residual is None else residual.reshape(-1, d),
     )
     return y.view(shape)
 

@@ -48,8 +48,8 @@ def launches(dtype: torch.dtype, r: int, dropout: bool = True) -> list:
         scales = torch.ones(adapters, dtype=torch.float64)
         index = torch.randint(-1, adapters, (n,))
         p, seed = (0.1, 1234) if dropout else (0.0, None)
-        grouped.forward(x, w_down, b_down, w_up, b_up, scales, index, None, "gelu", p, seed)
-        grouped.backward(x, x, w_down, b_down, w_up, b_up, scales, index, torch.zeros(n, r), True, "gelu", p, seed)
+        grouped.forward(x, index, w_down, w_up, b_down, b_up, "gelu", scales, p, seed, None)
+        grouped.backward(x, x, index, w_down, w_up, b_down, b_up, torch.zeros(n, r), "gelu", scales, p, seed, True)
     finally:
         for name, kernel in originals.items():
             setattr(grouped, name, kernel)

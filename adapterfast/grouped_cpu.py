@@ -15,22 +15,22 @@ import torch
 from .cpu import _check_dtype, _require, _seed
 
 
-def forward(x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, activation, dropout_p, seed):
+def forward(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, dropout_p, seed, residual):
     """Returns ``(y, h)`` (see ``adapterfast.grouped_reference.forward``)."""
     _require()
     _check_dtype(x)
     return torch.ops.adapterfast_cpu.grouped_forward(
-        x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, activation, float(dropout_p),
-        _seed(seed, dropout_p),
+        x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, float(dropout_p), _seed(seed, dropout_p),
+        residual,
     )
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, scales, adapter_index, h, residual_is_x, activation,
-             dropout_p, seed):
+def backward(grad_y, x, adapter_index, w_down, w_up, b_down, b_up, h, activation, scales, dropout_p, seed,
+             residual_is_x):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``, stacked per adapter; unused adapters get zeros."""
     _require()
     _check_dtype(x)
     return torch.ops.adapterfast_cpu.grouped_backward(
-        grad_y, x, w_down, b_down, w_up, b_up, scales, adapter_index, h, bool(residual_is_x), activation,
-        float(dropout_p), _seed(seed, dropout_p),
+        grad_y, x, adapter_index, w_down, w_up, b_down, b_up, h, activation, scales, float(dropout_p),
+        _seed(seed, dropout_p), bool(residual_is_x),
     )

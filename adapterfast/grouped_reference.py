@@ -59,7 +59,7 @@ def _groups(adapter_index: torch.Tensor, adapters: int):
             yield a, torch.nonzero(adapter_index == a).flatten()
 
 
-def forward(x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, activation, dropout_p, seed):
+def forward(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, dropout_p, seed, residual):
     """Returns ``(y, h)``: ``y`` ``[N, d]`` in x's dtype and ``h`` ``[N, r]`` in fp32 (float64 for float64)."""
     dtype = x.dtype
     acc = accumulation_dtype(dtype)
@@ -81,8 +81,8 @@ def forward(x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, acti
     return y.to(dtype), h
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, scales, adapter_index, h, residual_is_x, activation,
-             dropout_p, seed):
+def backward(grad_y, x, adapter_index, w_down, w_up, b_down, b_up, h, activation, scales, dropout_p, seed,
+             residual_is_x):
     """Returns ``(dx, dw_down [A, r, d], db_down [A, r], dw_up [A, d, r], db_up [A, d])``.
 
     Per adapter ``a`` over its rows, with ``m`` the kept-mask, ``s = scales[a] / (1 - p)``:

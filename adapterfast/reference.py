@@ -129,7 +129,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return torch.matmul(a.to(dtype).to(acc), b.to(dtype).to(acc))
 
 
-def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+def forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual):
     """Returns ``(y, h)``: ``y`` ``[N, d]`` in x's dtype and the pre-activation ``h`` ``[N, r]`` in fp32.
 
     Both are contiguous whatever the inputs' strides (an expanded x, a transposed residual), as the
@@ -149,7 +149,8 @@ def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_
     return y.to(dtype).contiguous(), h.contiguous()
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed, *, need_dx=True):
+def backward(grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropout_p, seed, residual_is_x, *,
+             need_dx=True):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``.
 
     With ``m`` the kept-mask and ``s = scale / (1 - p)``, ``a = act(h)``:

@@ -45,7 +45,7 @@ torch.manual_seed(0)
 x, g = torch.randn(n, d).to(dt), torch.randn(n, d).to(dt)
 wd, wu = torch.randn(r, d) / d**0.5, torch.randn(d, r) / r**0.5
 bd, bu = torch.zeros(r), torch.zeros(d)
-_, h = cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
+_, h = cpu.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.0, 0, None)
 if path == "eager":
     F = torch.nn.functional
     leaves = [t.to(dt).requires_grad_() for t in (x, wd, bd, wu, bu)]
@@ -54,8 +54,8 @@ if path == "eager":
     bwd = lambda: torch.autograd.grad(y_eager, leaves, g, retain_graph=True)
     out = {"kernel": "eager"}
 else:
-    fwd = lambda: cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
-    bwd = lambda: cpu.backward(g, x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.0, 0)
+    fwd = lambda: cpu.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.0, 0, None)
+    bwd = lambda: cpu.backward(g, x, wd, wu, bd, bu, h, "relu", 1.0, 0.0, 0, True)
     out = {"kernel": cpu.kernel_isa(dt)}
 def least_thread_time(f):
     f()

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn as nn
 
-from . import machine, memory, results
+from . import cli, machine, memory, results
 from .providers import LABELS, PROVIDER_ERRORS, EagerAdapter
 from .shapes import DTYPES, DTYPE_NAMES
 from .timing import make_timer, summarize
@@ -65,12 +65,12 @@ def build(provider: str, layers: nn.ModuleList, d: int, r: int, dtype, device, s
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.e2e",
-        description="One adapter-training step of a BERT-base-sized encoder with adapters: tokens/s, "
-                    "eager vs adapterfast.")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true")
+    parser = cli.parser(
+        "python -m benchmarks.e2e",
+        "One adapter-training step of a BERT-base-sized encoder with adapters: tokens/s, eager vs adapterfast.",
+        quick="fewer layers, a smaller batch and shorter measurements",
+        rounds="interleaved rounds (default 2 quick / 3)",
+        min_run_time="seconds of timed steps per provider per round")
     parser.add_argument("--layers", type=int, help="encoder layers (default 2 quick / 12)")
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--heads", type=int, help="attention heads (default d_model / 64)")
@@ -79,11 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--r", type=int, default=64, help="adapter bottleneck size")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (default fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--providers", default="eager,adapterfast", help=f"comma list from {', '.join(E2E_PROVIDERS)}")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 2 quick / 3)")
-    parser.add_argument("--min-run-time", type=float, help="seconds of timed steps per provider per round")
     parser.add_argument("--out", default=results.DEFAULT_DIR)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     args.layers = args.layers or (2 if args.quick else 12)
@@ -93,10 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtype = DTYPE_NAMES[DTYPES[args.dtype or ("bf16" if cuda else "fp32")]]
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.min_run_time = args.min_run_time or ((0.3 if cuda else 1.0) if args.quick else (1.0 if cuda else 3.0))
-    args.providers = [p for p in args.providers.replace(" ", "").split(",") if p]
-    unknown = [p for p in args.providers if p not in E2E_PROVIDERS]
-    if unknown:
-        parser.error(f"unknown provider(s) {unknown}; choose from {', '.join(E2E_PROVIDERS)}")
+    args.providers = cli.names(parser, args.providers, E2E_PROVIDERS)
     return args
 
 

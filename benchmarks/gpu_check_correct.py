@@ -48,9 +48,9 @@ def inputs(n, d, r, dtype, *, seed=0):
 def _run(t, p, seed, activation="gelu"):
     from adapterfast import kernels
 
-    y, h = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, activation, 0.5, p, seed)
-    grads = kernels.backward(t["grad"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], h, True,
-                             activation, 0.5, p, seed)
+    y, h = kernels.forward(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], activation, 0.5, p, seed, None)
+    grads = kernels.backward(t["grad"], t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], h, activation, 0.5,
+                             p, seed, True)
     return y, h, grads
 
 
@@ -58,10 +58,10 @@ def _reference(t, p, seed, activation="gelu"):
     from adapterfast import reference
 
     d64 = {k: v.double() for k, v in t.items()}
-    y, h = reference.forward(d64["x"], d64["w_down"], d64["b_down"], d64["w_up"], d64["b_up"], None, activation,
-                             0.5, p, seed)
-    grads = reference.backward(d64["grad"], d64["x"], d64["w_down"], d64["b_down"], d64["w_up"], d64["b_up"], h,
-                               True, activation, 0.5, p, seed)
+    y, h = reference.forward(d64["x"], d64["w_down"], d64["w_up"], d64["b_down"], d64["b_up"], activation, 0.5, p,
+                             seed, None)
+    grads = reference.backward(d64["grad"], d64["x"], d64["w_down"], d64["w_up"], d64["b_down"], d64["b_up"], h,
+                               activation, 0.5, p, seed, True)
     return y, h, grads
 
 
@@ -91,7 +91,7 @@ def dropout_mask(n, d, r) -> None:
     t["w_up"].zero_()
     t["b_up"].fill_(1.0)
     zero = torch.zeros_like(t["x"])
-    y, _ = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], zero, "relu", 1.0, p, SEED)
+    y, _ = kernels.forward(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "relu", 1.0, p, SEED, zero)
     keep = dropout.keep_mask(SEED, p, n, d, device=device())
     record(STEP, name="dropout_mask", shape=f"{n}x{d}", ok=bool(torch.equal(y != 0, keep)),
            keep_rate=float(keep.float().mean()), mismatches=int((((y != 0) != keep)).sum()))
@@ -107,7 +107,7 @@ def huge() -> None:
     x = torch.randn(n, d, generator=g, device=device(), dtype=dtype)
     wd = (torch.randn(r, d, generator=g, device=device()) * d**-0.5).to(dtype)
     wu = (torch.randn(d, r, generator=g, device=device()) * r**-0.5).to(dtype)
-    y, _ = kernels.forward(x, wd, None, wu, None, None, "relu", 1.0, 0.0, None)
+    y, _ = kernels.forward(x, wd, wu, None, None, "relu", 1.0, 0.0, None, None)
     boundary = min(n - 2, (2**31) // d)
     rows = torch.tensor([0, 1, boundary - 1, boundary, boundary + 1, n - 1], device=device())
     xs = x[rows].double()

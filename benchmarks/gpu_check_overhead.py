@@ -45,11 +45,11 @@ def measure(calls: int = 2000) -> dict:
     launch.Launch.__call__ = lambda self: None
     try:
         results = {
-            "forward_us": per_call_us(lambda: kernels.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.0, None), calls),
+            "forward_us": per_call_us(lambda: kernels.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.0, None, None), calls),
             "forward_dropout_us": per_call_us(
-                lambda: kernels.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.1, 1234), calls),
+                lambda: kernels.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.1, 1234, None), calls),
             "backward_us": per_call_us(
-                lambda: kernels.backward(g, x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.0, None), calls),
+                lambda: kernels.backward(g, x, wd, wu, bd, bu, h, "relu", 1.0, 0.0, None, True), calls),
         }
     finally:
         launch.Launch.__call__ = original

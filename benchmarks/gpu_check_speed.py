@@ -67,10 +67,10 @@ def _launches(t, p, activation="relu"):
     from adapterfast.kernels import backward_kernels, forward_kernel
 
     seed = SEED if p > 0 else None
-    _, h, fwd = forward_kernel.plan(t["x"], t["w_down"], None, t["w_up"], None, None, activation, 1.0, p, seed)
+    _, h, fwd = forward_kernel.plan(t["x"], t["w_down"], t["w_up"], None, None, activation, 1.0, p, seed, None)
     fwd()
-    _, dh, parts, (dx, dw) = backward_kernels.plan(t["g"], t["x"], t["w_down"], t["w_up"], h, True, activation,
-                                                   1.0, p, seed)
+    _, dh, parts, (dx, dw) = backward_kernels.plan(t["g"], t["x"], t["w_down"], t["w_up"], h, activation, 1.0, p,
+                                                   seed, True)
 
     def reduce():
         return [part.sum(0) for part in parts] + [dh.sum(0)]

@@ -94,6 +94,17 @@ def _legend(axes) -> dict:
     return dict(sorted(handles.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 
+def _save(plt, fig, axes, title: str, path: str, rect=(0, 0.05, 1, 0.95)) -> str:
+    """Adds the shared legend (below the panels) and the title, lays the panels out in ``rect``, writes ``path``."""
+    handles = _legend(axes)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def plot_speedup(rows, path: str) -> str:
     plt = _plt()
     table = _index(rows)
@@ -114,13 +125,7 @@ def plot_speedup(rows, path: str) -> str:
         _hbars(axes[1][col], labels, vs_compile, "speedup over torch.compile (×)", ref=1.0,
                target=2.0 if cpu and pass_ == "full" else None)
         axes[1][col].set_title(f"{PASS_TITLES[pass_]}: vs torch.compile", fontsize=9)
-    handles = _legend(axes)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(_title(rows, "Bottleneck adapter op, speedup"), fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, axes, _title(rows, "Bottleneck adapter op, speedup"), path, (0, 0.04, 1, 0.97))
 
 
 def plot_memory(rows, path: str) -> str:
@@ -138,14 +143,8 @@ def plot_memory(rows, path: str) -> str:
         series = {p: [(table[s].get((p, pass_), {}).get(field) or 0) / mib or None for s in labels] for p in present}
         _hbars(ax, labels, series, "MiB (lower is better)")
         ax.set_title(title, fontsize=9)
-    handles = _legend(axes)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     method = rows[0].get("mem_method", "")
-    fig.suptitle(_title(rows, f"Memory, measured with {method}"), fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, axes, _title(rows, f"Memory, measured with {method}"), path)
 
 
 def plot_floor(rows, path: str) -> str:
@@ -161,14 +160,9 @@ def plot_floor(rows, path: str) -> str:
                       for s in labels] for p in present}
         _hbars(ax, labels, series, "% of the bandwidth floor (100% = moves only the bytes it must)", ref=100.0)
         ax.set_title(PASS_TITLES[pass_], fontsize=9)
-    handles = _legend(axes)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     bw = rows[0].get("copy_bw_gbs")
-    fig.suptitle(_title(rows, f"Fraction of the bandwidth floor (copy bandwidth {bw:.1f} GB/s)"), fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, axes, _title(rows, f"Fraction of the bandwidth floor (copy bandwidth {bw:.1f} GB/s)"),
+                 path)
 
 
 def plot_e2e(rows, path: str) -> str:

@@ -59,8 +59,8 @@ class PythonAutogradAdapter(torch.nn.Module):
 
         a = self.adapter
         kernels = dispatch.kernels(dispatch.select(x, a.down.weight.shape[0]))
-        y, _ = autograd.apply_fast(x, a.down.weight, a.down.bias, a.up.weight, a.up.bias, None, kernels, 0,
-                                   a.activation, a.scale, 0.0)
+        y, _ = autograd.apply_fast(x, a.down.weight, a.up.weight, a.down.bias, a.up.bias, a.activation, a.scale, 0.0,
+                                   0, None, kernels)
         return y
 
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from . import machine, memory, providers, results, shapes
+from . import cli, machine, memory, providers, results, shapes
 from .timing import make_timer, summarize
 
 PASSES = ("fwd", "bwd", "full")
@@ -34,12 +34,13 @@ TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description="The adapter op, provider against provider (eager, torch.compile, AdapterHub, adapterfast), "
-                    "shape by shape: forward, backward and full step; time, peak memory, ratios, bandwidth floor.")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true", help="a subset of shapes and shorter measurements")
+    parser = cli.parser(
+        "python -m benchmarks",
+        "The adapter op, provider against provider (eager, torch.compile, AdapterHub, adapterfast), "
+        "shape by shape: forward, backward and full step; time, peak memory, ratios, bandwidth floor.",
+        quick="a subset of shapes and shorter measurements",
+        rounds="interleaved rounds per pass (default 2 quick, 3 full)",
+        min_run_time="seconds of timed runs per provider per round (default CPU 0.25 quick / 1.0; CUDA 0.1 / 0.3)")
     parser.add_argument("--shapes", nargs="+", metavar="N,d,r[,act]",
                         help="shapes to measure instead of the preset, e.g. --shapes 8192,768,16 8192,4096,64,gelu")
     parser.add_argument("--dtype", help="comma list of fp32, bf16, fp16 (default: the preset's; fp32 on CPU and "
@@ -48,18 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--providers", help=f"comma list from {', '.join(providers.ORDER)} (default: all that apply; "
                                             "compile_max_autotune only on CUDA without --quick)")
     parser.add_argument("--passes", default=",".join(PASSES), help="comma list of fwd, bwd, full")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: every CPU this process may use)")
     parser.add_argument("--out", default=None,
                         help="directory whose ops.jsonl the rows are appended to; --out benchmarks/results updates "
                              "the tracked results the README quotes (default: a new file "
                              "benchmarks/runs/ops-<run id>.jsonl, ignored by git)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per pass (default 2 quick, 3 full)")
-    parser.add_argument("--min-run-time", type=float,
-                        help="seconds of timed runs per provider per round "
-                             "(default CPU 0.25 quick / 1.0; CUDA 0.1 / 0.3)")
     parser.add_argument("--time-budget", type=float,
                         help="stop starting new shapes after this many seconds (rows so far are kept)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("--verbose", action="store_true",
                         help="keep what PyTorch's C++ side writes to stderr (the profiler's USDT lines, allocator "
@@ -71,10 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.min_run_time = {("cpu", True): 0.25, ("cpu", False): 1.0,
                              ("cuda", True): 0.1, ("cuda", False): 0.3}[(args.device, args.quick)]
     if args.providers:
-        args.providers = [p for p in args.providers.replace(" ", "").split(",") if p]
-        unknown = [p for p in args.providers if p not in providers.ORDER]
-        if unknown:
-            parser.error(f"unknown provider(s) {unknown}; choose from {', '.join(providers.ORDER)}")
+        args.providers = cli.names(parser, args.providers, providers.ORDER)
     else:
         args.providers = [p for p in providers.ORDER
                           if p != "compile_max_autotune" or (args.device == "cuda" and not args.quick)]

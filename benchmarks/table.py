@@ -81,16 +81,21 @@ def _header(rows: list[dict]) -> str:
             f"{first.get('timestamp')}{' (quick)' if first.get('quick') else ''}, run {first.get('run_id')}")
 
 
+def _runs(rows: list[dict]) -> list[list[dict]]:
+    """The rows of each run, runs in order of first appearance."""
+    by_run = OrderedDict()
+    for row in rows:
+        by_run.setdefault(row.get("run_id"), []).append(row)
+    return list(by_run.values())
+
+
 def ops_markdown(rows: list[dict]) -> str:
     """Tables for op rows (one run per device expected; rows of several runs are kept apart)."""
     rows = [r for r in rows if r.get("kind", "op") == "op"]
     if not rows:
         return "(no op benchmark rows)"
     out = []
-    by_run = OrderedDict()
-    for row in rows:
-        by_run.setdefault(row.get("run_id"), []).append(row)
-    for run_rows in by_run.values():
+    for run_rows in _runs(rows):
         present = [p for p in ORDER if any(r["provider"] == p for r in run_rows)]
         out.append(f"**{run_rows[0].get('device', '?').upper()}**: {_header(run_rows)}\n")
         for pass_ in ("fwd", "bwd", "full"):
@@ -183,10 +188,7 @@ def e2e_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     out = []
-    by_run = OrderedDict()
-    for row in rows:
-        by_run.setdefault(row.get("run_id"), []).append(row)
-    for run_rows in by_run.values():
+    for run_rows in _runs(rows):
         first = run_rows[0]
         out.append(f"End-to-end training step, {first['layers']} encoder layers d={first['d_model']} "
                    f"(batch {first['batch']} × seq {first['seq']}, adapters r={first['r']} after each layer, "

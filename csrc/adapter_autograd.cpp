@@ -19,12 +19,12 @@ using torch::autograd::variable_list;
 class FusedAdapter : public torch::autograd::Function<FusedAdapter> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_down,
-                            const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
-                            const std::optional<at::Tensor>& b_up, const std::optional<at::Tensor>& residual,
-                            c10::string_view activation, double scale, double dropout_p, int64_t seed) {
+                            const at::Tensor& w_up, const std::optional<at::Tensor>& b_down,
+                            const std::optional<at::Tensor>& b_up, c10::string_view activation, double scale,
+                            double dropout_p, int64_t seed, const std::optional<at::Tensor>& residual) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, h] = adapter_forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed);
-    ctx->save_for_backward({x, w_down, b_down.value_or(at::Tensor()), w_up, b_up.value_or(at::Tensor()), h});
+    auto [y, h] = adapter_forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual);
+    ctx->save_for_backward({x, w_down, w_up, b_down.value_or(at::Tensor()), b_up.value_or(at::Tensor()), h});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["dropout_p"] = dropout_p;
@@ -33,7 +33,7 @@ class FusedAdapter : public torch::autograd::Function<FusedAdapter> {
     return y;
   }
 
-  // Gradients for (x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+  // Gradients for (x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual):
   // the residual's is grad_y itself (y = residual + branch).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
@@ -41,9 +41,9 @@ class FusedAdapter : public torch::autograd::Function<FusedAdapter> {
     const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     const bool residual_is_x = ctx->saved_data["residual_is_x"].toBool();
     auto [dx, dw_down, db_down, dw_up, db_up] = adapter_backward(
-        grad_y, saved[0], saved[1], optional(saved[2]), saved[3], optional(saved[4]), saved[5], residual_is_x,
+        grad_y, saved[0], saved[1], saved[2], optional(saved[3]), optional(saved[4]), saved[5],
         ctx->saved_data["activation"].toStringRef(), ctx->saved_data["scale"].toDouble(),
-        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toInt());
+        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toInt(), residual_is_x);
     // needs_input_grad counts only the tensors passed (absent optionals have no edge).
     int64_t edge = 0;
     const auto needed = [&](bool passed, const at::Tensor& t) {
@@ -52,26 +52,26 @@ class FusedAdapter : public torch::autograd::Function<FusedAdapter> {
     };
     at::Tensor g_x = needed(true, dx);
     at::Tensor g_w_down = needed(true, dw_down);
-    at::Tensor g_b_down = needed(saved[2].defined(), db_down);
     at::Tensor g_w_up = needed(true, dw_up);
+    at::Tensor g_b_down = needed(saved[3].defined(), db_down);
     at::Tensor g_b_up = needed(saved[4].defined(), db_up);
     at::Tensor g_residual = needed(!residual_is_x, grad_y);
-    return {g_x, g_w_down, g_b_down, g_w_up, g_b_up, g_residual, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {g_x, g_w_down, g_w_up, g_b_down, g_b_up, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), g_residual};
   }
 };
 
-at::Tensor fused_autograd(const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
-                          const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
-                          const std::optional<at::Tensor>& residual, c10::string_view activation, double scale,
-                          double dropout_p, int64_t seed) {
-  return FusedAdapter::apply(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed);
+at::Tensor fused_autograd(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
+                          const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
+                          c10::string_view activation, double scale, double dropout_p, int64_t seed,
+                          const std::optional<at::Tensor>& residual) {
+  return FusedAdapter::apply(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual);
 }
 
-at::Tensor fused_forward(const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
-                         const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
-                         const std::optional<at::Tensor>& residual, c10::string_view activation, double scale,
-                         double dropout_p, int64_t seed) {
-  return std::get<0>(adapter_forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed));
+at::Tensor fused_forward(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
+                         const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
+                         c10::string_view activation, double scale, double dropout_p, int64_t seed,
+                         const std::optional<at::Tensor>& residual) {
+  return std::get<0>(adapter_forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual));
 }
 
 }  // namespace
@@ -79,8 +79,8 @@ at::Tensor fused_forward(const at::Tensor& x, const at::Tensor& w_down, const st
 
 TORCH_LIBRARY_FRAGMENT(adapterfast_cpu, m) {
   m.def(
-      "fused(Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, Tensor? residual, "
-      "str activation, float scale, float dropout_p, int seed) -> Tensor");
+      "fused(Tensor x, Tensor w_down, Tensor w_up, Tensor? b_down, Tensor? b_up, str activation, "
+      "float scale, float dropout_p, int seed, Tensor? residual) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(adapterfast_cpu, CPU, m) { m.impl("fused", &adapterfast::cpu::fused_forward); }

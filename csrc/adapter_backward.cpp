@@ -199,10 +199,9 @@ at::Tensor gradient(const acc_t* sums, int64_t rows, int64_t cols, bool transpos
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down,
-    const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
-    const std::optional<at::Tensor>& b_up, const at::Tensor& h, bool residual_is_x,
-    c10::string_view activation, double scale, double dropout_p, int64_t seed) {
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up, const at::Tensor& h,
+    c10::string_view activation, double scale, double dropout_p, int64_t seed, bool residual_is_x) {
   constexpr const char* kOp = "adapterfast_cpu::backward";
   const Dims dims = check_operands(kOp, x, w_down, b_down, w_up, b_up);
   check_dropout(kOp, dropout_p);

@@ -92,10 +92,10 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> adapter_forward(
-    const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
-    const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
-    const std::optional<at::Tensor>& residual, c10::string_view activation, double scale,
-    double dropout_p, int64_t seed) {
+    const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
+    c10::string_view activation, double scale, double dropout_p, int64_t seed,
+    const std::optional<at::Tensor>& residual) {
   constexpr const char* kOp = "adapterfast_cpu::forward";
   const Dims dims = check_operands(kOp, x, w_down, b_down, w_up, b_up);
   check_dropout(kOp, dropout_p);

@@ -11,17 +11,16 @@ namespace adapterfast::cpu {
 
 // Returns (y [N, d] in x's dtype, h [N, r] pre-activation in fp32, float64 for float64 x).
 std::tuple<at::Tensor, at::Tensor> adapter_forward(
-    const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
-    const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
-    const std::optional<at::Tensor>& residual, c10::string_view activation, double scale,
-    double dropout_p, int64_t seed);
+    const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
+    c10::string_view activation, double scale, double dropout_p, int64_t seed,
+    const std::optional<at::Tensor>& residual);
 
 // Returns (dx, dw_down, db_down, dw_up, db_up); weight and bias gradients in the weights' dtypes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down,
-    const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
-    const std::optional<at::Tensor>& b_up, const at::Tensor& h, bool residual_is_x,
-    c10::string_view activation, double scale, double dropout_p, int64_t seed);
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up, const at::Tensor& h,
+    c10::string_view activation, double scale, double dropout_p, int64_t seed, bool residual_is_x);
 
 // What runs the GEMMs for inputs of this dtype here: "brgemm-amx" or "brgemm-avx512" (16-bit
 // dtypes on oneDNN's ukernel), else the block kernels that run in fp32, "avx512" or "generic".

@@ -20,12 +20,12 @@ std::string kernel_isa(at::ScalarType dtype) {
 
 TORCH_LIBRARY(adapterfast_cpu, m) {
   m.def(
-      "forward(Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
-      "Tensor? residual, str activation, float scale, float dropout_p, int seed) -> (Tensor, Tensor)");
+      "forward(Tensor x, Tensor w_down, Tensor w_up, Tensor? b_down, Tensor? b_up, str activation, "
+      "float scale, float dropout_p, int seed, Tensor? residual) -> (Tensor, Tensor)");
   m.def(
-      "backward(Tensor grad_y, Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, "
-      "Tensor? b_up, Tensor h, bool residual_is_x, str activation, float scale, float dropout_p, "
-      "int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "backward(Tensor grad_y, Tensor x, Tensor w_down, Tensor w_up, Tensor? b_down, Tensor? b_up, "
+      "Tensor h, str activation, float scale, float dropout_p, int seed, bool residual_is_x) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("kernel_isa(ScalarType dtype) -> str", &adapterfast::cpu::kernel_isa);
 }
 

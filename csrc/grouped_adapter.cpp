@@ -8,12 +8,12 @@
 
 TORCH_LIBRARY_FRAGMENT(adapterfast_cpu, m) {
   m.def(
-      "grouped_forward(Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, Tensor scales, "
-      "Tensor adapter_index, Tensor? residual, str activation, float dropout_p, int seed) -> (Tensor, Tensor)");
+      "grouped_forward(Tensor x, Tensor adapter_index, Tensor w_down, Tensor w_up, Tensor? b_down, Tensor? b_up, "
+      "str activation, Tensor scales, float dropout_p, int seed, Tensor? residual) -> (Tensor, Tensor)");
   m.def(
-      "grouped_backward(Tensor grad_y, Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
-      "Tensor scales, Tensor adapter_index, Tensor h, bool residual_is_x, str activation, float dropout_p, "
-      "int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "grouped_backward(Tensor grad_y, Tensor x, Tensor adapter_index, Tensor w_down, Tensor w_up, Tensor? b_down, "
+      "Tensor? b_up, Tensor h, str activation, Tensor scales, float dropout_p, int seed, bool residual_is_x) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(adapterfast_cpu, CPU, m) {

@@ -205,10 +205,10 @@ at::Tensor sum_partials(const at::Tensor& partials, const std::vector<Group>& gr
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
-    const at::Tensor& w_up, const std::optional<at::Tensor>& b_up, const at::Tensor& scales,
-    const at::Tensor& adapter_index, const at::Tensor& h, bool residual_is_x, c10::string_view activation,
-    double dropout_p, int64_t seed) {
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& adapter_index, const at::Tensor& w_down,
+    const at::Tensor& w_up, const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
+    const at::Tensor& h, c10::string_view activation, const at::Tensor& scales, double dropout_p, int64_t seed,
+    bool residual_is_x) {
   const Dims dims = check_stacked(kBackward, x, w_down, b_down, w_up, b_up, scales);
   check_dropout(kBackward, dropout_p);
   check_like_x(kBackward, "grad_y", grad_y, dims);

@@ -227,10 +227,9 @@ void plain_rows(const ForwardOperands& op, const Segments& seg, at::Tensor& y, a
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> grouped_forward(
-    const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
-    const at::Tensor& w_up, const std::optional<at::Tensor>& b_up, const at::Tensor& scales,
-    const at::Tensor& adapter_index, const std::optional<at::Tensor>& residual, c10::string_view activation,
-    double dropout_p, int64_t seed) {
+    const at::Tensor& x, const at::Tensor& adapter_index, const at::Tensor& w_down, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up, c10::string_view activation,
+    const at::Tensor& scales, double dropout_p, int64_t seed, const std::optional<at::Tensor>& residual) {
   const Dims dims = check_stacked(kForward, x, w_down, b_down, w_up, b_up, scales);
   check_dropout(kForward, dropout_p);
   const int64_t adapters = w_down.size(0);

@@ -21,14 +21,13 @@ if __name__ != "adapterfast.kernels":
         "is installed (pip install -e . adds a path hook that hides it): install it, or start Python elsewhere"
     )
 
-import contextlib
-
 import torch
 
 from adapterfast.activations import ACTIVATIONS
 
 from . import backward_kernels, forward_kernel
 from .config import MAX_R, block_r
+from .launch import on_device
 
 __all__ = ["forward", "backward"]
 
@@ -46,30 +45,23 @@ def _check(x, w_down, activation):
         block_r(r)
 
 
-_NO_CONTEXT = contextlib.nullcontext()
-
-
-def _on_device(x):
-    """Triton launches on the current CUDA device: make it x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else _NO_CONTEXT
-
-
-def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+def forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual):
     """Returns ``(y, h)``: ``y`` ``[N, d]`` contiguous in x's dtype, ``h = x Wd^T + bd`` ``[N, r]`` fp32."""
     _check(x, w_down, activation)
-    with _on_device(x):
-        return forward_kernel.forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+    with on_device(x):
+        return forward_kernel.forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual)
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed, *, need_dx=True):
+def backward(grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropout_p, seed, residual_is_x, *,
+             need_dx=True):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``; the weight gradients are bitwise reproducible.
 
     With ``need_dx=False`` (x does not require grad) dx is not computed and is returned as None.
     """
     _check(x, w_down, activation)
-    with _on_device(x):
-        return backward_kernels.backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation,
-                                         scale, dropout_p, seed, need_dx)
+    with on_device(x):
+        return backward_kernels.backward(grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropout_p,
+                                         seed, residual_is_x, need_dx)
 
 
 from adapterfast import dispatch  # noqa: E402  (registration: the backend is selectable by name once imported)

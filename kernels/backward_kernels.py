@@ -179,7 +179,7 @@ def _static(d, r, dtype, activation, has_dropout, precision, residual_is_x, need
             (dw_constexprs, {**dw_constexprs, **cfgs.backward_dw.options()}))
 
 
-def plan(grad_y, x, w_down, w_up, h, residual_is_x, activation, scale, dropout_p, seed, need_dx=True):
+def plan(grad_y, x, w_down, w_up, h, activation, scale, dropout_p, seed, residual_is_x, need_dx=True):
     """Allocates dx (None without ``need_dx``), dh and the fp32 partials; returns them with the two launches.
 
     The launches are empty when N == 0.
@@ -220,10 +220,10 @@ def plan(grad_y, x, w_down, w_up, h, residual_is_x, activation, scale, dropout_p
     return dx, dh, parts, [dx_launch, dw_launch]
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, h, residual_is_x, activation, scale, dropout_p, seed,
+def backward(grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropout_p, seed, residual_is_x,
              need_dx=True):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)`` (see the module docstring); dx is None without ``need_dx``."""
-    dx, dh, parts, launches = plan(grad_y, x, w_down, w_up, h, residual_is_x, activation, scale, dropout_p, seed,
+    dx, dh, parts, launches = plan(grad_y, x, w_down, w_up, h, activation, scale, dropout_p, seed, residual_is_x,
                                    need_dx)
     if not launches:
         return (dx, *_zero_grads(x, w_down, w_up))

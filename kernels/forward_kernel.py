@@ -95,7 +95,7 @@ def _static(d, r, dtype, activation, has_b_down, has_b_up, has_dropout, precisio
     return cfg, constexprs, {**constexprs, **cfg.options()}
 
 
-def plan(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+def plan(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual):
     """Allocates ``(y, h)`` and returns them with the launch that fills them (None when N == 0)."""
     n_rows, d = x.shape
     r = w_down.shape[0]
@@ -118,9 +118,9 @@ def plan(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, 
     return y, h, Launch(adapter_forward_kernel, (cdiv(n_rows, cfg.block_m),), args, constexprs, cfg, kwargs)
 
 
-def forward(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed):
+def forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual):
     """Returns ``(y, h)``: ``y`` ``[N, d]`` in x's dtype, the pre-activation ``h`` ``[N, r]`` fp32."""
-    y, h, launch = plan(x, w_down, b_down, w_up, b_up, residual, activation, scale, dropout_p, seed)
+    y, h, launch = plan(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual)
     if launch is not None:
         launch()
     return y, h

@@ -9,7 +9,6 @@ sort keys and must be validated by the caller (``AdapterBank`` builds its indice
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ from adapterfast.activations import ACTIVATIONS
 from . import config as _config
 from .backward_kernels import TL_DTYPES
 from .grouped_kernels import grouped_backward_dw_kernel, grouped_backward_dx_kernel, grouped_forward_kernel
-from .launch import dot_precision, dropout_args
+from .launch import dot_precision, dropout_args, on_device
 
 
 @dataclass
@@ -69,10 +68,6 @@ def schedule(adapter_index: torch.Tensor, adapters: int, block_m: int) -> Schedu
     return Schedule(order, seg_begin, seg_end, s.to(torch.int32), begin, end)
 
 
-def _on_device(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _check(x, w_down, activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; the kernels implement {', '.join(ACTIVATIONS)}")
@@ -86,7 +81,7 @@ def _branch_scales(scales, dropout_p: float) -> torch.Tensor:
     return (scales.to(torch.float64) / (1.0 - dropout_p)).to(torch.float32).contiguous()
 
 
-def forward(x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, activation, dropout_p, seed):
+def forward(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, dropout_p, seed, residual):
     """Returns ``(y, h)``: ``y`` ``[N, d]`` contiguous in x's dtype, ``h`` ``[N, r]`` fp32 (0 where no adapter)."""
     _check(x, w_down, activation)
     n, d = x.shape
@@ -102,7 +97,7 @@ def forward(x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, acti
     eff = _branch_scales(scales, dropout_p if has_dropout else 0.0)
     bd = w_down if b_down is None else b_down
     bu = w_up if b_up is None else b_up
-    with _on_device(x):
+    with on_device(x):
         grouped_forward_kernel[(sched.block_slot.shape[0],)](
             x, w_down, bd, w_up, bu, eff, res, y, h,
             sched.order, sched.block_slot, sched.block_begin, sched.block_end,
@@ -119,8 +114,8 @@ def forward(x, w_down, b_down, w_up, b_up, scales, adapter_index, residual, acti
     return y, h
 
 
-def backward(grad_y, x, w_down, b_down, w_up, b_up, scales, adapter_index, h, residual_is_x, activation,
-             dropout_p, seed):
+def backward(grad_y, x, adapter_index, w_down, w_up, b_down, b_up, h, activation, scales, dropout_p, seed,
+             residual_is_x):
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)`` stacked per adapter; bitwise reproducible."""
     _check(x, w_down, activation)
     n, d = x.shape
@@ -141,7 +136,7 @@ def backward(grad_y, x, w_down, b_down, w_up, b_up, scales, adapter_index, h, re
         eff = _branch_scales(scales, dropout_p if has_dropout else 0.0)
         shared = dict(ACTIVATION=activation, HAS_DROPOUT=has_dropout, INPUT_PRECISION=dot_precision(x.dtype),
                       DOT_DTYPE=TL_DTYPES[x.dtype])
-        with _on_device(x):
+        with on_device(x):
             grouped_backward_dx_kernel[(sched.block_slot.shape[0],)](
                 grad_y, w_down, w_up, eff, h, dh, dx,
                 sched.order, sched.block_slot, sched.block_begin, sched.block_end,

@@ -5,6 +5,7 @@ so ``adapterfast.compile_check`` compiles exactly the argument lists the launche
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -30,6 +31,14 @@ class Launch:
 
     def __call__(self) -> None:
         self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: a context that makes it x's (nothing for CPU tensors)."""
+    return torch.cuda.device(x.device) if x.is_cuda else _NO_CONTEXT
 
 
 def tf32_allowed() -> bool:

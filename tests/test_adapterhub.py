@@ -5,6 +5,9 @@ Tiny random BERT and GPT-2 models (no downloads). Adapter parameters are re-draw
 with the library's code (fp32, and fp64 as the yardstick) and after ``accelerate``, under the
 default backend and the reference (and the Triton kernels, in the interpreter or on a GPU, as a
 slow test). A counting spy on the op proves which path ran.
+
+(Past 400 lines on purpose: every test here uses the tiny models, the spy and the library comparison
+defined at the top; the compositions that run on the grouped op are in test_adapterhub_grouped.py.)
 """
 import copy
 import logging
@@ -117,27 +120,40 @@ def assert_same(got, want, exact=None, tol=1e-5):
     assert got[1].keys() == want[1].keys()
 
 
-def compare(model, n_fused, calls, backend, device="cpu", tol=1e-5):
-    """Output and gradients with the library's code (fp64 and fp32), then accelerated; they must agree."""
-    embeds, weight = torch.randn(BATCH, SEQ, D, device=device), torch.randn(BATCH, SEQ, D, device=device)
+def with_adapter(config, kind: str = "bert", std: float = 0.1):
+    """A tiny model of ``kind`` with one active adapter "a" of ``config``, its weights randomized."""
+    model = tiny_model(kind)
+    model.add_adapter("a", config=config)
+    model.set_active_adapters("a")
+    randomize(model, std)
+    return model
+
+
+def matches_library(model, embeds, weight, backend, tol=1e-5, calls=None) -> int:
+    """Output and gradients with the library's code (fp64 and fp32), then accelerated: they must agree.
+    Returns what ``accelerate`` counted; with ``calls``, checks that the library runs made no fused call."""
     exact = forward_backward(model.double(), embeds.double(), weight.double())
     want = forward_backward(model.float(), embeds, weight)
-    assert calls[0] == 0
-    assert ah.accelerate(model) == n_fused
+    if calls is not None:
+        assert calls[0] == 0
+    fused = ah.accelerate(model)
     with adapterfast.use_backend(backend):
         got = forward_backward(model, embeds, weight)
     assert_same(got, want, exact, tol=tol)
-    return got
+    return fused
+
+
+def compare(model, n_fused, calls, backend, device="cpu", tol=1e-5):
+    """``matches_library`` on random inputs, with ``n_fused`` adapter modules accelerated."""
+    embeds, weight = torch.randn(BATCH, SEQ, D, device=device), torch.randn(BATCH, SEQ, D, device=device)
+    assert matches_library(model, embeds, weight, backend, tol, calls) == n_fused
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("preset", list(CONFIGS))
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_presets_match_library(kind, preset, backend, calls):
-    model = tiny_model(kind)
-    model.add_adapter("a", config=CONFIGS[preset])
-    model.set_active_adapters("a")
-    randomize(model)
+    model = with_adapter(CONFIGS[preset], kind)
     compare(model, EXPECTED_MODULES[preset], calls, backend)
     assert calls[0] == EXPECTED_MODULES[preset]  # every adapter module ran fused, once
 
@@ -151,11 +167,7 @@ def test_triton_backend_matches_library(preset, calls):
     if not (cuda or os.environ.get("TRITON_INTERPRET") == "1") or not adapterfast.backends()["triton"].available:
         pytest.skip(f"triton backend unavailable: {adapterfast.backends()['triton'].reason}")
     device = "cuda" if cuda else "cpu"
-    model = tiny_model("bert")
-    model.add_adapter("a", config=CONFIGS[preset])
-    model.set_active_adapters("a")
-    randomize(model)
-    model.to(device)
+    model = with_adapter(CONFIGS[preset]).to(device)
     compare(model, EXPECTED_MODULES[preset], calls, "triton", device=device, tol=5e-3 if cuda else 1e-5)
     assert calls[0] == EXPECTED_MODULES[preset]
 
@@ -201,10 +213,7 @@ def test_training_gives_the_same_losses(preset, backend, calls):
 def test_adapter_dropout_keeps_the_library_semantics(preset, calls):
     """Dropout acts on the scaled branch only: each element of it is kept (scaled by 1/(1-p)) or dropped."""
     p = 0.5
-    model = tiny_model("gpt2")
-    model.add_adapter("a", config=f"{preset}[dropout={p}]")
-    model.set_active_adapters("a")
-    randomize(model, std=0.3)
+    model = with_adapter(f"{preset}[dropout={p}]", "gpt2", std=0.3)
     layer = model.h[0].output_adapters
     adapter = layer.adapters["a"]
     hidden, residual = torch.randn(BATCH, SEQ, D), torch.randn(BATCH, SEQ, D)
@@ -240,10 +249,7 @@ FALLBACKS = {
 @pytest.mark.parametrize("name", list(FALLBACKS))
 def test_unfusable_configs_fall_back_and_still_match(name, calls, caplog):
     config, reason = FALLBACKS[name]
-    model = tiny_model("bert")
-    model.add_adapter("a", config=config)
-    model.set_active_adapters("a")
-    randomize(model)
+    model = with_adapter(config)
     with caplog.at_level(logging.INFO, logger="adapterfast"):
         compare(model, 0, calls, "auto")
         forward_backward(model, torch.randn(BATCH, SEQ, D), torch.randn(BATCH, SEQ, D))
@@ -293,12 +299,7 @@ def test_compositions_match_library(name, backend, calls):
     embeds, weight = torch.randn(BATCH, SEQ, D), torch.randn(BATCH, SEQ, D)
     if name == "parallel":  # the model replicates the batch per parallel channel
         weight = torch.randn(2 * BATCH, SEQ, D)
-    exact = forward_backward(model.double(), embeds.double(), weight.double())
-    want = forward_backward(model.float(), embeds, weight)
-    ah.accelerate(model)
-    with adapterfast.use_backend(backend):
-        got = forward_backward(model, embeds, weight)
-    assert_same(got, want, exact)
+    matches_library(model, embeds, weight, backend)
     assert calls[0] == n_calls
 
 
@@ -344,10 +345,7 @@ def test_save_load_round_trip_and_adapters_added_after_accelerate(tmp_path, call
 
 
 def test_restore_returns_to_the_library_code(calls):
-    model = tiny_model("gpt2")
-    model.add_adapter("a", config="double_seq_bn[reduction_factor=4]")
-    model.set_active_adapters("a")
-    randomize(model)
+    model = with_adapter("double_seq_bn[reduction_factor=4]", "gpt2")
     embeds = torch.randn(BATCH, SEQ, D)
     with torch.no_grad():
         want = model(inputs_embeds=embeds).last_hidden_state
@@ -365,10 +363,7 @@ def test_restore_returns_to_the_library_code(calls):
 
 def test_copies_stay_accelerated_on_their_own_parameters(calls):
     """A deepcopy (EMA, model soups) runs fused on its own parameters; restoring it leaves the original alone."""
-    model = tiny_model("bert")
-    model.add_adapter("a", config="par_bn")
-    model.set_active_adapters("a")
-    randomize(model)
+    model = with_adapter("par_bn")
     ah.accelerate(model)
     embeds = torch.randn(BATCH, SEQ, D)
     clone = copy.deepcopy(model)
@@ -399,10 +394,7 @@ def test_non_linearity_names_map_to_the_op(non_linearity):
 
 
 def test_gating_score_requests_use_the_library_path(calls):
-    model = tiny_model("bert")
-    model.add_adapter("a", config="seq_bn[reduction_factor=4]")
-    model.set_active_adapters("a")
-    randomize(model)
+    model = with_adapter("seq_bn[reduction_factor=4]")
     ah.accelerate(model)
     ids = torch.randint(1, VOCAB, (BATCH, SEQ))
     with torch.no_grad():

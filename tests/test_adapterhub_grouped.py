@@ -8,10 +8,11 @@ adapters = pytest.importorskip("adapters")
 from adapters import BnConfig  # noqa: E402
 from adapters.composition import BatchSplit, Parallel  # noqa: E402
 
-import adapterfast  # noqa: E402
 from adapterfast.integrations import adapterhub as ah  # noqa: E402
 from adapterfast.integrations import adapterhub_grouped  # noqa: E402
-from test_adapterhub import BATCH, D, SEQ, assert_same, forward_backward, randomize, tiny_model  # noqa: E402
+from test_adapterhub import (  # noqa: E402
+    BATCH, D, SEQ, assert_same, forward_backward, matches_library, randomize, tiny_model,
+)
 
 SETUPS = {
     "batch_split": (lambda: BatchSplit("a0", "a1", "a2", batch_sizes=[1, 2, 0]), 3),
@@ -50,12 +51,7 @@ def test_composition_runs_grouped_and_matches_library(name, backend, counts):
     randomize(model)
     embeds = torch.randn(batch, SEQ, D)
     weight = torch.randn(batch * (3 if name == "parallel" else 1), SEQ, D)
-    exact = forward_backward(model.double(), embeds.double(), weight.double())
-    want = forward_backward(model.float(), embeds, weight)
-    ah.accelerate(model)
-    with adapterfast.use_backend(backend):
-        got = forward_backward(model, embeds, weight)
-    assert_same(got, want, exact)
+    matches_library(model, embeds, weight, backend)
     # the mh adapter is absent in the third config, so the output adapter layers (2) run grouped and the
     # attention-output layers run the per-child library/fused path
     assert counts["grouped"] == 2

@@ -123,7 +123,7 @@ def test_op_keeps_fp32_preactivation_under_autocast(backend):
     x = torch.randn(6, 8, dtype=torch.bfloat16)
     wd, wu = torch.randn(3, 8), torch.randn(8, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, h = torch.ops.adapterfast.forward(x, wd, None, wu, None, None, None, "relu", 1.0, 0.0)
+        y, h = torch.ops.adapterfast.forward(x, wd, wu, None, None, "relu", 1.0, 0.0, None, None)
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
 
 

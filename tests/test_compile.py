@@ -71,17 +71,23 @@ def test_fullgraph_aot_eager_matches_eager(backend):
 @pytest.mark.slow
 def test_fullgraph_inductor_matches_eager():
     """Inductor with ``fallback_random`` draws the dropout seed from torch's generator, as eager does."""
-    model = make_model(dropout=0.25, freeze_base=False)
+    _check_inductor_matches_eager("cpu", 1e-5)
+
+
+def _check_inductor_matches_eager(device: str, tol: float) -> None:
+    """A fullgraph-compiled training step with dropout gives eager's output and gradients when inductor
+    draws its seeds as eager does (``fallback_random``)."""
+    model = make_model(dropout=0.25, freeze_base=False).to(device)
     with torch._inductor.config.patch(fallback_random=True):
         compiled = torch.compile(model, fullgraph=True)
-        x, target = _inputs()
+        x, target = (t.to(device) for t in _inputs())
         torch.manual_seed(7)
         y_eager, g_eager = _step(model, x, target)
         torch.manual_seed(7)
         y_comp, g_comp = _step(compiled, x, target)
-    assert rel_err(y_comp, y_eager) < 1e-5
+    assert rel_err(y_comp, y_eager) < tol
     for name in g_eager:
-        assert rel_err(g_comp[name], g_eager[name]) < 1e-5, name
+        assert rel_err(g_comp[name], g_eager[name]) < tol, name
 
 
 @pytest.mark.slow
@@ -124,7 +130,7 @@ def _op_samples():
         res = torch.randn(n, d, dtype=dtype, requires_grad=True) if residual else None
         seed = dropout_rng.new_seed() if dropout else None
         p = 0.3 if dropout else 0.0
-        cases.append((x, wd, bd, wu, bu, res, seed, "gelu" if bias else "relu", 0.7, p))
+        cases.append((x, wd, wu, bd, bu, "gelu" if bias else "relu", 0.7, p, seed, res))
     return cases
 
 
@@ -139,11 +145,11 @@ def test_opcheck_forward(backend, case):
 
 @pytest.mark.parametrize("case", range(7))
 def test_opcheck_backward(backend, case):
-    x, wd, bd, wu, bu, res, seed, act, scale, p = (a.detach() if isinstance(a, torch.Tensor) else a
+    x, wd, wu, bd, bu, act, scale, p, seed, res = (a.detach() if isinstance(a, torch.Tensor) else a
                                                    for a in _op_samples()[case])
-    _, h = torch.ops.adapterfast.forward(x, wd, bd, wu, bu, res, seed, act, scale, p)
+    _, h = torch.ops.adapterfast.forward(x, wd, wu, bd, bu, act, scale, p, seed, res)
     grad_y = torch.randn_like(x)
-    opcheck(torch.ops.adapterfast.backward.default, (grad_y, x, wd, bd, wu, bu, h, seed, res is None, act, scale, p))
+    opcheck(torch.ops.adapterfast.backward.default, (grad_y, x, wd, wu, bd, bu, h, act, scale, p, seed, res is None))
 
 
 def _count_compiles(model, xs, *, mark_dynamic):
@@ -211,17 +217,7 @@ def test_fullgraph_inductor_cuda_matches_eager():
     on the GPU; inductor with ``fallback_random`` matches eager."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    model = make_model(dropout=0.25, freeze_base=False).cuda()
-    with torch._inductor.config.patch(fallback_random=True):
-        compiled = torch.compile(model, fullgraph=True)
-        x, target = (t.cuda() for t in _inputs())
-        torch.manual_seed(7)
-        y_eager, g_eager = _step(model, x, target)
-        torch.manual_seed(7)
-        y_comp, g_comp = _step(compiled, x, target)
-    assert rel_err(y_comp, y_eager) < 1e-4
-    for name in g_eager:
-        assert rel_err(g_comp[name], g_eager[name]) < 1e-4, name
+    _check_inductor_matches_eager("cuda", 1e-4)
 
 
 STRIDED_BACKENDS = backend_params()

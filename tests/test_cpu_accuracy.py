@@ -69,7 +69,7 @@ def test_down_projection_sum_is_no_worse_than_eager(d):
     want = x.double() @ w.double().t()
     eager = x @ w.t()
     with adapterfast.use_backend("cpu"):
-        _, h = torch.ops.adapterfast_cpu.forward(x, w, None, w.t().contiguous(), None, None, "identity", 1.0, 0.0, 0)
+        _, h = torch.ops.adapterfast_cpu.forward(x, w, w.t().contiguous(), None, None, "identity", 1.0, 0.0, 0, None)
     scale = (x.double().abs() @ w.double().abs().t())
     ours = ((h.double() - want).abs() / scale).max().item()
     theirs = ((eager.double() - want).abs() / scale).max().item()

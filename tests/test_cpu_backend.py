@@ -28,7 +28,7 @@ class CpuAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, wd, bd, wu, bu, residual, activation, scale, p, seed):
-        y, h = cpu.forward(x, wd, bd, wu, bu, residual, activation, scale, p, seed)
+        y, h = cpu.forward(x, wd, wu, bd, bu, activation, scale, p, seed, residual)
         ctx.save_for_backward(x, wd, bd, wu, bu, h)
         ctx.args = (residual is None, activation, scale, p, seed)
         return y
@@ -37,7 +37,7 @@ class CpuAdapter(torch.autograd.Function):
     def backward(ctx, g):
         x, wd, bd, wu, bu, h = ctx.saved_tensors
         residual_is_x, activation, scale, p, seed = ctx.args
-        dx, dwd, dbd, dwu, dbu = cpu.backward(g, x, wd, bd, wu, bu, h, residual_is_x, activation, scale, p, seed)
+        dx, dwd, dbd, dwu, dbu = cpu.backward(g, x, wd, wu, bd, bu, h, activation, scale, p, seed, residual_is_x)
         d_res = None if residual_is_x else g
         return dx, dwd, dbd if bd is not None else None, dwu, dbu if bu is not None else None, d_res, None, None, None, None
 
@@ -54,13 +54,13 @@ def reference_grads(x, wd, wu, bd, bu, res, g, **kw):
 
 
 def check_against_reference(x, wd, wu, bd, bu, res, *, tol, activation="relu", scale=1.0, p=0.0, seed=0):
-    y, h = cpu.forward(x, wd, bd, wu, bu, res, activation, scale, p, seed)
+    y, h = cpu.forward(x, wd, wu, bd, bu, activation, scale, p, seed, res)
     g = torch.randn_like(y)
-    grads = cpu.backward(g, x, wd, bd, wu, bu, h, res is None, activation, scale, p, seed)
+    grads = cpu.backward(g, x, wd, wu, bd, bu, h, activation, scale, p, seed, res is None)
     y_ref, grads_ref = reference_grads(x, wd, wu, bd, bu, res, g, activation=activation, scale=scale,
                                        dropout_p=p, seed=seed)
-    h_ref = reference.forward(x.double(), wd.double(), None if bd is None else bd.double(), wu.double(),
-                              None, None, activation, scale, p, seed)[1]
+    h_ref = reference.forward(x.double(), wd.double(), wu.double(), None if bd is None else bd.double(), None,
+                              activation, scale, p, seed, None)[1]
     assert y.dtype == x.dtype and y.shape == x.shape
     assert h.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
     assert_matches("y", y, y_ref, tol)
@@ -114,11 +114,11 @@ def test_bf16_relu_backward_against_reference_backward():
     h, the backward must agree with the reference's backward in float64."""
     x, wd, wu, bd, bu, _ = adapter_inputs(257, 431, 24)
     x = x.bfloat16()
-    y, h = cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.3, 11)
+    y, h = cpu.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.3, 11, None)
     g = torch.randn_like(y)
-    grads = cpu.backward(g, x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.3, 11)
-    want = reference.backward(g.double(), x.double(), wd.double(), bd.double(), wu.double(), bu.double(),
-                              h.double(), True, "relu", 1.0, 0.3, 11)
+    grads = cpu.backward(g, x, wd, wu, bd, bu, h, "relu", 1.0, 0.3, 11, True)
+    want = reference.backward(g.double(), x.double(), wd.double(), wu.double(), bd.double(), bu.double(), h.double(),
+                              "relu", 1.0, 0.3, 11, True)
     for name, got, ref in zip(GRAD_NAMES, grads, want):
         assert rel_err(got, ref) < 1e-2, name
 
@@ -161,10 +161,11 @@ def test_non_contiguous_inputs():
     for xi in (x_t, x_cols, x_rows):
         check_against_reference(xi, wd_t, wu_t, bd, bu_s, None, tol=1e-5, p=0.1, seed=3)
         check_against_reference(xi, wd, wu, bd, bu, res_t, tol=1e-5)
-    y, h = cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
+    y, h = cpu.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.0, 0, None)
     g = torch.randn(d, n).t()
-    expected = cpu.backward(g.contiguous(), x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.0, 0)
-    for got, want in zip(cpu.backward(g, x_t, wd, bd, wu, bu, h.t().contiguous().t(), True, "relu", 1.0, 0.0, 0), expected):
+    expected = cpu.backward(g.contiguous(), x, wd, wu, bd, bu, h, "relu", 1.0, 0.0, 0, True)
+    for got, want in zip(cpu.backward(g, x_t, wd, wu, bd, bu, h.t().contiguous().t(), "relu", 1.0, 0.0, 0, True),
+                                      expected):
         assert torch.equal(got, want)
 
 
@@ -187,9 +188,9 @@ def test_bf16_bf16_non_contiguous():
 
 def test_empty_batch():
     x, wd, wu, bd, bu, _ = adapter_inputs(0, 64, 8)
-    y, h = cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.1, 1)
+    y, h = cpu.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.1, 1, None)
     assert y.shape == (0, 64) and h.shape == (0, 8)
-    grads = cpu.backward(torch.empty(0, 64), x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.1, 1)
+    grads = cpu.backward(torch.empty(0, 64), x, wd, wu, bd, bu, h, "relu", 1.0, 0.1, 1, True)
     for got, like in zip(grads, (x, wd, bd, wu, bu)):
         assert got.shape == like.shape and not got.any()
 
@@ -200,25 +201,25 @@ def test_dropout_mask_is_bit_exact(p, seed):
     n, d, r = 77, 300, 4
     x, wd, _, bd, _, _ = adapter_inputs(n, d, r)
     wu, bu = torch.zeros(d, r), torch.ones(d)
-    y, h = cpu.forward(x, wd, bd, wu, bu, torch.zeros(n, d), "relu", 1.0 - p, p, seed)
+    y, h = cpu.forward(x, wd, wu, bd, bu, "relu", 1.0 - p, p, seed, torch.zeros(n, d))
     keep = dropout.keep_mask(seed, p, n, d)
     assert torch.equal(y, keep.float())
     g = torch.ones(n, d)
-    db_up = cpu.backward(g, x, wd, bd, wu, bu, h, False, "relu", 1.0 - p, p, seed)[4]
+    db_up = cpu.backward(g, x, wd, wu, bd, bu, h, "relu", 1.0 - p, p, seed, False)[4]
     assert torch.equal(db_up, keep.sum(0).float())
 
 
 def test_mixed_precision_dtypes():
     x, wd, wu, bd, bu, _ = adapter_inputs(33, 64, 8)
-    y, h = cpu.forward(x.bfloat16(), wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
+    y, h = cpu.forward(x.bfloat16(), wd, wu, bd, bu, "relu", 1.0, 0.0, 0, None)
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
-    grads = cpu.backward(torch.randn_like(y), x.bfloat16(), wd, bd, wu, bu, h, True, "relu", 1.0, 0.0, 0)
+    grads = cpu.backward(torch.randn_like(y), x.bfloat16(), wd, wu, bd, bu, h, "relu", 1.0, 0.0, 0, True)
     assert [t.dtype for t in grads] == [torch.bfloat16] + [torch.float32] * 4
 
 
 def _run_all(x, wd, wu, bd, bu, g, **kw):
-    y, h = cpu.forward(x, wd, bd, wu, bu, None, kw["activation"], 0.9, kw["p"], 77)
-    return (y, h) + tuple(cpu.backward(g, x, wd, bd, wu, bu, h, True, kw["activation"], 0.9, kw["p"], 77))
+    y, h = cpu.forward(x, wd, wu, bd, bu, kw["activation"], 0.9, kw["p"], 77, None)
+    return (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, kw["activation"], 0.9, kw["p"], 77, True))
 
 
 @pytest.mark.parametrize("n", [3000, 1024])
@@ -245,10 +246,10 @@ def test_nan_propagates_like_eager(activation):
     x[3, 7] = float("nan")
     g = torch.randn(40, 50)
     g[11, 2] = float("nan")
-    y, h = cpu.forward(x, wd, bd, wu, bu, None, activation, 1.0, 0.5, 4)
-    grads = cpu.backward(g, x, wd, bd, wu, bu, h, True, activation, 1.0, 0.5, 4)
-    y_ref, h_ref = reference.forward(x, wd, bd, wu, bu, None, activation, 1.0, 0.5, 4)
-    grads_ref = reference.backward(g, x, wd, bd, wu, bu, h_ref, True, activation, 1.0, 0.5, 4)
+    y, h = cpu.forward(x, wd, wu, bd, bu, activation, 1.0, 0.5, 4, None)
+    grads = cpu.backward(g, x, wd, wu, bd, bu, h, activation, 1.0, 0.5, 4, True)
+    y_ref, h_ref = reference.forward(x, wd, wu, bd, bu, activation, 1.0, 0.5, 4, None)
+    grads_ref = reference.backward(g, x, wd, wu, bd, bu, h_ref, activation, 1.0, 0.5, 4, True)
     assert torch.isnan(y[3]).all()
     for got, want in zip((y, h) + tuple(grads), (y_ref, h_ref) + tuple(grads_ref)):
         assert torch.equal(torch.isnan(got), torch.isnan(want))
@@ -257,15 +258,15 @@ def test_nan_propagates_like_eager(activation):
 def test_clear_errors():
     x, wd, wu, bd, bu, _ = adapter_inputs(4, 8, 2)
     with pytest.raises(TypeError, match="int32"):
-        cpu.forward(x.int(), wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
+        cpu.forward(x.int(), wd, wu, bd, bu, "relu", 1.0, 0.0, 0, None)
     with pytest.raises(ValueError, match="w_up"):
-        cpu.forward(x, wd, bd, wu.t(), bu, None, "relu", 1.0, 0.0, 0)
+        cpu.forward(x, wd, wu.t(), bd, bu, "relu", 1.0, 0.0, 0, None)
     with pytest.raises(ValueError, match="dropout_p"):
-        cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 1.0, 0)
+        cpu.forward(x, wd, wu, bd, bu, "relu", 1.0, 1.0, 0, None)
     with pytest.raises(ValueError, match="activation"):
-        cpu.forward(x, wd, bd, wu, bu, None, "swishy", 1.0, 0.0, 0)
+        cpu.forward(x, wd, wu, bd, bu, "swishy", 1.0, 0.0, 0, None)
     with pytest.raises(ValueError, match="residual"):
-        cpu.forward(x, wd, bd, wu, bu, x[:2], "relu", 1.0, 0.0, 0)
+        cpu.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.0, 0, x[:2])
 
 
 _PORTABLE_CHECK = """
@@ -276,12 +277,14 @@ torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     x = torch.randn(70, 131).to(dtype)
     wd, wu, bd, bu = torch.randn(9, 131) / 11, torch.randn(131, 9) / 3, torch.randn(9), torch.randn(131)
-    y, h = cpu.forward(x, wd, bd, wu, bu, None, "gelu", 0.5, 0.3, 8)
+    y, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.3, 8, None)
     g = torch.randn_like(y)
-    got = (y, h) + tuple(cpu.backward(g, x, wd, bd, wu, bu, h, True, "gelu", 0.5, 0.3, 8))
+    got = (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, "gelu", 0.5, 0.3, 8, True))
     d = lambda t: None if t is None else t.double()
-    y64, h64 = reference.forward(d(x), d(wd), d(bd), d(wu), d(bu), None, "gelu", 0.5, 0.3, 8)
-    want = (y64, h64) + tuple(reference.backward(d(g), d(x), d(wd), d(bd), d(wu), d(bu), h.double(), True, "gelu", 0.5, 0.3, 8))
+    y64, h64 = reference.forward(d(x), d(wd), d(wu), d(bd), d(bu), "gelu", 0.5, 0.3, 8, None)
+    want = (y64, h64) + tuple(reference.backward(d(g), d(x), d(wd), d(wu), d(bd), d(bu), h.double(), "gelu", 0.5,
+                                                 0.3, 8,
+                                                 True))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for a, b in zip(got, want):
         assert ((a.double() - b).norm() / b.norm()).item() < tol

@@ -34,15 +34,15 @@ def cpu_flags() -> set:
 
 def errors(x, wd, wu, bd, bu, res, *, activation, scale, p, seed):
     """Relative errors against float64 of the backend and of eager PyTorch in x's dtype."""
-    y, h = cpu.forward(x, wd, bd, wu, bu, res, activation, scale, p, seed)
+    y, h = cpu.forward(x, wd, wu, bd, bu, activation, scale, p, seed, res)
     g = torch.randn_like(y)
-    got = (y, h) + tuple(cpu.backward(g, x, wd, bd, wu, bu, h, res is None, activation, scale, p, seed))
+    got = (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, activation, scale, p, seed, res is None))
 
     def run(dtype):
         leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, wd, bd, wu, bu)]
         xx, wdd, bdd, wuu, buu = leaves
         r = None if res is None else res.to(dtype)
-        y, h = reference.forward(xx, wdd, bdd, wuu, buu, r, activation, scale, p, seed)
+        y, h = reference.forward(xx, wdd, wuu, bdd, buu, activation, scale, p, seed, r)
         present = [t for t in leaves if t is not None]
         grads = iter(torch.autograd.grad(y, present, g.to(dtype)))
         grads = [next(grads) if t is not None else None for t in leaves]
@@ -121,10 +121,10 @@ def test_fp32_bias_gradients_do_not_drift_with_rows(n):
     d, r = 256, 64
     x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
     g = 0.4 + 0.01 * torch.randn(n, d)
-    y, h = cpu.forward(x, wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
-    _, _, db_down, _, db_up = cpu.backward(g, x, wd, bd, wu, bu, h, True, "relu", 1.0, 0.0, 0)
-    want = reference.backward(g.double(), x.double(), wd.double(), bd.double(), wu.double(), bu.double(),
-                              h.double(), True, "relu", 1.0, 0.0, 0)
+    y, h = cpu.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.0, 0, None)
+    _, _, db_down, _, db_up = cpu.backward(g, x, wd, wu, bd, bu, h, "relu", 1.0, 0.0, 0, True)
+    want = reference.backward(g.double(), x.double(), wd.double(), wu.double(), bd.double(), bu.double(), h.double(),
+                              "relu", 1.0, 0.0, 0, True)
     ulp = torch.finfo(torch.float32).eps * want[4].abs().clamp_min(1e-30)
     assert ((db_up.double() - want[4]).abs() / ulp).max().item() <= 4
     assert rel_err(db_down, want[2]) < 1e-6
@@ -164,11 +164,11 @@ def test_16bit_streamed_outputs_match_unstreamed_rows(dtype):
     x, g = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
     wd, wu = torch.randn(r, d) / d**0.5, torch.randn(d, r) / r**0.5
     bd, bu = torch.randn(r) * 0.1, torch.randn(d) * 0.1
-    y, h = cpu.forward(x, wd, bd, wu, bu, None, "gelu", 0.5, 0.0, 0)
-    dx = cpu.backward(g, x, wd, bd, wu, bu, h, True, "gelu", 0.5, 0.0, 0)[0]
+    y, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
+    dx = cpu.backward(g, x, wd, wu, bd, bu, h, "gelu", 0.5, 0.0, 0, True)[0]
     for rows in (slice(0, 64), slice(n - 64, n)):
-        y_small, h_small = cpu.forward(x[rows], wd, bd, wu, bu, None, "gelu", 0.5, 0.0, 0)
-        dx_small = cpu.backward(g[rows], x[rows], wd, bd, wu, bu, h_small, True, "gelu", 0.5, 0.0, 0)[0]
+        y_small, h_small = cpu.forward(x[rows], wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
+        dx_small = cpu.backward(g[rows], x[rows], wd, wu, bd, bu, h_small, "gelu", 0.5, 0.0, 0, True)[0]
         assert torch.equal(y[rows], y_small)
         assert torch.equal(dx[rows], dx_small)
 
@@ -220,13 +220,13 @@ def test_bf16_forward_past_2_31_elements():
     x = buffer.as_strided((n, d), (1, 1))
     wd, wu = torch.randn(r, d) / d**0.5, torch.randn(d, r) / r**0.5
     bd, bu = torch.randn(r) * 0.1, torch.randn(d) * 0.1
-    y, h = cpu.forward(x, wd, bd, wu, bu, None, "gelu", 1.0, 0.0, 0)
+    y, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 1.0, 0.0, 0, None)
     boundary = 2**31 // d
     rows = torch.tensor([0, boundary - 2, boundary - 1, boundary, boundary + 1, n - 2, n - 1])
     xs = x[rows].double()
-    y64, _ = reference.forward(xs, wd.double(), bd.double(), wu.double(), bu.double(), None, "gelu", 1.0, 0.0, 0)
-    y_eager, _ = reference.forward(x[rows], wd.bfloat16(), bd.bfloat16(), wu.bfloat16(), bu.bfloat16(), None,
-                                   "gelu", 1.0, 0.0, 0)
+    y64, _ = reference.forward(xs, wd.double(), wu.double(), bd.double(), bu.double(), "gelu", 1.0, 0.0, 0, None)
+    y_eager, _ = reference.forward(x[rows], wd.bfloat16(), wu.bfloat16(), bd.bfloat16(), bu.bfloat16(), "gelu", 1.0,
+                                   0.0, 0, None)
     ours, theirs = rel_err(y[rows], y64), rel_err(y_eager, y64)
     print(f"past 2^31: error {ours:.3e}, eager bf16 {theirs:.3e}")
     assert ours < 1e-2 and ours <= 2 * theirs

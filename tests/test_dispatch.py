@@ -10,7 +10,7 @@ import torch
 import adapterfast
 from adapterfast import dispatch
 
-from helpers import adapter_inputs, rel_err
+from helpers import adapter_inputs, backend_params, rel_err
 
 AVAILABLE = [name for name in ("reference", "cpu", "triton") if dispatch.backends()[name].available]
 
@@ -101,7 +101,7 @@ def test_env_variable_read_again_when_it_changes(monkeypatch):
     assert dispatch.current() == "auto"
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", backend_params())
 def test_needs_input_grad_respected(backend):
     """Frozen x (no dx wanted): weight gradients still right, x gets none."""
     x, wd, wu, bd, bu, _ = adapter_inputs(5, 8, 4)

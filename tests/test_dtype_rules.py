@@ -4,11 +4,10 @@ import pytest
 import torch
 
 import adapterfast
-from adapterfast import dispatch, reference
+from adapterfast import reference
 
-from helpers import adapter_inputs, rel_err
+from helpers import adapter_inputs, backend_params, rel_err
 
-AVAILABLE = [name for name in ("reference", "cpu", "triton") if dispatch.backends()[name].available]
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 
@@ -61,7 +60,7 @@ def test_wrong_d_model_names_x_and_the_adapter():
         adapter(torch.randn(2, 512))
 
 
-@pytest.mark.parametrize("backend", ["auto"] + AVAILABLE)
+@pytest.mark.parametrize("backend", ["auto"] + backend_params())
 def test_meta_tensors_run_through_the_fake_kernels(backend):
     adapter = adapterfast.Adapter(32, 4, bias=True, device="meta")
     x = torch.empty(3, 5, 32, device="meta", requires_grad=True)

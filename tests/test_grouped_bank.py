@@ -69,7 +69,7 @@ def _op_args(dtype=torch.float64, bias=True, residual=False):
     res = torch.randn(n, d, dtype=dtype) if residual else None
     scales = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     index = torch.tensor([0, 2, -1, 2, 0, 0, -1, 2, 2, 0])
-    return (x, wd, bd, wu, bu, scales, index, res, None, "silu", 0.0)
+    return (x, index, wd, wu, bd, bu, "silu", scales, 0.0, None, res)
 
 
 @pytest.mark.parametrize("backend", [b for b in AVAILABLE if b != "triton"])

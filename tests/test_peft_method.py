@@ -15,7 +15,8 @@ peft = pytest.importorskip("peft")
 from adapterfast import AdapterConfig  # noqa: E402
 from adapterfast.integrations import peft as af_peft  # noqa: E402
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
-from helpers import fp16_unsupported_reason, ids, tiny_bert, tiny_llama  # noqa: E402
+from adapterfast import reference  # noqa: E402
+from helpers import fp16_unsupported_reason, ids, rel_err, tiny_bert, tiny_llama  # noqa: E402
 from hf_compat import checkpointing_argument, checkpointing_enable, is_checkpointing  # noqa: E402
 
 def adapter_layers(model):
@@ -82,9 +83,17 @@ def test_unknown_architecture_needs_target_modules():
     with pytest.raises(ValueError, match="target_modules"):
         get_peft_model(model, AdapterConfig(r=4))
     model = get_peft_model(model, AdapterConfig(r=4, target_modules=["2"], init="bert"))
+    randomize_adapters(model)
     x = torch.randn(3, 8)
     y = model(x)
-    assert y.shape == (3, 8) and len(adapter_layers(model)) == 1
+    (layer,) = adapter_layers(model)
+    with model.disable_adapter():
+        h = model(x)
+    a = layer.adapterfast_settings["default"]
+    assert a.down.bias is None and a.up.bias is None  # the config's default
+    want = reference.adapter(h.double(), a.down.weight.double(), a.up.weight.double(), activation=a.activation,
+                             scale=a.scale)
+    assert rel_err(y, want) < 1e-5  # the adapter runs on the output of "2", added to it
 
 
 # -- named adapters, disabling, merging, unloading ------------------------------------------------

@@ -8,23 +8,7 @@ peft = pytest.importorskip("peft")
 
 from adapterfast import AdapterConfig  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-
-VOCAB = 100
-
-
-def tiny_llama(seed: int = 0):
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tiny_bert(seed: int = 0):
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0, num_labels=2)
-    torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(config).eval()
+from helpers import VOCAB, tiny_bert, tiny_llama  # noqa: E402
 
 
 def randomize(model, seed=3):

@@ -29,8 +29,8 @@ def test_split_backward_matches_autograd(activation, separate_residual):
     y = reference.adapter(x, wd, wu, bd, bu, activation=activation, scale=0.7, dropout_p=0.3, seed=3, residual=res)
     g = torch.randn_like(y)
     expected = torch.autograd.grad(y, leaves, g)
-    y2, h = reference.forward(x, wd, bd, wu, bu, res, activation, 0.7, 0.3, 3)
-    grads = reference.backward(g, x, wd, bd, wu, bu, h, not separate_residual, activation, 0.7, 0.3, 3)
+    y2, h = reference.forward(x, wd, wu, bd, bu, activation, 0.7, 0.3, 3, res)
+    grads = reference.backward(g, x, wd, wu, bd, bu, h, activation, 0.7, 0.3, 3, not separate_residual)
     assert rel_err(y2, y) < 1e-12
     for got, want in zip(grads, expected):
         assert rel_err(got, want) < 1e-12
@@ -60,7 +60,7 @@ def test_keep_mask_rate_and_determinism():
 def test_mixed_precision_forward_rounds_operands_to_x_dtype():
     x, wd, wu, bd, bu, _ = adapter_inputs(16, 32, 8)
     xb = x.bfloat16()
-    y, h = reference.forward(xb, wd, bd, wu, bu, None, "relu", 1.0, 0.0, 0)
+    y, h = reference.forward(xb, wd, wu, bd, bu, "relu", 1.0, 0.0, 0, None)
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
     exact = reference.adapter(xb.double(), wd.bfloat16().double(), wu.bfloat16().double(), bd.double(), bu.double())
     assert rel_err(y, exact) < 1e-2
@@ -70,8 +70,8 @@ def test_float64_dropout_factor_is_exact():
     """``scale / (1 - p)`` in float64 for float64 inputs, not rounded to fp32 (1.1111111640930176)."""
     x, wd, wu, bd, bu, _ = adapter_inputs(64, 32, 8, dtype=torch.float64)
     res = torch.zeros_like(x)
-    y, _ = reference.forward(x, wd, bd, wu, bu, res, "relu", 1.0, 0.1, 11)
-    full, _ = reference.forward(x, wd, bd, wu, bu, res, "relu", 1.0, 0.0, 11)
+    y, _ = reference.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.1, 11, res)
+    full, _ = reference.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.0, 11, res)
     kept = y != 0
     assert kept.any()
     assert torch.equal(y[kept], full[kept] * (1.0 / 0.9))
@@ -100,8 +100,8 @@ def test_outputs_are_contiguous_for_any_strides(layout):
         res = res.t().contiguous().t()
     g = torch.randn(48, 64)
     g = g.t().contiguous().t() if layout == "transposed_grad" else g[:1].expand(48, 64) if layout == "expanded_grad" else g
-    y, h = reference.forward(x, wd, bd, wu, bu, res, "gelu", 0.5, 0.0, 0)
-    grads = reference.backward(g, x, wd, bd, wu, bu, h, False, "gelu", 0.5, 0.0, 0)
+    y, h = reference.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, res)
+    grads = reference.backward(g, x, wd, wu, bd, bu, h, "gelu", 0.5, 0.0, 0, False)
     assert y.is_contiguous() and h.is_contiguous() and all(t.is_contiguous() for t in grads)
     with adapterfast.use_backend("reference"):
         leaves = [t.clone().requires_grad_() for t in (x, wd, wu, bd, bu, res)]

@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 
 from adapterfast import dropout, kernels, reference  # noqa: E402
 from adapterfast.activations import ACTIVATIONS  # noqa: E402
-from adapterfast.kernels import activations, config, launch, philox  # noqa: E402
+from adapterfast.kernels import activations, config, philox  # noqa: E402
 from adapterfast.kernels.forward_kernel import adapter_forward_kernel  # noqa: E402
 
 from helpers import assert_matches, rel_err  # noqa: E402
@@ -53,10 +53,10 @@ def make_inputs(n, d, r, dtype, *, bias=True, residual=False, weight_dtype=None)
 
 
 def run_kernels(t, activation, scale, p, seed):
-    y, h = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"],
-                           activation, scale, p, seed)
-    grads = kernels.backward(t["grad"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], h,
-                             t["residual"] is None, activation, scale, p, seed)
+    y, h = kernels.forward(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], activation, scale, p, seed,
+                           t["residual"])
+    grads = kernels.backward(t["grad"], t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], h, activation, scale,
+                             p, seed, t["residual"] is None)
     return y, h, grads
 
 
@@ -180,17 +180,16 @@ def test_dropout_mask_is_keep_mask():
     t["residual"].zero_()
     t["w_up"].zero_()
     t["b_up"].fill_(1.0)
-    y, _ = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"],
-                           "relu", 1.0, p, SEED)
+    y, _ = kernels.forward(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "relu", 1.0, p, SEED, t["residual"])
     keep = dropout.keep_mask(SEED, p, n, d)
     assert torch.equal(y.cpu() != 0, keep)
     assert torch.equal(y.cpu()[keep], torch.full((int(keep.sum()),), 1.0 / (1.0 - p)))
     assert abs((~keep).float().mean().item() - p) < 0.03
-    y_again, _ = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"],
-                                 "relu", 1.0, p, SEED)
+    y_again, _ = kernels.forward(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "relu", 1.0, p, SEED,
+                                 t["residual"])
     assert torch.equal(y, y_again)
-    y_other, _ = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"],
-                                 "relu", 1.0, p, SEED + 1)
+    y_other, _ = kernels.forward(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "relu", 1.0, p, SEED + 1,
+                                 t["residual"])
     assert not torch.equal(y, y_other)
 
 
@@ -199,10 +198,9 @@ def test_dropout_backward_uses_the_forward_mask():
     t = make_inputs(n, d, r, torch.float32, residual=True)
     t["grad"].fill_(1.0)
     t["w_up"].zero_()
-    _, h = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"],
-                           "relu", 1.0, p, SEED)
-    db_up = kernels.backward(t["grad"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], h, False,
-                             "relu", 1.0, p, SEED)[4]
+    _, h = kernels.forward(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "relu", 1.0, p, SEED, t["residual"])
+    db_up = kernels.backward(t["grad"], t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], h, "relu", 1.0, p,
+                             SEED, False)[4]
     keep = dropout.keep_mask(SEED, p, n, d)
     assert rel_err(db_up.cpu(), keep.double().sum(0) / (1.0 - p)) < 1e-6
 
@@ -264,17 +262,17 @@ def test_db_are_returned_without_biases():
 def test_rank_over_256_raises():
     t = make_inputs(4, 16, 257, torch.float32)
     with pytest.raises(ValueError, match="r <= 256"):
-        kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, "relu", 1.0, 0.0, None)
+        kernels.forward(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "relu", 1.0, 0.0, None, None)
     h = torch.zeros(4, 257, device=DEVICE)
     with pytest.raises(ValueError, match="r <= 256"):
-        kernels.backward(t["grad"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], h, True,
-                         "relu", 1.0, 0.0, None)
+        kernels.backward(t["grad"], t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], h, "relu", 1.0, 0.0,
+                         None, True)
 
 
 def test_unknown_activation_raises():
     t = make_inputs(4, 16, 4, torch.float32)
     with pytest.raises(ValueError, match="activation"):
-        kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, "swish", 1.0, 0.0, None)
+        kernels.forward(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "swish", 1.0, 0.0, None, None)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -283,34 +281,16 @@ def test_nan_propagates_as_in_eager(activation):
     t["x"][3] = float("nan")
     t["x"][7, 11] = float("nan")
     t["grad"][12, 4] = float("nan")
-    args = (t["w_down"], t["b_down"], t["w_up"], t["b_up"])
+    args = (t["w_down"], t["w_up"], t["b_down"], t["b_up"])
     y, h, grads = run_kernels(t, activation, 1.0, 0.2, SEED)
-    y_ref, h_ref = reference.forward(t["x"].cpu(), *(a.cpu() for a in args), None, activation, 1.0, 0.2, SEED)
-    grads_ref = reference.backward(t["grad"].cpu(), t["x"].cpu(), *(a.cpu() for a in args), h_ref, True,
-                                   activation, 1.0, 0.2, SEED)
+    y_ref, h_ref = reference.forward(t["x"].cpu(), *(a.cpu() for a in args), activation, 1.0, 0.2, SEED, None)
+    grads_ref = reference.backward(t["grad"].cpu(), t["x"].cpu(), *(a.cpu() for a in args), h_ref, activation, 1.0,
+                                   0.2, SEED, True)
     for got, want in zip((y, h, *grads), (y_ref, h_ref, *grads_ref)):
         got = got.cpu()
         assert torch.equal(got.isnan(), want.isnan())
         finite = ~want.isnan()
         assert rel_err(got[finite], want[finite]) < 1e-5
-
-
-def test_tf32_follows_torch_flag_at_launch():
-    previous = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        assert launch.dot_precision(torch.float32) == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        assert launch.dot_precision(torch.float32) == "tf32"
-        assert launch.dot_precision(torch.float16) == "ieee"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def test_config_table_covers_every_rank():
-    for r in range(1, 257):
-        cfgs = config.choose(1000, r, torch.float16)
-        assert cfgs.forward.block_r in config.R_BUCKETS and cfgs.forward.block_r >= r
 
 
 def _column_major(v):
@@ -374,38 +354,13 @@ def test_every_argument_over_strides(case):
                transform=lambda t: _relayout(t, layouts))
 
 
-def test_tf32_flag_read_through_the_new_precision_api():
-    """After ``fp32_precision`` is set, reading the legacy ``allow_tf32`` raises: the launcher must not."""
-    matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
-        pytest.skip("this torch has no fp32_precision API")
-    try:
-        matmul.fp32_precision = "tf32"
-        assert launch.dot_precision(torch.float32) == "tf32"
-        assert launch.dot_precision(torch.bfloat16) == "ieee"
-        check_case(20, 48, 8, torch.float16, "relu")
-        matmul.fp32_precision = "ieee"
-        assert launch.dot_precision(torch.float32) == "ieee"
-        check_case(20, 48, 8, torch.float32, "relu")
-        matmul.fp32_precision = "none"
-        torch.backends.fp32_precision = "tf32"
-        assert launch.dot_precision(torch.float32) == "tf32"
-        torch.backends.fp32_precision = "ieee"
-        assert launch.dot_precision(torch.float32) == "ieee"
-    finally:
-        torch.backends.fp32_precision = "none"
-        matmul.fp32_precision = "none"
-    assert matmul.allow_tf32 in (False, True)
-
-
 @pytest.mark.parametrize("residual", [False, True])
 def test_need_dx_false_skips_dx_and_keeps_the_rest(residual):
     t = make_inputs(37, 90, 12, torch.float32, residual=residual)
     p = 0.2
-    y, h = kernels.forward(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], t["residual"], "gelu", 0.5, p,
-                           SEED)
-    args = (t["grad"], t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], h, not residual, "gelu", 0.5, p,
-            SEED)
+    y, h = kernels.forward(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "gelu", 0.5, p, SEED, t["residual"])
+    args = (t["grad"], t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], h, "gelu", 0.5, p, SEED,
+            not residual)
     full = kernels.backward(*args)
     skipped = kernels.backward(*args, need_dx=False)
     assert full[0] is not None and skipped[0] is None
@@ -443,35 +398,6 @@ def test_tanh_is_accurate_near_zero_and_saturates(activation):
     if activation == "tanh":
         assert torch.equal(out.cpu()[:120], -out.cpu()[120:240])
         assert out.cpu()[-3:].tolist() == [1.0, -1.0, 1.0]
-
-
-def test_launch_setup_is_cached_per_problem_kind_but_follows_the_tf32_flag():
-    """Config choice and constexprs are computed once per (d, r, dtype, flags); the TF32 flag is read per call."""
-    from adapterfast.kernels import forward_kernel
-
-    t = make_inputs(12, 48, 8, torch.float32)
-    forward_kernel._static.cache_clear()
-    plans = [forward_kernel.plan(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, "relu", 1.0, 0.0,
-                                 None)[2] for _ in range(3)]
-    assert forward_kernel._static.cache_info().misses == 1 and forward_kernel._static.cache_info().hits == 2
-    assert plans[0].kwargs is plans[2].kwargs and plans[0].args[0] is t["x"]
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        try:
-            matmul.fp32_precision = "tf32"
-            tf32 = forward_kernel.plan(t["x"], t["w_down"], t["b_down"], t["w_up"], t["b_up"], None, "relu", 1.0,
-                                       0.0, None)[2]
-        finally:
-            matmul.fp32_precision = "none"
-        assert tf32.kwargs["INPUT_PRECISION"] == "tf32" and plans[0].kwargs["INPUT_PRECISION"] == "ieee"
-
-
-def test_host_overhead_benchmark_runs():
-    from benchmarks import gpu_check_overhead
-
-    figures = gpu_check_overhead.measure(calls=20)
-    assert set(figures) == {"forward_us", "forward_dropout_us", "backward_us"}
-    assert all(0 < v < 1e5 for v in figures.values())
 
 
 def test_fp32_weights_are_rounded_once_exactly_like_16bit_weights():
