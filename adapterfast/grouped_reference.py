@@ -30,8 +30,7 @@ def _keep(seed, p: float, rows: torch.Tensor, d: int) -> torch.Tensor | None:
     """The kept-mask of ``fused_adapter`` for the given rows of an ``[N, d]`` batch."""
     if p == 0.0 or seed is None:
         return None
-    index = rows.to(torch.int64)[:, None] * d + torch.arange(d, dtype=torch.int64, device=rows.device)[None, :]
-    return _dropout.philox_words(int(seed), index) >= _dropout.threshold(p)
+    return _dropout.keep_rows(int(seed), p, rows, d)
 
 
 def _factor(keep, scale: torch.Tensor, p: float):

@@ -429,26 +429,27 @@ inline void mulhilo(__m512i m, __m512i c, __m512i& hi, __m512i& lo) {
   hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
 
-// philox::first_word for 16 counters (c0 low words, c1 high words) with precomputed round keys.
-inline __m512i philox_first_word(__m512i c0, __m512i c1, const uint32_t (&k0)[philox::kRounds],
-                                 const uint32_t (&k1)[philox::kRounds]) {
+// philox::words for 16 counters (c0, c1, c2, 0) with precomputed round keys; the words land in c.
+inline void philox_words(__m512i (&c)[4], const uint32_t (&k0)[philox::kRounds],
+                         const uint32_t (&k1)[philox::kRounds]) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(philox::kM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(philox::kM1));
-  __m512i c2 = _mm512_setzero_si512();
-  __m512i c3 = _mm512_setzero_si512();
   for (int round = 0; round < philox::kRounds; ++round) {
     __m512i hi0, lo0, hi1, lo1;
-    mulhilo(m0, c0, hi0, lo0);
-    mulhilo(m1, c2, hi1, lo1);
+    mulhilo(m0, c[0], hi0, lo0);
+    mulhilo(m1, c[2], hi1, lo1);
     constexpr int kXor3 = 0x96;
-    c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(k0[round])), kXor3);
-    c1 = lo1;
-    c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(k1[round])), kXor3);
-    c3 = lo0;
+    c[0] = _mm512_ternarylogic_epi32(hi1, c[1], _mm512_set1_epi32(static_cast<int>(k0[round])), kXor3);
+    c[1] = lo1;
+    c[2] = _mm512_ternarylogic_epi32(hi0, c[3], _mm512_set1_epi32(static_cast<int>(k1[round])), kXor3);
+    c[3] = lo0;
   }
-  return c0;
 }
 
+// 16 Philox calls cover 64 columns of a row (quads k/4 .. k/4 + 15). Lane l's word j decides
+// column k + 4 l + j, which is byte j of dword l: each word's comparison sets its byte of the
+// dwords, and the 64 bytes store in column order (ld_keep is a multiple of 64, so whole stores
+// stay inside the row).
 void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, int64_t d,
                   uint8_t* keep, int64_t ld_keep) {
   uint32_t k0[philox::kRounds];
@@ -462,16 +463,19 @@ void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, in
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i bound = _mm512_set1_epi32(static_cast<int>(threshold));
   for (int64_t i = 0; i < M; ++i) {
-    const uint64_t row_base = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(d);
-    for (int64_t k = 0; k < d; k += kLanes) {
-      const uint64_t first = row_base + static_cast<uint64_t>(k);
-      const __m512i lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
-      const __m512i hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
-      const __m512i c0 = _mm512_add_epi32(lo, iota);
-      const __mmask16 carry = _mm512_cmp_epu32_mask(c0, lo, _MM_CMPINT_LT);
-      const __m512i c1 = _mm512_mask_add_epi32(hi, carry, hi, _mm512_set1_epi32(1));
-      const __mmask16 kept = _mm512_cmp_epu32_mask(philox_first_word(c0, c1, k0, k1), bound, _MM_CMPINT_NLT);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(keep + i * ld_keep + k), _mm_maskz_set1_epi8(kept, 1));
+    const uint64_t row = static_cast<uint64_t>(row0 + i);
+    const __m512i row_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(row)));
+    const __m512i row_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(row >> 32)));
+    for (int64_t k = 0; k < d; k += 4 * kLanes) {
+      __m512i c[4] = {_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k / 4)), iota), row_lo, row_hi,
+                      _mm512_setzero_si512()};
+      philox_words(c, k0, k1);
+      __m512i bytes = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {
+        const __mmask16 kept = _mm512_cmp_epu32_mask(c[j], bound, _MM_CMPINT_NLT);
+        bytes = _mm512_mask_or_epi32(bytes, kept, bytes, _mm512_set1_epi32(1 << (8 * j)));
+      }
+      _mm512_storeu_si512(keep + i * ld_keep + k, bytes);
     }
   }
 }

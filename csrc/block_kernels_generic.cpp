@@ -89,9 +89,11 @@ void project_out(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, c
 void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, int64_t d,
                   uint8_t* keep, int64_t ld_keep) {
   for (int64_t i = 0; i < M; ++i) {
-    const uint64_t base = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(d);
-    for (int64_t k = 0; k < d; ++k) {
-      keep[i * ld_keep + k] = philox::first_word(seed, base + static_cast<uint64_t>(k)) >= threshold;
+    const uint64_t row = static_cast<uint64_t>(row0 + i);
+    for (int64_t k = 0; k < d; k += 4) {
+      const auto words = philox::words(seed, static_cast<uint32_t>(k / 4), static_cast<uint32_t>(row),
+                                       static_cast<uint32_t>(row >> 32));
+      for (int64_t j = 0; j < 4 && k + j < d; ++j) keep[i * ld_keep + k + j] = words[j] >= threshold;
     }
   }
 }

@@ -1,8 +1,10 @@
 #pragma once
-// The dropout mask of adapterfast/dropout.py, bit for bit: Philox4x32-10 keyed by the seed and
-// counted by the element's flat index i = row * d + col. With key (seed & 0xffffffff, seed >> 32)
-// and counter (i & 0xffffffff, i >> 32, 0, 0), the first output word u keeps the element when
-// u >= threshold(p). The backward regenerates the mask from the seed instead of storing it.
+// The dropout mask of adapterfast/dropout.py, bit for bit: Philox4x32-10 keyed by the seed
+// (key (seed & 0xffffffff, seed >> 32)), one call per four elements of a row. Elements
+// (row, 4q) .. (row, 4q + 3) share counter (q, row & 0xffffffff, row >> 32, 0); element (row, col)
+// takes output word col & 3 and is kept when that word is >= threshold(p). The backward
+// regenerates the mask from the seed instead of storing it.
+#include <array>
 #include <cstdint>
 
 namespace adapterfast::cpu::philox {
@@ -19,13 +21,10 @@ inline uint32_t threshold(double p) {
   return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
 }
 
-// First word of Philox4x32-10 for one 64-bit counter.
-inline uint32_t first_word(uint64_t seed, uint64_t counter) {
+// The four output words of Philox4x32-10 for the counter (c0, c1, c2, 0).
+inline std::array<uint32_t, 4> words(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2) {
   uint32_t k0 = static_cast<uint32_t>(seed);
   uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  uint32_t c0 = static_cast<uint32_t>(counter);
-  uint32_t c1 = static_cast<uint32_t>(counter >> 32);
-  uint32_t c2 = 0;
   uint32_t c3 = 0;
   for (int round = 0; round < kRounds; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(kM0) * c0;
@@ -41,7 +40,7 @@ inline uint32_t first_word(uint64_t seed, uint64_t counter) {
     k0 += kW0;
     k1 += kW1;
   }
-  return c0;
+  return {c0, c1, c2, c3};
 }
 
 }  // namespace adapterfast::cpu::philox

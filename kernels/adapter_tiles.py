@@ -36,7 +36,7 @@ def project_down(acc, src_ptr, rows, row_mask, stride_sm, stride_sd, w_ptr, stri
         src = tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sd,
                       mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if SCALED:
-            src = src.to(tl.float32) * branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
+            src = src.to(tl.float32) * branch_factor(rows, start, scale, key_lo, key_hi, threshold, HAS_DROPOUT, BLOCK_D)
         w = tl.load(w_ptr + cols[:, None] * stride_w_d + ranks[None, :] * stride_w_r,
                     mask=col_mask[:, None] & rank_mask[None, :], other=0.0)
         acc = tl.dot(src.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
@@ -44,11 +44,15 @@ def project_down(acc, src_ptr, rows, row_mask, stride_sm, stride_sd, w_ptr, stri
 
 
 @triton.jit
-def output_tile(a, cols, rows, row_mask, ranks, rank_mask, d, w_up_ptr, stride_wu_r, stride_wu_d, b_up_ptr, stride_bu,
+def output_tile(a, col0, rows, row_mask, ranks, rank_mask, d, w_up_ptr, stride_wu_r, stride_wu_d, b_up_ptr, stride_bu,
                 res_ptr, stride_rm, stride_rd, y_ptr, scale, key_lo, key_hi, threshold,
-                HAS_B_UP: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Stores ``y[rows, cols] = res + s * mask * (a @ Wu^T[:, cols] + bu)`` in a's dtype; y contiguous [*, d]."""
+                HAS_B_UP: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Stores ``y[rows, cols] = res + s * mask * (a @ Wu^T[:, cols] + bu)`` in a's dtype for the columns
+    ``cols = col0 .. col0 + BLOCK_D - 1`` (``col0`` a multiple of 4, as the dropout mask's quads need);
+    y contiguous [*, d]."""
     dtype = a.dtype
+    cols = col0 + tl.arange(0, BLOCK_D).to(tl.int64)
     col_mask = cols < d
     tile_mask = row_mask[:, None] & col_mask[None, :]
     w_up_t = tl.load(w_up_ptr + ranks[:, None] * stride_wu_r + cols[None, :] * stride_wu_d,
@@ -56,7 +60,7 @@ def output_tile(a, cols, rows, row_mask, ranks, rank_mask, d, w_up_ptr, stride_w
     u = tl.dot(a, w_up_t.to(dtype), input_precision=INPUT_PRECISION)
     if HAS_B_UP:
         u += tl.load(b_up_ptr + cols * stride_bu, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    factor = branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
+    factor = branch_factor(rows, col0, scale, key_lo, key_hi, threshold, HAS_DROPOUT, BLOCK_D)
     res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rd, mask=tile_mask, other=0.0)
     y = res.to(tl.float32) + factor * u
     tl.store(y_ptr + rows[:, None] * d + cols[None, :], y.to(dtype), mask=tile_mask)
@@ -79,17 +83,17 @@ def dx_tile(dh, cols, rows, row_mask, ranks, rank_mask, d, w_down_ptr, stride_wd
 
 
 @triton.jit
-def weight_grad_step(dw_up_t, dw_down, db_up, rows, row_mask, cols, col_mask, ranks, rank_mask, d, r,
+def weight_grad_step(dw_up_t, dw_down, db_up, rows, row_mask, col0, cols, col_mask, ranks, rank_mask, d, r,
                      g_ptr, stride_gm, stride_gd, x_ptr, stride_xm, stride_xd, h_ptr, dh_ptr,
                      scale, key_lo, key_hi, threshold, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                     INPUT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr):
     """The block's rows added to the column tile's sums: ``dWu^T += act(h)^T gz``, ``dWd += dh^T x``,
     ``dbu += sum gz`` (gz = g * mask * s). Returns them and the block's fp32 dh (for ``dbd``); h and dh
     are contiguous [*, r] fp32."""
     tile_mask = row_mask[:, None] & col_mask[None, :]
     hr_mask = row_mask[:, None] & rank_mask[None, :]
     g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd, mask=tile_mask, other=0.0).to(tl.float32)
-    gz = g * branch_factor(rows, cols, d, scale, key_lo, key_hi, threshold, HAS_DROPOUT)
+    gz = g * branch_factor(rows, col0, scale, key_lo, key_hi, threshold, HAS_DROPOUT, BLOCK_D)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=tile_mask, other=0.0)
     h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
     a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(DOT_DTYPE)

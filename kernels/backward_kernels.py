@@ -110,7 +110,8 @@ def adapter_backward_dw_kernel(
 
     Partials are contiguous: ``dw_down_part [S, r, d]``, ``dw_up_part [S, d, r]``, ``db_up_part [S, d]``.
     """
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col0 = tl.program_id(0) * BLOCK_D
+    cols = col0.to(tl.int64) + tl.arange(0, BLOCK_D)
     col_mask = cols < d
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < r
@@ -123,9 +124,10 @@ def adapter_backward_dw_kernel(
         rows = (slice_id * blocks_per_slice + block) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         dw_up_t, dw_down, db_up, _ = weight_grad_step(
-            dw_up_t, dw_down, db_up, rows, row_mask, cols, col_mask, ranks, rank_mask, d, r, g_ptr, stride_gm,
+            dw_up_t, dw_down, db_up, rows, row_mask, col0, cols, col_mask, ranks, rank_mask, d, r, g_ptr, stride_gm,
             stride_gd, x_ptr, stride_xm, stride_xd, h_ptr, dh_ptr, scale, key_lo, key_hi, threshold,
-            ACTIVATION=ACTIVATION, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION, DOT_DTYPE=DOT_DTYPE)
+            ACTIVATION=ACTIVATION, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION, DOT_DTYPE=DOT_DTYPE,
+            BLOCK_D=BLOCK_D)
 
     dw_mask = rank_mask[:, None] & col_mask[None, :]
     tl.store(dw_down_part_ptr + (slice_id * r + ranks[:, None]) * d + cols[None, :], dw_down, mask=dw_mask)

@@ -66,10 +66,10 @@ def adapter_forward_kernel(
     last = (d - 1) // BLOCK_D * BLOCK_D
     for back in range(0, d, BLOCK_D):
         start = last - back
-        cols = start + tl.arange(0, BLOCK_D).to(tl.int64)
-        output_tile(a, cols, rows, row_mask, ranks, rank_mask, d, w_up_ptr, stride_wu_r, stride_wu_d, b_up_ptr, stride_bu,
+        output_tile(a, start, rows, row_mask, ranks, rank_mask, d, w_up_ptr, stride_wu_r, stride_wu_d, b_up_ptr, stride_bu,
                     res_ptr, stride_rm, stride_rd, y_ptr, scale, key_lo, key_hi, threshold,
-                    HAS_B_UP=HAS_B_UP, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION)
+                    HAS_B_UP=HAS_B_UP, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION,
+                    BLOCK_D=BLOCK_D)
 
 
 def hbm_bytes(n_rows: int, d: int, r: int, elem_bytes: int, separate_residual: bool = False) -> int:

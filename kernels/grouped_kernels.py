@@ -98,10 +98,11 @@ def grouped_forward_kernel(
         a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(dtype)
 
         for start in range(0, d, BLOCK_D):
-            output_tile(a, start + tl.arange(0, BLOCK_D), rows, row_mask, ranks, rank_mask, d,
+            output_tile(a, start, rows, row_mask, ranks, rank_mask, d,
                         w_up_ptr + adapter * stride_wu_a, stride_wu_r, stride_wu_d, b_up_ptr + adapter * stride_bu_a, 1,
                         res_ptr, stride_rm, stride_rd, y_ptr, scale, key_lo, key_hi, threshold,
-                        HAS_B_UP=HAS_B_UP, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION)
+                        HAS_B_UP=HAS_B_UP, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION,
+                        BLOCK_D=BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["key_lo", "key_hi", "threshold"])
@@ -157,7 +158,8 @@ def grouped_backward_dw_kernel(
     """
     tile = tl.program_id(0)
     adapter = tl.program_id(1).to(tl.int64)
-    cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    col0 = tile * BLOCK_D
+    cols = col0 + tl.arange(0, BLOCK_D)
     col_mask = cols < d
     ranks = tl.arange(0, BLOCK_R)
     rank_mask = ranks < r
@@ -174,9 +176,10 @@ def grouped_backward_dw_kernel(
         row_mask = positions < end
         rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
         dw_up_t, dw_down, db_up, dh32 = weight_grad_step(
-            dw_up_t, dw_down, db_up, rows, row_mask, cols, col_mask, ranks, rank_mask, d, r, g_ptr, stride_gm,
+            dw_up_t, dw_down, db_up, rows, row_mask, col0, cols, col_mask, ranks, rank_mask, d, r, g_ptr, stride_gm,
             stride_gd, x_ptr, stride_xm, stride_xd, h_ptr, dh_ptr, scale, key_lo, key_hi, threshold,
-            ACTIVATION=ACTIVATION, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION, DOT_DTYPE=DOT_DTYPE)
+            ACTIVATION=ACTIVATION, HAS_DROPOUT=HAS_DROPOUT, INPUT_PRECISION=INPUT_PRECISION, DOT_DTYPE=DOT_DTYPE,
+            BLOCK_D=BLOCK_D)
         db_down += tl.sum(dh32, axis=0)
 
     dw_mask = rank_mask[:, None] & col_mask[None, :]

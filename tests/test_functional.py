@@ -107,7 +107,8 @@ def test_dropout_only_in_training_and_seeded():
     torch.manual_seed(5)
     kept = dropout.keep_mask(int(dropout.new_seed()), 0.5, 32, 16)
     assert torch.equal(a[~kept], x[~kept])
-    assert torch.allclose(a[kept] - x[kept], 2 * (plain - x)[kept])
+    # a - x and plain - x each round once in fp32 (values up to ~4): compare at that resolution.
+    torch.testing.assert_close(a[kept] - x[kept], 2 * (plain - x)[kept], rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize(

@@ -43,9 +43,29 @@ def test_activation_grads_match_autograd():
         assert rel_err(reference.activate_grad(h.detach(), activation), expected) < 1e-12, activation
 
 
-def test_philox_known_answer():
-    """Random123's published answer for Philox4x32-10 with zero key and counter."""
-    assert dropout.philox_words(0, torch.zeros(1, dtype=torch.int64)).item() == 0x6627E8D5
+@pytest.mark.parametrize("key, counter, words", [
+    ((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_known_answers(key, counter, words):
+    """Random123's published answers (kat_vectors) for Philox4x32-10: all four output words."""
+    seed = key[0] | key[1] << 32
+    got = dropout.philox(seed, *(torch.tensor([c], dtype=torch.int64) for c in counter))
+    assert tuple(w.item() for w in got) == words
+
+
+def test_keep_mask_takes_word_col_mod_4_of_the_row_quad():
+    """Element (row, col) uses word ``col & 3`` of Philox at counter ``(col >> 2, row lo, row hi, 0)``."""
+    seed, p = 987654321, 0.5
+    rows = torch.tensor([0, 5, 2**32 + 3], dtype=torch.int64)
+    words = dropout.element_words(seed, rows, 11)
+    for i, row in enumerate(rows.tolist()):
+        for col in range(11):
+            one = lambda v: torch.tensor([v], dtype=torch.int64)  # noqa: E731
+            want = dropout.philox(seed, one(col >> 2), one(row & 0xFFFFFFFF), one(row >> 32))[col & 3]
+            assert words[i, col].item() == want.item(), (row, col)
+    assert torch.equal(dropout.keep_rows(seed, p, rows, 11), words >= dropout.threshold(p))
 
 
 def test_keep_mask_rate_and_determinism():

@@ -206,23 +206,26 @@ def test_dropout_backward_uses_the_forward_mask():
 
 
 @triton.jit
-def _philox_words_kernel(index_ptr, out_ptr, n, key_lo, key_hi, BLOCK: tl.constexpr):
-    offsets = tl.arange(0, BLOCK)
-    index = tl.load(index_ptr + offsets, mask=offsets < n, other=0)
-    words = philox.philox_first_word(index, key_lo, key_hi)
-    tl.store(out_ptr + offsets, words.to(tl.int32, bitcast=True), mask=offsets < n)
+def _keep_tile_kernel(rows_ptr, out_ptr, col0, key_lo, key_hi, threshold, BLOCK_M: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    rows = tl.load(rows_ptr + tl.arange(0, BLOCK_M))
+    keep = philox.keep_mask(rows, col0, key_lo, key_hi, threshold, BLOCK_D)
+    tl.store(out_ptr + tl.arange(0, BLOCK_M)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], keep.to(tl.int8))
 
 
-def test_philox_matches_reference_past_2_pow_32():
-    """Counters past 2**32 (tensors of more than 4G elements) use the high counter word."""
-    index = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 7, 3 * 2**40 + 5, 2**62 + 11],
-                         dtype=torch.int64, device=DEVICE)
-    out = torch.empty(index.shape, dtype=torch.int32, device=DEVICE)
+def test_keep_tile_matches_reference_for_any_rows_and_column_tiles():
+    """Gathered rows past 2**32 (the high counter word) and column tiles away from 0 give dropout.keep_rows."""
+    rows = torch.tensor([0, 1, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 3 * 2**40 + 5], dtype=torch.int64)
+    block_d, p = 16, 0.3
+    out = torch.empty((rows.numel(), block_d), dtype=torch.int8, device=DEVICE)
     for seed in (0, 1, SEED, 2**62 - 1):
         key_lo, key_hi = philox.key_words(seed)
-        _philox_words_kernel[(1,)](index, out, index.numel(), key_lo, key_hi, BLOCK=16)
-        want = dropout.philox_words(seed, index.cpu())
-        assert torch.equal(out.cpu().long() & 0xFFFFFFFF, want), seed
+        threshold = philox.as_int32(dropout.threshold(p))
+        for col0 in (0, 16, 48):
+            _keep_tile_kernel[(1,)](rows.to(DEVICE), out, col0, key_lo, key_hi, threshold,
+                                    BLOCK_M=rows.numel(), BLOCK_D=block_d)
+            want = dropout.keep_rows(seed, p, rows, col0 + block_d)[:, col0:]
+            assert torch.equal(out.cpu().bool(), want), (seed, col0)
 
 
 def test_empty_batch():
