@@ -8,7 +8,7 @@ import adapterfast
 from adapterfast import dropout as dropout_rng
 from adapterfast import grouped_adapter, reference, use_backend
 from adapterfast.dispatch import backends
-from helpers import rel_err
+from helpers import backend_params, rel_err
 
 AVAILABLE = [name for name, info in backends().items() if info.available]
 # Triton runs in its CPU interpreter here: small shapes, fp32 and fp16 (it has no float64).
@@ -96,7 +96,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_loop(backend, case):
     n, d, r, adapters = (70, 37, 5, 4) if backend == "triton" else (150, 123, 5, 4)
@@ -104,7 +104,7 @@ def test_matches_loop(backend, case):
         run_case(backend, dtype, n, d, r, adapters, CASES[case](n, adapters))
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", backend_params())
 def test_one_row_per_adapter_and_no_bias(backend):
     adapters = 6
     index = torch.randperm(adapters)
@@ -112,7 +112,7 @@ def test_one_row_per_adapter_and_no_bias(backend):
         run_case(backend, dtype, adapters, 33, 3, adapters, index, bias=False, activation="relu")
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", backend_params())
 def test_dropout_and_residual(backend):
     n, d, r, adapters = (70, 37, 5, 3) if backend == "triton" else (130, 67, 6, 3)
     index = torch.randint(-1, adapters, (n,))
@@ -120,7 +120,7 @@ def test_dropout_and_residual(backend):
         run_case(backend, dtype, n, d, r, adapters, index, p=0.25, residual=True, activation="silu")
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", backend_params())
 def test_single_adapter_bank_is_fused_adapter(backend):
     """With one adapter and every row on it, the grouped op is fused_adapter, dropout mask included."""
     dtype = torch.float32
@@ -133,7 +133,7 @@ def test_single_adapter_bank_is_fused_adapter(backend):
     assert rel_err(got, want) < 1e-6
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", backend_params())
 def test_all_rows_without_adapter_and_empty_batch(backend):
     x, wd, wu, bd, bu, res = bank_inputs(9, 16, 4, 2, dtype=torch.float32, residual=True)
     with use_backend(backend):
@@ -151,7 +151,7 @@ def test_leading_dims_and_int32_index():
     assert torch.allclose(shaped.view(24, 10), flat, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", backend_params())
 def test_index_out_of_range_is_a_value_error(backend):
     x, wd, wu, _, _, _ = bank_inputs(5, 8, 2, 2, dtype=torch.float32)
     with use_backend(backend), pytest.raises(ValueError, match="adapter_index"):
@@ -175,15 +175,15 @@ def test_bad_inputs_name_what_is_wrong():
         grouped_adapter(x, index, wd, wu, scale=[1.0, 2.0, 3.0])
 
 
-def test_gradcheck_cpu_float64():
+@pytest.mark.parametrize("backend", backend_params(("cpu", "reference")))
+def test_gradcheck_float64(backend):
     x, wd, wu, bd, bu, _ = bank_inputs(12, 7, 3, 3, dtype=torch.float64)
     index = torch.tensor([0, 2, -1, 2, 2, 0, -1, 0, 2, 2, 0, 0])
     inputs = [t.requires_grad_() for t in (x, wd, wu, bd, bu)]
-    for backend in [b for b in ("cpu", "reference") if b in AVAILABLE]:
-        with use_backend(backend):
-            assert torch.autograd.gradcheck(
-                lambda *t: grouped_adapter(t[0], index, *t[1:], activation="tanh", scale=[0.5, 1.0, 2.0]),
-                inputs)
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda *t: grouped_adapter(t[0], index, *t[1:], activation="tanh", scale=[0.5, 1.0, 2.0]),
+            inputs)
 
 
 def test_weight_gradients_are_bitwise_reproducible_on_cpu():
