@@ -85,7 +85,14 @@ void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
     const float* b = B + k0 * ldb;
     for (int64_t n0 = 0; n0 < N; n0 += 4 * kLanes) {
       switch ((min64(N - n0, 4 * kLanes) + kLanes - 1) / kLanes) {
-        case 1: project_in_tiles<16, 1>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;
+        case 1: {
+          // 16-row tiles, the last rows (fewer than 16) in 8-row ones: a tile computes all its
+          // rows, so a one-row call in a 16-row tile would cost twice an 8-row one.
+          const int64_t full = M / 16 * 16;
+          project_in_tiles<16, 1>(full, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0);
+          project_in_tiles<8, 1>(M - full, N, n0, kc, a + full * lda, lda, b, ldb, C + full * ldc, ldc, k0 > 0);
+          break;
+        }
         case 2: project_in_tiles<8, 2>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;
         case 3: project_in_tiles<8, 3>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;
         default: project_in_tiles<6, 4>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;

@@ -14,16 +14,14 @@
 namespace adapterfast::cpu::avx512 {
 namespace {
 
-// out[row, k0 : k0 + 16 kVecs] = epilogue(acc) for one row of a project_out tile, acc holding
-// u + bias. kFull: every lane of the tile is in the output (no masks).
-template <typename ResTag, typename Out, bool kStream, bool kFull, int kVecs>
+// out[row, k0 : k0 + 16 kVecs] = epilogue(acc + bias) for one row of a project_out tile.
+template <typename ResTag, typename Out, bool kStream, int kVecs>
 ALWAYS_INLINE void finish_row(const OutputEpilogue<float>& e, int64_t row, int64_t k0, const TileColumns<kVecs>& cols,
-                              const __m512 (&acc)[kVecs], __m512 scale) {
+                              const __m512 (&acc)[kVecs], const __m512 (&bias)[kVecs], __m512 scale) {
   using Res = typename Storage<ResTag>::type;
   Out* out = static_cast<Out*>(e.out) + row * e.ld_out + k0;
   for (int v = 0; v < kVecs; ++v) {
-    const __mmask16 m = kFull ? __mmask16(0xFFFF) : cols.m[v];
-    if (!kFull && m == 0) continue;
+    if (cols.m[v] == 0) continue;
     __m512 factor = scale;
     if (e.keep != nullptr) {
       const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e.keep + row * e.ld_keep + k0 + v * kLanes));
@@ -33,60 +31,50 @@ ALWAYS_INLINE void finish_row(const OutputEpilogue<float>& e, int64_t row, int64
     if constexpr (!std::is_same_v<ResTag, NoResidual>) {
       const Res* res = static_cast<const Res*>(e.res) + row * e.ld_res + k0 + v * kLanes;
       // This row's next tile is due after the block's other rows: request its residual now.
-      if (kFull) _mm_prefetch(reinterpret_cast<const char*>(res + kVecs * kLanes), _MM_HINT_T0);
-      base = load_as_float(res, m);
+      if (cols.full) _mm_prefetch(reinterpret_cast<const char*>(res + kVecs * kLanes), _MM_HINT_T0);
+      base = load_as_float(res, cols.m[v]);
     }
-    store_from_float<kStream>(out + v * kLanes, _mm512_fmadd_ps(factor, acc[v], base), m);
+    const __m512 y = _mm512_fmadd_ps(factor, _mm512_add_ps(acc[v], bias[v]), base);
+    store_from_float<kStream>(out + v * kLanes, y, cols.m[v]);
   }
 }
 
-// One [M, 16 kVecs] column slice of project_out in kRows x kVecs tiles, each finished by the
-// epilogue straight from the registers. The accumulators start at the bias, so that only the
-// tile and B's row (kRows kVecs + kVecs registers) are live in the loop: with the bias held
-// apart, 6 x 4 tiles spilled.
-template <typename ResTag, typename Out, bool kStream, bool kFull, int kRows, int kVecs>
-void project_out_slice(int64_t M, int64_t N, int64_t k0, const float* A, int64_t lda, const float* B,
-                       int64_t ldb, const TileColumns<kVecs>& cols, const OutputEpilogue<float>& e) {
-  const __m512 scale = _mm512_set1_ps(e.scale);
-  for (int64_t i0 = 0; i0 < M; i0 += kRows) {
-    const int64_t mi = min64(kRows, M - i0);
-    const float* a[kRows];
-    for (int t = 0; t < kRows; ++t) a[t] = A + (i0 + min64(t, mi - 1)) * lda;
-    Tile<kRows, kVecs> tile;
-    for (int v = 0; v < kVecs; ++v) {
-      const __m512 bias = e.bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(cols.m[v], e.bias + k0 + v * kLanes);
-      for (int t = 0; t < kRows; ++t) tile.acc[t][v] = bias;
-    }
-    rank_update<kFull, false>(N, a, 1, B + k0, ldb, cols.m, tile);
-#pragma GCC unroll 8
-    for (int t = 0; t < kRows; ++t) {
-      if (t >= mi) break;
-      finish_row<ResTag, Out, kStream, kFull>(e, i0 + t, k0, cols, tile.acc[t], scale);
-    }
-  }
-}
-
-// 6 x 4 tiles over the [M, K] output. The [r, 64] column slice of B stays in L1 while the
-// block's rows pass.
+// 6 x 4 tiles over the [M, K] output, each finished by the epilogue straight from the registers.
+// The [r, 64] column slice of B stays in L1 while the block's rows pass. (At r = 16 a 4 x 4 tile,
+// and accumulators started at the bias, measured no faster: the tile's output stores bound it.)
 template <typename ResTag, typename OutTag>
 void project_out_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                        int64_t ldb, const OutputEpilogue<float>& e) {
   using Out = typename Storage<OutTag>::type;
   constexpr int kRows = 6;
-  constexpr int kVecs = 4;
+  using T = Tile<kRows, 4>;
   // Streaming writes whole cache lines only: every row must start on a line (a full tile is
   // 4 lines of float or 2 of bf16).
   constexpr int64_t kLine = 64;
   const bool stream = e.stream_out && reinterpret_cast<uintptr_t>(e.out) % kLine == 0 &&
                       (e.ld_out * static_cast<int64_t>(sizeof(Out))) % kLine == 0;
-  for (int64_t k0 = 0; k0 < K; k0 += kVecs * kLanes) {
-    const TileColumns<kVecs> cols(K, k0);
-    if (!cols.full) {
-      project_out_slice<ResTag, Out, false, false, kRows>(M, N, k0, A, lda, B, ldb, cols, e);
-    } else if (stream) {
-      project_out_slice<ResTag, Out, true, true, kRows>(M, N, k0, A, lda, B, ldb, cols, e);
-    } else {
-      project_out_slice<ResTag, Out, false, true, kRows>(M, N, k0, A, lda, B, ldb, cols, e);
+  const __m512 scale = _mm512_set1_ps(e.scale);
+  for (int64_t k0 = 0; k0 < K; k0 += T::kCols) {
+    const TileColumns<4> cols(K, k0);
+    __m512 bias[4];
+    for (int v = 0; v < 4; ++v) {
+      bias[v] = e.bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(cols.m[v], e.bias + k0 + v * kLanes);
+    }
+    for (int64_t i0 = 0; i0 < M; i0 += kRows) {
+      const int64_t mi = min64(kRows, M - i0);
+      const float* a[kRows];
+      for (int t = 0; t < kRows; ++t) a[t] = A + (i0 + min64(t, mi - 1)) * lda;
+      T tile;
+      rank_update(cols, N, a, 1, B + k0, ldb, /*prefetch_next=*/false, tile);
+#pragma GCC unroll 6
+      for (int t = 0; t < kRows; ++t) {
+        if (t >= mi) break;
+        if (stream && cols.full) {
+          finish_row<ResTag, Out, true>(e, i0 + t, k0, cols, tile.acc[t], bias, scale);
+        } else {
+          finish_row<ResTag, Out, false>(e, i0 + t, k0, cols, tile.acc[t], bias, scale);
+        }
+      }
     }
   }
   if (stream) _mm_sfence();
@@ -123,11 +111,11 @@ void finish_rows_as(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t c
     }
     for (int64_t i = 0; i < M; ++i) {
       __m512 acc[4];
-      for (int v = 0; v < 4; ++v) acc[v] = _mm512_add_ps(_mm512_maskz_loadu_ps(cols.m[v], u + i * ldu + k0 + v * kLanes), bias[v]);
+      for (int v = 0; v < 4; ++v) acc[v] = _mm512_maskz_loadu_ps(cols.m[v], u + i * ldu + k0 + v * kLanes);
       if (stream && cols.full) {
-        finish_row<ResTag, Out, true, false>(e, i, col0 + k0, cols, acc, scale);
+        finish_row<ResTag, Out, true>(e, i, col0 + k0, cols, acc, bias, scale);
       } else {
-        finish_row<ResTag, Out, false, false>(e, i, col0 + k0, cols, acc, scale);
+        finish_row<ResTag, Out, false>(e, i, col0 + k0, cols, acc, bias, scale);
       }
     }
   }
