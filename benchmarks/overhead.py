@@ -11,7 +11,8 @@ fp32, on 1 and 2 threads:
 
 The two providers alternate within each round and rounds repeat (``--rounds``), so load on a
 shared machine hits both alike; the table gives the median time of each and the ratio
-eager / adapterfast (above 1: adapterfast is faster). ``--device cuda`` measures CUDA tensors the
+eager / adapterfast (above 1: adapterfast is faster). ``--clock thread --threads 1`` times each
+call by the calling thread's CPU time instead of wall time, for a machine busy with other jobs. ``--device cuda`` measures CUDA tensors the
 same way (``--backend triton`` with ``TRITON_INTERPRET=1`` times the Triton launch path's host
 cost on CPU tensors, with the interpreter's run time in it).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -48,7 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds per provider per round and cell (default 0.2, quick 0.05)")
     parser.add_argument("--out", help="append one JSON line per cell to this file")
     parser.add_argument("--results", help="print the tables of a file written by --out instead of measuring")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="wall (default): wall time per call; thread: CPU time of the calling thread per "
+                             "call, with --threads 1 only (on a machine shared with other jobs, wall times "
+                             "mostly measure waiting for a core)")
     args = parser.parse_args(argv)
+    if args.clock == "thread" and (args.device != "cpu" or any(t != 1 for t in args.threads)):
+        parser.error("--clock thread measures the calling thread only: use it with --device cpu --threads 1")
     args.n = args.n or (QUICK_NS if args.quick else NS)
     args.d = args.d or (QUICK_DS if args.quick else DS)
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -56,6 +64,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "cuda":
         args.threads = [machine.cpu_count()]
     return args
+
+
+class ThreadClockTimer:
+    """Per-call CPU time of the calling thread (``time.thread_time``), for one-thread runs: time the
+    thread spends descheduled is not counted, cache and memory contention still is."""
+
+    def times(self, fn, min_run_time: float, min_samples: int = 5) -> list[float]:
+        times: list[float] = []
+        while len(times) < min_samples or sum(times) < min_run_time:
+            start = time.thread_time()
+            fn()
+            times.append(time.thread_time() - start)
+        return times
 
 
 def _pair(d: int, r: int, device: str):
@@ -85,7 +106,7 @@ def measure(args) -> list[dict]:
     rows = []
     with adapterfast.use_backend(args.backend):
         for threads in args.threads:
-            timer = make_timer(args.device, threads)
+            timer = ThreadClockTimer() if args.clock == "thread" else make_timer(args.device, threads)
             previous = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
@@ -171,7 +192,8 @@ def main(argv=None) -> int:
 
     info = machine.device_name(args.device)
     print(f"# adapterfast {adapterfast.__version__} vs the eager seed adapter, fp32, r={args.r}, {info}, "
-          f"backend {args.backend}, {args.rounds} interleaved rounds x {args.min_run_time}s", flush=True)
+          f"backend {args.backend}, {args.rounds} interleaved rounds x {args.min_run_time}s, {args.clock} clock",
+          flush=True)
     rows = measure(args)
     print(ratio_table(rows))
     print()

@@ -33,10 +33,10 @@
 namespace adapterfast::cpu {
 namespace {
 
-// col_sums[k] += g[k] * factor.
+// col_sums[k] += block_sums[k] * factor, in double.
 template <typename acc_t>
-void add_scaled_row(const acc_t* __restrict g, acc_t factor, int64_t d, double* __restrict col_sums) {
-  for (int64_t k = 0; k < d; ++k) col_sums[k] += static_cast<double>(g[k] * factor);
+void add_scaled_sums(const acc_t* __restrict block_sums, acc_t factor, int64_t d, double* __restrict col_sums) {
+  for (int64_t k = 0; k < d; ++k) col_sums[k] += static_cast<double>(block_sums[k]) * static_cast<double>(factor);
 }
 
 // gz[k] = round(g[k] * factor * keep[k]) (keep null: all kept), col_sums[k] += the unrounded
@@ -101,6 +101,7 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
 
   at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
     std::vector<acc_t> gz(kGradInPlace ? 0 : rows * d);
+    std::vector<acc_t> block_sums(kGradInPlace ? d : 0);
     std::vector<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);
     std::vector<acc_t> da(rows * r);
     std::vector<acc_t> a(rows * r);
@@ -118,9 +119,9 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
         const int64_t m = std::min(rows, n - row0);
 
         // gz = g * keep * s. Without dropout, g stored in the accumulation type is gz up to the
-        // factor s, which is folded into the [rows, r] operands below instead of copying g.
-        // Otherwise gz is formed in scratch, rounded to x's dtype as a matmul operand. db_up sums
-        // it unrounded.
+        // factor s, which is folded into the [rows, r] operands below instead of copying g, and
+        // db_up adds s times the block's column sums of g. Otherwise gz is formed in scratch,
+        // rounded to x's dtype as a matmul operand, and db_up sums it unrounded.
         const acc_t* gz_rows = gz.data();
         int64_t ld_gz = d;
         acc_t fold = 1;
@@ -128,7 +129,8 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
           gz_rows = g_data + row0 * ld_g;
           ld_gz = ld_g;
           fold = factor;
-          for (int64_t i = 0; i < m; ++i) add_scaled_row(gz_rows + i * ld_gz, factor, d, sums.db_up);
+          kernels.sum_rows(m, d, gz_rows, ld_gz, block_sums.data());
+          add_scaled_sums(block_sums.data(), factor, d, sums.db_up);
         } else {
           if (dropout) kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
           for (int64_t i = 0; i < m; ++i) {

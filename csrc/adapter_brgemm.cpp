@@ -161,9 +161,7 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
     std::vector<float> chunk(kBlockRows * kOutCols);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t row0 = block * kBlockRows;
-      const int64_t m = std::min(kBlockRows, n - row0);
+    for_blocks(first, last, kBlockRows, n, [&](int64_t row0, int64_t m) {
       int64_t ld_x = 0;
       const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
       float* hb = h_data + row0 * r;
@@ -192,7 +190,7 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
       }
       e.out = y_data + row0 * d;
       product_by_columns<T>(layout, m, rp, d, a.data(), rp, w_up_b.data(), nullptr, 0, false, chunk.data(), &e);
-    }
+    });
     brgemm_release(kVnni<T>);
   });
 }

@@ -55,9 +55,7 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
     std::vector<acc_t> a(rows * r);
     std::vector<uint8_t> keep(dropout ? rows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t row0 = block * rows;
-      const int64_t m = std::min(rows, n - row0);
+    for_blocks(first, last, rows, n, [&](int64_t row0, int64_t m) {
       int64_t ld_x = 0;
       const acc_t* xb = x_rows.rows(row0, m, x_scratch.data(), ld_x);
       acc_t* hb = h_data + row0 * r;
@@ -85,7 +83,7 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
       }
       e.out = y_data + row0 * d;
       kernels.project_out(m, r, d, a.data(), r, w_up_t, d, e);
-    }
+    });
   });
 }
 

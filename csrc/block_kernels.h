@@ -74,6 +74,11 @@ struct BlockKernels {
   // the Philox mask of adapterfast/dropout.py.
   void (*dropout_keep)(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, int64_t d,
                        uint8_t* keep, int64_t ld_keep);
+
+  // sums[k] = A[0, k] + A[1, k] + ... + A[M - 1, k] for k < K, in that order, in acc_t: a block's
+  // share of a bias gradient (db_up = sum over rows of gz), added by the caller to its running
+  // total (so the rounding error grows with the block's rows, not with N).
+  void (*sum_rows)(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* sums);
 };
 
 namespace generic {

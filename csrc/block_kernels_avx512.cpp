@@ -1,201 +1,21 @@
-// AVX-512 block kernels for float (contract in block_kernels.h): register-tiled micro-kernels for
-// the adapter's three skinny GEMM shapes, the output epilogue fused into the tile that produces
-// it, and a 16-lane Philox for the dropout mask.
-//
-// The file is compiled for the baseline target, with AVX-512 enabled only for the code between
-// the target pragmas. That code includes no headers and keeps its functions in an anonymous
-// namespace, so the linker can never hand an AVX-512 instance of a shared inline function to
-// baseline callers. `kernels()` is called only once block_kernels.cpp saw that the CPU runs
-// AVX-512.
+// AVX-512 block kernels for float (contract in block_kernels.h), the GEMMs that produce a
+// block's bottleneck rows and weight-gradient shares (project_in, accumulate_outer, sum_rows) and
+// the weight transpose, plus the table of all of them; project_out and its fused epilogue are in
+// block_kernels_avx512_output.cpp, the dropout mask in block_kernels_avx512_dropout.cpp.
 #include "block_kernels.h"
 
 #include <cstdint>
-#include <type_traits>
 
-#include "philox.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define ADAPTERFAST_AVX512_KERNELS 1
-#include <immintrin.h>
-#endif
-
+#include "block_kernels_avx512_begin.h"
 #ifdef ADAPTERFAST_AVX512_KERNELS
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
-// GCC's own intrinsic headers trip these (their `__m512 __Y = __Y;` idiom for undefined vectors).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
-#define ALWAYS_INLINE inline __attribute__((always_inline))
+#include "block_kernels_avx512.h"
 
 namespace adapterfast::cpu::avx512 {
 namespace {
 
-constexpr int64_t kLanes = 16;
 // Rows of B (columns of A) that project_in contracts per pass over the block: a [1024, 64] slice
 // of B (256 KiB) stays in L2 while every row tile of the block streams past it.
 constexpr int64_t kInChunk = 1024;
-
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// Lanes [0, n) for n in [0, 16]; more than 16 means all.
-inline __mmask16 lanes(int64_t n) {
-  return n >= kLanes ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
-
-ALWAYS_INLINE __m512 load(const float* p, __mmask16 m) {
-  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-}
-
-ALWAYS_INLINE void store(float* p, __m512 v, __mmask16 m) {
-  if (m == 0xFFFF) {
-    _mm512_storeu_ps(p, v);
-  } else {
-    _mm512_mask_storeu_ps(p, m, v);
-  }
-}
-
-// Storage tags for the epilogue's residual and output.
-struct NoResidual {};
-struct Bf16 {};
-struct F16 {};
-// An IEEE half as stored (its own type, so that loads and stores overload on it).
-struct HalfBits {
-  uint16_t bits;
-};
-
-ALWAYS_INLINE __m512 load_as_float(const float* p, __mmask16 m) { return load(p, m); }
-
-ALWAYS_INLINE __m512 load_as_float(const uint16_t* p, __mmask16 m) {
-  const __m256i raw = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                  : _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-ALWAYS_INLINE __m512 load_as_float(const HalfBits* p, __mmask16 m) {
-  const __m256i raw = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                  : _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_cvtph_ps(raw);
-}
-
-// bf16 bits of v, rounded to nearest even, NaN as 0x7FC0 (what c10::BFloat16 does).
-ALWAYS_INLINE __m256i round_to_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  const __m512i upper = _mm512_mask_mov_epi32(_mm512_srli_epi32(rounded, 16), nan, _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(upper);
-}
-
-// kStream: a non-temporal store, for full vectors at 64-byte (float) or 32-byte (bf16) aligned
-// addresses only.
-template <bool kStream>
-ALWAYS_INLINE void store_from_float(float* p, __m512 v, __mmask16 m) {
-  if constexpr (kStream) {
-    _mm512_stream_ps(p, v);
-  } else {
-    store(p, v, m);
-  }
-}
-
-template <bool kStream>
-ALWAYS_INLINE void store_from_float(uint16_t* p, __m512 v, __mmask16 m) {
-  const __m256i packed = round_to_bf16(v);
-  if constexpr (kStream) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
-  } else if (m == 0xFFFF) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
-  } else {
-    _mm256_mask_storeu_epi16(p, m, packed);
-  }
-}
-
-template <bool kStream>
-ALWAYS_INLINE void store_from_float(HalfBits* p, __m512 v, __mmask16 m) {
-  const __m256i packed = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  if constexpr (kStream) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
-  } else if (m == 0xFFFF) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
-  } else {
-    _mm256_mask_storeu_epi16(p, m, packed);
-  }
-}
-
-template <typename Tag> struct Storage { using type = float; };
-template <> struct Storage<Bf16> { using type = uint16_t; };
-template <> struct Storage<F16> { using type = HalfBits; };
-template <> struct Storage<NoResidual> { using type = float; };
-
-// A register tile of kRows rows by kVecs vectors of 16 columns: the accumulators of all three
-// GEMMs. Per step of their inner loop, a tile loads kVecs vectors and broadcasts kRows scalars
-// for kRows * kVecs FMAs. Vector loads, not broadcasts, are what limits
-// that loop here, so tiles are tall: 8 x 3 and 6 x 4 keep it on the FMA units, where 4 x 4 (twice
-// the loads per FMA) measured ~25% slower.
-template <int kRows, int kVecs>
-struct Tile {
-  static constexpr int64_t kCols = kVecs * kLanes;
-  __m512 acc[kRows][kVecs];
-};
-
-// The lanes of the vectors of a tile that starts at column k0 of K.
-template <int kVecs>
-struct TileColumns {
-  __mmask16 m[kVecs];
-  bool full;
-  TileColumns(int64_t K, int64_t k0) : full(K - k0 >= kVecs * kLanes) {
-    for (int v = 0; v < kVecs; ++v) m[v] = lanes(K - k0 - v * kLanes);
-  }
-};
-
-// acc[t][v] += sum_s a[t][s * a_step] * b[s * ldb + 16 v : +16] for s in [0, S): a rank-S update
-// of the tile. With kPrefetch, each row of b's next tile of columns is requested too, so the
-// next tile's operand (often still in memory: accumulate_outer walks its rows in column slices)
-// arrives while this one runs.
-template <bool kFull, bool kPrefetch, int kRows, int kVecs>
-ALWAYS_INLINE void rank_update(int64_t S, const float* const (&a)[kRows], int64_t a_step, const float* b,
-                               int64_t ldb, const __mmask16 (&m)[kVecs], Tile<kRows, kVecs>& tile) {
-  for (int64_t s = 0; s < S; ++s) {
-    const float* row = b + s * ldb;
-    if constexpr (kPrefetch) {
-      for (int v = 0; v < kVecs; ++v) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + (kVecs + v) * kLanes), _MM_HINT_T0);
-      }
-    }
-    __m512 vb[kVecs];
-    for (int v = 0; v < kVecs; ++v) {
-      vb[v] = kFull ? _mm512_loadu_ps(row + v * kLanes) : _mm512_maskz_loadu_ps(m[v], row + v * kLanes);
-    }
-    for (int t = 0; t < kRows; ++t) {
-      const __m512 va = _mm512_set1_ps(a[t][s * a_step]);
-      for (int v = 0; v < kVecs; ++v) tile.acc[t][v] = _mm512_fmadd_ps(va, vb[v], tile.acc[t][v]);
-    }
-  }
-}
-
-template <int kRows, int kVecs>
-ALWAYS_INLINE void rank_update(const TileColumns<kVecs>& cols, int64_t S, const float* const (&a)[kRows],
-                               int64_t a_step, const float* b, int64_t ldb, bool prefetch_next,
-                               Tile<kRows, kVecs>& tile) {
-  for (auto& row : tile.acc) {
-    for (auto& v : row) v = _mm512_setzero_ps();
-  }
-  if (!cols.full) {
-    rank_update<false, false>(S, a, a_step, b, ldb, cols.m, tile);
-  } else if (prefetch_next) {
-    rank_update<true, true>(S, a, a_step, b, ldb, cols.m, tile);
-  } else {
-    rank_update<true, false>(S, a, a_step, b, ldb, cols.m, tile);
-  }
-}
 
 // Products project_in sums in registers before adding them to C: K is summed blockwise, so the
 // rounding error grows with kSumRun + K / kSumRun rather than with K (a plain running sum over
@@ -215,9 +35,18 @@ void project_in_tile(int64_t mi, int64_t K, const float* A, int64_t lda, const f
     for (auto& row : tile.acc) {
       for (auto& v : row) v = _mm512_setzero_ps();
     }
+    // A's rows are read once, mostly from memory (x in the forward): request each row's next run
+    // (4 lines) while this one is summed, which the hardware prefetcher does not do for kRows
+    // interleaved streams (~15% at N = 4096, d = 768).
+    if (s0 + kSumRun < K) {
+      for (int t = 0; t < kRows; ++t) {
+        const char* next = reinterpret_cast<const char*>(a[t] + kSumRun);
+        for (int line = 0; line < 4; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T0);
+      }
+    }
     rank_update<kFull, false>(min64(kSumRun, K - s0), a, 1, B + s0 * ldb, ldb, cols.m, tile);
     const bool add = accumulate || s0 > 0;
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int t = 0; t < kRows; ++t) {
       if (t >= mi) break;
       float* c = C + t * ldc;
@@ -246,7 +75,8 @@ void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const float* 
 // Outer products, like the other two GEMMs (a dot-product form with horizontal sums measured
 // 20-40% slower): a row tile broadcasts A's elements, so it also reads A (x, straight from memory
 // in the forward) as kRows sequential streams. Columns go in tiles of up to 4 vectors (r <= 64
-// is one tile), with 8 rows per tile, or 6 for 4 vectors, to keep 8 to 24 accumulators busy.
+// is one tile), with 8 rows per tile, or 6 for 4 vectors, to keep 8 to 24 accumulators busy;
+// one vector (r <= 16) takes 16 rows, so that each load of B serves 16 FMAs.
 void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                 int64_t ldb, float* C, int64_t ldc) {
   for (int64_t k0 = 0; k0 < K; k0 += kInChunk) {
@@ -255,7 +85,14 @@ void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
     const float* b = B + k0 * ldb;
     for (int64_t n0 = 0; n0 < N; n0 += 4 * kLanes) {
       switch ((min64(N - n0, 4 * kLanes) + kLanes - 1) / kLanes) {
-        case 1: project_in_tiles<8, 1>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;
+        case 1: {
+          // 16-row tiles, the last rows (fewer than 16) in 8-row ones: a tile computes all its
+          // rows, so a one-row call in a 16-row tile would cost twice an 8-row one.
+          const int64_t full = M / 16 * 16;
+          project_in_tiles<16, 1>(full, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0);
+          project_in_tiles<8, 1>(M - full, N, n0, kc, a + full * lda, lda, b, ldb, C + full * ldc, ldc, k0 > 0);
+          break;
+        }
         case 2: project_in_tiles<8, 2>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;
         case 3: project_in_tiles<8, 3>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;
         default: project_in_tiles<6, 4>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;
@@ -290,192 +127,23 @@ void accumulate_outer(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
   }
 }
 
-// out[row, k0 : k0 + 16 kVecs] = epilogue(acc) for one row of a project_out tile.
-template <typename ResTag, typename Out, bool kStream, int kVecs>
-ALWAYS_INLINE void finish_row(const OutputEpilogue<float>& e, int64_t row, int64_t k0, const TileColumns<kVecs>& cols,
-                              const __m512 (&acc)[kVecs], const __m512 (&bias)[kVecs], __m512 scale) {
-  using Res = typename Storage<ResTag>::type;
-  Out* out = static_cast<Out*>(e.out) + e.out_row(row) * e.ld_out + k0;
-  for (int v = 0; v < kVecs; ++v) {
-    if (cols.m[v] == 0) continue;
-    __m512 factor = scale;
-    if (e.keep != nullptr) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e.keep + row * e.ld_keep + k0 + v * kLanes));
-      factor = _mm512_maskz_mov_ps(_mm_test_epi8_mask(bytes, bytes), scale);
-    }
-    __m512 base = _mm512_setzero_ps();
-    if constexpr (!std::is_same_v<ResTag, NoResidual>) {
-      const Res* res = static_cast<const Res*>(e.res) + e.res_row(row) * e.ld_res + k0 + v * kLanes;
-      // This row's next tile is due after the block's other rows: request its residual now.
-      if (cols.full) _mm_prefetch(reinterpret_cast<const char*>(res + kVecs * kLanes), _MM_HINT_T0);
-      base = load_as_float(res, cols.m[v]);
-    }
-    const __m512 y = _mm512_fmadd_ps(factor, _mm512_add_ps(acc[v], bias[v]), base);
-    store_from_float<kStream>(out + v * kLanes, y, cols.m[v]);
-  }
-}
-
-// 6 x 4 tiles over the [M, K] output, each finished by the epilogue straight from the registers.
-// The [r, 64] column slice of B stays in L1 while the block's rows pass.
-template <typename ResTag, typename OutTag>
-void project_out_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                       int64_t ldb, const OutputEpilogue<float>& e) {
-  using Out = typename Storage<OutTag>::type;
-  using T = Tile<6, 4>;
-  // Streaming writes whole cache lines only: every row must start on a line (a full tile is
-  // 4 lines of float or 2 of bf16).
-  constexpr int64_t kLine = 64;
-  const bool stream = e.stream_out && reinterpret_cast<uintptr_t>(e.out) % kLine == 0 &&
-                      (e.ld_out * static_cast<int64_t>(sizeof(Out))) % kLine == 0;
-  const __m512 scale = _mm512_set1_ps(e.scale);
-  for (int64_t k0 = 0; k0 < K; k0 += T::kCols) {
-    const TileColumns<4> cols(K, k0);
-    __m512 bias[4];
-    for (int v = 0; v < 4; ++v) {
-      bias[v] = e.bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(cols.m[v], e.bias + k0 + v * kLanes);
-    }
-    for (int64_t i0 = 0; i0 < M; i0 += 6) {
-      const int64_t mi = min64(6, M - i0);
-      const float* a[6];
-      for (int t = 0; t < 6; ++t) a[t] = A + (i0 + min64(t, mi - 1)) * lda;
-      T tile;
-      rank_update(cols, N, a, 1, B + k0, ldb, /*prefetch_next=*/false, tile);
-#pragma GCC unroll 6
-      for (int t = 0; t < 6; ++t) {
-        if (t >= mi) break;
-        if (stream && cols.full) {
-          finish_row<ResTag, Out, true>(e, i0 + t, k0, cols, tile.acc[t], bias, scale);
-        } else {
-          finish_row<ResTag, Out, false>(e, i0 + t, k0, cols, tile.acc[t], bias, scale);
-        }
-      }
-    }
-  }
-  if (stream) _mm_sfence();
-}
-
-template <typename ResTag>
-void project_out_to(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                    int64_t ldb, const OutputEpilogue<float>& e) {
-  if (e.out_kind == Kind::bf16) {
-    project_out_tiles<ResTag, Bf16>(M, N, K, A, lda, B, ldb, e);
-  } else if (e.out_kind == Kind::f16) {
-    project_out_tiles<ResTag, F16>(M, N, K, A, lda, B, ldb, e);
-  } else {
-    project_out_tiles<ResTag, float>(M, N, K, A, lda, B, ldb, e);
-  }
-}
-
-void project_out(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                 int64_t ldb, const OutputEpilogue<float>& e) {
-  if (e.res == nullptr) {
-    project_out_to<NoResidual>(M, N, K, A, lda, B, ldb, e);
-  } else if (e.res_kind == Kind::bf16) {
-    project_out_to<Bf16>(M, N, K, A, lda, B, ldb, e);
-  } else if (e.res_kind == Kind::f16) {
-    project_out_to<F16>(M, N, K, A, lda, B, ldb, e);
-  } else {
-    project_out_to<float>(M, N, K, A, lda, B, ldb, e);
-  }
-}
-
-// The epilogue of project_out_tiles over a product already in memory, 4 vectors per step.
-template <typename ResTag, typename OutTag>
-void finish_rows_as(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0,
-                    const OutputEpilogue<float>& e) {
-  using Out = typename Storage<OutTag>::type;
-  constexpr int64_t kLine = 64;
-  const bool stream = e.stream_out && reinterpret_cast<uintptr_t>(e.out) % kLine == 0 &&
-                      (e.ld_out * static_cast<int64_t>(sizeof(Out))) % kLine == 0 &&
-                      (col0 * static_cast<int64_t>(sizeof(Out))) % kLine == 0;
-  const __m512 scale = _mm512_set1_ps(e.scale);
-  for (int64_t k0 = 0; k0 < K; k0 += 4 * kLanes) {
-    const TileColumns<4> cols(K, k0);
-    __m512 bias[4];
-    for (int v = 0; v < 4; ++v) {
-      bias[v] = e.bias == nullptr ? _mm512_setzero_ps()
-                                  : _mm512_maskz_loadu_ps(cols.m[v], e.bias + col0 + k0 + v * kLanes);
+// 8 vectors (128 columns) per pass: 8 independent sums in flight, one load and one add per
+// vector of A.
+void sum_rows(int64_t M, int64_t K, const float* A, int64_t lda, float* sums) {
+  constexpr int kVecs = 8;
+  for (int64_t k0 = 0; k0 < K; k0 += kVecs * kLanes) {
+    __mmask16 m[kVecs];
+    __m512 acc[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      m[v] = lanes(K - k0 - v * kLanes);
+      acc[v] = _mm512_setzero_ps();
     }
     for (int64_t i = 0; i < M; ++i) {
-      __m512 acc[4];
-      for (int v = 0; v < 4; ++v) acc[v] = _mm512_maskz_loadu_ps(cols.m[v], u + i * ldu + k0 + v * kLanes);
-      if (stream && cols.full) {
-        finish_row<ResTag, Out, true>(e, i, col0 + k0, cols, acc, bias, scale);
-      } else {
-        finish_row<ResTag, Out, false>(e, i, col0 + k0, cols, acc, bias, scale);
-      }
+      const float* row = A + i * lda + k0;
+      for (int v = 0; v < kVecs; ++v) acc[v] = _mm512_add_ps(acc[v], load(row + v * kLanes, m[v]));
     }
-  }
-  if (stream) _mm_sfence();
-}
-
-template <typename ResTag>
-void finish_rows_to(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0,
-                    const OutputEpilogue<float>& e) {
-  if (e.out_kind == Kind::bf16) {
-    finish_rows_as<ResTag, Bf16>(M, K, u, ldu, col0, e);
-  } else if (e.out_kind == Kind::f16) {
-    finish_rows_as<ResTag, F16>(M, K, u, ldu, col0, e);
-  } else {
-    finish_rows_as<ResTag, float>(M, K, u, ldu, col0, e);
-  }
-}
-
-// High and low 32 bits of m * c in each of the 16 lanes (two 8-lane widening multiplies).
-inline void mulhilo(__m512i m, __m512i c, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(c, m);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-}
-
-// philox::words for 16 counters (c0, c1, c2, 0) with precomputed round keys; the words land in c.
-inline void philox_words(__m512i (&c)[4], const uint32_t (&k0)[philox::kRounds],
-                         const uint32_t (&k1)[philox::kRounds]) {
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(philox::kM0));
-  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(philox::kM1));
-  for (int round = 0; round < philox::kRounds; ++round) {
-    __m512i hi0, lo0, hi1, lo1;
-    mulhilo(m0, c[0], hi0, lo0);
-    mulhilo(m1, c[2], hi1, lo1);
-    constexpr int kXor3 = 0x96;
-    c[0] = _mm512_ternarylogic_epi32(hi1, c[1], _mm512_set1_epi32(static_cast<int>(k0[round])), kXor3);
-    c[1] = lo1;
-    c[2] = _mm512_ternarylogic_epi32(hi0, c[3], _mm512_set1_epi32(static_cast<int>(k1[round])), kXor3);
-    c[3] = lo0;
-  }
-}
-
-// 16 Philox calls cover 64 columns of a row (quads k/4 .. k/4 + 15). Lane l's word j decides
-// column k + 4 l + j, which is byte j of dword l: each word's comparison sets its byte of the
-// dwords, and the 64 bytes store in column order (ld_keep is a multiple of 64, so whole stores
-// stay inside the row).
-void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, int64_t d,
-                  uint8_t* keep, int64_t ld_keep) {
-  uint32_t k0[philox::kRounds];
-  uint32_t k1[philox::kRounds];
-  k0[0] = static_cast<uint32_t>(seed);
-  k1[0] = static_cast<uint32_t>(seed >> 32);
-  for (int round = 1; round < philox::kRounds; ++round) {
-    k0[round] = k0[round - 1] + philox::kW0;
-    k1[round] = k1[round - 1] + philox::kW1;
-  }
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i bound = _mm512_set1_epi32(static_cast<int>(threshold));
-  for (int64_t i = 0; i < M; ++i) {
-    const uint64_t row = static_cast<uint64_t>(row0 + i);
-    const __m512i row_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(row)));
-    const __m512i row_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(row >> 32)));
-    for (int64_t k = 0; k < d; k += 4 * kLanes) {
-      __m512i c[4] = {_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k / 4)), iota), row_lo, row_hi,
-                      _mm512_setzero_si512()};
-      philox_words(c, k0, k1);
-      __m512i bytes = _mm512_setzero_si512();
-      for (int j = 0; j < 4; ++j) {
-        const __mmask16 kept = _mm512_cmp_epu32_mask(c[j], bound, _MM_CMPINT_NLT);
-        bytes = _mm512_mask_or_epi32(bytes, kept, bytes, _mm512_set1_epi32(1 << (8 * j)));
-      }
-      _mm512_storeu_si512(keep + i * ld_keep + k, bytes);
+    for (int v = 0; v < kVecs; ++v) {
+      if (m[v] != 0) store(sums + k0 + v * kLanes, acc[v], m[v]);
     }
   }
 }
@@ -529,42 +197,19 @@ void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B) {
 }
 
 }  // namespace
-}  // namespace adapterfast::cpu::avx512
-
-#undef ALWAYS_INLINE
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
-
-namespace adapterfast::cpu::avx512 {
-
-void finish_rows(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0,
-                 const OutputEpilogue<float>& e) {
-  if (e.res == nullptr) {
-    finish_rows_to<NoResidual>(M, K, u, ldu, col0, e);
-  } else if (e.res_kind == Kind::bf16) {
-    finish_rows_to<Bf16>(M, K, u, ldu, col0, e);
-  } else if (e.res_kind == Kind::f16) {
-    finish_rows_to<F16>(M, K, u, ldu, col0, e);
-  } else {
-    finish_rows_to<float>(M, K, u, ldu, col0, e);
-  }
-}
 
 const BlockKernels<float>* kernels() {
-  static const BlockKernels<float> table{"avx512", &project_in, &accumulate_outer, &project_out,
-                                         &transpose, &dropout_keep};
+  static const BlockKernels<float> table{"avx512", &project_in, &accumulate_outer, &detail::project_out,
+                                         &transpose, &detail::dropout_keep, &sum_rows};
   return &table;
 }
 
 }  // namespace adapterfast::cpu::avx512
 
-#else
+#endif
+#include "block_kernels_avx512_end.h"
 
+#ifndef ADAPTERFAST_AVX512_KERNELS
 namespace adapterfast::cpu::avx512 {
 
 const BlockKernels<float>* kernels() { return nullptr; }
@@ -572,5 +217,4 @@ const BlockKernels<float>* kernels() { return nullptr; }
 void finish_rows(int64_t, int64_t, const float*, int64_t, int64_t, const OutputEpilogue<float>&) {}
 
 }  // namespace adapterfast::cpu::avx512
-
 #endif

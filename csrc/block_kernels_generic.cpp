@@ -99,6 +99,14 @@ void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, in
 }
 
 template <typename acc_t>
+void sum_rows(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* sums) {
+  std::fill(sums, sums + K, acc_t(0));
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t k = 0; k < K; ++k) sums[k] += A[i * lda + k];
+  }
+}
+
+template <typename acc_t>
 void transpose(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* B) {
   copy_matrix(A, lda, 1, M, K, /*transpose=*/true, B, [](acc_t v) { return v; });
 }
@@ -108,7 +116,8 @@ void transpose(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* B) {
 template <typename acc_t>
 const BlockKernels<acc_t>& kernels() {
   static const BlockKernels<acc_t> table{"generic", &project_in<acc_t>, &accumulate_outer<acc_t>,
-                                         &project_out<acc_t>, &transpose<acc_t>, &dropout_keep};
+                                         &project_out<acc_t>, &transpose<acc_t>, &dropout_keep,
+                                         &sum_rows<acc_t>};
   return table;
 }
 

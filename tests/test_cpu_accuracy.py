@@ -1,5 +1,6 @@
 """Accuracy of the C++ kernels where plain fp32 formulas lose it: gelu_tanh's ``1 + tanh`` for
-negative inputs, and the down-projection's sum over d in an ill-conditioned row.
+negative inputs, the down-projection's sum over d in an ill-conditioned row, and the up bias's
+gradient summed over many rows.
 
 Each is checked against float64 and against eager PyTorch's own fp32 error on the same inputs:
 the fused kernel must be at least as accurate as the eager ops it replaces."""
@@ -74,3 +75,25 @@ def test_down_projection_sum_is_no_worse_than_eager(d):
     ours = ((h.double() - want).abs() / scale).max().item()
     theirs = ((eager.double() - want).abs() / scale).max().item()
     assert ours <= 4 * max(theirs, 2**-24), f"d={d}: error {ours:.2e} of sum |terms|, eager's {theirs:.2e}"
+
+
+@pytest.mark.parametrize("n,d", [(4096, 130), (20000, 64)])
+def test_up_bias_gradient_sum_is_no_worse_than_eager(n, d):
+    """db_up sums g over all N rows (fp32 sums of each block's <= 64 rows, added in float64): its
+    error relative to sum |g| stays at the level of eager's ``g.sum(0)``, also where the column
+    sums cancel (g = 1000 + noise in half the rows, -1000 + noise in the other half)."""
+    gen = torch.Generator().manual_seed(n)
+    g = torch.randn(n, d, generator=gen)
+    g[: n // 2] += 1000.0
+    g[n // 2:] -= 1000.0
+    x = torch.randn(n, d, generator=gen)
+    wd = torch.randn(16, d, generator=gen) * d**-0.5
+    wu = torch.randn(d, 16, generator=gen) * 0.25
+    bd, bu = torch.zeros(16), torch.zeros(d)
+    _, h = cpu.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.0, 0, None)
+    db_up = cpu.backward(g, x, wd, wu, bd, bu, h, "relu", 1.0, 0.0, 0, True)[4]
+    want = g.double().sum(0)
+    scale = g.double().abs().sum(0)
+    ours = ((db_up.double() - want).abs() / scale).max().item()
+    theirs = ((g.sum(0).double() - want).abs() / scale).max().item()
+    assert ours <= 4 * max(theirs, 2**-24), f"n={n}: error {ours:.2e} of sum |g|, eager's {theirs:.2e}"

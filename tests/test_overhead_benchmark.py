@@ -24,3 +24,17 @@ def test_tiny_grid_writes_rows_and_tables(tmp_path, capsys):
     assert "| N | train 1T d=32 | infer 1T d=32 |" in printed
     assert overhead.main(["--results", str(out)]) == 0
     assert "cells at >= 1.0x" in capsys.readouterr().out
+
+
+def test_thread_clock_times_one_thread_only(capsys):
+    assert overhead.main(["--n", "8", "--d", "32", "--r", "4", "--threads", "1", "--rounds", "1",
+                          "--min-run-time", "0.01", "--clock", "thread"]) == 0
+    assert "thread clock" in capsys.readouterr().out
+    try:
+        overhead.main(["--n", "8", "--d", "32", "--threads", "2", "--clock", "thread"])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    else:
+        raise AssertionError("--clock thread with 2 threads must be refused")
+    times = overhead.ThreadClockTimer().times(lambda: sum(range(1000)), 0.0, min_samples=3)
+    assert len(times) == 3 and all(t >= 0 for t in times)

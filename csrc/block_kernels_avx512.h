@@ -1,0 +1,175 @@
+#pragma once
+// What the AVX-512 block kernels share (block_kernels_avx512*.cpp): masked vector loads and
+// stores, the epilogue's storage conversions, the register tile and its rank update. Included only
+// between block_kernels_avx512_begin.h and _end.h (it includes nothing itself).
+#ifdef ADAPTERFAST_AVX512_KERNELS
+
+namespace adapterfast::cpu::avx512 {
+
+// The kernels of the other files of the table (external, not inline: compiled once, for AVX-512).
+namespace detail {
+void project_out(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, const OutputEpilogue<float>& e);
+void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, int64_t d,
+                  uint8_t* keep, int64_t ld_keep);
+}  // namespace detail
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Lanes [0, n) for n in [0, 16]; more than 16 means all.
+inline __mmask16 lanes(int64_t n) {
+  return n >= kLanes ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+ALWAYS_INLINE __m512 load(const float* p, __mmask16 m) {
+  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+
+ALWAYS_INLINE void store(float* p, __m512 v, __mmask16 m) {
+  if (m == 0xFFFF) {
+    _mm512_storeu_ps(p, v);
+  } else {
+    _mm512_mask_storeu_ps(p, m, v);
+  }
+}
+
+// Storage tags for the epilogue's residual and output.
+struct NoResidual {};
+struct Bf16 {};
+struct F16 {};
+// An IEEE half as stored (its own type, so that loads and stores overload on it).
+struct HalfBits {
+  uint16_t bits;
+};
+
+ALWAYS_INLINE __m512 load_as_float(const float* p, __mmask16 m) { return load(p, m); }
+
+ALWAYS_INLINE __m512 load_as_float(const uint16_t* p, __mmask16 m) {
+  const __m256i raw = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                  : _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+ALWAYS_INLINE __m512 load_as_float(const HalfBits* p, __mmask16 m) {
+  const __m256i raw = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                  : _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_cvtph_ps(raw);
+}
+
+// bf16 bits of v, rounded to nearest even, NaN as 0x7FC0 (what c10::BFloat16 does).
+ALWAYS_INLINE __m256i round_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i upper = _mm512_mask_mov_epi32(_mm512_srli_epi32(rounded, 16), nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(upper);
+}
+
+// kStream: a non-temporal store, for full vectors at 64-byte (float) or 32-byte (bf16) aligned
+// addresses only.
+template <bool kStream>
+ALWAYS_INLINE void store_from_float(float* p, __m512 v, __mmask16 m) {
+  if constexpr (kStream) {
+    _mm512_stream_ps(p, v);
+  } else {
+    store(p, v, m);
+  }
+}
+
+// Stores 16 packed 16-bit values (bf16 or fp16 bits).
+template <bool kStream>
+ALWAYS_INLINE void store_packed(void* p, __m256i packed, __mmask16 m) {
+  if constexpr (kStream) {
+    _mm256_stream_si256(static_cast<__m256i*>(p), packed);
+  } else if (m == 0xFFFF) {
+    _mm256_storeu_si256(static_cast<__m256i*>(p), packed);
+  } else {
+    _mm256_mask_storeu_epi16(p, m, packed);
+  }
+}
+
+template <bool kStream>
+ALWAYS_INLINE void store_from_float(uint16_t* p, __m512 v, __mmask16 m) {
+  store_packed<kStream>(p, round_to_bf16(v), m);
+}
+
+template <bool kStream>
+ALWAYS_INLINE void store_from_float(HalfBits* p, __m512 v, __mmask16 m) {
+  store_packed<kStream>(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), m);
+}
+
+template <typename Tag> struct Storage { using type = float; };
+template <> struct Storage<Bf16> { using type = uint16_t; };
+template <> struct Storage<F16> { using type = HalfBits; };
+template <> struct Storage<NoResidual> { using type = float; };
+
+// A register tile of kRows rows by kVecs vectors of 16 columns: the accumulators of all three
+// GEMMs. Per step of their inner loop, a tile loads kVecs vectors and broadcasts kRows scalars
+// for kRows * kVecs FMAs. Vector loads, not broadcasts, are what limits
+// that loop here, so tiles are tall: 8 x 3 and 6 x 4 keep it on the FMA units, where 4 x 4 (twice
+// the loads per FMA) measured ~25% slower.
+template <int kRows, int kVecs>
+struct Tile {
+  static constexpr int64_t kCols = kVecs * kLanes;
+  __m512 acc[kRows][kVecs];
+};
+
+// The lanes of the vectors of a tile that starts at column k0 of K.
+template <int kVecs>
+struct TileColumns {
+  __mmask16 m[kVecs];
+  bool full;
+  TileColumns(int64_t K, int64_t k0) : full(K - k0 >= kVecs * kLanes) {
+    for (int v = 0; v < kVecs; ++v) m[v] = lanes(K - k0 - v * kLanes);
+  }
+};
+
+// acc[t][v] += sum_s a[t][s * a_step] * b[s * ldb + 16 v : +16] for s in [0, S): a rank-S update
+// of the tile. With kPrefetch, each row of b's next tile of columns is requested too, so the
+// next tile's operand (often still in memory: accumulate_outer walks its rows in column slices)
+// arrives while this one runs.
+template <bool kFull, bool kPrefetch, int kRows, int kVecs>
+ALWAYS_INLINE void rank_update(int64_t S, const float* const (&a)[kRows], int64_t a_step, const float* b,
+                               int64_t ldb, const __mmask16 (&m)[kVecs], Tile<kRows, kVecs>& tile) {
+  for (int64_t s = 0; s < S; ++s) {
+    const float* row = b + s * ldb;
+    if constexpr (kPrefetch) {
+      for (int v = 0; v < kVecs; ++v) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + (kVecs + v) * kLanes), _MM_HINT_T0);
+      }
+    }
+    __m512 vb[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      vb[v] = kFull ? _mm512_loadu_ps(row + v * kLanes) : _mm512_maskz_loadu_ps(m[v], row + v * kLanes);
+    }
+    for (int t = 0; t < kRows; ++t) {
+      const __m512 va = _mm512_set1_ps(a[t][s * a_step]);
+      for (int v = 0; v < kVecs; ++v) tile.acc[t][v] = _mm512_fmadd_ps(va, vb[v], tile.acc[t][v]);
+    }
+  }
+}
+
+template <int kRows, int kVecs>
+ALWAYS_INLINE void rank_update(const TileColumns<kVecs>& cols, int64_t S, const float* const (&a)[kRows],
+                               int64_t a_step, const float* b, int64_t ldb, bool prefetch_next,
+                               Tile<kRows, kVecs>& tile) {
+  for (auto& row : tile.acc) {
+    for (auto& v : row) v = _mm512_setzero_ps();
+  }
+  if (!cols.full) {
+    rank_update<false, false>(S, a, a_step, b, ldb, cols.m, tile);
+  } else if (prefetch_next) {
+    rank_update<true, true>(S, a, a_step, b, ldb, cols.m, tile);
+  } else {
+    rank_update<true, false>(S, a, a_step, b, ldb, cols.m, tile);
+  }
+}
+
+}  // namespace
+}  // namespace adapterfast::cpu::avx512
+
+#endif
