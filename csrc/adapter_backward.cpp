@@ -120,7 +120,7 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
 
         // gz = g * keep * s. Without dropout, g stored in the accumulation type is gz up to the
         // factor s, which is folded into the [rows, r] operands below instead of copying g, and
-        // db_up adds s times the block's column sums of g. Otherwise gz is formed in scratch,
+        // db_up adds s times the block's column sums of g (summed in dw_up's pass over g). Otherwise gz is formed in scratch,
         // rounded to x's dtype as a matmul operand, and db_up sums it unrounded.
         const acc_t* gz_rows = gz.data();
         int64_t ld_gz = d;
@@ -129,8 +129,6 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
           gz_rows = g_data + row0 * ld_g;
           ld_gz = ld_g;
           fold = factor;
-          kernels.sum_rows(m, d, gz_rows, ld_gz, block_sums.data());
-          add_scaled_sums(block_sums.data(), factor, d, sums.db_up);
         } else {
           if (dropout) kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
           for (int64_t i = 0; i < m; ++i) {
@@ -151,7 +149,12 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
 
         int64_t ld_x = 0;
         const acc_t* xb = x_rows.rows(row0, m, x_scratch.data(), ld_x);
-        kernels.accumulate_outer(m, r, d, a.data(), r, gz_rows, ld_gz, sums.dw_up_t, d);
+        if constexpr (kGradInPlace) {
+          kernels.accumulate_outer_sums(m, r, d, a.data(), r, gz_rows, ld_gz, sums.dw_up_t, d, block_sums.data());
+          add_scaled_sums(block_sums.data(), factor, d, sums.db_up);
+        } else {
+          kernels.accumulate_outer(m, r, d, a.data(), r, gz_rows, ld_gz, sums.dw_up_t, d);
+        }
         kernels.accumulate_outer(m, r, d, dh.data(), r, xb, ld_x, sums.dw_down, d);
 
         e.res = op.residual_is_x ? g_data + row0 * ld_g : nullptr;

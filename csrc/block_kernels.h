@@ -79,6 +79,12 @@ struct BlockKernels {
   // share of a bias gradient (db_up = sum over rows of gz), added by the caller to its running
   // total (so the rounding error grows with the block's rows, not with N).
   void (*sum_rows)(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* sums);
+
+  // accumulate_outer, and sums = sum_rows(B) (the same values, summed in the same order) from the
+  // same pass over B: the backward's db_up share from the sweep over g that dw_up makes anyway,
+  // instead of a pass of its own (which, as the first to touch the block of g, paid its misses).
+  void (*accumulate_outer_sums)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda,
+                                const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums);
 };
 
 namespace generic {

@@ -107,6 +107,13 @@ void sum_rows(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* sums) {
 }
 
 template <typename acc_t>
+void accumulate_outer_sums(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
+                           int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums) {
+  accumulate_outer(M, N, K, A, lda, B, ldb, C, ldc);
+  sum_rows(M, K, B, ldb, sums);
+}
+
+template <typename acc_t>
 void transpose(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* B) {
   copy_matrix(A, lda, 1, M, K, /*transpose=*/true, B, [](acc_t v) { return v; });
 }
@@ -117,7 +124,7 @@ template <typename acc_t>
 const BlockKernels<acc_t>& kernels() {
   static const BlockKernels<acc_t> table{"generic", &project_in<acc_t>, &accumulate_outer<acc_t>,
                                          &project_out<acc_t>, &transpose<acc_t>, &dropout_keep,
-                                         &sum_rows<acc_t>};
+                                         &sum_rows<acc_t>, &accumulate_outer_sums<acc_t>};
   return table;
 }
 

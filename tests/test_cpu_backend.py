@@ -71,7 +71,8 @@ def check_against_reference(x, wd, wu, bd, bu, res, *, tol, activation="relu", s
             assert_matches(name, got, want, tol)
 
 
-@pytest.mark.parametrize("n,d,r", [(37, 1, 1), (64, 123, 5), (130, 431, 24), (65, 1000, 100), (9, 123, 300), (200, 64, 16)])
+@pytest.mark.parametrize("n,d,r", [(37, 1, 1), (64, 123, 5), (130, 431, 24), (65, 1000, 100), (9, 123, 300), (200, 64, 16),
+                                   (150, 768, 16)])
 def test_fp32_matches_reference(n, d, r):
     x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
     check_against_reference(x, wd, wu, bd, bu, None, tol=1e-5, scale=0.5)
