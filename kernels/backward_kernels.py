@@ -108,13 +108,16 @@ def adapter_backward_dxdw_kernel(
     stride_gm, stride_gd, stride_xm, stride_xd, stride_wd_r, stride_wd_d,
     scale, key_lo, key_hi, threshold,
     ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, RESIDUAL_IS_X: tl.constexpr, WRITE_DX: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    DB_AFTER_LOOP: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """dx of column tile ``pid(0)`` over row slice ``pid(1)``, and that slice's partial dWu, dbu, dWd of the tile.
 
     ``dx = dh Wd (+ g when the residual is x)``, ``dWu^T = act(h)^T gz``, ``dWd = dh^T x``, ``dbu = sum gz``.
-    Without ``WRITE_DX`` (x needs no grad, or ranks > 64 where the row kernel writes dx) it does not write dx. dx, h, dh and the partials are contiguous:
+    Without ``WRITE_DX`` (x needs no grad, or ranks > 64 where the row kernel writes dx) it does not write dx.
+    With ``DB_AFTER_LOOP`` gz is added elementwise into a ``[BLOCK_M, BLOCK_D]`` fp32 tile summed over
+    its rows once after the loop (no cross-warp reduction per block; ``config.db_after_loop``), else
+    each block's ``sum_rows gz`` is added to a ``[BLOCK_D]`` vector. dx, h, dh and the partials are contiguous:
     ``dw_down_part [S, r, d]``, ``dw_up_part [S, d, r]``, ``db_up_part [S, d]``.
 
     Bytes: g and x read once, dx written once (three ``[N, d]`` passes), h and dh once from HBM
@@ -134,7 +137,10 @@ def adapter_backward_dxdw_kernel(
 
     dw_up_t = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     dw_down = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    db_up = tl.zeros((BLOCK_D,), tl.float32)
+    if DB_AFTER_LOOP:
+        gz_sum = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    else:
+        db_up = tl.zeros((BLOCK_D,), tl.float32)
     for block in range(0, blocks_per_slice):
         rows = (slice_id * blocks_per_slice + block) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
@@ -145,7 +151,10 @@ def adapter_backward_dxdw_kernel(
         dh = dh32.to(DOT_DTYPE)
         dw_up_t, dw_down = weight_grad_dots(dw_up_t, dw_down, gz, x, a, dh, INPUT_PRECISION=INPUT_PRECISION,
                                             DOT_DTYPE=DOT_DTYPE)
-        db_up += tl.sum(gz, axis=0)
+        if DB_AFTER_LOOP:
+            gz_sum += gz
+        else:
+            db_up += tl.sum(gz, axis=0)
         if WRITE_DX:
             dx = tl.dot(dh, w_down, input_precision=INPUT_PRECISION)
             if RESIDUAL_IS_X:
@@ -155,6 +164,8 @@ def adapter_backward_dxdw_kernel(
 
     tl.store(dw_down_part_ptr + (slice_id * r + ranks[:, None]) * d + cols[None, :], dw_down, mask=w_mask)
     tl.store(dw_up_part_ptr + (slice_id * d + cols[None, :]) * r + ranks[:, None], dw_up_t, mask=w_mask)
+    if DB_AFTER_LOOP:
+        db_up = tl.sum(gz_sum, axis=0)
     tl.store(db_up_part_ptr + slice_id * d + cols, db_up, mask=col_mask)
 
 
@@ -203,7 +214,8 @@ def _static(d, r, dtype, activation, has_dropout, precision, residual_is_x, need
     dh_constexprs = dict(shared, RESIDUAL_IS_X=residual_is_x, WRITE_DX=need_dx and in_rows, BLOCK_M=c.block_m,
                          BLOCK_D=c.block_d, BLOCK_R=c.block_r)
     c = cfgs.backward_dxdw
-    dxdw_constexprs = dict(shared, RESIDUAL_IS_X=residual_is_x, WRITE_DX=need_dx and not in_rows, BLOCK_M=c.block_m,
+    dxdw_constexprs = dict(shared, RESIDUAL_IS_X=residual_is_x, WRITE_DX=need_dx and not in_rows,
+                           DB_AFTER_LOOP=_config.db_after_loop(r, dtype, major, precision), BLOCK_M=c.block_m,
                            BLOCK_D=c.block_d, BLOCK_R=c.block_r)
     return (cfgs, (dh_constexprs, {**dh_constexprs, **cfgs.backward_dh.options()}),
             (dxdw_constexprs, {**dxdw_constexprs, **cfgs.backward_dxdw.options()}))

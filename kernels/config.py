@@ -154,6 +154,17 @@ def dx_in_row_kernel(r: int) -> bool:
     return block_r(r) > DX_IN_COLUMNS_MAX_R
 
 
+# (compute capability major >= 9, operand kind, rank bucket) of the column kernels that sum db_up once
+# after their loop; elsewhere the elementwise [block_m, block_d] fp32 accumulator spilled.
+_DB_AFTER_LOOP = {(True, "16bit", 16), (True, "16bit", 64)}
+
+
+def db_after_loop(r: int, dtype: torch.dtype, major: int = DEFAULT_MAJOR, precision: str = "ieee") -> bool:
+    """Whether backward-dxdw sums db_up once after its loop (``DB_AFTER_LOOP``) rather than per block."""
+    kind = "fp32" if dtype == torch.float32 else "16bit"
+    return (major >= 9, kind, block_r(r)) in _DB_AFTER_LOOP
+
+
 def row_slices(n_rows: int, d: int, r: int, config: Config, sm_count: int) -> int:
     """The number S of row slices of the weight-gradient kernel (its fp32 partials are ``[S, ...]``).
 

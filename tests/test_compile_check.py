@@ -62,9 +62,12 @@ def test_mma_kind_per_kernel(rows):
 
 @pytest.mark.slow
 def test_proxies_are_reported(rows):
+    """Loop costs, and bytes models at least the kernel's unavoidable [N, d] passes: the forward reads x
+    and writes y, backward-dh reads g, backward-dxdw reads g and x (and writes dx up to r = 64)."""
+    floor = {"forward": 2, "backward_dh": 1, "backward_dxdw": 2}
     for row in rows:
         assert row["loop_instructions"] and all(v > 0 for v in row["loop_instructions"]), row
-        assert row["hbm_passes"] >= 2, row
+        assert row["hbm_passes"] >= floor[row["kernel"]], row
 
 
 @pytest.fixture(scope="module")
