@@ -22,8 +22,9 @@ Two kernels, because dh needs a full reduction over d before anything that uses 
    row slices, and loads its ``Wd[:, tile]`` once. Per ``BLOCK_M`` rows it reads the g and x tiles
    once (and h, dh) and uses them for everything: ``dx[rows, tile] = dh Wd[:, tile] (+ g)``
    (written), ``dWu^T[:, tile] += act(h)^T gz``, ``dWd[:, tile] += dh^T x`` (both
-   ``[BLOCK_R, BLOCK_D]`` fp32 in registers) and ``dbu[tile] += sum_rows gz``.
-   It writes fp32 partials ``[S, ...]``; the launcher sums them with torch (fixed order, no
+   ``[BLOCK_R, BLOCK_D]`` fp32 in registers) and ``dbu[tile] += sum_rows gz`` (on sm_90 at
+   r <= 16 and 33..64, 16-bit: gz added elementwise into a ``[BLOCK_M, BLOCK_D]`` tile summed
+   once after the loop, ``config.db_after_loop``). It writes fp32 partials ``[S, ...]``; the launcher sums them with torch (fixed order, no
    atomics), so the weight gradients are bitwise reproducible: S depends only on the shapes and
    the device's SM count (``config.row_slices``). ``dbd = dh.sum(0)`` in torch.
 
@@ -41,7 +42,9 @@ Bytes moved per backward (``hbm_bytes``), for ``[N, d]`` tensors in ``e``-byte e
   by side, hit L2); write the partials ``S (2 r + 1) d * 4`` bytes; ``Wd[:, tile]`` once.
 - reduce (torch): read the partials, write the weight gradients, read dh for dbd.
 Total: 4 ``[N, d]`` passes for any d (the fused floor is 3: read g, read x, write dx), against
-~5.2 before and ~7 for eager PyTorch.
+~5.2 before and ~7 for eager PyTorch. For ranks > 64 (``config.dx_in_row_kernel``) the dh kernel
+writes dx in a second pass over d re-reading g, as before (up to ~5.2 passes): there the column
+kernel had no registers left for the dx tile on sm_80.
 """
 from __future__ import annotations
 
