@@ -30,14 +30,14 @@ divisibility by 16), compiles with ``triton.compile`` for the target and reports
 It exits non-zero on any compile error, spill, or shared memory over the limit. Triton's cache
 lives in a fresh temporary directory, so nothing cached hides a failure.
 
-Variant sets: ``cover()`` (the default and what the tests run: 60 variants per arch, a few
-minutes on 2 cores) is every kernel x dtype x rank bucket with every constexpr flag on (bias,
-dropout, residual-is-x: the superset of the epilogue code), activations taken in turn so that
-each appears, plus fp32 weights with bf16 x, tf32, tf32x3 (``ADAPTERFAST_TF32X3``), and strided (column-major) inputs without
-dropout. ``full()`` (``--full``: 900 variants per arch, about 2 hours per arch on 2 cores; use
-``--workers`` on a machine with cores) is every kernel x (fp32, tf32, fp16, bf16, fp16 and bf16
-with fp32 weights) x rank bucket x activation with the flags on, plus each with the flags off.
-The flags and the activation only switch elementwise code; the tile shapes and dots, which
+Variant sets: ``cover()`` (the default and what the tests run: 60 variants per arch, a few minutes
+on 2 cores) is every kernel x dtype x rank bucket with every constexpr flag on (bias, dropout,
+residual-is-x: the superset of the epilogue code), activations taken in turn so that each appears,
+plus fp32 weights with bf16 x, tf32, tf32x3 (``ADAPTERFAST_TF32X3``), and strided (column-major)
+inputs without dropout. ``full()`` (``--full``: 900 variants per arch, about 2 hours per arch on 2
+cores; use ``--workers`` on a machine with cores) is every kernel x (fp32, tf32, fp16, bf16, fp16
+and bf16 with fp32 weights) x rank bucket x activation with the flags on, plus each with the flags
+off. The flags and the activation only switch elementwise code; the tile shapes and dots, which
 decide most of the registers, shared memory and tensor-core use, come from ``kernels/config.py``.
 """
 from __future__ import annotations

@@ -25,7 +25,8 @@ N, D = 16384, 4096
 
 
 def hbm_passes(variant) -> float:
-    """The kernel's bytes model at ``N x D`` in ``[N, d]`` passes of x's dtype (the reduction's too, for backward-dxdw)."""
+    """The kernel's bytes model at ``N x D`` in ``[N, d]`` passes of x's dtype (backward-dxdw: with the
+    reduction of its partials)."""
     from adapterfast.kernels import backward_kernels, forward_kernel
 
     elem = 4 if variant.dtype == "fp32" else 2

@@ -89,8 +89,9 @@ def weight_grad_tiles(rows, row_mask, col0, cols, col_mask, ranks, rank_mask, r,
                       stride_xm, stride_xd, h_ptr, dh_ptr, scale, key_lo, key_hi, threshold,
                       ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
                       BLOCK_D: tl.constexpr):
-    """The block's operands of the weight gradients: ``(g, gz, x, a, dh32)``: g and x as stored (16-bit
-    tiles take half the registers of fp32 ones), ``gz = g * mask * s`` in fp32, ``a = act(h)`` in DOT_DTYPE (zero past r), dh in fp32; h and dh contiguous [*, r] fp32."""
+    """The block's operands of the weight gradients: ``(g, gz, x, a, dh32)``: g and x as stored (16-bit tiles take
+    half the registers of fp32 ones), ``gz = g * mask * s`` in fp32, ``a = act(h)`` in DOT_DTYPE (zero past
+    r), dh in fp32; h and dh contiguous [*, r] fp32."""
     tile_mask = row_mask[:, None] & col_mask[None, :]
     hr_mask = row_mask[:, None] & rank_mask[None, :]
     g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd, mask=tile_mask, other=0.0)

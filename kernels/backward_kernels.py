@@ -18,15 +18,16 @@ Two kernels, because dh needs a full reduction over d before anything that uses 
    ``BLOCK_M`` rows, accumulates ``da`` over d-chunks in registers (regenerating the dropout mask
    from the seed), forms ``dh = da * act'(h)`` and writes it (``[N, r]`` fp32). Nothing ``[N, d]``
    is written and g is read once.
-2. ``adapter_backward_dxdw_kernel``: a program owns a ``BLOCK_D`` column tile and one of S fixed
-   row slices, and loads its ``Wd[:, tile]`` once. Per ``BLOCK_M`` rows it reads the g and x tiles
+2. ``adapter_backward_dxdw_kernel``: a program owns a ``BLOCK_D`` column tile and one of S fixed row
+   slices, and loads its ``Wd[:, tile]`` once. Per ``BLOCK_M`` rows it reads the g and x tiles
    once (and h, dh) and uses them for everything: ``dx[rows, tile] = dh Wd[:, tile] (+ g)``
-   (written), ``dWu^T[:, tile] += act(h)^T gz``, ``dWd[:, tile] += dh^T x`` (both
-   ``[BLOCK_R, BLOCK_D]`` fp32 in registers) and ``dbu[tile] += sum_rows gz`` (on sm_90 at
-   r <= 16 and 33..64, 16-bit: gz added elementwise into a ``[BLOCK_M, BLOCK_D]`` tile summed
-   once after the loop, ``config.db_after_loop``). It writes fp32 partials ``[S, ...]``; the launcher sums them with torch (fixed order, no
-   atomics), so the weight gradients are bitwise reproducible: S depends only on the shapes and
-   the device's SM count (``config.row_slices``). ``dbd = dh.sum(0)`` in torch.
+   (written), ``dWu^T[:, tile] += act(h)^T gz``, ``dWd[:, tile] += dh^T x`` (both ``[BLOCK_R,
+   BLOCK_D]`` fp32 in registers) and ``dbu[tile] += sum_rows gz`` (on sm_90 at r <= 16 and
+   33..64, 16-bit: gz added elementwise into a ``[BLOCK_M, BLOCK_D]`` tile summed once after the
+   loop, ``config.db_after_loop``). It writes fp32 partials ``[S, ...]``; the launcher sums them
+   with torch (fixed order, no atomics), so the weight gradients are bitwise reproducible: S
+   depends only on the shapes and the device's SM count (``config.row_slices``). ``dbd =
+   dh.sum(0)`` in torch.
 
 Why this split (issue 13): the previous design produced dx in the row kernel, which had to read
 its rows of g a second time after the reduction over d (from HBM once the rows in flight exceed

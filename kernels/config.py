@@ -1,9 +1,10 @@
 """Block sizes for every kernel, in one table shared by the launchers and ``compile_check``.
 
 ``choose(d, r, dtype, major)`` returns the configuration of the kernels for a problem. It depends
-on the rank bucket (``r`` padded to a power of two >= 16, the ``tl.dot`` minimum), on whether
-the operands are fp32, and for a few entries on the GPU generation (``_SM90``); it does not vary with ``d`` (tails are masked), so ``compile_check``
-covers every configuration the launchers can produce by enumerating dtypes and rank buckets.
+on the rank bucket (``r`` padded to a power of two >= 16, the ``tl.dot`` minimum), on whether the
+operands are fp32, and for a few entries on the GPU generation (``_SM90``); it does not vary with
+``d`` (tails are masked), so ``compile_check`` covers every configuration the launchers can
+produce by enumerating dtypes and rank buckets.
 
 How the entries were chosen (``python -m adapterfast.compile_check`` and ptxas on sm_80 and
 sm_90, with dropout on, whose Philox state of 4 words per tile element is a large register
@@ -13,13 +14,14 @@ limit, tensor cores for 16-bit operands.
   accumulator over the whole pass over d. ``block_m`` is kept at 64 where registers allow,
   because every program re-reads the (L2-resident) weights: weight bytes per row are
   ``~r / block_m`` times the activation bytes per row.
-- backward-dxdw (and the grouped backward-dw): a program owns a ``block_d`` column tile and keeps two ``[block_r, block_d]``
-  fp32 accumulators (the dW_up^T and dW_down tiles); larger ``block_d`` means fewer re-reads of
-  the ``[N, r]`` h and dh per row, larger ``block_r`` forces ``block_m`` and ``block_d`` down.
-  ``block_m`` is the K of both dots: 16-bit r = 16 and r = 64 use 32-64 rows by 128 columns
-  (sm_90 SASS per tile element, bf16 relu with dropout: r = 64 64.0 -> 37.8 from 16 x 64 tiles,
-  r = 16 34.8 -> 29.4 from 32 x 64; without dropout 47.0 -> 22.9 and 18.8 -> 14.1), at up to
-  ~230 registers and no spills on sm_80 or sm_90; 64 x 64 at r = 64 spilled on sm_80.
+- backward-dxdw (and the grouped backward-dw): a program owns a ``block_d`` column tile and keeps
+  two ``[block_r, block_d]`` fp32 accumulators (the dW_up^T and dW_down tiles); larger
+  ``block_d`` means fewer re-reads of the ``[N, r]`` h and dh per row, larger ``block_r`` forces
+  ``block_m`` and ``block_d`` down. ``block_m`` is the K of both dots: 16-bit r = 16 and r = 64
+  use 32-64 rows by 128 columns (sm_90 SASS per tile element, bf16 relu with dropout: r = 64 64.0
+  -> 37.8 from 16 x 64 tiles, r = 16 34.8 -> 29.4 from 32 x 64; without dropout 47.0 -> 22.9 and
+  18.8 -> 14.1), at up to ~230 registers and no spills on sm_80 or sm_90; 64 x 64 at r = 64
+  spilled on sm_80.
 - Since dropout interleaves four Philox words per quad of columns, two fp32 entries spilled a
   few bytes (forward r = 256 on sm_80, backward-dw r = 64 on sm_90): the first runs one stage,
   the second four warps (no spills for tanh, sigmoid or gelu_tanh on either arch).
