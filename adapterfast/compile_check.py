@@ -30,14 +30,14 @@ divisibility by 16), compiles with ``triton.compile`` for the target and reports
 It exits non-zero on any compile error, spill, or shared memory over the limit. Triton's cache
 lives in a fresh temporary directory, so nothing cached hides a failure.
 
-Variant sets: ``cover()`` (the default and what the tests run: 57 variants per arch, a few
-minutes on 2 cores) is every kernel x dtype x rank bucket with every constexpr flag on (bias,
-dropout, residual-is-x: the superset of the epilogue code), activations taken in turn so that
-each appears, plus fp32 weights with bf16 x, tf32, and strided (column-major) inputs without
-dropout. ``full()`` (``--full``: 900 variants per arch, about 2 hours per arch on 2 cores; use
-``--workers`` on a machine with cores) is every kernel x (fp32, tf32, fp16, bf16, fp16 and bf16
-with fp32 weights) x rank bucket x activation with the flags on, plus each with the flags off.
-The flags and the activation only switch elementwise code; the tile shapes and dots, which
+Variant sets: ``cover()`` (the default and what the tests run: 60 variants per arch, a few minutes
+on 2 cores) is every kernel x dtype x rank bucket with every constexpr flag on (bias, dropout,
+residual-is-x: the superset of the epilogue code), activations taken in turn so that each appears,
+plus fp32 weights with bf16 x, tf32, tf32x3 (``ADAPTERFAST_TF32X3``), and strided (column-major)
+inputs without dropout. ``full()`` (``--full``: 900 variants per arch, about 2 hours per arch on 2
+cores; use ``--workers`` on a machine with cores) is every kernel x (fp32, tf32, fp16, bf16, fp16
+and bf16 with fp32 weights) x rank bucket x activation with the flags on, plus each with the flags
+off. The flags and the activation only switch elementwise code; the tile shapes and dots, which
 decide most of the registers, shared memory and tensor-core use, come from ``kernels/config.py``.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 SHARED_LIMIT = {80: 166912, 90: 232448}
-KERNELS = ("forward", "backward_dx", "backward_dw")
+KERNELS = ("forward", "backward_dh", "backward_dxdw")
 DTYPES = ("fp32", "fp16", "bf16")
 SHAPE = (8192, 4096)
 
@@ -73,12 +73,13 @@ class Variant:
     dropout: bool = True
     residual_is_x: bool = True
     tf32: bool = False
+    tf32x3: bool = False
     strided: bool = False
 
     def describe(self) -> str:
         """The activation and the constexpr flags this kernel has, joined by ``+``."""
-        relevant = {"forward": ("bias", "dropout", "tf32"), "backward_dx": ("dropout", "residual_is_x", "tf32"),
-                    "backward_dw": ("dropout", "tf32")}[self.kernel]
+        relevant = {"forward": ("bias", "dropout", "tf32", "tf32x3"), "backward_dh": ("dropout", "tf32", "tf32x3"),
+                    "backward_dxdw": ("dropout", "residual_is_x", "tf32", "tf32x3")}[self.kernel]
         flags = [flag for flag in relevant if getattr(self, flag)]
         return "+".join([self.activation] + flags + (["strided"] if self.strided else []))
 
@@ -108,6 +109,7 @@ def cover() -> list[Variant]:
                 i += 1
         variants.append(Variant(kernel, "bf16", 64, weight_dtype="fp32"))
         variants.append(Variant(kernel, "fp32", 64, tf32=True))
+        variants.append(Variant(kernel, "fp32", 64, tf32x3=True))
         variants.append(Variant(kernel, "fp16", 64, dropout=False, strided=True))
         variants.append(Variant(kernel, "fp32", 16, dropout=False, strided=True))
     return variants
@@ -155,14 +157,15 @@ def _tensors(variant: Variant) -> dict:
                 h=torch.empty((n, r), dtype=torch.float32, device="meta"))
 
 
-def _launch(variant: Variant):
-    """The ``Launch`` the launchers produce for this variant, on meta tensors."""
-    from adapterfast.kernels import backward_kernels, forward_kernel, launch
+def _launch(variant: Variant, arch: int = 90):
+    """The ``Launch`` the launchers produce for this variant on ``sm_<arch>``, on meta tensors."""
+    from adapterfast.kernels import backward_kernels, config, forward_kernel, launch
 
     t = _tensors(variant)
     p, seed = (0.1, 12345678901) if variant.dropout else (0.0, None)
-    previous = launch.tf32_allowed
-    launch.tf32_allowed = lambda: variant.tf32
+    previous = launch.tf32_allowed, launch.tf32x3_requested, config.cc_major
+    launch.tf32_allowed, launch.tf32x3_requested = (lambda: variant.tf32), (lambda: variant.tf32x3)
+    config.cc_major = lambda device: arch // 10
     try:
         if variant.kernel == "forward":
             return forward_kernel.plan(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], variant.activation,
@@ -171,7 +174,7 @@ def _launch(variant: Variant):
                                          seed, variant.residual_is_x)[3]
         return launches[KERNELS.index(variant.kernel) - 1]
     finally:
-        launch.tf32_allowed = previous
+        launch.tf32_allowed, launch.tf32x3_requested, config.cc_major = previous
 
 
 def _hbm_passes(variant: Variant) -> float:
@@ -288,7 +291,7 @@ def compile_variant(variant: Variant, arch: int) -> dict:
            "hbm_passes": None, "i32_tensor_muls": None, "variant": f"r{variant.r}:{variant.describe()}",
            "error": None}
     try:
-        launch = _launch(variant)
+        launch = _launch(variant, arch)
         cfg = launch.config
         row["config"] = str(cfg)
         row["hbm_passes"] = _hbm_passes(variant)

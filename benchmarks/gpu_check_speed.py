@@ -5,9 +5,9 @@
 - ``warm``: every kernel variant the run needs, launched once at a small N (same d, r, dtypes,
   flags and divisibility, so the same JIT specialisation) in a pool of processes sharing
   Triton's disk cache: compilation runs in parallel up front instead of inside the timings.
-- ``kernels``: forward, backward-dx, backward-dw and the partial-sum reduction, each timed alone
+- ``kernels``: forward, backward-dh, backward-dxdw and the partial-sum reduction, each timed alone
   (``triton.testing.do_bench``), at N=16384 d=4096 r=64 and N=8192 d=768 r=16; bf16 with
-  dropout 0 and 0.1, fp32 ieee and tf32, bf16 x with fp32 weights. Each is reported with its
+  dropout 0 and 0.1, fp32 ieee, tf32 and tf32x3, bf16 x with fp32 weights. Each is reported with its
   bytes model (``hbm_bytes`` next to each kernel) and the fraction of the copy-bandwidth floor
   (model bytes / measured copy bandwidth / time), and the whole step against the fused floor
   (2 passes forward, 3 backward).
@@ -34,17 +34,18 @@ WARM_N = 64
 
 
 def _variants():
-    """``(name, N, d, r, x dtype, weight dtype, p, tf32)`` of every kernel timing."""
+    """``(name, N, d, r, x dtype, weight dtype, p, fp32 precision)`` of every kernel timing."""
     bf16 = torch.float32 if DRY else torch.bfloat16  # the interpreter's bf16 dot is wrong, but it runs
     (n1, d1, r1), (n2, d2, r2) = TIMING_SHAPES
     return [
-        ("bf16 p=0", n1, d1, r1, bf16, bf16, 0.0, False),
-        ("bf16 p=0.1", n1, d1, r1, bf16, bf16, 0.1, False),
-        ("fp32 ieee", n1, d1, r1, torch.float32, torch.float32, 0.0, False),
-        ("fp32 tf32", n1, d1, r1, torch.float32, torch.float32, 0.0, True),
-        ("bf16 x fp32 w", n1, d1, r1, bf16, torch.float32, 0.0, False),
-        ("bf16 p=0", n2, d2, r2, bf16, bf16, 0.0, False),
-        ("bf16 p=0.1", n2, d2, r2, bf16, bf16, 0.1, False),
+        ("bf16 p=0", n1, d1, r1, bf16, bf16, 0.0, "ieee"),
+        ("bf16 p=0.1", n1, d1, r1, bf16, bf16, 0.1, "ieee"),
+        ("fp32 ieee", n1, d1, r1, torch.float32, torch.float32, 0.0, "ieee"),
+        ("fp32 tf32", n1, d1, r1, torch.float32, torch.float32, 0.0, "tf32"),
+        ("fp32 tf32x3", n1, d1, r1, torch.float32, torch.float32, 0.0, "tf32x3"),
+        ("bf16 x fp32 w", n1, d1, r1, bf16, torch.float32, 0.0, "ieee"),
+        ("bf16 p=0", n2, d2, r2, bf16, bf16, 0.0, "ieee"),
+        ("bf16 p=0.1", n2, d2, r2, bf16, bf16, 0.1, "ieee"),
     ]
 
 
@@ -55,32 +56,40 @@ def _tensors(n, d, r, dtype, wdtype):
                 w_up=(torch.randn(d, r, device=dev) * r**-0.5).to(wdtype))
 
 
-def _set_tf32(on: bool) -> None:
+def _set_precision(precision: str) -> None:
+    """fp32 dots: "ieee", "tf32" (torch's flag) or "tf32x3" (``ADAPTERFAST_TF32X3=1`` with the flag off)."""
+    from adapterfast.kernels.launch import TF32X3_ENV
+
+    on = precision == "tf32"
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
     else:
         torch.backends.cuda.matmul.allow_tf32 = on
+    if precision == "tf32x3":
+        os.environ[TF32X3_ENV] = "1"
+    else:
+        os.environ.pop(TF32X3_ENV, None)
 
 
 def _launches(t, p, activation="relu"):
-    """The forward launch, then backward-dx and backward-dw, with the reduction as a callable."""
+    """The forward launch, then backward-dh and backward-dxdw, with the reduction as a callable."""
     from adapterfast.kernels import backward_kernels, forward_kernel
 
     seed = SEED if p > 0 else None
     _, h, fwd = forward_kernel.plan(t["x"], t["w_down"], t["w_up"], None, None, activation, 1.0, p, seed, None)
     fwd()
-    _, dh, parts, (dx, dw) = backward_kernels.plan(t["g"], t["x"], t["w_down"], t["w_up"], h, activation, 1.0, p,
-                                                   seed, True)
+    _, dh, parts, (dh_kernel, dxdw) = backward_kernels.plan(t["g"], t["x"], t["w_down"], t["w_up"], h, activation,
+                                                            1.0, p, seed, True)
 
     def reduce():
         return [part.sum(0) for part in parts] + [dh.sum(0)]
 
-    return fwd, dx, dw, reduce
+    return fwd, dh_kernel, dxdw, reduce
 
 
 def _warm_one(variant) -> str:
-    _, _, d, r, dtype, wdtype, p, tf32 = variant
-    _set_tf32(tf32)
+    _, _, d, r, dtype, wdtype, p, precision = variant
+    _set_precision(precision)
     t = _tensors(WARM_N, d, r, dtype, wdtype)
     for launch in _launches(t, p):
         launch()
@@ -117,27 +126,27 @@ def kernels() -> None:
     from adapterfast.kernels import backward_kernels, forward_kernel
 
     bandwidth = _bandwidth()
-    for name, n, d, r, dtype, wdtype, p, tf32 in _variants():
+    for name, n, d, r, dtype, wdtype, p, precision in _variants():
         def one():
-            _set_tf32(tf32)
+            _set_precision(precision)
             t = _tensors(n, d, r, dtype, wdtype)
-            fwd, dx, dw, reduce = _launches(t, p)
+            fwd, dh_kernel, dxdw, reduce = _launches(t, p)
             elem = t["x"].element_size()
             model = {"forward": forward_kernel.hbm_bytes(n, d, r, elem), **backward_kernels.hbm_bytes(n, d, r, elem)}
-            times = {"forward": bench_ms(fwd), "backward_dx": bench_ms(dx), "backward_dw": bench_ms(dw),
+            times = {"forward": bench_ms(fwd), "backward_dh": bench_ms(dh_kernel), "backward_dxdw": bench_ms(dxdw),
                      "reduce": bench_ms(reduce)}
             for kernel, ms in times.items():
                 floor = model[kernel] / bandwidth * 1e3 if bandwidth else None
                 record("kernels", name=name, shape=f"{n}x{d} r{r}", kernel=kernel, ms=ms, model_bytes=model[kernel],
                        of_floor=floor / ms if floor else None)
-            backward_ms = times["backward_dx"] + times["backward_dw"] + times["reduce"]
+            backward_ms = times["backward_dh"] + times["backward_dxdw"] + times["reduce"]
             design = {"forward": 2 * n * d * elem, "backward": 3 * n * d * elem}
             record("kernels", name=name, shape=f"{n}x{d} r{r}", kernel="step", forward_ms=times["forward"],
                    backward_ms=backward_ms,
                    forward_of_design_floor=design["forward"] / bandwidth * 1e3 / times["forward"] if bandwidth else None,
                    backward_of_design_floor=design["backward"] / bandwidth * 1e3 / backward_ms if bandwidth else None)
         guarded("kernels", f"{name} {n}x{d}", one)
-    _set_tf32(False)
+    _set_precision("ieee")
 
 
 class _Addmm(torch.nn.Module):

@@ -5,8 +5,8 @@
 ``ValueError``; the ops layer sends them to the reference).
 
 - ``forward_kernel.py``: the forward, one fused kernel;
-- ``backward_kernels.py``: the backward, a row kernel (dh, dx) then a column-tile kernel
-  (deterministic weight and bias gradients);
+- ``backward_kernels.py``: the backward, a row kernel (dh) then a column-tile kernel (dx and
+  the deterministic weight and bias gradients, from one read of g and x);
 - ``config.py``: block sizes, one table for the launchers and ``adapterfast.compile_check``;
 - ``philox.py``: the dropout mask; ``activations.py``: act and act';
 - ``launch.py``: what the launchers share.

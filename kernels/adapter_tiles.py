@@ -11,7 +11,9 @@ arithmetic for both, so both paths round and accumulate identically:
   ``gz = g * mask * s`` (the dropout factor regenerated from the seed);
 - ``output_tile``: one ``[BLOCK_M, BLOCK_D]`` tile of ``y = res + s * mask * (a Wu^T + bu)``;
 - ``dx_tile``: one tile of ``dx = dh Wd (+ g when the residual is x)``;
-- ``weight_grad_step``: one block of rows' share of a column tile of ``dWu^T``, ``dWd`` and ``dbu``.
+- ``weight_grad_tiles`` (the block's g, gz, x, act(h), dh) and ``weight_grad_dots`` (its share of a
+  column tile of ``dWu^T`` and ``dWd``), and ``weight_grad_step`` (both, plus ``dbu`` summed per block:
+  the grouped kernel's step; the single op's kernel keeps ``dbu`` in registers and also writes dx).
 """
 from __future__ import annotations
 
@@ -83,6 +85,33 @@ def dx_tile(dh, cols, rows, row_mask, ranks, rank_mask, d, w_down_ptr, stride_wd
 
 
 @triton.jit
+def weight_grad_tiles(rows, row_mask, col0, cols, col_mask, ranks, rank_mask, r, g_ptr, stride_gm, stride_gd, x_ptr,
+                      stride_xm, stride_xd, h_ptr, dh_ptr, scale, key_lo, key_hi, threshold,
+                      ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """The block's operands of the weight gradients: ``(g, gz, x, a, dh32)``: g and x as stored (16-bit tiles take
+    half the registers of fp32 ones), ``gz = g * mask * s`` in fp32, ``a = act(h)`` in DOT_DTYPE (zero past
+    r), dh in fp32; h and dh contiguous [*, r] fp32."""
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    hr_mask = row_mask[:, None] & rank_mask[None, :]
+    g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd, mask=tile_mask, other=0.0)
+    gz = g.to(tl.float32) * branch_factor(rows, col0, scale, key_lo, key_hi, threshold, HAS_DROPOUT, BLOCK_D)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=tile_mask, other=0.0)
+    h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
+    a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(DOT_DTYPE)
+    dh32 = tl.load(dh_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
+    return g, gz, x, a, dh32
+
+
+@triton.jit
+def weight_grad_dots(dw_up_t, dw_down, gz, x, a, dh, INPUT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``dWu^T += a^T gz`` and ``dWd += dh^T x`` for one block of rows, operands rounded to DOT_DTYPE."""
+    dw_up_t = tl.dot(tl.trans(a), gz.to(DOT_DTYPE), dw_up_t, input_precision=INPUT_PRECISION)
+    dw_down = tl.dot(tl.trans(dh), x.to(DOT_DTYPE), dw_down, input_precision=INPUT_PRECISION)
+    return dw_up_t, dw_down
+
+
+@triton.jit
 def weight_grad_step(dw_up_t, dw_down, db_up, rows, row_mask, col0, cols, col_mask, ranks, rank_mask, d, r,
                      g_ptr, stride_gm, stride_gd, x_ptr, stride_xm, stride_xd, h_ptr, dh_ptr,
                      scale, key_lo, key_hi, threshold, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -90,15 +119,11 @@ def weight_grad_step(dw_up_t, dw_down, db_up, rows, row_mask, col0, cols, col_ma
     """The block's rows added to the column tile's sums: ``dWu^T += act(h)^T gz``, ``dWd += dh^T x``,
     ``dbu += sum gz`` (gz = g * mask * s). Returns them and the block's fp32 dh (for ``dbd``); h and dh
     are contiguous [*, r] fp32."""
-    tile_mask = row_mask[:, None] & col_mask[None, :]
-    hr_mask = row_mask[:, None] & rank_mask[None, :]
-    g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gd, mask=tile_mask, other=0.0).to(tl.float32)
-    gz = g * branch_factor(rows, col0, scale, key_lo, key_hi, threshold, HAS_DROPOUT, BLOCK_D)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=tile_mask, other=0.0)
-    h = tl.load(h_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
-    a = tl.where(rank_mask[None, :], activate(h, ACTIVATION), 0.0).to(DOT_DTYPE)
-    dh32 = tl.load(dh_ptr + rows[:, None] * r + ranks[None, :], mask=hr_mask, other=0.0)
-    dw_up_t = tl.dot(tl.trans(a), gz.to(DOT_DTYPE), dw_up_t, input_precision=INPUT_PRECISION)
-    dw_down = tl.dot(tl.trans(dh32.to(DOT_DTYPE)), x.to(DOT_DTYPE), dw_down, input_precision=INPUT_PRECISION)
+    _, gz, x, a, dh32 = weight_grad_tiles(rows, row_mask, col0, cols, col_mask, ranks, rank_mask, r, g_ptr, stride_gm,
+                                          stride_gd, x_ptr, stride_xm, stride_xd, h_ptr, dh_ptr, scale, key_lo,
+                                          key_hi, threshold, ACTIVATION=ACTIVATION, HAS_DROPOUT=HAS_DROPOUT,
+                                          DOT_DTYPE=DOT_DTYPE, BLOCK_D=BLOCK_D)
+    dw_up_t, dw_down = weight_grad_dots(dw_up_t, dw_down, gz, x, a, dh32.to(DOT_DTYPE), INPUT_PRECISION=INPUT_PRECISION,
+                                        DOT_DTYPE=DOT_DTYPE)
     db_up += tl.sum(gz, axis=0)
     return dw_up_t, dw_down, db_up, dh32

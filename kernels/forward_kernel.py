@@ -87,7 +87,7 @@ def hbm_bytes(n_rows: int, d: int, r: int, elem_bytes: int, separate_residual: b
 @functools.lru_cache(maxsize=512)
 def _static(d, r, dtype, activation, has_b_down, has_b_up, has_dropout, precision):
     """What a launch needs beyond the tensors, computed once per problem kind: ``(config, kwargs)``."""
-    cfg = _config.choose(d, r, dtype).forward
+    cfg = _config.choose(d, r, dtype, precision=precision).forward
     constexprs = dict(
         ACTIVATION=activation, HAS_B_DOWN=has_b_down, HAS_B_UP=has_b_up, HAS_DROPOUT=has_dropout,
         INPUT_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r,
@@ -107,7 +107,7 @@ def plan(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, resi
     w_down, w_up = in_dtype(w_down, x.dtype), in_dtype(w_up, x.dtype)
     has_dropout, eff_scale, key_lo, key_hi, threshold = dropout_args(scale, dropout_p, seed)
     cfg, constexprs, kwargs = _static(d, r, x.dtype, activation, b_down is not None, b_up is not None, has_dropout,
-                                      dot_precision(x.dtype))
+                                      dot_precision(x.dtype, r))
     x_strides, wd_strides, wu_strides, res_strides = x.stride(), w_down.stride(), w_up.stride(), res.stride()
     args = (
         x, w_down, w_down if b_down is None else b_down, w_up, w_up if b_up is None else b_up, res, y, h,

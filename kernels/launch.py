@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
+from adapterfast._log import warn_once
 from adapterfast.dropout import threshold as dropout_threshold
 
 from .config import Config
@@ -86,11 +88,39 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: tf32 for fp32 operands only when torch allows it (read now)."""
-    if dtype == torch.float32 and tf32_allowed():
+TF32X3_ENV = "ADAPTERFAST_TF32X3"
+
+
+def tf32x3_requested() -> bool:
+    """Whether the user opted in to ``tf32x3`` fp32 dots: ``ADAPTERFAST_TF32X3=1`` in the environment.
+
+    tf32x3 splits each fp32 operand into a TF32 high part and a TF32 remainder and sums three
+    tensor-core products (hi*hi + hi*lo + lo*hi): close to fp32 accuracy at tensor-core speed,
+    where the default "ieee" dots run on FMA units. Read on every fp32 call, like the TF32 flag.
+    """
+    return os.environ.get(TF32X3_ENV, "") == "1"
+
+
+TF32X3_MAX_R = 128
+
+
+def dot_precision(dtype: torch.dtype, r: int | None = None) -> str:
+    """``tl.dot`` input precision for x's dtype and rank r, read now: for fp32 operands "tf32" when
+    torch allows TF32, else "tf32x3" when ``ADAPTERFAST_TF32X3=1``, else "ieee"; 16-bit operands
+    ignore both. tf32x3 applies to the single-adapter kernels (``r`` given) up to rank 128: at
+    r = 256 its split operands spilled 336-720 bytes in every configuration tried, and the grouped
+    kernels have not been checked with it, so there the switch is ignored, with a warning once."""
+    if dtype != torch.float32:
+        return "ieee"
+    if tf32_allowed():
         return "tf32"
-    return "ieee"
+    if not tf32x3_requested():
+        return "ieee"
+    if r is None or r > TF32X3_MAX_R:
+        warn_once(f"{TF32X3_ENV}=1 is ignored (fp32 dots stay exact 'ieee') by the grouped Triton kernels and for "
+                  f"ranks over {TF32X3_MAX_R}; got {'the grouped op' if r is None else f'r={r}'}")
+        return "ieee"
+    return "tf32x3"
 
 
 def dropout_args(scale: float, dropout_p: float, seed) -> tuple[bool, float, int, int, int]:

@@ -37,7 +37,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert {r["name"] for r in correct} == {"accuracy", "backward_bitwise", "dropout_mask", "strided", "huge_forward"}
     assert all(r["ok"] for r in correct)
     kernels = {r["kernel"] for r in records if r["step"] == "kernels"}
-    assert kernels == {"forward", "backward_dx", "backward_dw", "reduce", "step"}
+    assert kernels == {"forward", "backward_dh", "backward_dxdw", "reduce", "step"}
     assert {r["name"] for r in records if r["step"] == "ops"} >= {
         "eager", "addmm", "compile", "compile_max_autotune", "adapterfast", "cuda_graph"}
     tests = {r["name"]: r for r in records if r["step"] == "tests"}

@@ -242,7 +242,7 @@ def test_empty_batch():
 def test_weight_gradients_are_deterministic():
     n, d, r = 130, 40, 1
     t = make_inputs(n, d, r, torch.float32)
-    slices = config.row_slices(n, d, r, config.choose(d, r, torch.float32).backward_dw,
+    slices = config.row_slices(n, d, r, config.choose(d, r, torch.float32).backward_dxdw,
                                config.sm_count(torch.device(DEVICE)))
     assert slices > 1, "the test should exercise several fp32 partials"
     _, _, first = run_kernels(t, "gelu", 1.0, 0.1, SEED)
@@ -412,3 +412,16 @@ def test_fp32_weights_are_rounded_once_exactly_like_16bit_weights():
     assert torch.equal(y32, y16) and torch.equal(h32, h16) and torch.equal(g32[0], g16[0])
     assert g32[1].dtype == torch.float32 and torch.equal(g32[1].half(), g16[1])
     assert torch.equal(g32[3].half(), g16[3])
+
+
+@pytest.mark.parametrize("r", [1, 64, 65])
+@pytest.mark.parametrize("residual", [False, True])
+def test_dx_from_the_column_kernel_and_from_the_row_kernel(r, residual):
+    """Up to r = 64 the dx/dw column kernel writes dx (at r = 1 over several row slices; ragged last
+    block and column tile); from r = 65 the dh row kernel does: all match float64, with and without x
+    as residual."""
+    n, d = 150, 70
+    assert config.dx_in_row_kernel(r) == (r > 64)
+    cfg = config.choose(d, r, torch.float32).backward_dxdw
+    assert config.row_slices(n, d, r, cfg, config.sm_count(torch.device(DEVICE))) > 1 or r > 1
+    check_case(n, d, r, torch.float32, "silu", p=0.1, residual=residual)

@@ -1,6 +1,8 @@
 """The Triton backend's host side: the launch setup computed once per problem kind, the TF32 flag
 read per call through either of torch's APIs, the block-size table, and the host-overhead figures
 (split from ``test_triton_kernels.py``, whose inputs and checks these tests use)."""
+import logging
+
 import pytest
 import torch
 
@@ -79,3 +81,36 @@ def test_host_overhead_benchmark_runs():
     figures = gpu_check_overhead.measure(calls=20)
     assert set(figures) == {"forward_us", "forward_dropout_us", "backward_us"}
     assert all(0 < v < 1e5 for v in figures.values())
+
+
+def test_tf32x3_is_opt_in_per_call_and_matches_float64(monkeypatch, caplog):
+    """``ADAPTERFAST_TF32X3=1`` turns fp32 dots to tf32x3 when torch does not allow TF32 (read per call)
+    up to r = 128 (beyond: exact dots and a warning); torch's TF32 flag wins, 16-bit operands ignore it.
+    The AOT check (test_compile_check) shows that the tf32x3 kernels use tensor cores; here the
+    interpreter checks the results against float64."""
+    from adapterfast.kernels import forward_kernel
+
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        monkeypatch.delenv(launch.TF32X3_ENV, raising=False)
+        assert launch.dot_precision(torch.float32) == "ieee"
+        monkeypatch.setenv(launch.TF32X3_ENV, "1")
+        assert launch.dot_precision(torch.float32, 8) == "tf32x3"
+        assert launch.dot_precision(torch.bfloat16, 8) == "ieee"
+        t = make_inputs(12, 48, 8, torch.float32)
+        plan = forward_kernel.plan(t["x"], t["w_down"], t["w_up"], t["b_down"], t["b_up"], "relu", 1.0, 0.0, None,
+                                   None)[2]
+        assert plan.kwargs["INPUT_PRECISION"] == "tf32x3"
+        check_case(33, 70, 12, torch.float32, "gelu", p=0.1, residual=True)
+        assert launch.dot_precision(torch.float32, 128) == "tf32x3"
+        with caplog.at_level(logging.WARNING, logger="adapterfast"):
+            assert launch.dot_precision(torch.float32, 129) == "ieee"
+        assert "ADAPTERFAST_TF32X3=1 is ignored" in caplog.text and "r=129" in caplog.text
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert launch.dot_precision(torch.float32) == "tf32"
+        monkeypatch.setenv(launch.TF32X3_ENV, "0")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert launch.dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
