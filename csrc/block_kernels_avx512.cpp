@@ -101,31 +101,6 @@ void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
   }
 }
 
-// rank_update over one column tile of B that also sums B's rows into sums (in row order, from 0,
-// as sum_rows does): three more registers beside the tile's 24 and three adds per 24 FMAs.
-template <bool kFull, bool kPrefetch, int kRows, int kVecs>
-ALWAYS_INLINE void rank_update_sums(int64_t S, const float* const (&a)[kRows], int64_t a_step, const float* b,
-                                    int64_t ldb, const __mmask16 (&m)[kVecs], Tile<kRows, kVecs>& tile,
-                                    __m512 (&sums)[kVecs]) {
-  for (int64_t s = 0; s < S; ++s) {
-    const float* row = b + s * ldb;
-    if constexpr (kPrefetch) {
-      for (int v = 0; v < kVecs; ++v) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + (kVecs + v) * kLanes), _MM_HINT_T0);
-      }
-    }
-    __m512 vb[kVecs];
-    for (int v = 0; v < kVecs; ++v) {
-      vb[v] = kFull ? _mm512_loadu_ps(row + v * kLanes) : _mm512_maskz_loadu_ps(m[v], row + v * kLanes);
-      sums[v] = _mm512_add_ps(sums[v], vb[v]);
-    }
-    for (int t = 0; t < kRows; ++t) {
-      const __m512 va = _mm512_set1_ps(a[t][s * a_step]);
-      for (int v = 0; v < kVecs; ++v) tile.acc[t][v] = _mm512_fmadd_ps(va, vb[v], tile.acc[t][v]);
-    }
-  }
-}
-
 void sum_rows(int64_t M, int64_t K, const float* A, int64_t lda, float* sums);
 
 // 8 x 3 tiles over [r, K] (8 divides typical bottleneck widths): the M rows of A and B are summed
@@ -144,18 +119,9 @@ void accumulate_outer_impl(int64_t M, int64_t N, int64_t K, const float* A, int6
       T tile;
       const bool prefetch_next = j0 == 0 && k0 + T::kCols < K;
       if (sums != nullptr && j0 == 0) {
-        for (auto& row : tile.acc) {
-          for (auto& v : row) v = _mm512_setzero_ps();
-        }
         __m512 col_sums[3];
         for (auto& v : col_sums) v = _mm512_setzero_ps();
-        if (!cols.full) {
-          rank_update_sums<false, false>(M, a, lda, B + k0, ldb, cols.m, tile, col_sums);
-        } else if (prefetch_next) {
-          rank_update_sums<true, true>(M, a, lda, B + k0, ldb, cols.m, tile, col_sums);
-        } else {
-          rank_update_sums<true, false>(M, a, lda, B + k0, ldb, cols.m, tile, col_sums);
-        }
+        rank_update<true>(cols, M, a, lda, B + k0, ldb, prefetch_next, tile, col_sums);
         for (int v = 0; v < 3; ++v) {
           if (cols.m[v] != 0) store(sums + k0 + v * kLanes, col_sums[v], cols.m[v]);
         }
