@@ -73,4 +73,20 @@ std::string brgemm_unit(at::ScalarType dtype) {
   return dtype != at::kFloat && at::native::cpublas::could_pack(dtype) ? "amx" : "avx512";
 }
 
+bool fp16_on_bf16() {
+  // MEASURE: filled in below.
+  static const bool split = [] {
+    if (brgemm_layout(at::kBFloat16) == BrgemmLayout::none || env_is("ADAPTERFAST_CPU_FP16", "native")) return false;
+    if (env_is("ADAPTERFAST_CPU_FP16", "bf16x3")) return true;
+    return brgemm_unit(at::kBFloat16) == "amx" && brgemm_unit(at::kHalf) != "amx";
+  }();
+  return split;
+}
+
+std::string brgemm_kernel_name(at::ScalarType dtype) {
+  if (dtype == at::kHalf && fp16_on_bf16()) return "brgemm-" + brgemm_unit(at::kBFloat16) + "-bf16x3";
+  if (brgemm_layout(dtype) == BrgemmLayout::none) return "";
+  return "brgemm-" + brgemm_unit(dtype);
+}
+
 }  // namespace adapterfast::cpu
