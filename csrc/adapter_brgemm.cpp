@@ -273,6 +273,8 @@ template <typename T, typename U>
 void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx, at::Tensor& partials,
                    at::Tensor& bias_partials) {
   constexpr bool split = kSplit<T, U>;
+  // The split writes its B operands in the VNNI layout (split_rows_vnni), bf16's on every ISA.
+  TORCH_CHECK(!split || layout == BrgemmLayout::vnni, "adapterfast: the float16 split needs bf16's VNNI layout");
   const auto [n, d, r] = op.dims;
   const int64_t rp = even(r);
   const int64_t groups = partials.size(0);
@@ -299,20 +301,21 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
     const int64_t dp = even(d);
     std::vector<T> gz(kBlockRows * dp);
     std::vector<T> x_scratch(kBlockRows * dp);
-    std::vector<U> gz_b(kSumRows * d);       // a run's gz rows as a B operand (split: their hi)
-    std::vector<U> x_b(kSumRows * d);        // a run's x rows as a B operand (split: their hi)
+    // A run's gz and x rows as B operands; for the split, three segments of kSumRows rows each,
+    // [hi; lo; hi], which a full run multiplies in one call by A rows [a_hi | a_hi | a_lo].
+    std::vector<U> gz_b((split ? 3 : 1) * kSumRows * d);
+    std::vector<U> x_b((split ? 3 : 1) * kSumRows * d);
     std::vector<T> a_t(r * kSumRows);        // [r, kSumRows]: a^T of the run
     std::vector<T> dh_t(r * kSumRows);       // [r, kSumRows]: dh^T of the run
     std::vector<float> da(kBlockRows * r);
     std::vector<T> dh(kBlockRows * rp, T(0.0f));
     std::vector<T> a(kBlockRows * r);
-    // The split's operands: the lo parts of gz_b and x_b; a block's gz and x rows in hi and lo
-    // ([m, dp] each); dh as rows [hi | hi | lo]; a^T and dh^T of the run in hi and lo.
-    std::vector<U> gz_b_lo(split ? kSumRows * d : 0);
-    std::vector<U> x_b_lo(split ? kSumRows * d : 0);
+    // The split's other operands: a block's gz rows in hi and lo ([m, dp] each); dh as rows
+    // [hi | hi | lo]; a^T and dh^T of the run as rows [hi | hi | lo] of 3 kSumRows.
     std::vector<U> rows_split(split ? 2 * kBlockRows * dp : 0);
     std::vector<U> dh_split(split ? kBlockRows * 3 * rp : 0, U(0.0f));
-    std::vector<U> t_split(split ? 4 * r * kSumRows : 0);
+    std::vector<U> t_split(split ? 2 * r * 3 * kSumRows : 0);
+    const int64_t segment = kSumRows * d;
     U* const rows_hi = rows_split.data();
     U* const rows_lo = rows_split.data() + kBlockRows * dp;
     std::vector<float> dh_sums(r);
@@ -368,8 +371,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
         if constexpr (split) {
           split_rows(m, d, gz_rows, ld_gz, rows_hi, rows_lo);
           product_split(m, r, dp, rows_hi, rows_lo, w_up_b.data(), da.data());
-          rows_as_b<U>(layout, m, d, rows_hi, dp, gz_b.data() + run * d);
-          rows_as_b<U>(layout, m, d, rows_lo, dp, gz_b_lo.data() + run * d);
+          U* const b = gz_b.data() + run * d;
+          split_rows_vnni(m, d, gz_rows, ld_gz, b, b + segment, b + 2 * segment);
         } else {
           brgemm(m, r, dp, ld_gz, r, r, false, gz_rows, w_up_b.data(), da.data(), kVnni<U>);
         }
@@ -412,9 +415,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
           split_rows_tripled(m, r, rp, dh.data(), rp, dh_split.data());
           product_by_columns<U>(layout, m, 3 * rp, d, dh_split.data(), 3 * rp, w_down_b.data(), nullptr, 0, false,
                                 chunk.data(), &e);
-          split_rows(m, d, xb, ld_x, rows_hi, rows_lo);
-          rows_as_b<U>(layout, m, d, rows_hi, dp, x_b.data() + run * d);
-          rows_as_b<U>(layout, m, d, rows_lo, dp, x_b_lo.data() + run * d);
+          U* const b = x_b.data() + run * d;
+          split_rows_vnni(m, d, xb, ld_x, b, b + segment, b + 2 * segment);
         } else {
           product_by_columns<U>(layout, m, rp, d, dh.data(), rp, w_down_b.data(), nullptr, 0, false, chunk.data(), &e);
           rows_as_b<U>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d);
@@ -423,18 +425,20 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
         run += mp;
         if (run == kSumRows || block + 1 == last_block) {
           if constexpr (split) {
-            U* const a_hi = t_split.data();
-            U* const a_lo = a_hi + r * kSumRows;
-            U* const dh_hi = a_lo + r * kSumRows;
-            U* const dh_lo = dh_hi + r * kSumRows;
-            for (int64_t j = 0; j < r; ++j) {
-              split_half(a_t.data() + j * kSumRows, run, a_hi + j * kSumRows, a_lo + j * kSumRows);
-              split_half(dh_t.data() + j * kSumRows, run, dh_hi + j * kSumRows, dh_lo + j * kSumRows);
+            constexpr int64_t ld = 3 * kSumRows;
+            U* const a3 = t_split.data();
+            U* const dh3 = a3 + r * ld;
+            split_rows_tripled(r, run, kSumRows, a_t.data(), kSumRows, a3);
+            split_rows_tripled(r, run, kSumRows, dh_t.data(), kSumRows, dh3);
+            if (run == kSumRows) {
+              accumulate_by_columns<U>(layout, r, ld, d, a3, ld, gz_b.data(), dw_up_sums, !first_run);
+              accumulate_by_columns<U>(layout, r, ld, d, dh3, ld, x_b.data(), dw_down_sums, !first_run);
+            } else {  // a group's last, shorter run: its segments are not contiguous
+              accumulate_split_by_columns(layout, r, run, d, a3, a3 + 2 * kSumRows, ld, gz_b.data(),
+                                          gz_b.data() + segment, dw_up_sums, !first_run);
+              accumulate_split_by_columns(layout, r, run, d, dh3, dh3 + 2 * kSumRows, ld, x_b.data(),
+                                          x_b.data() + segment, dw_down_sums, !first_run);
             }
-            accumulate_split_by_columns(layout, r, run, d, a_hi, a_lo, kSumRows, gz_b.data(), gz_b_lo.data(),
-                                        dw_up_sums, !first_run);
-            accumulate_split_by_columns(layout, r, run, d, dh_hi, dh_lo, kSumRows, x_b.data(), x_b_lo.data(),
-                                        dw_down_sums, !first_run);
           } else {
             accumulate_by_columns<U>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), dw_up_sums, !first_run);
             accumulate_by_columns<U>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), dw_down_sums, !first_run);
@@ -468,7 +472,9 @@ template <typename T>
 void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx,
                             at::Tensor& partials, at::Tensor& bias_partials) {
   if constexpr (std::is_same_v<T, c10::Half>) {
-    if (fp16_on_bf16()) return backward_impl<T, c10::BFloat16>(op, layout, dx, partials, bias_partials);
+    // The caller passes bf16's layout when the forward is split (brgemm_layout_for).
+    if (fp16_backward_on_bf16()) return backward_impl<T, c10::BFloat16>(op, layout, dx, partials, bias_partials);
+    if (fp16_on_bf16()) return backward_impl<T, T>(op, brgemm_layout(at::kHalf), dx, partials, bias_partials);
   }
   backward_impl<T, T>(op, layout, dx, partials, bias_partials);
 }

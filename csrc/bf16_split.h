@@ -19,6 +19,12 @@ namespace adapterfast::cpu {
 // which need it).
 void split_half(const c10::Half* src, int64_t n, c10::BFloat16* hi, c10::BFloat16* lo);
 
+// Rows [0, m) of src (width N, leading dimension ld_src) split into hi and lo, written straight
+// as brgemm B operands in the VNNI layout (pairs of rows interleaved, ldb = N, m rounded up to even
+// with a zero row): hi into hi and, when not null, hi2 as well; lo into lo.
+void split_rows_vnni(int64_t m, int64_t N, const c10::Half* src, int64_t ld_src, c10::BFloat16* hi,
+                     c10::BFloat16* lo, c10::BFloat16* hi2);
+
 // The same for one value (for the small weight matrices): v is rounded to float16 first.
 inline void split_value(float v, c10::BFloat16& hi, c10::BFloat16& lo) {
   const float v16 = static_cast<float>(static_cast<c10::Half>(v));

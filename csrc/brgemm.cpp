@@ -73,8 +73,17 @@ std::string brgemm_unit(at::ScalarType dtype) {
   return dtype != at::kFloat && at::native::cpublas::could_pack(dtype) ? "amx" : "avx512";
 }
 
+// float16 on AMX-BF16 without AMX-FP16, measured with `python -m benchmarks.cpu_paths --dtype fp16
+// --paths eager,fp16-native,fp16-bf16x3,default --threads 1 --clock thread --shapes 8192,1024,64
+// 8192,4096,16 8192,768,64` (least thread CPU time, relu, N = 8192; Intel Xeon with AMX-BF16,
+// AVX512-BF16/FP16, a loaded 2-core VM, so ratios only). Forward, split vs oneDNN's float16
+// kernel: 35.9 vs 51.7 ms (d=1024 r=64), 86.2 vs 92.0 ms (d=4096 r=16), 23.7 vs 32.0 ms (d=768
+// r=64); a first version gave 32.8/41.5, 84.3/84.9, 24.3/31.6. Backward: 115.8 vs 97.3, 306.1 vs
+// 209.5, 75.4 vs 77.5 ms (first version: 89.4/102.6, 236.3/204.8, 85.4/70.5): the backward's
+// weight-gradient products have the rows as K, so each needs the hi and lo of the gz and x rows
+// repacked as B operands, and that memory traffic costs what the faster products save. So by
+// default the forward is split and the backward stays on the float16 kernel.
 bool fp16_on_bf16() {
-  // MEASURE: filled in below.
   static const bool split = [] {
     if (brgemm_layout(at::kBFloat16) == BrgemmLayout::none || env_is("ADAPTERFAST_CPU_FP16", "native")) return false;
     if (env_is("ADAPTERFAST_CPU_FP16", "bf16x3")) return true;
@@ -83,8 +92,16 @@ bool fp16_on_bf16() {
   return split;
 }
 
+bool fp16_backward_on_bf16() {
+  static const bool split =
+      fp16_on_bf16() && (env_is("ADAPTERFAST_CPU_FP16", "bf16x3") || brgemm_layout(at::kHalf) == BrgemmLayout::none);
+  return split;
+}
+
 std::string brgemm_kernel_name(at::ScalarType dtype) {
-  if (dtype == at::kHalf && fp16_on_bf16()) return "brgemm-" + brgemm_unit(at::kBFloat16) + "-bf16x3";
+  if (dtype == at::kHalf && fp16_on_bf16()) {
+    return "brgemm-" + brgemm_unit(at::kBFloat16) + "-bf16x3" + (fp16_backward_on_bf16() ? "" : "-fwd");
+  }
   if (brgemm_layout(dtype) == BrgemmLayout::none) return "";
   return "brgemm-" + brgemm_unit(dtype);
 }

@@ -31,14 +31,20 @@ BrgemmLayout brgemm_layout(at::ScalarType dtype);
 // "amx" when oneDNN packs this dtype for AMX tiles, else "avx512" (for the report in kernel_isa).
 std::string brgemm_unit(at::ScalarType dtype);
 
-// Whether float16 inputs run as three bfloat16 products (bf16_split.h): where bf16 brgemm runs on
-// AMX tiles and float16 does not (no AMX-FP16). ADAPTERFAST_CPU_FP16=native keeps float16 on
-// oneDNN's float16 kernel, ADAPTERFAST_CPU_FP16=bf16x3 forces the split wherever bf16 brgemm runs
-// (for tests and measurements). The measurement behind the default is at its definition.
+// Whether float16 forwards run as three bfloat16 products (bf16_split.h): where bf16 brgemm runs
+// on AMX tiles and float16 does not (no AMX-FP16). ADAPTERFAST_CPU_FP16=native keeps float16 on
+// oneDNN's float16 kernel, ADAPTERFAST_CPU_FP16=bf16x3 forces the split, forward and backward,
+// wherever bf16 brgemm runs (for tests and measurements).
 bool fp16_on_bf16();
 
+// Whether the float16 backward is split too: only when forced or when oneDNN has no float16
+// kernel here; else it runs on the float16 kernel (in its own layout, brgemm_layout(kHalf)).
+// The measurements behind both defaults are at the definitions.
+bool fp16_backward_on_bf16();
+
 // What runs the GEMMs of the 16-bit drivers for inputs of dtype, for kernel_isa: "brgemm-amx",
-// "brgemm-avx512", "brgemm-amx-bf16x3" / "brgemm-avx512-bf16x3" (float16 split into bf16), or ""
+// "brgemm-avx512", "brgemm-amx-bf16x3" / "brgemm-avx512-bf16x3" (float16 split into bf16;
+// "-bf16x3-fwd" when only the forward is split, fp16_backward_on_bf16), or ""
 // when no brgemm path runs.
 std::string brgemm_kernel_name(at::ScalarType dtype);
 

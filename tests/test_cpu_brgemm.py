@@ -111,17 +111,17 @@ def test_brgemm_is_used_where_the_cpu_has_it():
     else:
         pytest.skip("no AMX-BF16 or AVX512-BF16 here")
     if "amx_bf16" in flags and "amx_fp16" not in flags and torch.backends.mkldnn.is_available():
-        assert cpu.kernel_isa(torch.float16) == "brgemm-amx-bf16x3"
+        assert cpu.kernel_isa(torch.float16) == "brgemm-amx-bf16x3-fwd"
     elif "avx512_fp16" in flags or "amx_fp16" in flags:
         assert cpu.kernel_isa(torch.float16).startswith("brgemm-")
     assert cpu.kernel_isa(torch.float32) == "avx512"
 
 
 def test_fp16_split_products_are_exact_to_fp32_accumulation():
-    """On the bf16x3 path h = x Wd^T + bd (kept in fp32) must match float64 on the float16 values
+    """On the bf16x3 path (the forward is split by default on AMX without AMX-FP16) h = x Wd^T + bd (kept in fp32) must match float64 on the float16 values
     to fp32 accumulation (the dropped lo . lo term is below 2^-16 relative): bf16 operands alone
     would be 2^-9 off per product, float16 output rounding 2^-11."""
-    if not cpu.kernel_isa(torch.float16).endswith("-bf16x3"):
+    if "-bf16x3" not in cpu.kernel_isa(torch.float16):
         pytest.skip(f"float16 runs {cpu.kernel_isa(torch.float16)} here")
     n, d, r = 300, 1001, 40
     torch.manual_seed(1)
@@ -211,19 +211,24 @@ def test_path_without_amx():
     assert report["torch.bfloat16"] == "brgemm-avx512", report
 
 
-@pytest.mark.parametrize("forced", ["native", "bf16x3"])
+@pytest.mark.parametrize("forced", ["native", "bf16x3", "bf16x3-no-amx"])
 def test_fp16_paths_forced(forced):
-    """float16 on oneDNN's float16 kernel (ADAPTERFAST_CPU_FP16=native) and split into bf16
-    (=bf16x3), each within 2x eager's error; the split also on AVX512-BF16 dot products."""
+    """float16 on oneDNN's float16 kernel (ADAPTERFAST_CPU_FP16=native) and split into bf16 in
+    forward and backward (=bf16x3) on AMX tiles and on AVX512-BF16 dot products, each within 2x
+    eager's error."""
     flags = cpu_flags()
     if "avx512_bf16" not in flags:
         pytest.skip("no AVX512-BF16 here")
-    env = {"ADAPTERFAST_CPU_FP16": forced}
-    if forced == "bf16x3":
+    if forced == "bf16x3" and "amx_bf16" not in flags:
+        pytest.skip("no AMX-BF16 here")
+    env = {"ADAPTERFAST_CPU_FP16": forced.split("-")[0]}
+    if forced == "bf16x3-no-amx":
         env["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
     report = run_forced(env)
     if forced == "native":
         assert report["torch.float16"] in (("brgemm-avx512", "brgemm-amx") if "avx512_fp16" in flags else ("avx512",))
+    elif forced == "bf16x3":
+        assert report["torch.float16"] == "brgemm-amx-bf16x3", report
     else:
         assert report["torch.float16"] == "brgemm-avx512-bf16x3", report
 
