@@ -13,6 +13,10 @@
 //             (d = 1024 put every C tile row on one 4 KiB-aliased cache set: the dW products ran
 //             at under half the rate of the others); the group's sums are copied to its partials
 //             row once, at the group's end.
+// float16 split into bf16 (U = bf16 for T = float16, bf16_split.h): products with K = d (h, da)
+// take three calls on split rows; products with K = r (u, dx) one call on rows [hi | hi | lo]
+// against weights packed [hi; lo; hi]; the weight gradients one call per full run on B operands
+// written [hi; lo; hi] by split_rows_vnni (three calls for a group's shorter last run).
 // Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
 // Bias gradients: unrounded fp32 values summed in fp32 within a 64-row block, and block sums in
 // float64, so the error does not grow with N. Outputs of at least kStreamOutputBytes (y, dx) are
