@@ -11,14 +11,22 @@ What runs the GEMMs is chosen at run time, per dtype (``kernel_isa(dtype)`` says
 - bfloat16 and float16: PyTorch's brgemm micro-kernel (oneDNN's ukernel) on 16-bit operands with
   fp32 accumulation, on AMX tiles (``"brgemm-amx"``) or AVX512-BF16/FP16 (``"brgemm-avx512"``),
   where oneDNN offers it for the dtype (bf16: AVX-512 and up; fp16: AVX512-FP16 or AMX-FP16);
+- float16 where bf16 runs on AMX tiles but float16 does not (AMX-BF16 without AMX-FP16):
+  ``"brgemm-amx-bf16x3-fwd"``, the forward's float16 values split exactly into bf16 hi + lo and
+  each product taken as the three bf16 products hi.hi + hi.lo + lo.hi on the AMX tiles
+  (``csrc/bf16_split.h``; the dropped lo.lo is below 2^-16 relative); the backward stays on
+  oneDNN's float16 kernel, which measured faster there (figures in ``csrc/brgemm.cpp``);
 - otherwise, and for float32: hand-tiled AVX-512 fp32 kernels where PyTorch itself runs AVX-512
   (``"avx512"``), else portable C++ (``"generic"``, always for float64), 16-bit operands converted
   to fp32 in the block.
 
 Switches for tests and for comparing paths on one machine: ``ADAPTERFAST_CPU_BRGEMM=0`` turns
 brgemm off; ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` makes oneDNN act as on a CPU without AMX;
-``ATEN_CPU_CAPABILITY=avx2`` selects the portable kernels (and so no brgemm). All are read once,
-at the first call.
+``ATEN_CPU_CAPABILITY=avx2`` selects the portable kernels (and so no brgemm);
+``ADAPTERFAST_CPU_FP16=native`` keeps float16 on oneDNN's float16 kernel and ``=bf16x3`` splits
+forward and backward wherever bf16 brgemm runs (``"brgemm-amx-bf16x3"``, or
+``"brgemm-avx512-bf16x3"`` without AMX). All are read once, at the
+first call.
 
 An eager call with autograd recording runs ``adapterfast_cpu::fused`` (``csrc/adapter_autograd.cpp``):
 the op with its derivative as a C++ ``torch::autograd::Function``, so a training step costs one op
@@ -68,7 +76,8 @@ def unavailable_reason() -> Optional[str]:
 
 def kernel_isa(dtype: torch.dtype = torch.float32) -> str:
     """What runs the GEMMs for inputs of ``dtype`` here: ``"brgemm-amx"``, ``"brgemm-avx512"``,
-    ``"avx512"`` or ``"generic"`` (see the module docstring)."""
+    ``"brgemm-amx-bf16x3-fwd"``, ``"brgemm-amx-bf16x3"`` / ``"brgemm-avx512-bf16x3"`` (float16 only), ``"avx512"`` or
+    ``"generic"`` (see the module docstring)."""
     _require()
     return torch.ops.adapterfast_cpu.kernel_isa(dtype)
 

@@ -4,7 +4,9 @@ The path is fixed per process (adapterfast.cpu reads its switches once), so each
 own subprocess, alternating path by path for ``--repeats`` rounds; each prints forward and
 backward times at the given shape. Paths: ``default`` (what runs for the dtype here),
 ``brgemm-off`` (ADAPTERFAST_CPU_BRGEMM=0), ``fp32-brgemm`` (ADAPTERFAST_CPU_FP32_BRGEMM=1),
-``no-amx`` (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), ``eager`` (the op as PyTorch ops in the same
+``no-amx`` (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), ``fp16-native`` / ``fp16-bf16x3``
+(ADAPTERFAST_CPU_FP16: float16 on oneDNN's float16 kernel, or split into three bf16 products),
+``eager`` (the op as PyTorch ops in the same
 dtype, as the eager provider of ``python -m benchmarks``: ``x + up(relu(down(x)))``).
 
 ``--clock wall`` (default) reports medians of wall time (torch.utils.benchmark). ``--clock
@@ -30,6 +32,8 @@ PATHS = {
     "brgemm-off": {"ADAPTERFAST_CPU_BRGEMM": "0"},
     "fp32-brgemm": {"ADAPTERFAST_CPU_FP32_BRGEMM": "1"},
     "no-amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "fp16-native": {"ADAPTERFAST_CPU_FP16": "native"},
+    "fp16-bf16x3": {"ADAPTERFAST_CPU_FP16": "bf16x3"},
     "eager": {},
 }
 

@@ -13,6 +13,10 @@
 //             (d = 1024 put every C tile row on one 4 KiB-aliased cache set: the dW products ran
 //             at under half the rate of the others); the group's sums are copied to its partials
 //             row once, at the group's end.
+// float16 split into bf16 (U = bf16 for T = float16, bf16_split.h): products with K = d (h, da)
+// take three calls on split rows; products with K = r (u, dx) one call on rows [hi | hi | lo]
+// against weights packed [hi; lo; hi]; the weight gradients one call per full run on B operands
+// written [hi; lo; hi] by split_rows_vnni (three calls for a group's shorter last run).
 // Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
 // Bias gradients: unrounded fp32 values summed in fp32 within a 64-row block, and block sums in
 // float64, so the error does not grow with N. Outputs of at least kStreamOutputBytes (y, dx) are
@@ -30,6 +34,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "bf16_split.h"
 #include "block_kernels.h"
 #include "dx_epilogue.h"
 #include "philox.h"
@@ -46,8 +51,13 @@ constexpr int64_t kOutCols = 256;
 constexpr int64_t kSumRows = 4 * kBlockRows;
 
 // brgemm's 16-bit kernels take B in the layout of brgemm_layout (is_vnni = true); fp32 plain.
-template <typename T>
-constexpr bool kVnni = !std::is_same_v<T, float>;
+template <typename U>
+constexpr bool kVnni = !std::is_same_v<U, float>;
+
+// The drivers run on inputs of T with brgemm operands of U: U = T, or U = bf16 for T = float16
+// split into bf16 hi + lo (bf16_split.h: three bf16 products per float16 product).
+template <typename T, typename U>
+constexpr bool kSplit = !std::is_same_v<T, U>;
 
 inline int64_t even(int64_t v) { return v + (v & 1); }
 
@@ -133,14 +143,69 @@ void accumulate_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d,
   }
 }
 
-}  // namespace
+// The same for A and B split into bf16 hi and lo: per chunk a_hi b_hi + a_hi b_lo + a_lo b_hi.
+void accumulate_split_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const c10::BFloat16* a_hi,
+                                 const c10::BFloat16* a_lo, int64_t lda, const c10::BFloat16* b_hi,
+                                 const c10::BFloat16* b_lo, const ColumnBlocked& C, bool add) {
+  for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
+    const int64_t nc = std::min(kOutCols, d - n0);
+    const int64_t col = b_column(layout, n0);
+    brgemm(M, nc, K, lda, d, nc, add, a_hi, b_hi + col, C.chunk(n0), true);
+    brgemm(M, nc, K, lda, d, nc, true, a_hi, b_lo + col, C.chunk(n0), true);
+    brgemm(M, nc, K, lda, d, nc, true, a_lo, b_hi + col, C.chunk(n0), true);
+  }
+}
 
-template <typename T>
-void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h) {
+// The weight src (K x N, as for pack_b) as a B operand of U: for the split, [hi; lo; hi] of
+// pack_b_split.
+template <typename T, typename U>
+std::vector<U> weight_b(BrgemmLayout layout, int64_t K, int64_t N, const float* src, int64_t ld_k) {
+  if constexpr (kSplit<T, U>) {
+    return pack_b_split(layout, K, N, src, ld_k);
+  } else {
+    return pack_b<U>(layout, K, N, src, ld_k);
+  }
+}
+
+using Bf16 = c10::BFloat16;
+
+// Rows [0, m) of src (width K, leading dimension ld_src) split into hi and lo rows of width
+// even(K), the pad column zero.
+void split_rows(int64_t m, int64_t K, const c10::Half* src, int64_t ld_src, Bf16* hi, Bf16* lo) {
+  const int64_t kp = even(K);
+  for (int64_t i = 0; i < m; ++i) {
+    split_half(src + i * ld_src, K, hi + i * kp, lo + i * kp);
+    if (kp != K) hi[i * kp + K] = lo[i * kp + K] = Bf16(0.0f);
+  }
+}
+
+// Rows [0, m) of src (width K <= kp) split into rows [hi | hi | lo] of dst, each part kp wide
+// (the A operand for pack_b_split's [hi; lo; hi]); the pad columns of dst are left as they are
+// (the callers keep them zero).
+void split_rows_tripled(int64_t m, int64_t K, int64_t kp, const c10::Half* src, int64_t ld_src, Bf16* dst) {
+  for (int64_t i = 0; i < m; ++i) {
+    Bf16* row = dst + i * 3 * kp;
+    split_half(src + i * ld_src, K, row, row + 2 * kp);
+    std::copy(row, row + K, row + kp);
+  }
+}
+
+// C[m, N] = A B over K = kp with A split into hi, lo (leading dimension kp) and B the first two
+// segments of pack_b_split (ldb = N): a_hi b_hi + a_hi b_lo + a_lo b_hi, three calls on the small C.
+void product_split(int64_t m, int64_t N, int64_t kp, const Bf16* hi, const Bf16* lo, const Bf16* B, float* C) {
+  brgemm(m, N, kp, kp, N, N, false, hi, B, C, true);
+  brgemm(m, N, kp, kp, N, N, true, hi, B + kp * N, C, true);
+  brgemm(m, N, kp, kp, N, N, true, lo, B, C, true);
+}
+
+template <typename T, typename U>
+void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h) {
+  constexpr bool split = kSplit<T, U>;
   const auto [n, d, r] = op.dims;
   const int64_t rp = even(r);
-  const std::vector<T> w_down_b = pack_b<T>(layout, d, r, op.w_down_t.data_ptr<float>(), r);
-  const std::vector<T> w_up_b = pack_b<T>(layout, r, d, op.w_up_t.data_ptr<float>(), d);
+  const int64_t dp = even(d);
+  const std::vector<U> w_down_b = weight_b<T, U>(layout, d, r, op.w_down_t.data_ptr<float>(), r);
+  const std::vector<U> w_up_b = weight_b<T, U>(layout, r, d, op.w_up_t.data_ptr<float>(), d);
   const T* x_data = op.x.data_ptr<T>();
   const int64_t x_row_stride = op.x.stride(0);
   const int64_t x_col_stride = d == 1 ? 1 : op.x.stride(1);
@@ -156,8 +221,10 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
 
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    std::vector<T> x_scratch(kBlockRows * even(d));
+    std::vector<T> x_scratch(kBlockRows * dp);
     std::vector<T> a(kBlockRows * rp, T(0.0f));
+    std::vector<U> x_split(split ? 2 * kBlockRows * dp : 0);      // x rows' hi, then lo
+    std::vector<U> a_split(split ? kBlockRows * 3 * rp : 0, U(0.0f));  // rows [a_hi | a_hi | a_lo]
     std::vector<float> chunk(kBlockRows * kOutCols);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
@@ -165,7 +232,12 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
       int64_t ld_x = 0;
       const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
       float* hb = h_data + row0 * r;
-      brgemm(m, r, even(d), ld_x, r, r, false, xb, w_down_b.data(), hb, kVnni<T>);
+      if constexpr (split) {
+        split_rows(m, d, xb, ld_x, x_split.data(), x_split.data() + kBlockRows * dp);
+        product_split(m, r, dp, x_split.data(), x_split.data() + kBlockRows * dp, w_down_b.data(), hb);
+      } else {
+        brgemm(m, r, dp, ld_x, r, r, false, xb, w_down_b.data(), hb, kVnni<U>);
+      }
       visit<float>(op.activation, [&](auto f) {
         for (int64_t i = 0; i < m; ++i) {
           for (int64_t j = 0; j < r; ++j) {
@@ -189,20 +261,29 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
         e.ld_res = ld_x;
       }
       e.out = y_data + row0 * d;
-      product_by_columns<T>(layout, m, rp, d, a.data(), rp, w_up_b.data(), nullptr, 0, false, chunk.data(), &e);
+      if constexpr (split) {
+        split_rows_tripled(m, r, rp, a.data(), rp, a_split.data());
+        product_by_columns<U>(layout, m, 3 * rp, d, a_split.data(), 3 * rp, w_up_b.data(), nullptr, 0, false,
+                              chunk.data(), &e);
+      } else {
+        product_by_columns<U>(layout, m, rp, d, a.data(), rp, w_up_b.data(), nullptr, 0, false, chunk.data(), &e);
+      }
     });
-    brgemm_release(kVnni<T>);
+    brgemm_release(kVnni<U>);
   });
 }
 
-template <typename T>
-void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx,
-                            at::Tensor& partials, at::Tensor& bias_partials) {
+template <typename T, typename U>
+void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx, at::Tensor& partials,
+                   at::Tensor& bias_partials) {
+  constexpr bool split = kSplit<T, U>;
+  // The split writes its B operands in the VNNI layout (split_rows_vnni), bf16's on every ISA.
+  TORCH_CHECK(!split || layout == BrgemmLayout::vnni, "adapterfast: the float16 split needs bf16's VNNI layout");
   const auto [n, d, r] = op.dims;
   const int64_t rp = even(r);
   const int64_t groups = partials.size(0);
-  const std::vector<T> w_up_b = pack_b<T>(layout, d, r, op.w_up.data_ptr<float>(), r);
-  const std::vector<T> w_down_b = pack_b<T>(layout, r, d, op.w_down.data_ptr<float>(), d);
+  const std::vector<U> w_up_b = weight_b<T, U>(layout, d, r, op.w_up.data_ptr<float>(), r);
+  const std::vector<U> w_down_b = weight_b<T, U>(layout, r, d, op.w_down.data_ptr<float>(), d);
   const T* g_data = op.grad_y.data_ptr<T>();
   const int64_t ld_g = op.grad_y.stride(0);
   const T* x_data = op.x.data_ptr<T>();
@@ -224,13 +305,23 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
     const int64_t dp = even(d);
     std::vector<T> gz(kBlockRows * dp);
     std::vector<T> x_scratch(kBlockRows * dp);
-    std::vector<T> gz_b(kSumRows * d);       // a run's gz rows as a B operand
-    std::vector<T> x_b(kSumRows * d);        // a run's x rows as a B operand
+    // A run's gz and x rows as B operands; for the split, three segments of kSumRows rows each,
+    // [hi; lo; hi], which a full run multiplies in one call by A rows [a_hi | a_hi | a_lo].
+    std::vector<U> gz_b((split ? 3 : 1) * kSumRows * d);
+    std::vector<U> x_b((split ? 3 : 1) * kSumRows * d);
     std::vector<T> a_t(r * kSumRows);        // [r, kSumRows]: a^T of the run
     std::vector<T> dh_t(r * kSumRows);       // [r, kSumRows]: dh^T of the run
     std::vector<float> da(kBlockRows * r);
     std::vector<T> dh(kBlockRows * rp, T(0.0f));
     std::vector<T> a(kBlockRows * r);
+    // The split's other operands: a block's gz rows in hi and lo ([m, dp] each); dh as rows
+    // [hi | hi | lo]; a^T and dh^T of the run as rows [hi | hi | lo] of 3 kSumRows.
+    std::vector<U> rows_split(split ? 2 * kBlockRows * dp : 0);
+    std::vector<U> dh_split(split ? kBlockRows * 3 * rp : 0, U(0.0f));
+    std::vector<U> t_split(split ? 2 * r * 3 * kSumRows : 0);
+    const int64_t segment = kSumRows * d;
+    U* const rows_hi = rows_split.data();
+    U* const rows_lo = rows_split.data() + kBlockRows * dp;
     std::vector<float> dh_sums(r);
     std::vector<float> dw_sums(2 * r * d);
     const ColumnBlocked dw_up_sums{r, d, dw_sums.data()};
@@ -281,7 +372,14 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
         }
         for (int64_t k = 0; k < d; ++k) sums.db_up[k] += static_cast<double>(col_sums[k]);
 
-        brgemm(m, r, dp, ld_gz, r, r, false, gz_rows, w_up_b.data(), da.data(), kVnni<T>);
+        if constexpr (split) {
+          split_rows(m, d, gz_rows, ld_gz, rows_hi, rows_lo);
+          product_split(m, r, dp, rows_hi, rows_lo, w_up_b.data(), da.data());
+          U* const b = gz_b.data() + run * d;
+          split_rows_vnni(m, d, gz_rows, ld_gz, b, b + segment, b + 2 * segment);
+        } else {
+          brgemm(m, r, dp, ld_gz, r, r, false, gz_rows, w_up_b.data(), da.data(), kVnni<U>);
+        }
         const float* hb = h_data + row0 * r;
         std::fill(dh_sums.begin(), dh_sums.end(), 0.0f);
         visit<float>(op.activation, [&](auto f) {
@@ -315,16 +413,40 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
 
         e.res = op.residual_is_x ? gb : nullptr;
         e.out = dx_data + row0 * d;
-        product_by_columns<T>(layout, m, rp, d, dh.data(), rp, w_down_b.data(), nullptr, 0, false, chunk.data(), &e);
-
-        rows_as_b<T>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d);
         int64_t ld_x = 0;
         const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
-        rows_as_b<T>(layout, m, d, xb, ld_x, x_b.data() + run * d);
+        if constexpr (split) {
+          split_rows_tripled(m, r, rp, dh.data(), rp, dh_split.data());
+          product_by_columns<U>(layout, m, 3 * rp, d, dh_split.data(), 3 * rp, w_down_b.data(), nullptr, 0, false,
+                                chunk.data(), &e);
+          U* const b = x_b.data() + run * d;
+          split_rows_vnni(m, d, xb, ld_x, b, b + segment, b + 2 * segment);
+        } else {
+          product_by_columns<U>(layout, m, rp, d, dh.data(), rp, w_down_b.data(), nullptr, 0, false, chunk.data(), &e);
+          rows_as_b<U>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d);
+          rows_as_b<U>(layout, m, d, xb, ld_x, x_b.data() + run * d);
+        }
         run += mp;
         if (run == kSumRows || block + 1 == last_block) {
-          accumulate_by_columns<T>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), dw_up_sums, !first_run);
-          accumulate_by_columns<T>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), dw_down_sums, !first_run);
+          if constexpr (split) {
+            constexpr int64_t ld = 3 * kSumRows;
+            U* const a3 = t_split.data();
+            U* const dh3 = a3 + r * ld;
+            split_rows_tripled(r, run, kSumRows, a_t.data(), kSumRows, a3);
+            split_rows_tripled(r, run, kSumRows, dh_t.data(), kSumRows, dh3);
+            if (run == kSumRows) {
+              accumulate_by_columns<U>(layout, r, ld, d, a3, ld, gz_b.data(), dw_up_sums, !first_run);
+              accumulate_by_columns<U>(layout, r, ld, d, dh3, ld, x_b.data(), dw_down_sums, !first_run);
+            } else {  // a group's last, shorter run: its segments are not contiguous
+              accumulate_split_by_columns(layout, r, run, d, a3, a3 + 2 * kSumRows, ld, gz_b.data(),
+                                          gz_b.data() + segment, dw_up_sums, !first_run);
+              accumulate_split_by_columns(layout, r, run, d, dh3, dh3 + 2 * kSumRows, ld, x_b.data(),
+                                          x_b.data() + segment, dw_down_sums, !first_run);
+            }
+          } else {
+            accumulate_by_columns<U>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), dw_up_sums, !first_run);
+            accumulate_by_columns<U>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), dw_down_sums, !first_run);
+          }
           run = 0;
           first_run = false;
         }
@@ -336,8 +458,29 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
         dw_down_sums.copy_to(sums.dw_down);
       }
     }
-    brgemm_release(kVnni<T>);
+    brgemm_release(kVnni<U>);
   });
+}
+
+}  // namespace
+
+template <typename T>
+void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (fp16_on_bf16()) return forward_impl<T, c10::BFloat16>(op, layout, y, h);
+  }
+  forward_impl<T, T>(op, layout, y, h);
+}
+
+template <typename T>
+void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx,
+                            at::Tensor& partials, at::Tensor& bias_partials) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    // The caller passes bf16's layout when the forward is split (brgemm_layout_for).
+    if (fp16_backward_on_bf16()) return backward_impl<T, c10::BFloat16>(op, layout, dx, partials, bias_partials);
+    if (fp16_on_bf16()) return backward_impl<T, T>(op, brgemm_layout(at::kHalf), dx, partials, bias_partials);
+  }
+  backward_impl<T, T>(op, layout, dx, partials, bias_partials);
 }
 
 template void forward_blocks_brgemm<c10::BFloat16>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);

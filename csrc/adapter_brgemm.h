@@ -11,10 +11,14 @@
 namespace adapterfast::cpu {
 
 // The layout the 16-bit drivers run in for x of this dtype, or none (then the fp32 block
-// kernels run, with operands converted to fp32).
-inline BrgemmLayout brgemm_layout_for(at::ScalarType dtype, const Dims&) { return brgemm_layout(dtype); }
+// kernels run, with operands converted to fp32). float16 split into bf16 (fp16_on_bf16) takes
+// bf16's layout.
+inline BrgemmLayout brgemm_layout_for(at::ScalarType dtype, const Dims&) {
+  return brgemm_layout(dtype == at::kHalf && fp16_on_bf16() ? at::kBFloat16 : dtype);
+}
 
-// forward_blocks of adapter_forward.cpp on brgemm; T is c10::BFloat16 or c10::Half.
+// forward_blocks of adapter_forward.cpp on brgemm; T is c10::BFloat16 or c10::Half (float16
+// products on oneDNN's float16 kernel, or as three bf16 products where fp16_on_bf16()).
 template <typename T>
 void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h);
 

@@ -12,7 +12,7 @@
 namespace adapterfast::cpu {
 
 std::string kernel_isa(at::ScalarType dtype) {
-  if (brgemm_layout(dtype) != BrgemmLayout::none) return "brgemm-" + brgemm_unit(dtype);
+  if (const std::string name = brgemm_kernel_name(dtype); !name.empty()) return name;
   return dtype == at::kDouble ? "generic" : block_kernels<float>().name;
 }
 

@@ -73,4 +73,39 @@ std::string brgemm_unit(at::ScalarType dtype) {
   return dtype != at::kFloat && at::native::cpublas::could_pack(dtype) ? "amx" : "avx512";
 }
 
+// float16 on AMX-BF16 without AMX-FP16, measured with `python -m benchmarks.cpu_paths --dtype fp16
+// --paths eager,fp16-native,fp16-bf16x3,default --threads 1 --clock thread --shapes 8192,1024,64
+// 8192,4096,16 8192,768,64` (least thread CPU time, relu, N = 8192; Intel Xeon with AMX-BF16,
+// AVX512-BF16/FP16, a loaded 2-core VM, so ratios only). Forward, split (fp16-bf16x3) vs oneDNN's
+// float16 kernel (fp16-native): 35.2 vs 45.1 ms (d=1024 r=64), 86.5 vs 90.8 ms (d=4096 r=16),
+// 29.4 vs 34.6 ms (d=768 r=64); two earlier runs gave 32.8/41.5, 84.3/84.9, 24.3/31.6 and
+// 35.9/51.7, 86.2/92.0, 23.7/32.0. Backward: 123.5 vs 104.4, 266.1 vs 223.0, 88.6 vs 81.5 ms
+// (earlier: 89.4/102.6, 236.3/204.8, 85.4/70.5 with the split rows repacked by rows_as_b, and
+// 115.8/97.3, 306.1/209.5, 75.4/77.5 as now): the backward's
+// weight-gradient products have the rows as K, so each needs the hi and lo of the gz and x rows
+// repacked as B operands, and that memory traffic costs what the faster products save. So by
+// default the forward is split and the backward stays on the float16 kernel.
+bool fp16_on_bf16() {
+  static const bool split = [] {
+    if (brgemm_layout(at::kBFloat16) == BrgemmLayout::none || env_is("ADAPTERFAST_CPU_FP16", "native")) return false;
+    if (env_is("ADAPTERFAST_CPU_FP16", "bf16x3")) return true;
+    return brgemm_unit(at::kBFloat16) == "amx" && brgemm_unit(at::kHalf) != "amx";
+  }();
+  return split;
+}
+
+bool fp16_backward_on_bf16() {
+  static const bool split =
+      fp16_on_bf16() && (env_is("ADAPTERFAST_CPU_FP16", "bf16x3") || brgemm_layout(at::kHalf) == BrgemmLayout::none);
+  return split;
+}
+
+std::string brgemm_kernel_name(at::ScalarType dtype) {
+  if (dtype == at::kHalf && fp16_on_bf16()) {
+    return "brgemm-" + brgemm_unit(at::kBFloat16) + "-bf16x3" + (fp16_backward_on_bf16() ? "" : "-fwd");
+  }
+  if (brgemm_layout(dtype) == BrgemmLayout::none) return "";
+  return "brgemm-" + brgemm_unit(dtype);
+}
+
 }  // namespace adapterfast::cpu

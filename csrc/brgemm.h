@@ -16,6 +16,8 @@
 #include <ATen/native/CPUBlas.h>
 #include <c10/core/ScalarType.h>
 
+#include "bf16_split.h"
+
 namespace adapterfast::cpu {
 
 enum class BrgemmLayout : uint8_t { none, vnni, plain };
@@ -28,6 +30,23 @@ BrgemmLayout brgemm_layout(at::ScalarType dtype);
 
 // "amx" when oneDNN packs this dtype for AMX tiles, else "avx512" (for the report in kernel_isa).
 std::string brgemm_unit(at::ScalarType dtype);
+
+// Whether float16 forwards run as three bfloat16 products (bf16_split.h): where bf16 brgemm runs
+// on AMX tiles and float16 does not (no AMX-FP16). ADAPTERFAST_CPU_FP16=native keeps float16 on
+// oneDNN's float16 kernel, ADAPTERFAST_CPU_FP16=bf16x3 forces the split, forward and backward,
+// wherever bf16 brgemm runs (for tests and measurements).
+bool fp16_on_bf16();
+
+// Whether the float16 backward is split too: only when forced or when oneDNN has no float16
+// kernel here; else it runs on the float16 kernel (in its own layout, brgemm_layout(kHalf)).
+// The measurements behind both defaults are at the definitions.
+bool fp16_backward_on_bf16();
+
+// What runs the GEMMs of the 16-bit drivers for inputs of dtype, for kernel_isa: "brgemm-amx",
+// "brgemm-avx512", "brgemm-amx-bf16x3" / "brgemm-avx512-bf16x3" (float16 split into bf16;
+// "-bf16x3-fwd" when only the forward is split, fp16_backward_on_bf16), or ""
+// when no brgemm path runs.
+std::string brgemm_kernel_name(at::ScalarType dtype);
 
 // Index of element (k, n) of a B operand with leading dimension ldb (in N positions).
 inline int64_t b_index(BrgemmLayout layout, int64_t k, int64_t n, int64_t ldb) {
@@ -47,6 +66,26 @@ std::vector<T> pack_b(BrgemmLayout layout, int64_t K, int64_t N, const S* src, i
   std::vector<T> out(k_even * N, T(0.0f));
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t n = 0; n < N; ++n) out[b_index(layout, k, n, N)] = static_cast<T>(src[k * ld_k + n]);
+  }
+  return out;
+}
+
+// The float16 rounding of src (K x N, as for pack_b) split into bf16 hi + lo (bf16_split.h), as
+// the B operand [hi; lo; hi] of 3 even(K) rows with ldb = N: multiplied by an A of rows
+// [a_hi | a_hi | a_lo] (K = 3 even(K)) it gives the float16 product in one call; its first
+// 2 even(K) rows, [hi; lo], serve products taken as separate calls.
+inline std::vector<c10::BFloat16> pack_b_split(BrgemmLayout layout, int64_t K, int64_t N, const float* src,
+                                               int64_t ld_k) {
+  const int64_t k_even = K + (K & 1);
+  std::vector<c10::BFloat16> out(3 * k_even * N, c10::BFloat16(0.0f));
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t n = 0; n < N; ++n) {
+      c10::BFloat16 hi, lo;
+      split_value(src[k * ld_k + n], hi, lo);
+      out[b_index(layout, k, n, N)] = hi;
+      out[b_index(layout, k_even + k, n, N)] = lo;
+      out[b_index(layout, 2 * k_even + k, n, N)] = hi;
+    }
   }
   return out;
 }

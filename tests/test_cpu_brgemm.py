@@ -5,7 +5,9 @@ Each output and gradient must be within 1e-2 of the float64 reference and within
 eager PyTorch makes in the same dtype on the same inputs (plus a small floor for values eager
 gets exactly). The lower paths are forced with the switches of adapterfast.cpu:
 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (oneDNN as on a CPU without AMX), ADAPTERFAST_CPU_BRGEMM=0
-(the fp32 AVX-512 kernels with 16-bit operands converted), ATEN_CPU_CAPABILITY=avx2 (portable).
+(the fp32 AVX-512 kernels with 16-bit operands converted), ATEN_CPU_CAPABILITY=avx2 (portable),
+and for float16 ADAPTERFAST_CPU_FP16=native (oneDNN's float16 kernel) or =bf16x3 (float16 split
+into bf16 hi + lo, three bf16 products).
 """
 import json
 import os
@@ -108,9 +110,28 @@ def test_brgemm_is_used_where_the_cpu_has_it():
         assert cpu.kernel_isa(torch.bfloat16) == "brgemm-avx512"
     else:
         pytest.skip("no AMX-BF16 or AVX512-BF16 here")
-    if "avx512_fp16" in flags or "amx_fp16" in flags:
+    if "amx_bf16" in flags and "amx_fp16" not in flags and torch.backends.mkldnn.is_available():
+        assert cpu.kernel_isa(torch.float16) == "brgemm-amx-bf16x3-fwd"
+    elif "avx512_fp16" in flags or "amx_fp16" in flags:
         assert cpu.kernel_isa(torch.float16).startswith("brgemm-")
     assert cpu.kernel_isa(torch.float32) == "avx512"
+
+
+def test_fp16_split_products_are_exact_to_fp32_accumulation():
+    """On the bf16x3 path (the forward is split by default on AMX without AMX-FP16) h = x Wd^T + bd (kept in fp32) must match float64 on the float16 values
+    to fp32 accumulation (the dropped lo . lo term is below 2^-16 relative): bf16 operands alone
+    would be 2^-9 off per product, float16 output rounding 2^-11."""
+    if "-bf16x3" not in cpu.kernel_isa(torch.float16):
+        pytest.skip(f"float16 runs {cpu.kernel_isa(torch.float16)} here")
+    n, d, r = 300, 1001, 40
+    torch.manual_seed(1)
+    x = torch.randn(n, d).half()
+    x[0, :5] = torch.tensor([65504.0, -6.1e-5, 6e-8, 1.0 + 2**-10, -(1.0 + 3 * 2**-10)]).half()
+    wd, wu = torch.randn(r, d) / d**0.5, torch.randn(d, r) / r**0.5
+    bd, bu = torch.randn(r), torch.randn(d)
+    _, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 1.0, 0.0, 0, None)
+    want = x.double() @ wd.half().double().t() + bd.double()
+    assert rel_err(h, want) < 2e-6, rel_err(h, want)
 
 
 @pytest.mark.parametrize("n", [1024, 200])
@@ -188,6 +209,28 @@ def test_path_without_amx():
         pytest.skip("no AVX512-BF16 here")
     report = run_forced({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})
     assert report["torch.bfloat16"] == "brgemm-avx512", report
+
+
+@pytest.mark.parametrize("forced", ["native", "bf16x3", "bf16x3-no-amx"])
+def test_fp16_paths_forced(forced):
+    """float16 on oneDNN's float16 kernel (ADAPTERFAST_CPU_FP16=native) and split into bf16 in
+    forward and backward (=bf16x3) on AMX tiles and on AVX512-BF16 dot products, each within 2x
+    eager's error."""
+    flags = cpu_flags()
+    if "avx512_bf16" not in flags:
+        pytest.skip("no AVX512-BF16 here")
+    if forced == "bf16x3" and "amx_bf16" not in flags:
+        pytest.skip("no AMX-BF16 here")
+    env = {"ADAPTERFAST_CPU_FP16": forced.split("-")[0]}
+    if forced == "bf16x3-no-amx":
+        env["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
+    report = run_forced(env)
+    if forced == "native":
+        assert report["torch.float16"] in (("brgemm-avx512", "brgemm-amx") if "avx512_fp16" in flags else ("avx512",))
+    elif forced == "bf16x3":
+        assert report["torch.float16"] == "brgemm-amx-bf16x3", report
+    else:
+        assert report["torch.float16"] == "brgemm-avx512-bf16x3", report
 
 
 def test_path_without_16bit_instructions():
