@@ -1,20 +1,16 @@
-// split_half (bf16_split.h) with AVX-512: 16 values per step, the tail under a mask.
+// split_half and split_rows_vnni (bf16_split.h): AVX-512, 16 values per step with the tail under a
+// mask, in the AVX-512 region of block_kernels_avx512_begin.h (called only on the brgemm paths,
+// which need AVX-512); a scalar loop on other targets.
 #include "bf16_split.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define ADAPTERFAST_SPLIT_AVX512 1
-#endif
-
+#include "block_kernels_avx512_begin.h"
+#ifdef ADAPTERFAST_AVX512_KERNELS
 namespace adapterfast::cpu {
-
-#if defined(ADAPTERFAST_SPLIT_AVX512)
-#define ADAPTERFAST_SPLIT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 namespace {
 
 // 16 float16 values (those of mask) as fp32 bit patterns of hi and lo, each with its low 16 bits
 // zero (lo has at most 3 significant bits, so dropping them is exact).
-ADAPTERFAST_SPLIT_TARGET inline void split16(__mmask16 mask, const c10::Half* src, __m512i& hi, __m512i& lo) {
+ALWAYS_INLINE void split16(__mmask16 mask, const c10::Half* src, __m512i& hi, __m512i& lo) {
   const __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src));
   const __m512i bits = _mm512_castps_si512(v);
   // Round to nearest even at bit 16 (v is never a NaN with only low mantissa bits: it came from
@@ -30,7 +26,7 @@ inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xffff) : _
 
 }  // namespace
 
-ADAPTERFAST_SPLIT_TARGET void split_half(const c10::Half* src, int64_t n, c10::BFloat16* hi, c10::BFloat16* lo) {
+void split_half(const c10::Half* src, int64_t n, c10::BFloat16* hi, c10::BFloat16* lo) {
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 mask = lanes(n - k);
     __m512i h, l;
@@ -40,8 +36,8 @@ ADAPTERFAST_SPLIT_TARGET void split_half(const c10::Half* src, int64_t n, c10::B
   }
 }
 
-ADAPTERFAST_SPLIT_TARGET void split_rows_vnni(int64_t m, int64_t N, const c10::Half* src, int64_t ld_src,
-                                              c10::BFloat16* hi, c10::BFloat16* lo, c10::BFloat16* hi2) {
+void split_rows_vnni(int64_t m, int64_t N, const c10::Half* src, int64_t ld_src, c10::BFloat16* hi,
+                     c10::BFloat16* lo, c10::BFloat16* hi2) {
   for (int64_t i = 0; i < m; i += 2) {
     const c10::Half* r0 = src + i * ld_src;
     const c10::Half* r1 = i + 1 < m ? r0 + ld_src : nullptr;
@@ -61,7 +57,13 @@ ADAPTERFAST_SPLIT_TARGET void split_rows_vnni(int64_t m, int64_t N, const c10::H
     }
   }
 }
-#else
+}  // namespace adapterfast::cpu
+#endif
+#include "block_kernels_avx512_end.h"
+
+#ifndef ADAPTERFAST_AVX512_KERNELS
+namespace adapterfast::cpu {
+
 void split_half(const c10::Half* src, int64_t n, c10::BFloat16* hi, c10::BFloat16* lo) {
   for (int64_t k = 0; k < n; ++k) split_value(static_cast<float>(src[k]), hi[k], lo[k]);
 }
@@ -79,6 +81,5 @@ void split_rows_vnni(int64_t m, int64_t N, const c10::Half* src, int64_t ld_src,
     }
   }
 }
-#endif
-
 }  // namespace adapterfast::cpu
+#endif

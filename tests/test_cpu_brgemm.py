@@ -76,6 +76,7 @@ CASES = [
     (9, 123, 300, True, False, 0.1, "tanh", False),
     (1, 2, 1, True, False, 0.0, "gelu_tanh", False),
     (3000, 96, 64, True, False, 0.0, "gelu", False),  # several reduction groups and 256-row runs
+    (67, 37, 5, True, True, 0.0, "silu", False),  # odd d and row count without dropout
 ]
 
 
