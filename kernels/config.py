@@ -193,26 +193,21 @@ def row_slices(n_rows: int, d: int, r: int, config: Config, sm_count: int) -> in
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a fixed default off CUDA, e.g. under the interpreter)."""
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_SM_COUNT
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return _cuda_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SM_COUNT
 
 
 def cc_major(device: torch.device) -> int:
     """Compute capability major of ``device`` (``DEFAULT_MAJOR``, an H100/H200, off CUDA)."""
-    if device.type == "cuda":
-        return _cuda_major(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_MAJOR
+    return _cuda_properties(device).major if device.type == "cuda" else DEFAULT_MAJOR
+
+
+def _cuda_properties(device: torch.device):
+    return _cuda_properties_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _cuda_properties_of(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 L2_BYTES = 50 * 2**20
