@@ -38,9 +38,12 @@ batches on the 2-CPU dev VM: 79 us native, 104 us through the Python Function, 1
 eager adapter), which at small N decides whether adapterfast beats the eager adapter.
 Forward-mode AD, torch.func and autocast still take the Python Function.
 
-Large outputs are allocated by PyTorch and then advised to use transparent huge pages (Linux),
-which makes their first-touch page faults several times cheaper; ``ADAPTERFAST_CPU_HUGE_PAGES=0``
-turns that off.
+Outputs of 256 KiB or more (y, dx, the backward's partial sums) come from a small cache of
+buffers released by earlier outputs (``csrc/output_buffers.cpp``; at most 64 MiB kept, reported to
+the profiler as allocations and frees), so a training step does not pay the first-touch page
+faults of fresh memory each call; ``ADAPTERFAST_CPU_OUTPUT_CACHE=0`` turns the cache off. A fresh
+buffer spanning two or more 2 MiB pages is advised to use transparent huge pages (Linux), which
+makes its page faults several times cheaper; ``ADAPTERFAST_CPU_HUGE_PAGES=0`` turns that off.
 """
 from __future__ import annotations
 

@@ -1,42 +1,14 @@
 #include "adapter_common.h"
 
 #include <array>
-#include <cstdlib>
-#include <string>
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "output_buffers.h"
 
 namespace adapterfast::cpu {
 namespace {
-
-// ADAPTERFAST_CPU_HUGE_PAGES=0 turns the advice off (for systems where THP compaction stalls).
-bool huge_pages_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("ADAPTERFAST_CPU_HUGE_PAGES");
-    return value == nullptr || std::string(value) != "0";
-  }();
-  return enabled;
-}
-
-// Asks for transparent huge pages on the 2 MiB-aligned interior of [data, data + bytes).
-void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (!huge_pages_enabled()) return;
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHugePage - 1);
-  if (end >= begin + 2 * kHugePage) {
-    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#else
-  (void)data;
-  (void)bytes;
-#endif
-}
 
 bool supported_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble;
@@ -134,9 +106,8 @@ std::optional<at::Tensor> operand_bias(const std::optional<at::Tensor>& b, at::S
 }
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
-  advise_huge_pages(t.data_ptr(), t.nbytes());
-  return t;
+  return at::detail::empty_generic(sizes, output_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), at::MemoryFormat::Contiguous);
 }
 
 at::Tensor with_unit_column_stride(const at::Tensor& t) {

@@ -70,12 +70,10 @@ at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool tran
 // A bias in the accumulation type, contiguous (biases are added to fp32 sums unrounded).
 std::optional<at::Tensor> operand_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype);
 
-// A new contiguous tensor for an [N, d]-sized output (or partial-sum buffer). Large buffers are
-// advised to use transparent huge pages before anything touches them: a fresh buffer costs one
-// page fault per 4 KiB page on first write (a 32 MiB output: ~13 ms of faults against ~1.5 ms
-// to write it, measured on the 2-core dev VM); 2 MiB pages cut that ~6x. The memory still comes
-// from PyTorch's allocator, so memory profilers see it, and the advice is only a hint: without
-// THP (or with ADAPTERFAST_CPU_HUGE_PAGES=0) nothing changes.
+// A new contiguous tensor for an [N, d]-sized output (or partial-sum buffer), from
+// output_allocator() (output_buffers.h): a buffer of the same size released by an earlier output
+// is reused instead of paying the page faults of fresh memory, and a fresh buffer spanning two or
+// more 2 MiB pages is advised to use transparent huge pages (ADAPTERFAST_CPU_HUGE_PAGES=0: not).
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // t itself if its columns are contiguous, else a contiguous copy (the one copy non-contiguous
