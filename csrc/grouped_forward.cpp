@@ -60,10 +60,13 @@ struct ForwardOperands {
   uint64_t seed;
 };
 
-// A block's two GEMMs on the block kernels: a held in acc_t, weights transposed once per call for
-// the adapters used. x rows of T = acc_t with contiguous columns are read where they lie, through
-// the block's row list (grouped_row_kernels.h); others (16-bit x where brgemm does not run,
-// strided columns) are gathered into a scratch of acc_t first.
+// A block's two GEMMs on the block kernels: a held in acc_t. Each thread transposes an adapter's
+// two weights when its first block of that adapter starts, into a buffer of its own (Weights),
+// where that adapter's blocks then find them in cache: no pass over all adapters' weights up
+// front, no [A][d, r] workspace written and read back from memory (at A = 32 that pass was 8% of
+// the forward's kernel time). x rows of T = acc_t with contiguous columns are read where they
+// lie, through the block's row list (grouped_row_kernels.h); others (16-bit x where brgemm does
+// not run, strided columns) are gathered into a scratch of acc_t first.
 template <typename T, typename acc_t>
 struct KernelGemms {
   using op_t = acc_t;  // element type of the gathered x rows and of a
@@ -72,18 +75,25 @@ struct KernelGemms {
   const BlockKernels<acc_t>& kernels;
   const RowKernels<acc_t>& row_kernels;
   int64_t d, r;
-  const acc_t* w_down_t;  // [A][d, r]
-  const acc_t* w_up_t;    // [A][r, d]
+  at::Tensor w_down;  // [A, r, d], contiguous
+  at::Tensor w_up;    // [A, d, r], contiguous
   const acc_t* x_in_place = nullptr;  // x's data where the GEMM reads its rows in place
   int64_t ld_x_in_place = 0;
 
-  KernelGemms(const ForwardOperands& op, const std::vector<int64_t>& used)
+  // One thread's operands of the adapter it runs now.
+  struct Weights {
+    int64_t adapter = -1;
+    std::vector<acc_t> down_t;  // [d, r]
+    std::vector<acc_t> up_t;    // [r, d]
+  };
+
+  KernelGemms(const ForwardOperands& op)
       : kernels(block_kernels<acc_t>()),
         row_kernels(grouped::row_kernels<acc_t>()),
         d(op.dims.d),
         r(op.dims.r),
-        w_down_t(stacked_operand<T, acc_t>(op.w_down, /*transpose=*/true, used, 0)),
-        w_up_t(stacked_operand<T, acc_t>(op.w_up, /*transpose=*/true, used, 1)) {
+        w_down(op.w_down.contiguous()),
+        w_up(op.w_up.contiguous()) {
     if constexpr (std::is_same_v<T, acc_t>) {
       if (op.x.stride(1) == 1 || d == 1) {
         x_in_place = op.x.data_ptr<acc_t>();
@@ -92,21 +102,28 @@ struct KernelGemms {
     }
   }
 
+  Weights weights() const { return {-1, std::vector<acc_t>(d * r), std::vector<acc_t>(r * d)}; }
+  void load(Weights& w, int64_t adapter) const {
+    if (w.adapter == adapter) return;
+    adapter_operand<T, acc_t>(w_down, adapter, /*transpose=*/true, w.down_t.data());
+    adapter_operand<T, acc_t>(w_up, adapter, /*transpose=*/true, w.up_t.data());
+    w.adapter = adapter;
+  }
+
   int64_t ld_x() const { return d; }
   int64_t ld_a() const { return r; }
-  // hb [m, r] = xb Wd[adapter]^T.
-  void down(int64_t m, const acc_t* xb, int64_t adapter, acc_t* hb) const {
-    kernels.project_in(m, r, d, xb, d, w_down_t + adapter * d * r, r, hb, r);
+  // hb [m, r] = xb Wd^T.
+  void down(int64_t m, const acc_t* xb, const Weights& w, acc_t* hb) const {
+    kernels.project_in(m, r, d, xb, d, w.down_t.data(), r, hb, r);
   }
-  // hb [m, r] = x[rows] Wd[adapter]^T, x read in place (x_in_place set); `ahead` as in
+  // hb [m, r] = x[rows] Wd^T, x read in place (x_in_place set); `ahead` as in
   // RowKernels::project_in_rows.
-  void down_rows(int64_t m, const int64_t* rows, int64_t ahead, int64_t adapter, acc_t* hb) const {
-    row_kernels.project_in_rows(m, r, d, x_in_place, ld_x_in_place, rows, ahead, w_down_t + adapter * d * r, r, hb,
-                                r);
+  void down_rows(int64_t m, const int64_t* rows, int64_t ahead, const Weights& w, acc_t* hb) const {
+    row_kernels.project_in_rows(m, r, d, x_in_place, ld_x_in_place, rows, ahead, w.down_t.data(), r, hb, r);
   }
-  // The epilogue of a Wu[adapter]^T, rows [m, r].
-  void up(int64_t m, const acc_t* a, int64_t adapter, const OutputEpilogue<acc_t>& e, float*) const {
-    kernels.project_out(m, r, d, a, r, w_up_t + adapter * r * d, d, e);
+  // The epilogue of a Wu^T, rows [m, r].
+  void up(int64_t m, const acc_t* a, const Weights& w, const OutputEpilogue<acc_t>& e, float*) const {
+    kernels.project_out(m, r, d, a, r, w.up_t.data(), d, e);
   }
   void release() const {}
 };
@@ -130,15 +147,22 @@ struct BrgemmGemms {
         w_down_b(packed_operand<T>(layout, op.w_down, /*transpose=*/true, used, 0)),
         w_up_b(packed_operand<T>(layout, op.w_up, /*transpose=*/true, used, 1)) {}
 
+  // The adapter a thread runs now (its operands are in the packed stacks).
+  struct Weights {
+    int64_t adapter = -1;
+  };
+  Weights weights() const { return {}; }
+  void load(Weights& w, int64_t adapter) const { w.adapter = adapter; }
+
   bool vnni() const { return layout == BrgemmLayout::vnni; }
   int64_t ld_x() const { return even(d); }
   int64_t ld_a() const { return even(r); }
-  void down(int64_t m, const T* xb, int64_t adapter, float* hb) const {
-    brgemm(m, r, even(d), even(d), r, r, false, xb, w_down_b + adapter * even(d) * r, hb, vnni());
+  void down(int64_t m, const T* xb, const Weights& w, float* hb) const {
+    brgemm(m, r, even(d), even(d), r, r, false, xb, w_down_b + w.adapter * even(d) * r, hb, vnni());
   }
   // u = a Wu[adapter]^T per chunk of kOutCols columns into `chunk`, each finished by the epilogue.
-  void up(int64_t m, const T* a, int64_t adapter, const OutputEpilogue<float>& e, float* chunk) const {
-    finish_by_columns<T>(layout, m, even(r), d, a, even(r), w_up_b + adapter * even(r) * d, chunk, e);
+  void up(int64_t m, const T* a, const Weights& w, const OutputEpilogue<float>& e, float* chunk) const {
+    finish_by_columns<T>(layout, m, even(r), d, a, even(r), w_up_b + w.adapter * even(r) * d, chunk, e);
   }
   void release() const { brgemm_release(vnni()); }
 };
@@ -208,19 +232,21 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, const Gemms&
     std::vector<op_t> a(kBlockRows * ld_a, op_t(0));
     std::vector<float> chunk(Gemms::kChunk);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    typename Gemms::Weights weights = gemms.weights();
     OutputEpilogue<acc_t> e = epilogue;
     for (int64_t b = first; b < last; ++b) {
       const Block& block = blocks[b];
       const int64_t m = block.end - block.begin;
       const int64_t adapter = block.adapter;
       const int64_t* rows = seg.order.data() + block.begin;
+      gemms.load(weights, adapter);
 
       if constexpr (Gemms::kRowList) {
-        if (in_place) gemms.down_rows(m, rows, sorted_end - block.begin, adapter, hb.data());
+        if (in_place) gemms.down_rows(m, rows, sorted_end - block.begin, weights, hb.data());
       }
       if (!in_place) {
         gather_rows<T, op_t>(op.x, rows, m, sorted_end - block.begin, xb.data(), ld_x);
-        gemms.down(m, xb.data(), adapter, hb.data());
+        gemms.down(m, xb.data(), weights, hb.data());
       }
       finish_h(hb.data(), b_down != nullptr ? b_down + adapter * r : nullptr, rows, m, r, h_data);
       visit<acc_t>(op.activation, [&](auto f) {
@@ -243,7 +269,7 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, const Gemms&
       e.out_rows = rows;
       e.bias = b_up != nullptr ? b_up + adapter * d : nullptr;
       e.scale = static_cast<acc_t>(op.scales[adapter]);
-      gemms.up(m, a.data(), adapter, e, chunk.data());
+      gemms.up(m, a.data(), weights, e, chunk.data());
     }
     store_fence();
     gemms.release();
@@ -303,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_forward(
         return plain_rows<T, acc_t>(op, seg, y, h);
       }
     }
-    forward_blocks<T, acc_t>(op, seg, KernelGemms<T, acc_t>(op, used), y, h);
+    forward_blocks<T, acc_t>(op, seg, KernelGemms<T, acc_t>(op), y, h);
     plain_rows<T, acc_t>(op, seg, y, h);
   });
   return {y, h};
