@@ -115,16 +115,18 @@ void project_in_rows(int64_t M, int64_t N, int64_t K, const float* X, int64_t ld
 
 // tile.acc[t][v] += sum_s a[t][s * lda] * b_s[16 v : +16] for s in [0, S), b_s = X[rows[s]] + k0:
 // block_kernels_avx512.h's rank update with row s of its B operand found through the row list.
-// With kPrefetch, each row's next tile of columns is requested too.
+// With kPrefetch, each row's next tile of columns is requested into L1 and, with `far`, the tile
+// after it into L2.
 template <bool kFull, bool kPrefetch, int kRows, int kVecs>
 ALWAYS_INLINE void rank_update_rows(int64_t S, const float* const (&a)[kRows], int64_t lda, const float* X,
                                     int64_t ldx, const int64_t* rows, int64_t k0, const __mmask16 (&m)[kVecs],
-                                    Tile<kRows, kVecs>& tile) {
+                                    Tile<kRows, kVecs>& tile, bool far = false) {
   for (int64_t s = 0; s < S; ++s) {
     const float* row = X + rows[s] * ldx + k0;
     if constexpr (kPrefetch) {
       for (int v = 0; v < kVecs; ++v) {
         _mm_prefetch(reinterpret_cast<const char*>(row + (kVecs + v) * kLanes), _MM_HINT_T0);
+        if (far) _mm_prefetch(reinterpret_cast<const char*>(row + (2 * kVecs + v) * kLanes), _MM_HINT_T1);
       }
     }
     __m512 vb[kVecs];
@@ -139,19 +141,22 @@ ALWAYS_INLINE void rank_update_rows(int64_t S, const float* const (&a)[kRows], i
 }
 
 // accumulate_outer's tiling (block_kernels_avx512.cpp: 8 x 3 tiles over [N, K], the M rows summed
-// in registers, then added to C) over the listed rows. The first pass over the first column tile
-// also requests the first tile of the `ahead` rows that follow (the caller's next block) into L2:
-// the rows of a random order start on pages the hardware prefetcher has not seen.
+// in registers, then added to C) over the listed rows. The operand (x in the backward) comes from
+// memory in a random row order: M rows at once, more pages than the hardware prefetcher tracks,
+// each row visited once per 48-column tile. So the kernel streams them itself: the first pass over
+// each tile requests, per row, the next tile into L1 and the one after into L2 (rank_update_rows),
+// and the first tile's pass also requests the first two tiles of the `ahead` rows that follow
+// (the caller's next block) into L2.
 void accumulate_outer_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* X, int64_t ldx,
                            const int64_t* rows, int64_t ahead, float* C, int64_t ldc) {
   using T = Tile<8, 3>;
   for (int64_t k0 = 0; k0 < K; k0 += T::kCols) {
     const TileColumns<3> cols(K, k0);
     if (k0 == 0) {
-      const int lines = static_cast<int>(min64(3, (K * 4 + 63) / 64));
+      const int64_t lines = min64(6, (K * 4 + 63) / 64);
       for (int64_t j = M; j < min64(ahead, 2 * M); ++j) {
         const char* p = reinterpret_cast<const char*>(X + rows[j] * ldx);
-        for (int line = 0; line < lines; ++line) _mm_prefetch(p + 64 * line, _MM_HINT_T1);
+        for (int64_t line = 0; line < lines; ++line) _mm_prefetch(p + 64 * line, _MM_HINT_T1);
       }
     }
     for (int64_t j0 = 0; j0 < N; j0 += 8) {
@@ -165,7 +170,7 @@ void accumulate_outer_rows(int64_t M, int64_t N, int64_t K, const float* A, int6
       if (!cols.full) {
         rank_update_rows<false, false>(M, a, lda, X, ldx, rows, k0, cols.m, tile);
       } else if (j0 == 0 && k0 + T::kCols < K) {
-        rank_update_rows<true, true>(M, a, lda, X, ldx, rows, k0, cols.m, tile);
+        rank_update_rows<true, true>(M, a, lda, X, ldx, rows, k0, cols.m, tile, k0 + 2 * T::kCols < K);
       } else {
         rank_update_rows<true, false>(M, a, lda, X, ldx, rows, k0, cols.m, tile);
       }
