@@ -75,6 +75,7 @@ for r in (5, 40):
     for dtype in (torch.float32, torch.float64):
         run_case("cpu", dtype, 301, 67, r, 3, index)
         run_case("cpu", dtype, 301, 67, r, 3, index, residual=True, p=0.2)
+run_case("cpu", torch.bfloat16, 301, 67, 5, 3, index)
 print("ok")
 """
 
@@ -82,7 +83,8 @@ print("ok")
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_portable_row_kernels_in_a_subprocess(capability):
     """ATEN_CPU_CAPABILITY below AVX512 selects the portable row kernels with the portable block
-    kernels; the grouped op must agree with the loop there as well."""
+    kernels; the grouped op must agree with the loop there as well (bf16 too, whose rows the
+    block kernels take gathered where brgemm does not run)."""
     tests = str(Path(__file__).resolve().parent)
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
                PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
