@@ -20,6 +20,7 @@
 #include "adapter_common.h"
 #include "dx_epilogue.h"
 #include "grouped_backward.h"
+#include "grouped_row_kernels.h"
 #include "grouped_rows.h"
 #include "philox.h"
 
@@ -84,16 +85,31 @@ std::vector<Group> reduction_groups(const Segments& seg, const Dims& dims, int64
   return groups;
 }
 
+// Every group's blocks: dx rows written in place, weight-gradient shares summed into the group's
+// partials. Rows of T = acc_t (float32, float64) are read where they lie in grad_y and x, through
+// the block's row list (grouped_row_kernels.h); 16-bit rows (where brgemm does not run) are
+// gathered into scratch and converted.
 template <typename T, typename acc_t>
 void backward_blocks(const BackwardOperands& op, const Segments& seg, const std::vector<Group>& groups,
                      at::Tensor& dx, at::Tensor& partials) {
+  constexpr bool kRowList = std::is_same_v<T, acc_t>;
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
+  const RowKernels<acc_t>& row_kernels = grouped::row_kernels<acc_t>();
   const auto [n, d, r] = op.dims;
   const std::vector<int64_t> used = seg.used();
   const acc_t* w_down = stacked_operand<T, acc_t>(op.w_down, /*transpose=*/false, used, 0);
   const acc_t* w_up = stacked_operand<T, acc_t>(op.w_up, /*transpose=*/false, used, 1);
   const int64_t sorted_end = seg.offsets.back();
   const acc_t* h_data = op.h.data_ptr<acc_t>();
+  const T* g_data = op.grad_y.data_ptr<T>();  // contiguous
+  const acc_t* x_in_place = nullptr;
+  int64_t ld_x = d;
+  if constexpr (kRowList) {
+    if (op.x.stride(1) == 1 || d == 1) {
+      x_in_place = op.x.data_ptr<acc_t>();
+      ld_x = op.x.stride(0);
+    }
+  }
   T* dx_data = dx.data_ptr<T>();
   const bool dropout = op.dropout_p > 0.0;
   const uint32_t threshold = philox::threshold(op.dropout_p);
@@ -102,9 +118,9 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
   epilogue.out = dx_data;
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
-    std::vector<T> gb(kBlockRows * d);
-    std::vector<acc_t> gz(kBlockRows * d);
-    std::vector<acc_t> xb(kBlockRows * d);
+    std::vector<T> gb(kRowList ? 0 : kBlockRows * d);
+    std::vector<acc_t> gz(kRowList && !dropout ? 0 : kBlockRows * d);
+    std::vector<acc_t> xb(x_in_place != nullptr ? 0 : kBlockRows * d);
     std::vector<acc_t> hb(kBlockRows * r);
     std::vector<acc_t> da(kBlockRows * r);
     std::vector<acc_t> a(kBlockRows * r);
@@ -121,36 +137,41 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
       for (const Block& block : group.blocks) {
         const int64_t m = block.end - block.begin;
         const int64_t* rows = seg.order.data() + block.begin;
+        const int64_t ahead = sorted_end - block.begin;
 
         // gz = g * keep * s, rounded to x's dtype as a matmul operand; db_up sums it unrounded.
-        // Without dropout and with g in the accumulation type, the gathered g rows are gz up to
-        // the factor s, which is folded into the [rows, r] operands instead (as the
-        // single-adapter op does): no gz pass.
-        gather_bytes(op.grad_y, rows, m, sorted_end - block.begin, reinterpret_cast<char*>(gb.data()));
-        const acc_t* gz_rows = gz.data();
-        acc_t fold = 1;
-        if constexpr (std::is_same_v<T, acc_t>) {
-          if (!dropout) {
-            gz_rows = gb.data();
-            fold = factor;
-            for (int64_t i = 0; i < m; ++i) add_scaled_row(gb.data() + i * d, factor, d, sums.db_up);
+        // Without dropout and with g in the accumulation type, g's rows in place are gz up to the
+        // factor s, which is folded into the [rows, r] operands instead (as the single-adapter
+        // op does): no gz pass, and db_up sums them once the GEMM has brought them into cache.
+        // Then da = gz Wu.
+        const bool g_is_gz = kRowList && !dropout;
+        const acc_t fold = g_is_gz ? factor : acc_t(1);
+        if constexpr (kRowList) {
+          if (g_is_gz) {
+            row_kernels.project_in_rows(m, r, d, g_data, d, rows, ahead, w_up + adapter * d * r, r, da.data(), r);
+            for (int64_t i = 0; i < m; ++i) add_scaled_row(g_data + rows[i] * d, factor, d, sums.db_up);
           }
         }
-        if (gz_rows == gz.data()) {
+        if (!g_is_gz) {
+          if constexpr (!kRowList) gather_bytes(op.grad_y, rows, m, ahead, reinterpret_cast<char*>(gb.data()));
           for (int64_t i = 0; i < m; ++i) {
+            const T* g_row = kRowList ? g_data + rows[i] * d : gb.data() + i * d;
+            if (kRowList && i + kPrefetchAhead < ahead) {
+              prefetch_bytes(reinterpret_cast<const char*>(g_data + rows[i + kPrefetchAhead] * d), d * sizeof(T));
+            }
             const uint8_t* kr = nullptr;
             if (dropout) {
               kr = keep.data() + i * ld_keep;
               kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data() + i * ld_keep, ld_keep);
             }
-            scale_row<T>(gb.data() + i * d, kr, factor, d, gz.data() + i * d, sums.db_up);
+            scale_row<T>(g_row, kr, factor, d, gz.data() + i * d, sums.db_up);
           }
+          kernels.project_in(m, r, d, gz.data(), d, w_up + adapter * d * r, r, da.data(), r);
         }
 
-        // dh = (gz Wu) * act'(h); a = act(h) from the saved pre-activation.
-        kernels.project_in(m, r, d, gz_rows, d, w_up + adapter * d * r, r, da.data(), r);
+        // dh = da * act'(h); a = act(h) from the saved pre-activation.
         for (int64_t i = 0; i < m; ++i) {
-          if (i + kPrefetchAhead < sorted_end - block.begin) {
+          if (i + kPrefetchAhead < ahead) {
             prefetch_bytes(reinterpret_cast<const char*>(h_data + rows[i + kPrefetchAhead] * r), r * sizeof(acc_t));
           }
           std::memcpy(hb.data() + i * r, h_data + rows[i] * r, r * sizeof(acc_t));
@@ -162,11 +183,23 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
           }
         });
 
-        gather_rows<T, acc_t>(op.x, rows, m, sorted_end - block.begin, xb.data(), d);
-        kernels.accumulate_outer(m, r, d, a.data(), r, gz_rows, d, sums.dw_up_t, d);
-        kernels.accumulate_outer(m, r, d, dh.data(), r, xb.data(), d, sums.dw_down, d);
+        // dw_up^T += a^T gz, dw_down += dh^T x.
+        if constexpr (kRowList) {
+          if (g_is_gz) {
+            row_kernels.accumulate_outer_rows(m, r, d, a.data(), r, g_data, d, rows, ahead, sums.dw_up_t, d);
+          }
+        }
+        if (!g_is_gz) kernels.accumulate_outer(m, r, d, a.data(), r, gz.data(), d, sums.dw_up_t, d);
+        if (x_in_place != nullptr) {
+          row_kernels.accumulate_outer_rows(m, r, d, dh.data(), r, x_in_place, ld_x, rows, ahead, sums.dw_down, d);
+        } else {
+          gather_rows<T, acc_t>(op.x, rows, m, ahead, xb.data(), d);
+          kernels.accumulate_outer(m, r, d, dh.data(), r, xb.data(), d, sums.dw_down, d);
+        }
 
-        e.res = op.residual_is_x ? gb.data() : nullptr;
+        // dx = dh Wd (+ g, read in place or from the gathered rows).
+        e.res = !op.residual_is_x ? nullptr : kRowList ? static_cast<const void*>(g_data) : gb.data();
+        e.res_rows = kRowList ? rows : nullptr;
         e.out_rows = rows;
         kernels.project_out(m, r, d, dh.data(), r, w_down + adapter * r * d, d, e);
       }

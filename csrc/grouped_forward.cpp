@@ -7,7 +7,9 @@
 // adapter's weights. One driver (forward_blocks) does a block's work for every dtype; its two
 // GEMMs come from a Gemms policy:
 // - KernelGemms (float32, float64, and 16-bit x where brgemm does not run): the block kernels
-//   (block_kernels.h) on the block's x rows gathered into a cache-resident scratch in acc_t;
+//   (block_kernels.h); h = x Wd^T reads float32/float64 x rows where they lie, through the
+//   block's row list (grouped_row_kernels.h, which prefetches the next rows under its FMAs),
+//   and 16-bit x rows gathered into a cache-resident scratch in acc_t;
 // - BrgemmGemms (bfloat16, float16 where brgemm runs, brgemm.h): h = x Wd^T and u = act(h) Wu^T
 //   on brgemm (AMX or AVX512-BF16/FP16), as the single-adapter op's 16-bit driver does, u in
 //   column chunks that the epilogue finishes.
@@ -15,8 +17,9 @@
 // output epilogue (bias, dropout, scale, residual) reads the residual rows and writes the y rows
 // where they are, through the block's row list (OutputEpilogue::res_rows / out_rows), with
 // non-temporal stores for a large y, so no y row passes through a scratch and no row of y is
-// read for ownership. Only the x rows are gathered (prefetched one block ahead into L2): the
-// GEMMs take them as a dense operand.
+// read for ownership. Without a separate residual, the epilogue reads x's rows back in place too
+// (from cache: h = x Wd^T just read them). Only brgemm's x rows are gathered (prefetched one
+// block ahead into L2): it takes them as a dense, padded operand.
 #include "grouped_ops.h"
 
 #include <vector>
@@ -28,6 +31,7 @@
 #include "adapter_common.h"
 #include "brgemm.h"
 #include "grouped_brgemm_columns.h"
+#include "grouped_row_kernels.h"
 #include "grouped_rows.h"
 #include "grouped_weights.h"
 #include "philox.h"
@@ -56,33 +60,70 @@ struct ForwardOperands {
   uint64_t seed;
 };
 
-// A block's two GEMMs on the block kernels: x rows and a held in acc_t, weights transposed once
-// per call for the adapters used.
+// A block's two GEMMs on the block kernels: a held in acc_t. Each thread transposes an adapter's
+// two weights when its first block of that adapter starts, into a buffer of its own (Weights),
+// where that adapter's blocks then find them in cache: no pass over all adapters' weights up
+// front, no [A][d, r] workspace written and read back from memory (at A = 32 that pass was 8% of
+// the forward's kernel time). x rows of T = acc_t with contiguous columns are read where they
+// lie, through the block's row list (grouped_row_kernels.h); others (16-bit x where brgemm does
+// not run, strided columns) are gathered into a scratch of acc_t first.
 template <typename T, typename acc_t>
 struct KernelGemms {
   using op_t = acc_t;  // element type of the gathered x rows and of a
   static constexpr int64_t kChunk = 0;
+  static constexpr bool kRowList = std::is_same_v<T, acc_t>;  // may read x rows in place
   const BlockKernels<acc_t>& kernels;
+  const RowKernels<acc_t>& row_kernels;
   int64_t d, r;
-  const acc_t* w_down_t;  // [A][d, r]
-  const acc_t* w_up_t;    // [A][r, d]
+  at::Tensor w_down;  // [A, r, d], contiguous
+  at::Tensor w_up;    // [A, d, r], contiguous
+  const acc_t* x_in_place = nullptr;  // x's data where the GEMM reads its rows in place
+  int64_t ld_x_in_place = 0;
 
-  KernelGemms(const ForwardOperands& op, const std::vector<int64_t>& used)
+  // One thread's operands of the adapter it runs now.
+  struct Weights {
+    int64_t adapter = -1;
+    std::vector<acc_t> down_t;  // [d, r]
+    std::vector<acc_t> up_t;    // [r, d]
+  };
+
+  KernelGemms(const ForwardOperands& op)
       : kernels(block_kernels<acc_t>()),
+        row_kernels(grouped::row_kernels<acc_t>()),
         d(op.dims.d),
         r(op.dims.r),
-        w_down_t(stacked_operand<T, acc_t>(op.w_down, /*transpose=*/true, used, 0)),
-        w_up_t(stacked_operand<T, acc_t>(op.w_up, /*transpose=*/true, used, 1)) {}
+        w_down(op.w_down.contiguous()),
+        w_up(op.w_up.contiguous()) {
+    if constexpr (std::is_same_v<T, acc_t>) {
+      if (op.x.stride(1) == 1 || d == 1) {
+        x_in_place = op.x.data_ptr<acc_t>();
+        ld_x_in_place = op.x.stride(0);
+      }
+    }
+  }
+
+  Weights weights() const { return {-1, std::vector<acc_t>(d * r), std::vector<acc_t>(r * d)}; }
+  void load(Weights& w, int64_t adapter) const {
+    if (w.adapter == adapter) return;
+    adapter_operand<T, acc_t>(w_down, adapter, /*transpose=*/true, w.down_t.data());
+    adapter_operand<T, acc_t>(w_up, adapter, /*transpose=*/true, w.up_t.data());
+    w.adapter = adapter;
+  }
 
   int64_t ld_x() const { return d; }
   int64_t ld_a() const { return r; }
-  // hb [m, r] = xb Wd[adapter]^T.
-  void down(int64_t m, const acc_t* xb, int64_t adapter, acc_t* hb) const {
-    kernels.project_in(m, r, d, xb, d, w_down_t + adapter * d * r, r, hb, r);
+  // hb [m, r] = xb Wd^T.
+  void down(int64_t m, const acc_t* xb, const Weights& w, acc_t* hb) const {
+    kernels.project_in(m, r, d, xb, d, w.down_t.data(), r, hb, r);
   }
-  // The epilogue of a Wu[adapter]^T, rows [m, r].
-  void up(int64_t m, const acc_t* a, int64_t adapter, const OutputEpilogue<acc_t>& e, float*) const {
-    kernels.project_out(m, r, d, a, r, w_up_t + adapter * r * d, d, e);
+  // hb [m, r] = x[rows] Wd^T, x read in place (x_in_place set); `ahead` as in
+  // RowKernels::project_in_rows.
+  void down_rows(int64_t m, const int64_t* rows, int64_t ahead, const Weights& w, acc_t* hb) const {
+    row_kernels.project_in_rows(m, r, d, x_in_place, ld_x_in_place, rows, ahead, w.down_t.data(), r, hb, r);
+  }
+  // The epilogue of a Wu^T, rows [m, r].
+  void up(int64_t m, const acc_t* a, const Weights& w, const OutputEpilogue<acc_t>& e, float*) const {
+    kernels.project_out(m, r, d, a, r, w.up_t.data(), d, e);
   }
   void release() const {}
 };
@@ -93,6 +134,7 @@ template <typename T>
 struct BrgemmGemms {
   using op_t = T;
   static constexpr int64_t kChunk = kBlockRows * kOutCols;
+  static constexpr bool kRowList = false;  // brgemm takes x rows gathered and padded
   BrgemmLayout layout;
   int64_t d, r;
   const T* w_down_b;  // [A][even(d), r]
@@ -105,15 +147,22 @@ struct BrgemmGemms {
         w_down_b(packed_operand<T>(layout, op.w_down, /*transpose=*/true, used, 0)),
         w_up_b(packed_operand<T>(layout, op.w_up, /*transpose=*/true, used, 1)) {}
 
+  // The adapter a thread runs now (its operands are in the packed stacks).
+  struct Weights {
+    int64_t adapter = -1;
+  };
+  Weights weights() const { return {}; }
+  void load(Weights& w, int64_t adapter) const { w.adapter = adapter; }
+
   bool vnni() const { return layout == BrgemmLayout::vnni; }
   int64_t ld_x() const { return even(d); }
   int64_t ld_a() const { return even(r); }
-  void down(int64_t m, const T* xb, int64_t adapter, float* hb) const {
-    brgemm(m, r, even(d), even(d), r, r, false, xb, w_down_b + adapter * even(d) * r, hb, vnni());
+  void down(int64_t m, const T* xb, const Weights& w, float* hb) const {
+    brgemm(m, r, even(d), even(d), r, r, false, xb, w_down_b + w.adapter * even(d) * r, hb, vnni());
   }
   // u = a Wu[adapter]^T per chunk of kOutCols columns into `chunk`, each finished by the epilogue.
-  void up(int64_t m, const T* a, int64_t adapter, const OutputEpilogue<float>& e, float* chunk) const {
-    finish_by_columns<T>(layout, m, even(r), d, a, even(r), w_up_b + adapter * even(r) * d, chunk, e);
+  void up(int64_t m, const T* a, const Weights& w, const OutputEpilogue<float>& e, float* chunk) const {
+    finish_by_columns<T>(layout, m, even(r), d, a, even(r), w_up_b + w.adapter * even(r) * d, chunk, e);
   }
   void release() const { brgemm_release(vnni()); }
 };
@@ -167,23 +216,38 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, const Gemms&
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const int64_t ld_keep = keep_row_bytes(d);
   const BlockKernels<float>& keep_kernels = block_kernels<float>();
-  const OutputEpilogue<acc_t> epilogue = base_epilogue<acc_t, op_t>(op, y, ld_x);
+  OutputEpilogue<acc_t> epilogue = base_epilogue<acc_t, op_t>(op, y, ld_x);
+  bool in_place = false;
+  if constexpr (Gemms::kRowList) {
+    in_place = gemms.x_in_place != nullptr;
+    if (in_place && !op.residual) {
+      epilogue.res = gemms.x_in_place;
+      epilogue.ld_res = gemms.ld_x_in_place;
+    }
+  }
 
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
-    std::vector<op_t> xb(kBlockRows * ld_x, op_t(0));
+    std::vector<op_t> xb(in_place ? 0 : kBlockRows * ld_x, op_t(0));
     std::vector<acc_t> hb(kBlockRows * r);
     std::vector<op_t> a(kBlockRows * ld_a, op_t(0));
     std::vector<float> chunk(Gemms::kChunk);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    typename Gemms::Weights weights = gemms.weights();
     OutputEpilogue<acc_t> e = epilogue;
     for (int64_t b = first; b < last; ++b) {
       const Block& block = blocks[b];
       const int64_t m = block.end - block.begin;
       const int64_t adapter = block.adapter;
       const int64_t* rows = seg.order.data() + block.begin;
+      gemms.load(weights, adapter);
 
-      gather_rows<T, op_t>(op.x, rows, m, sorted_end - block.begin, xb.data(), ld_x);
-      gemms.down(m, xb.data(), adapter, hb.data());
+      if constexpr (Gemms::kRowList) {
+        if (in_place) gemms.down_rows(m, rows, sorted_end - block.begin, weights, hb.data());
+      }
+      if (!in_place) {
+        gather_rows<T, op_t>(op.x, rows, m, sorted_end - block.begin, xb.data(), ld_x);
+        gemms.down(m, xb.data(), weights, hb.data());
+      }
       finish_h(hb.data(), b_down != nullptr ? b_down + adapter * r : nullptr, rows, m, r, h_data);
       visit<acc_t>(op.activation, [&](auto f) {
         for (int64_t i = 0; i < m; ++i) {
@@ -197,7 +261,7 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, const Gemms&
         }
       }
       e.keep = dropout ? keep.data() : nullptr;
-      if (op.residual) {
+      if (op.residual || in_place) {
         e.res_rows = rows;
       } else {
         e.res = xb.data();
@@ -205,7 +269,7 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, const Gemms&
       e.out_rows = rows;
       e.bias = b_up != nullptr ? b_up + adapter * d : nullptr;
       e.scale = static_cast<acc_t>(op.scales[adapter]);
-      gemms.up(m, a.data(), adapter, e, chunk.data());
+      gemms.up(m, a.data(), weights, e, chunk.data());
     }
     store_fence();
     gemms.release();
@@ -265,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_forward(
         return plain_rows<T, acc_t>(op, seg, y, h);
       }
     }
-    forward_blocks<T, acc_t>(op, seg, KernelGemms<T, acc_t>(op, used), y, h);
+    forward_blocks<T, acc_t>(op, seg, KernelGemms<T, acc_t>(op), y, h);
     plain_rows<T, acc_t>(op, seg, y, h);
   });
   return {y, h};

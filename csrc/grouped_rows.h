@@ -2,9 +2,11 @@
 // What the grouped forward and backward (grouped_forward.cpp, grouped_backward.cpp) share: the
 // operand checks of the stacked weights, the rows sorted into one segment per adapter and cut
 // into blocks, and the copies of a block's input rows (x, grad_y) from the [N, d] tensors into
-// a block-sized scratch, the dense operand the GEMMs take. Output rows (y, dx) are not copied:
-// the output epilogue writes them in place through the block's row list (block_kernels.h,
-// OutputEpilogue::out_rows). The adapters' weights as matmul operands: grouped_weights.h.
+// a block-sized scratch, for the GEMMs that take a dense operand (brgemm; the block kernels on
+// 16-bit or column-strided rows): fp32/fp64 rows are read in place through the block's row list
+// instead (grouped_row_kernels.h). Output rows (y, dx) are not copied: the output epilogue writes
+// them in place through the row list (block_kernels.h, OutputEpilogue::out_rows). The adapters'
+// weights as matmul operands: grouped_weights.h.
 //
 // Rows arrive in any order, so a block's rows are scattered over x: each row is copied as one
 // contiguous run, and while row i of a block is copied, row i of the next block is prefetched

@@ -2,9 +2,11 @@
 // The stacked weights of the grouped op as per-adapter matmul operands: for the fp32/fp64 block
 // kernels (stacked_operand) and for brgemm's 16-bit B layouts (packed_operand).
 //
-// Weights are prepared once per call and only for the adapters that have rows (a batch naming
-// 2 of 32 adapters converts 2), in parallel over those adapters, by direct loops that read the
-// nn.Linear layouts as they are (no transposed copy by torch first), into a per-thread workspace.
+// Weights are prepared only for the adapters that have rows (a batch naming 2 of 32 adapters
+// converts 2), by direct loops that read the nn.Linear layouts as they are (no transposed copy by
+// torch first): one adapter at a time (adapter_operand, which the fp32/fp64 forward calls per
+// thread as it reaches an adapter's blocks), or all used ones once per call in parallel into a
+// per-thread workspace (stacked_operand, packed_operand).
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -55,6 +57,22 @@ inline V operand_value(S s) {
   }
 }
 
+// Adapter a's weight w[a] [P, Q] (w contiguous) as a matmul operand of acc_t rounded to x's
+// storage type T, into dst: [Q, P] with `transpose`, else [P, Q].
+template <typename T, typename acc_t>
+void adapter_operand(const at::Tensor& w, int64_t a, bool transpose, acc_t* dst) {
+  const int64_t P = w.size(1);
+  const int64_t Q = w.size(2);
+  dispatch_weight(w.scalar_type(), [&](auto s) {
+    using S = decltype(s);
+    const S* in = w.data_ptr<S>() + a * P * Q;
+    if constexpr (std::is_same_v<S, float> && std::is_same_v<acc_t, float> && std::is_same_v<T, float>) {
+      if (transpose) return block_kernels<float>().transpose(P, Q, in, Q, dst);
+    }
+    copy_matrix(in, Q, 1, P, Q, transpose, dst, [](S v) { return operand_value<T, acc_t>(v); });
+  });
+}
+
 // The stacked weight w [A, P, Q] as per-adapter matmul operands of acc_t, rounded to x's storage
 // type T: [A, Q, P] with `transpose`, else [A, P, Q]. Only the `used` adapters are filled; the
 // result is w's own data when that already is the operand, else workspace `slot`.
@@ -68,22 +86,8 @@ const acc_t* stacked_operand(const at::Tensor& w, bool transpose, const std::vec
   }
   acc_t* dst = workspace<acc_t>(slot, w.size(0) * P * Q);
   const at::Tensor src = w.contiguous();
-  dispatch_weight(src.scalar_type(), [&](auto s) {
-    using S = decltype(s);
-    const S* data = src.data_ptr<S>();
-    at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t first, int64_t last) {
-      for (int64_t u = first; u < last; ++u) {
-        const S* in = data + used[u] * P * Q;
-        acc_t* o = dst + used[u] * P * Q;
-        if constexpr (std::is_same_v<S, float> && std::is_same_v<acc_t, float> && std::is_same_v<T, float>) {
-          if (transpose) {
-            block_kernels<float>().transpose(P, Q, in, Q, o);
-            continue;
-          }
-        }
-        copy_matrix(in, Q, 1, P, Q, transpose, o, [](S v) { return operand_value<T, acc_t>(v); });
-      }
-    });
+  at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t u = first; u < last; ++u) adapter_operand<T, acc_t>(src, used[u], transpose, dst + used[u] * P * Q);
   });
   return dst;
 }
