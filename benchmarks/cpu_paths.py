@@ -6,7 +6,8 @@ backward times at the given shape. Paths: ``default`` (what runs for the dtype h
 ``brgemm-off`` (ADAPTERFAST_CPU_BRGEMM=0), ``fp32-brgemm`` (ADAPTERFAST_CPU_FP32_BRGEMM=1),
 ``no-amx`` (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), ``fp16-native`` / ``fp16-bf16x3``
 (ADAPTERFAST_CPU_FP16: float16 on oneDNN's float16 kernel, or split into three bf16 products),
-``eager`` (the op as PyTorch ops in the same
+``panel256`` (ADAPTERFAST_CPU_BRGEMM_PANEL=256: the 16-bit
+products over K = r in 256-column calls rather than 64), ``eager`` (the op as PyTorch ops in the same
 dtype, as the eager provider of ``python -m benchmarks``: ``x + up(relu(down(x)))``).
 
 ``--clock wall`` (default) reports medians of wall time (torch.utils.benchmark). ``--clock
@@ -34,6 +35,7 @@ PATHS = {
     "no-amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
     "fp16-native": {"ADAPTERFAST_CPU_FP16": "native"},
     "fp16-bf16x3": {"ADAPTERFAST_CPU_FP16": "bf16x3"},
+    "panel256": {"ADAPTERFAST_CPU_BRGEMM_PANEL": "256"},
     "eager": {},
 }
 
