@@ -23,8 +23,6 @@
 // written with non-temporal stores, as the fp32 drivers do.
 #include "adapter_brgemm.h"
 
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -47,27 +45,8 @@ namespace {
 using at::native::cpublas::brgemm;
 using at::native::cpublas::brgemm_release;
 
-// Output columns per brgemm call of the weight-gradient products (C column-blocked, below).
+// Output columns per brgemm call: a [64, 256] fp32 product (64 KiB) stays in L2 for its epilogue.
 constexpr int64_t kOutCols = 256;
-
-// Output columns per brgemm call of the products over K = r whose result goes straight through
-// the output epilogue (u, dx): the weight is packed in panels of this width (to_panels), so the
-// [64, 64] fp32 product (16 KiB) stays in L1 for the epilogue. Against 256-column calls on ldb = d
-// (scratch microbenchmark of cpublas::brgemm alone, 1 thread, Intel Xeon with AMX-BF16, loaded
-// 2-core VM): M = 64, K = 16: 0.54 vs 0.65 us per 64 columns at d = 1024 and 0.65 vs 0.82 us at
-// d = 4096; K = 64: 1.75 vs 1.82 us and 1.01 vs 0.92 us (noise). ADAPTERFAST_CPU_BRGEMM_PANEL=N
-// (a multiple of 16) sets another width, for measuring (benchmarks/cpu_paths.py, path panel256).
-int64_t panel_cols() {
-  static const int64_t cols = [] {
-    const char* set = std::getenv("ADAPTERFAST_CPU_BRGEMM_PANEL");
-    if (set == nullptr || *set == '\0') return int64_t{64};
-    const int64_t v = std::atoll(set);
-    TORCH_CHECK(v >= 16 && v % 16 == 0, "adapterfast: ADAPTERFAST_CPU_BRGEMM_PANEL must be a positive multiple of 16, got '",
-                set, "'");
-    return v;
-  }();
-  return cols;
-}
 // Rows per weight-gradient brgemm call (a multiple of kBlockRows).
 constexpr int64_t kSumRows = 4 * kBlockRows;
 
@@ -103,16 +82,21 @@ const T* a_rows(const T* data, int64_t row_stride, int64_t col_stride, int64_t d
   return scratch;
 }
 
-// finish(A[M, K] B[K, d]) per panel of panel_cols() columns: B in panels (to_panels, K rows),
-// each panel's product into `chunk` ([M, panel] fp32) and through the output epilogue.
+// C[M, d] (+)= A[M, K] B[K, d] in column chunks of kOutCols, B packed with ldb = d; with `finish`,
+// each chunk goes through the output epilogue instead of into C.
 template <typename T>
-void finish_by_panels(int64_t M, int64_t K, int64_t d, const T* A, int64_t lda, const T* B, float* chunk,
-                      const OutputEpilogue<float>& finish) {
-  const int64_t panel = panel_cols();
-  for (int64_t n0 = 0; n0 < d; n0 += panel) {
-    const int64_t nc = std::min(panel, d - n0);
-    brgemm(M, nc, K, lda, nc, nc, false, A, B + n0 * K, chunk, kVnni<T>);
-    avx512::finish_rows(M, nc, chunk, nc, n0, finish);
+void product_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const T* A, int64_t lda,
+                        const T* B, float* C, int64_t ldc, bool add, float* chunk,
+                        const OutputEpilogue<float>* finish) {
+  for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
+    const int64_t nc = std::min(kOutCols, d - n0);
+    const T* b = B + b_column(layout, n0);
+    if (finish != nullptr) {
+      brgemm(M, nc, K, lda, d, nc, false, A, b, chunk, kVnni<T>);
+      avx512::finish_rows(M, nc, chunk, nc, n0, *finish);
+    } else {
+      brgemm(M, nc, K, lda, d, ldc, add, A, b, C + n0, kVnni<T>);
+    }
   }
 }
 
@@ -221,8 +205,7 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
   const int64_t rp = even(r);
   const int64_t dp = even(d);
   const std::vector<U> w_down_b = weight_b<T, U>(layout, d, r, op.w_down_t.data_ptr<float>(), r);
-  const std::vector<U> w_up_b =
-      to_panels(layout, (split ? 3 : 1) * rp, d, weight_b<T, U>(layout, r, d, op.w_up_t.data_ptr<float>(), d), panel_cols());
+  const std::vector<U> w_up_b = weight_b<T, U>(layout, r, d, op.w_up_t.data_ptr<float>(), d);
   const T* x_data = op.x.data_ptr<T>();
   const int64_t x_row_stride = op.x.stride(0);
   const int64_t x_col_stride = d == 1 ? 1 : op.x.stride(1);
@@ -242,7 +225,7 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
     std::vector<T> a(kBlockRows * rp, T(0.0f));
     std::vector<U> x_split(split ? 2 * kBlockRows * dp : 0);      // x rows' hi, then lo
     std::vector<U> a_split(split ? kBlockRows * 3 * rp : 0, U(0.0f));  // rows [a_hi | a_hi | a_lo]
-    std::vector<float> chunk(kBlockRows * panel_cols());
+    std::vector<float> chunk(kBlockRows * kOutCols);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
     for_blocks(first, last, kBlockRows, n, [&](int64_t row0, int64_t m) {
@@ -280,9 +263,10 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
       e.out = y_data + row0 * d;
       if constexpr (split) {
         split_rows_tripled(m, r, rp, a.data(), rp, a_split.data());
-        finish_by_panels<U>(m, 3 * rp, d, a_split.data(), 3 * rp, w_up_b.data(), chunk.data(), e);
+        product_by_columns<U>(layout, m, 3 * rp, d, a_split.data(), 3 * rp, w_up_b.data(), nullptr, 0, false,
+                              chunk.data(), &e);
       } else {
-        finish_by_panels<U>(m, rp, d, a.data(), rp, w_up_b.data(), chunk.data(), e);
+        product_by_columns<U>(layout, m, rp, d, a.data(), rp, w_up_b.data(), nullptr, 0, false, chunk.data(), &e);
       }
     });
     brgemm_release(kVnni<U>);
@@ -299,8 +283,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
   const int64_t rp = even(r);
   const int64_t groups = partials.size(0);
   const std::vector<U> w_up_b = weight_b<T, U>(layout, d, r, op.w_up.data_ptr<float>(), r);
-  const std::vector<U> w_down_b =
-      to_panels(layout, (split ? 3 : 1) * rp, d, weight_b<T, U>(layout, r, d, op.w_down.data_ptr<float>(), d), panel_cols());
+  const std::vector<U> w_down_b = weight_b<T, U>(layout, r, d, op.w_down.data_ptr<float>(), d);
   const T* g_data = op.grad_y.data_ptr<T>();
   const int64_t ld_g = op.grad_y.stride(0);
   const T* x_data = op.x.data_ptr<T>();
@@ -344,7 +327,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
     const ColumnBlocked dw_up_sums{r, d, dw_sums.data()};
     const ColumnBlocked dw_down_sums{r, d, dw_sums.data() + r * d};
     std::vector<float> col_sums(d);
-    std::vector<float> chunk(kBlockRows * panel_cols());
+    std::vector<float> chunk(kBlockRows * kOutCols);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
     for (int64_t group = first_group; group < last_group; ++group) {
@@ -434,11 +417,12 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
         const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
         if constexpr (split) {
           split_rows_tripled(m, r, rp, dh.data(), rp, dh_split.data());
-          finish_by_panels<U>(m, 3 * rp, d, dh_split.data(), 3 * rp, w_down_b.data(), chunk.data(), e);
+          product_by_columns<U>(layout, m, 3 * rp, d, dh_split.data(), 3 * rp, w_down_b.data(), nullptr, 0, false,
+                                chunk.data(), &e);
           U* const b = x_b.data() + run * d;
           split_rows_vnni(m, d, xb, ld_x, b, b + segment, b + 2 * segment);
         } else {
-          finish_by_panels<U>(m, rp, d, dh.data(), rp, w_down_b.data(), chunk.data(), e);
+          product_by_columns<U>(layout, m, rp, d, dh.data(), rp, w_down_b.data(), nullptr, 0, false, chunk.data(), &e);
           rows_as_b<U>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d);
           rows_as_b<U>(layout, m, d, xb, ld_x, x_b.data() + run * d);
         }

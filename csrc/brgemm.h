@@ -90,25 +90,6 @@ inline std::vector<c10::BFloat16> pack_b_split(BrgemmLayout layout, int64_t K, i
   return out;
 }
 
-// A B operand of k_rows rows and N columns packed with ldb = N (pack_b, pack_b_split) rearranged
-// into panels of `panel` columns (the last one narrower), each packed with ldb = its width: the
-// panel of columns [n0, n0 + w) starts at element n0 * k_rows. A panel's rows are then w (not N)
-// positions apart, so brgemm's tile loads of B do not all fall on one cache set (at N = 1024 VNNI
-// rows are 4 KiB apart) and a [M, w] product stays in L1 for its epilogue.
-template <typename T>
-std::vector<T> to_panels(BrgemmLayout layout, int64_t k_rows, int64_t N, const std::vector<T>& full, int64_t panel) {
-  std::vector<T> out(full.size());
-  const int64_t pair = layout == BrgemmLayout::vnni ? 2 : 1;  // K rows stored together
-  for (int64_t n0 = 0; n0 < N; n0 += panel) {
-    const int64_t w = std::min(panel, N - n0);
-    for (int64_t k = 0; k < k_rows; k += pair) {
-      const T* src = full.data() + k * N + n0 * pair;
-      std::copy(src, src + w * pair, out.data() + n0 * k_rows + k * w);
-    }
-  }
-  return out;
-}
-
 // dst = rows [0, m) of src (leading dimension ld_src, width N) as a B operand with ldb = N and
 // m rounded up to even with a zero row: interleaved pairs of rows (VNNI, built as 32-bit words
 // so that the loop vectorises) or a plain copy.

@@ -242,17 +242,6 @@ def test_path_without_16bit_instructions():
     assert report["torch.float16"] == "avx512", report
 
 
-@pytest.mark.parametrize("panel", ["48", "256"])
-def test_other_panel_widths(panel):
-    """The products over K = r (u, dx) in panels of 48 columns (a narrower last panel at every d of
-    CASES but 96) and of 256 (one call per 256 columns, as before the 64-column default), each
-    within 2x eager's error."""
-    if "avx512_bf16" not in cpu_flags():
-        pytest.skip("no AVX512-BF16 here")
-    report = run_forced({"ADAPTERFAST_CPU_BRGEMM_PANEL": panel})
-    assert report["torch.bfloat16"].startswith("brgemm-"), report
-
-
 def test_path_with_brgemm_off():
     report = run_forced({"ADAPTERFAST_CPU_BRGEMM": "0"})
     assert report["torch.bfloat16"] in ("avx512", "generic") and report["torch.float16"] == report["torch.float32"], report
