@@ -7,8 +7,8 @@ hot operands with the calling thread's CPU time (least of ``--trials``), 1 threa
 - ``same kernel`` / ``two kernels``: the per-call cost, and the cost of switching between two
   kernels (ATen loads the new kernel's AMX tile configuration whenever the kernel changes);
 - the call shapes of adapter_brgemm.cpp at N = 8192 row blocks of 64 for ``--shapes d,r``:
-  h / da (M = 64, N = r, K = d), u / dx (M = 64, K = r, per 256 columns on B with ldb = d, or per
-  64-column panel with ldb = 64) and the weight gradients (M = r, K = 256 rows, per 256 columns).
+  h / da (M = 64, N = r, K = d), u / dx (M = 64, K = r, per 256 columns on B with ldb = d, all d
+  columns in one call, or per 64-column panel with ldb = 64) and the weight gradients (M = r, K = 256 rows, per 256 columns).
 
 Compare with ``python -m benchmarks.cpu_paths --ceiling`` (oneDNN's whole matmul in bf16).
 
@@ -85,6 +85,7 @@ def _cases(d: int, r: int):
         _call(64, r, d, d, r, r, a_off=i * 64 * d) for i in range(blocks)]
     yield f"u/dx  M=64 K={r}, 256 columns per call, ldb={d}", [
         _call(64, min(256, d - n0), r, r, d, 256, b_off=2 * n0) for n0 in range(0, d, 256)]
+    yield f"u/dx  M=64 K={r}, all {d} columns in one call", [_call(64, d, r, r, d, d)]
     yield f"u/dx  M=64 K={r}, 64-column panels, ldb=64", [
         _call(64, min(64, d - n0), r, r, min(64, d - n0), 64, b_off=n0 * r) for n0 in range(0, d, 64)]
     yield f"dW    M={r} K=256, 256 columns per call, ldb={d}", [
