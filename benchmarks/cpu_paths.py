@@ -6,8 +6,14 @@ backward times at the given shape. Paths: ``default`` (what runs for the dtype h
 ``brgemm-off`` (ADAPTERFAST_CPU_BRGEMM=0), ``fp32-brgemm`` (ADAPTERFAST_CPU_FP32_BRGEMM=1),
 ``no-amx`` (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), ``fp16-native`` / ``fp16-bf16x3``
 (ADAPTERFAST_CPU_FP16: float16 on oneDNN's float16 kernel, or split into three bf16 products),
-``eager`` (the op as PyTorch ops in the same
-dtype, as the eager provider of ``python -m benchmarks``: ``x + up(relu(down(x)))``).
+``eager`` (the op as PyTorch ops in the same dtype, as the eager provider of
+``python -m benchmarks``: ``x + up(relu(down(x)))``). Each row also gives the op's GEMM rate,
+its 12 N d r flops (two GEMMs forward, four backward) over the fwd+bwd time.
+
+``--ceiling`` first prints what oneDNN's own matmul (``torch.matmul``) reaches in the dtype on this
+machine with the same threads and clock, at 2048^3 and at the op's GEMM shapes: the rate the
+op's GEMMs can be held against (on the development VM AMX-BF16 gives a few hundred GFLOP/s per
+core there, not the nominal 1024 flops per cycle).
 
 ``--clock wall`` (default) reports medians of wall time (torch.utils.benchmark). ``--clock
 thread`` reports the least thread CPU time of ``--calls`` calls and needs ``--threads 1`` (the
@@ -78,6 +84,33 @@ print(json.dumps(out))
 """
 
 
+_CEILING = r"""
+import sys, time, torch
+from torch.utils import benchmark
+dtype, threads, clock, calls = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+shapes = [tuple(int(v) for v in s.split(",")) for s in sys.argv[5:]]
+torch.set_num_threads(threads)
+dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+def seconds(f):
+    if clock == "wall":
+        return benchmark.Timer("f()", globals={"f": f}).blocked_autorange(min_run_time=0.5).median
+    f()
+    best = float("inf")
+    for _ in range(calls):
+        start = time.thread_time()
+        f()
+        best = min(best, time.thread_time() - start)
+    return best
+gemms = [(2048, 2048, 2048)]
+for n, d, r in shapes:
+    gemms += [(n, r, d), (n, d, r), (r, d, n)]
+for m, nn, k in dict.fromkeys(gemms):
+    a, b = torch.randn(m, k).to(dt), torch.randn(k, nn).to(dt)
+    t = seconds(lambda: torch.matmul(a, b))
+    print(f"torch.matmul {dtype} [{m}, {k}] x [{k}, {nn}]: {2 * m * nn * k / t / 1e9:7.1f} GFLOP/s", flush=True)
+"""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -88,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", default="wall", choices=("wall", "thread"),
                         help="wall: median wall time; thread: least thread CPU time (needs --threads 1)")
     parser.add_argument("--calls", type=int, default=5, help="calls per measurement with --clock thread")
+    parser.add_argument("--ceiling", action="store_true", help="first print torch.matmul's rate in the dtype")
     args = parser.parse_args(argv)
     if args.clock == "thread" and args.threads != 1:
         parser.error("--clock thread measures the calling thread only: use it with --threads 1")
@@ -97,6 +131,10 @@ def main(argv=None) -> int:
         parser.error(f"unknown paths {unknown}; choose from {', '.join(PATHS)}")
     print(f"{machine.cpu_name()}, flags {' '.join(machine.cpu_flags())}, {args.threads} threads, {args.dtype}, "
           f"{'least thread CPU time of %d calls' % args.calls if args.clock == 'thread' else 'median wall time'}")
+    if args.ceiling:
+        done = subprocess.run([sys.executable, "-c", _CEILING, args.dtype, str(args.threads), args.clock, str(args.calls),
+                               *args.shapes], capture_output=True, text=True, check=True)
+        print(done.stdout, end="")
     for shape in args.shapes:
         n, d, r = (int(v) for v in shape.split(","))
         for repeat in range(args.repeats):
@@ -107,7 +145,8 @@ def main(argv=None) -> int:
                                       env=env, capture_output=True, text=True, check=True)
                 row = json.loads(done.stdout.strip().splitlines()[-1])
                 print(f"N={n} d={d} r={r} {path:12s} {row['kernel']:14s} fwd {row['fwd_ms']:8.2f} ms  "
-                      f"bwd {row['bwd_ms']:8.2f} ms  fwd+bwd {row['fwd_ms'] + row['bwd_ms']:8.2f} ms")
+                      f"bwd {row['bwd_ms']:8.2f} ms  fwd+bwd {row['fwd_ms'] + row['bwd_ms']:8.2f} ms  "
+                      f"GEMMs {12 * n * d * r / (row['fwd_ms'] + row['bwd_ms']) / 1e6:6.1f} GFLOP/s")
     return 0
 
 
