@@ -92,17 +92,20 @@ inline std::vector<c10::BFloat16> pack_b_split(BrgemmLayout layout, int64_t K, i
 
 // dst = rows [0, m) of src (leading dimension ld_src, width N) as a B operand with ldb = N and
 // m rounded up to even with a zero row: interleaved pairs of rows (VNNI, built as 32-bit words
-// so that the loop vectorises) or a plain copy.
+// so that the loop vectorises) or a plain copy. With `rows`, row i is src's row rows[i] (the
+// grouped op's rows, scattered over an [N, d] tensor).
 template <typename T>
-void rows_as_b(BrgemmLayout layout, int64_t m, int64_t N, const T* src, int64_t ld_src, T* dst) {
+void rows_as_b(BrgemmLayout layout, int64_t m, int64_t N, const T* src, int64_t ld_src, T* dst,
+               const int64_t* rows = nullptr) {
   const int64_t m_even = m + (m & 1);
+  auto row = [&](int64_t i) { return src + (rows == nullptr ? i : rows[i]) * ld_src; };
   if constexpr (sizeof(T) == 2) {
     if (layout == BrgemmLayout::vnni) {
       for (int64_t i = 0; i < m_even; i += 2) {
-        const uint16_t* __restrict r0 = reinterpret_cast<const uint16_t*>(src + i * ld_src);
+        const uint16_t* __restrict r0 = reinterpret_cast<const uint16_t*>(row(i));
         uint32_t* __restrict out = reinterpret_cast<uint32_t*>(dst + i * N);
         if (i + 1 < m) {
-          const uint16_t* __restrict r1 = reinterpret_cast<const uint16_t*>(src + (i + 1) * ld_src);
+          const uint16_t* __restrict r1 = reinterpret_cast<const uint16_t*>(row(i + 1));
           for (int64_t n = 0; n < N; ++n) out[n] = uint32_t(r0[n]) | (uint32_t(r1[n]) << 16);
         } else {
           for (int64_t n = 0; n < N; ++n) out[n] = r0[n];
@@ -111,7 +114,7 @@ void rows_as_b(BrgemmLayout layout, int64_t m, int64_t N, const T* src, int64_t 
       return;
     }
   }
-  for (int64_t i = 0; i < m; ++i) std::copy(src + i * ld_src, src + i * ld_src + N, dst + i * N);
+  for (int64_t i = 0; i < m; ++i) std::copy(row(i), row(i) + N, dst + i * N);
   if (m_even != m) std::fill(dst + m * N, dst + m_even * N, T(0.0f));
 }
 

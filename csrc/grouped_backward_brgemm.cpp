@@ -1,11 +1,12 @@
 // The grouped backward for 16-bit inputs on brgemm (grouped_backward.h). Per block of one
 // adapter's rows, as the single-adapter op's 16-bit driver (adapter_brgemm.cpp) does on
-// contiguous rows:
-//   g rows gathered; gz = round(g * keep * s) (db_up sums it unrounded);
+// contiguous rows, reading the block's g and x rows where they lie through its row list (no
+// gather into scratch; each row's successor in the next block is prefetched into L2):
+//   gz = round(g * keep * s) (db_up sums it unrounded);
 //   da = gz Wu (brgemm, K = d);  dh = da act'(h) (db_down sums it);  a = act(h);
 //   dx = dh Wd (brgemm, K = r) + g, finished straight into its rows of dx (the epilogue's row list);
 //   and per run of up to kSumRows rows of the group, dw_up^T += a^T gz and dw_down += dh^T x
-//   (brgemm, K = the run's rows, the gz and gathered x rows repacked in brgemm's B layout).
+//   (brgemm, K = the run's rows, the gz rows and x's listed rows repacked in brgemm's B layout).
 // Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
 #include <vector>
 
@@ -40,6 +41,10 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
   const T* w_up_b = packed_operand<T>(layout, op.w_up, /*transpose=*/false, used, 0);      // [A][dp, r]
   const T* w_down_b = packed_operand<T>(layout, op.w_down, /*transpose=*/false, used, 1);  // [A][rp, d]
   const float* h_data = op.h.data_ptr<float>();
+  const T* g_data = op.grad_y.data_ptr<T>();  // contiguous
+  const at::Tensor x = with_unit_column_stride(op.x);
+  const T* x_data = x.data_ptr<T>();
+  const int64_t ld_x = x.stride(0);
   T* dx_data = dx.data_ptr<T>();
   const int64_t sorted_end = seg.offsets.back();
   const bool dropout = op.dropout_p > 0.0;
@@ -51,9 +56,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
   epilogue.out = dx_data;
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
-    std::vector<T> gb(kBlockRows * d);
     std::vector<T> gz(kBlockRows * dp, T(0.0f));
-    std::vector<T> xb(kBlockRows * dp, T(0.0f));
     std::vector<T> gz_b(kSumRows * d);  // a run's gz rows as a B operand
     std::vector<T> x_b(kSumRows * d);   // a run's x rows as a B operand
     std::vector<T> a_t(r * kSumRows);   // [r, kSumRows]: a^T of the run
@@ -80,14 +83,16 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
         const int64_t* rows = seg.order.data() + block.begin;
         const int64_t ahead = sorted_end - block.begin;
 
-        gather_rows<T, T>(op.grad_y, rows, m, ahead, gb.data(), d);
         for (int64_t i = 0; i < m; ++i) {
+          if (i + kPrefetchAhead < ahead) {
+            prefetch_bytes(reinterpret_cast<const char*>(g_data + rows[i + kPrefetchAhead] * d), d * sizeof(T));
+          }
           const uint8_t* __restrict kp = nullptr;
           if (dropout) {
             kernels.dropout_keep(op.seed, threshold, rows[i], 1, d, keep.data(), ld_keep);
             kp = keep.data();
           }
-          const T* __restrict g = gb.data() + i * d;
+          const T* __restrict g = g_data + rows[i] * d;
           T* __restrict out = gz.data() + i * dp;
           float* __restrict sum = sums.db_up;
           for (int64_t k = 0; k < d; ++k) {
@@ -120,13 +125,16 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
           }
         });
 
-        e.res = op.residual_is_x ? gb.data() : nullptr;
+        e.res = op.residual_is_x ? g_data : nullptr;
+        e.res_rows = rows;
         e.out_rows = rows;
         finish_by_columns<T>(layout, m, rp, d, dh.data(), rp, w_down, chunk.data(), e);
 
         rows_as_b<T>(layout, m, d, gz.data(), dp, gz_b.data() + run * d);
-        gather_rows<T, T>(op.x, rows, m, ahead, xb.data(), dp);
-        rows_as_b<T>(layout, m, d, xb.data(), dp, x_b.data() + run * d);
+        for (int64_t i = 0; i < m && i + kPrefetchAhead < ahead; ++i) {
+          prefetch_bytes(reinterpret_cast<const char*>(x_data + rows[i + kPrefetchAhead] * ld_x), d * sizeof(T));
+        }
+        rows_as_b<T>(layout, m, d, x_data, ld_x, x_b.data() + run * d, rows);
         run += mp;
         if (run == kSumRows || bi + 1 == group.blocks.size()) {
           accumulate_by_columns<T>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), sums.dw_up_t);

@@ -38,11 +38,12 @@ def test_width_past_one_k_chunk():
         run_case("cpu", dtype, n, d, r, adapters, index, residual=False, p=0.1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["row_stride", "column_stride"])
 def test_strided_x(dtype, layout):
     """x a view: rows d + 9 apart (read in place with that stride, residual too), or columns not
-    contiguous (gathered); forward and x's gradient against the float64 loop."""
+    contiguous (gathered; bf16: made unit-stride once); forward and the gradients of x and both
+    weights against the float64 loop. bf16 on brgemm repacks the listed x rows for dw_down."""
     n, d, r, adapters = 150, 40, 6, 3
     if layout == "row_stride":
         x = torch.randn(n, d + 9, dtype=dtype)[:, 4:4 + d]
@@ -54,15 +55,16 @@ def test_strided_x(dtype, layout):
     bu = torch.randn(adapters, d, dtype=dtype) * 0.1
     index = torch.randint(-1, adapters, (n,))
     scales = [0.5, 1.0, 2.0]
-    xg = x.detach().requires_grad_()
+    xg, wdg, wug = (t.detach().requires_grad_() for t in (x, wd, wu))
     with use_backend("cpu"):
-        y = grouped_adapter(xg, index, wd, wu, bd, bu, activation="gelu", scale=scales)
+        y = grouped_adapter(xg, index, wdg, wug, bd, bu, activation="gelu", scale=scales)
     want, leaves = loop_oracle(x, index, wd, wu, bd, bu, None, scales, "gelu", 0.0, None)
     grad = torch.randn(n, d, dtype=dtype)
     y.backward(grad)
     want.backward(grad.double())
     assert rel_err(y, want) < TOL[dtype]
-    assert rel_err(xg.grad, leaves[0].grad) < 4 * TOL[dtype]
+    for got, leaf in zip((xg, wdg, wug), leaves):
+        assert rel_err(got.grad, leaf.grad) < 4 * TOL[dtype]
 
 
 _PORTABLE_CHECK = """
