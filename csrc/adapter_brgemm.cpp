@@ -100,22 +100,6 @@ void product_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, co
   }
 }
 
-// sum[k] += float(g[k]) for k < d. c10::Half's conversion is scalar bit manipulation (column sums
-// of 8M fp16 values took ~15 ms of one core here); with F16C, 8 at a time (exact: the same sums).
-template <typename T>
-void add_to_sums(const T* __restrict g, float* __restrict sum, int64_t d) {
-  int64_t k = 0;
-#if defined(__F16C__) && defined(__AVX__)
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    for (; k + 8 <= d; k += 8) {
-      const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + k)));
-      _mm256_storeu_ps(sum + k, _mm256_add_ps(_mm256_loadu_ps(sum + k), v));
-    }
-  }
-#endif
-  for (; k < d; ++k) sum[k] += static_cast<float>(g[k]);
-}
-
 // An [rows, d] fp32 matrix stored as consecutive [rows, nc] blocks, one per chunk of kOutCols
 // columns (the last chunk narrower): the C operand of the weight-gradient products.
 struct ColumnBlocked {

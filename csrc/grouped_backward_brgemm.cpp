@@ -2,8 +2,9 @@
 // adapter's rows, as the single-adapter op's 16-bit driver (adapter_brgemm.cpp) does on
 // contiguous rows, reading the block's g and x rows where they lie through its row list (no
 // gather into scratch; each row's successor in the next block is prefetched into L2):
-//   gz = round(g * keep * s) (db_up sums it unrounded);
-//   da = gz Wu (brgemm, K = d);  dh = da act'(h) (db_down sums it);  a = act(h);
+//   gz = round(g * keep * s) with dropout (db_up sums it unrounded), else gz = g, with s folded
+//   into dh and applied to the group's dw_up and db_up once at its end (as the single-adapter op);
+//   da = gz Wu (brgemm, K = d);  dh = s' da act'(h) (db_down sums it);  a = act(h);
 //   dx = dh Wd (brgemm, K = r) + g, finished straight into its rows of dx (the epilogue's row list);
 //   and per run of up to kSumRows rows of the group, dw_up^T += a^T gz and dw_down += dh^T x
 //   (brgemm, K = the run's rows, the gz rows and x's listed rows repacked in brgemm's B layout).
@@ -70,6 +71,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
       const Group& group = groups[gi];
       const int64_t adapter = group.adapter;
       const float factor = static_cast<float>(op.scales[adapter]);
+      const float fold = dropout ? 1.0f : factor;
       float* row = partials.data_ptr<float>() + gi * partials.size(1);
       std::fill(row, row + partials.size(1), 0.0f);
       const Partials<float> sums(row, op.dims);
@@ -95,6 +97,11 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
           const T* __restrict g = g_data + rows[i] * d;
           T* __restrict out = gz.data() + i * dp;
           float* __restrict sum = sums.db_up;
+          if (!dropout) {
+            std::copy(g, g + d, out);
+            add_to_sums(g, sum, d);
+            continue;
+          }
           for (int64_t k = 0; k < d; ++k) {
             const float v = static_cast<float>(g[k]) * (kp == nullptr || kp[k] ? factor : 0.0f);
             sum[k] += v;
@@ -113,7 +120,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
               T dh_value(0.0f);
               T a_value(0.0f);
               if (i < m) {
-                const float v = backprop(f, hb[j], da[i * r + j]);
+                const float v = fold * backprop(f, hb[j], da[i * r + j]);
                 sums.db_down[j] += v;
                 dh_value = static_cast<T>(v);
                 a_value = static_cast<T>(f.value(hb[j]));
@@ -141,6 +148,10 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
           accumulate_by_columns<T>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), sums.dw_down);
           run = 0;
         }
+      }
+      if (fold != 1.0f) {
+        for (int64_t k = 0; k < r * d; ++k) sums.dw_up_t[k] *= fold;
+        for (int64_t k = 0; k < d; ++k) sums.db_up[k] *= fold;
       }
     }
     store_fence();
