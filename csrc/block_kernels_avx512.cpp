@@ -13,61 +13,18 @@
 namespace adapterfast::cpu::avx512 {
 namespace {
 
-// Rows of B (columns of A) that project_in contracts per pass over the block: a [1024, 64] slice
-// of B (256 KiB) stays in L2 while every row tile of the block streams past it.
-constexpr int64_t kInChunk = 1024;
-
-// Products project_in sums in registers before adding them to C: K is summed blockwise, so the
-// rounding error grows with kSumRun + K / kSumRun rather than with K (a plain running sum over
-// d = 777 products gave 20x eager's error in an ill-conditioned row). The extra load, add and
-// store of the tile per run cost ~3% at kSumRun = 64.
-constexpr int64_t kSumRun = 64;
-
-// C[0:mi, cols] (+)= A[0:mi, 0:K] B[0:K, cols] for one tile: per k, kVecs vectors of B's row k
-// and one broadcast per row of A.
-template <bool kFull, int kRows, int kVecs>
-void project_in_tile(int64_t mi, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                     const TileColumns<kVecs>& cols, float* C, int64_t ldc, bool accumulate) {
-  for (int64_t s0 = 0; s0 < K; s0 += kSumRun) {
-    const float* a[kRows];
-    for (int t = 0; t < kRows; ++t) a[t] = A + min64(t, mi - 1) * lda + s0;
-    Tile<kRows, kVecs> tile;
-    for (auto& row : tile.acc) {
-      for (auto& v : row) v = _mm512_setzero_ps();
-    }
-    // A's rows are read once, mostly from memory (x in the forward): request each row's next run
-    // (4 lines) while this one is summed, which the hardware prefetcher does not do for kRows
-    // interleaved streams (~15% at N = 4096, d = 768).
-    if (s0 + kSumRun < K) {
-      for (int t = 0; t < kRows; ++t) {
-        const char* next = reinterpret_cast<const char*>(a[t] + kSumRun);
-        for (int line = 0; line < 4; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T0);
-      }
-    }
-    rank_update<kFull, false>(min64(kSumRun, K - s0), a, 1, B + s0 * ldb, ldb, cols.m, tile);
-    const bool add = accumulate || s0 > 0;
-#pragma GCC unroll 16
-    for (int t = 0; t < kRows; ++t) {
-      if (t >= mi) break;
-      float* c = C + t * ldc;
-      for (int v = 0; v < kVecs; ++v) {
-        const __m512 sum = add ? _mm512_add_ps(load(c + v * kLanes, cols.m[v]), tile.acc[t][v]) : tile.acc[t][v];
-        store(c + v * kLanes, sum, cols.m[v]);
-      }
-    }
-  }
-}
-
 template <int kRows, int kVecs>
 void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const float* A, int64_t lda,
                       const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   const TileColumns<kVecs> cols(N, n0);
   for (int64_t i0 = 0; i0 < M; i0 += kRows) {
     const int64_t mi = min64(kRows, M - i0);
+    const float* x[kRows];
+    for (int t = 0; t < kRows; ++t) x[t] = A + (i0 + min64(t, mi - 1)) * lda;
     if (cols.full) {
-      project_in_tile<true, kRows>(mi, K, A + i0 * lda, lda, B + n0, ldb, cols, C + i0 * ldc + n0, ldc, accumulate);
+      project_in_tile<true, kRows>(mi, K, x, nullptr, B + n0, ldb, cols, C + i0 * ldc + n0, ldc, accumulate);
     } else {
-      project_in_tile<false, kRows>(mi, K, A + i0 * lda, lda, B + n0, ldb, cols, C + i0 * ldc + n0, ldc, accumulate);
+      project_in_tile<false, kRows>(mi, K, x, nullptr, B + n0, ldb, cols, C + i0 * ldc + n0, ldc, accumulate);
     }
   }
 }

@@ -173,6 +173,64 @@ ALWAYS_INLINE void rank_update(const TileColumns<kVecs>& cols, int64_t S, const 
   }
 }
 
+// Rows of B (columns of A) that project_in contracts per pass over the block: a [1024, 64] slice
+// of B (256 KiB) stays in L2 while every row tile of the block streams past it.
+constexpr int64_t kInChunk = 1024;
+
+// Products project_in sums in registers before adding them to C: K is summed blockwise, so the
+// rounding error grows with kSumRun + K / kSumRun rather than with K (a plain running sum over
+// d = 777 products gave 20x eager's error in an ill-conditioned row). The extra load, add and
+// store of the tile per run cost ~3% at kSumRun = 64.
+constexpr int64_t kSumRun = 64;
+
+// Lines of a run of kSumRun floats.
+constexpr int kRunLines = kSumRun * 4 / 64;
+
+// C[0:mi, cols] (+)= x[t][0:K] B[0:K, cols] for one tile of project_in (block_kernels_avx512.cpp)
+// or of the grouped op's project_in_rows, x[t] the start of the tile's row t: per k, kVecs vectors
+// of B's row k and one broadcast per row. A's rows are read once, mostly from memory (x in the
+// forward), so each row's next run (kRunLines lines) is requested while this one is summed, which
+// the hardware prefetcher does not do for kRows interleaved streams (~15% at N = 4096, d = 768).
+// With `next` (the grouped op's rows in a random order, each starting with a full memory latency),
+// the same run of the next tile's rows is requested into L2 as well, a whole tile of FMAs ahead.
+template <bool kFull, int kRows, int kVecs>
+void project_in_tile(int64_t mi, int64_t K, const float* const (&x)[kRows], const float* const* next, const float* B,
+                     int64_t ldb, const TileColumns<kVecs>& cols, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t s0 = 0; s0 < K; s0 += kSumRun) {
+    const float* a[kRows];
+    for (int t = 0; t < kRows; ++t) a[t] = x[t] + s0;
+    Tile<kRows, kVecs> tile;
+    for (auto& row : tile.acc) {
+      for (auto& v : row) v = _mm512_setzero_ps();
+    }
+    if (s0 + kSumRun < K) {
+      for (int t = 0; t < kRows; ++t) {
+        const char* run = reinterpret_cast<const char*>(a[t] + kSumRun);
+        for (int line = 0; line < kRunLines; ++line) _mm_prefetch(run + 64 * line, _MM_HINT_T0);
+      }
+    }
+    if (next != nullptr) {
+      for (int t = 0; t < kRows; ++t) {
+        if (next[t] == nullptr) break;
+        const char* run = reinterpret_cast<const char*>(next[t] + s0);
+        const int lines = static_cast<int>(min64(kRunLines, ((K - s0) * 4 + 63) / 64));
+        for (int line = 0; line < lines; ++line) _mm_prefetch(run + 64 * line, _MM_HINT_T1);
+      }
+    }
+    rank_update<kFull, false>(min64(kSumRun, K - s0), a, 1, B + s0 * ldb, ldb, cols.m, tile);
+    const bool add = accumulate || s0 > 0;
+#pragma GCC unroll 16
+    for (int t = 0; t < kRows; ++t) {
+      if (t >= mi) break;
+      float* c = C + t * ldc;
+      for (int v = 0; v < kVecs; ++v) {
+        const __m512 sum = add ? _mm512_add_ps(load(c + v * kLanes, cols.m[v]), tile.acc[t][v]) : tile.acc[t][v];
+        store(c + v * kLanes, sum, cols.m[v]);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace adapterfast::cpu::avx512
 

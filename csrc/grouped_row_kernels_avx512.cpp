@@ -14,55 +14,6 @@
 namespace adapterfast::cpu::avx512 {
 namespace {
 
-// As in block_kernels_avx512.cpp: K is contracted in chunks of kInChunk rows of B (a slice that
-// stays in L2 while the block's row tiles pass), and summed in runs of kSumRun products.
-constexpr int64_t kInChunk = 1024;
-constexpr int64_t kSumRun = 64;
-
-// Lines of a run of kSumRun floats.
-constexpr int kRunLines = kSumRun * 4 / 64;
-
-// C[0:mi, cols] (+)= x[0:mi][0:K] B[0:K, cols] for one tile, x[t] the start of row t of the tile.
-// Per run of kSumRun columns, each row's next run is requested into L1 (as project_in does) and,
-// where `next` is set, the same run of the next tile's rows into L2: a row of a random order
-// starts with a full memory latency that nothing else hides, and one tile ahead its lines have a
-// whole tile of FMAs to arrive in.
-template <bool kFull, int kRows, int kVecs>
-void tile_rows(int64_t mi, int64_t K, const float* const (&x)[kRows], const float* const (&next)[kRows],
-               const float* B, int64_t ldb, const TileColumns<kVecs>& cols, float* C, int64_t ldc, bool accumulate) {
-  for (int64_t s0 = 0; s0 < K; s0 += kSumRun) {
-    const float* a[kRows];
-    for (int t = 0; t < kRows; ++t) a[t] = x[t] + s0;
-    Tile<kRows, kVecs> tile;
-    for (auto& row : tile.acc) {
-      for (auto& v : row) v = _mm512_setzero_ps();
-    }
-    if (s0 + kSumRun < K) {
-      for (int t = 0; t < kRows; ++t) {
-        const char* run = reinterpret_cast<const char*>(a[t] + kSumRun);
-        for (int line = 0; line < kRunLines; ++line) _mm_prefetch(run + 64 * line, _MM_HINT_T0);
-      }
-    }
-    for (int t = 0; t < kRows; ++t) {
-      if (next[t] == nullptr) break;
-      const char* run = reinterpret_cast<const char*>(next[t] + s0);
-      const int lines = static_cast<int>(min64(kRunLines, ((K - s0) * 4 + 63) / 64));
-      for (int line = 0; line < lines; ++line) _mm_prefetch(run + 64 * line, _MM_HINT_T1);
-    }
-    rank_update<kFull, false>(min64(kSumRun, K - s0), a, 1, B + s0 * ldb, ldb, cols.m, tile);
-    const bool add = accumulate || s0 > 0;
-#pragma GCC unroll 16
-    for (int t = 0; t < kRows; ++t) {
-      if (t >= mi) break;
-      float* c = C + t * ldc;
-      for (int v = 0; v < kVecs; ++v) {
-        const __m512 sum = add ? _mm512_add_ps(load(c + v * kLanes, cols.m[v]), tile.acc[t][v]) : tile.acc[t][v];
-        store(c + v * kLanes, sum, cols.m[v]);
-      }
-    }
-  }
-}
-
 // Rows [i0, M) of the list in tiles of kRows, columns [n0, n0 + kVecs * 16) of C; x[rows[i]] + k0
 // is row i's part of this K chunk. Rows up to `ahead` entries of the list are prefetched one tile
 // ahead when `prefetch` (the first column tile: later ones find the rows in cache).
@@ -82,9 +33,9 @@ void tiles_rows(int64_t i_begin, int64_t M, int64_t N, int64_t n0, int64_t K, co
     }
     float* c = C + (i0 - i_begin) * ldc + n0;
     if (cols.full) {
-      tile_rows<true, kRows>(mi, K, x, next, B + n0, ldb, cols, c, ldc, accumulate);
+      project_in_tile<true, kRows>(mi, K, x, next, B + n0, ldb, cols, c, ldc, accumulate);
     } else {
-      tile_rows<false, kRows>(mi, K, x, next, B + n0, ldb, cols, c, ldc, accumulate);
+      project_in_tile<false, kRows>(mi, K, x, next, B + n0, ldb, cols, c, ldc, accumulate);
     }
   }
 }
