@@ -173,6 +173,22 @@ ALWAYS_INLINE void rank_update(const TileColumns<kVecs>& cols, int64_t S, const 
   }
 }
 
+// C[t][0:kVecs * 16] += tile.acc[t] for the tile's first `rows` rows, C's rows ldc apart, masked to
+// the tile's columns (accumulate_outer's store of its [r, K] tiles). Unrolled, so that the
+// accumulators are only indexed by constants and stay in registers.
+template <int kRows, int kVecs>
+ALWAYS_INLINE void add_tile(const Tile<kRows, kVecs>& tile, const TileColumns<kVecs>& cols, int64_t rows, float* C,
+                            int64_t ldc) {
+#pragma GCC unroll 16
+  for (int t = 0; t < kRows; ++t) {
+    if (t >= rows) break;
+    float* c = C + t * ldc;
+    for (int v = 0; v < kVecs; ++v) {
+      if (cols.m[v] != 0) store(c + v * kLanes, _mm512_add_ps(load(c + v * kLanes, cols.m[v]), tile.acc[t][v]), cols.m[v]);
+    }
+  }
+}
+
 // Rows of B (columns of A) that project_in contracts per pass over the block: a [1024, 64] slice
 // of B (256 KiB) stays in L2 while every row tile of the block streams past it.
 constexpr int64_t kInChunk = 1024;

@@ -1,9 +1,8 @@
-// Portable row kernels (contract in grouped_row_kernels.h): the loops of the portable block
-// kernels (block_kernels_generic.cpp) with the wide operand read through a row list, for float64
-// and for float where the AVX-512 kernels do not run; and the choice of table.
+// Portable row kernels (contract in grouped_row_kernels.h): the portable block kernels
+// (block_kernels_generic.cpp) called per listed row, for float64 and for float where the AVX-512
+// kernels do not run; and the choice of table.
 #include "grouped_row_kernels.h"
 
-#include <algorithm>
 #include <cstring>
 
 #include "block_kernels.h"
@@ -11,32 +10,21 @@
 namespace adapterfast::cpu::grouped {
 namespace {
 
+// The portable kernels one row of the list at a time: their rows are independent in project_in
+// and summed in row order in accumulate_outer, so the bits are those of one call on the gathered
+// rows.
 template <typename acc_t>
 void project_in_rows(int64_t M, int64_t N, int64_t K, const acc_t* X, int64_t ldx, const int64_t* rows, int64_t,
                      const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc) {
-  for (int64_t i = 0; i < M; ++i) {
-    const acc_t* x = X + rows[i] * ldx;
-    acc_t* c = C + i * ldc;
-    std::fill(c, c + N, acc_t(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t a = x[k];
-      const acc_t* b = B + k * ldb;
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-    }
-  }
+  const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
+  for (int64_t i = 0; i < M; ++i) kernels.project_in(1, N, K, X + rows[i] * ldx, ldx, B, ldb, C + i * ldc, ldc);
 }
 
 template <typename acc_t>
 void accumulate_outer_rows(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* X, int64_t ldx,
                            const int64_t* rows, int64_t, acc_t* C, int64_t ldc) {
-  for (int64_t i = 0; i < M; ++i) {
-    const acc_t* b = X + rows[i] * ldx;
-    for (int64_t j = 0; j < N; ++j) {
-      const acc_t a = A[i * lda + j];
-      acc_t* c = C + j * ldc;
-      for (int64_t k = 0; k < K; ++k) c[k] += a * b[k];
-    }
-  }
+  const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
+  for (int64_t i = 0; i < M; ++i) kernels.accumulate_outer(1, N, K, A + i * lda, lda, X + rows[i] * ldx, ldx, C, ldc);
 }
 
 template <typename acc_t>

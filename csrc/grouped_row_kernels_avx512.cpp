@@ -125,14 +125,7 @@ void accumulate_outer_rows(int64_t M, int64_t N, int64_t K, const float* A, int6
       } else {
         rank_update_rows<true, false>(M, a, lda, X, ldx, rows, k0, cols.m, tile);
       }
-#pragma GCC unroll 8
-      for (int t = 0; t < 8; ++t) {
-        if (t >= nj) break;
-        float* c = C + (j0 + t) * ldc + k0;
-        for (int v = 0; v < 3; ++v) {
-          if (cols.m[v] != 0) store(c + v * kLanes, _mm512_add_ps(load(c + v * kLanes, cols.m[v]), tile.acc[t][v]), cols.m[v]);
-        }
-      }
+      add_tile(tile, cols, nj, C + j0 * ldc + k0, ldc);
     }
   }
 }
