@@ -40,18 +40,23 @@ ALWAYS_INLINE void finish_row(const OutputEpilogue<float>& e, int64_t row, int64
 }
 
 // 6 x 4 tiles over the [M, K] output, each finished by the epilogue straight from the registers.
-// Row tiles outer, columns inner: each tile's six rows of residual and output are walked left to
-// right, six sequential streams the hardware prefetchers follow, where column slices outer (B's
-// [r, 64] slice kept in L1) walked them in 256-byte pieces 6 rows apart, every piece a miss of its
+// Rows in groups of kGroupTiles tiles, each group walked left to right by column slices, the
+// group's tiles one after the other per slice: its rows of residual and output are walked left to
+// right, 24 sequential streams the hardware prefetchers follow, where column slices outer over
+// the whole block (64 rows) walked them in 256-byte pieces 6 rows apart, every piece a miss of its
 // own; the output (dx in the backward, y in the forward) is rarely in cache, and that order made
 // the backward's project_out ~2.6x project_in's time for the same FLOPs (perf, N = 1024, d = 768,
-// r = 16). B ([r, K], 48 KiB at r = 16, d = 768) is now read from L1/L2 once per row tile.
+// r = 16). B's [r, 64] slice (4 KiB at r = 16), rows ldb apart, comes from L2 for the group's
+// first tile and from L1 for the others: with one tile per group (B, 48 KiB at d = 768, read
+// from L2 once per row tile) the loop waited on those strided loads, 55 GFLOP/s in cache against
+// project_in's 90 at N = 64, d = 768, r = 16 (a project_out microbenchmark, 1 thread).
 // (At r = 16 a 4 x 4 tile, and accumulators started at the bias, measured no faster.)
 template <typename ResTag, typename OutTag>
 void project_out_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                        int64_t ldb, const OutputEpilogue<float>& e) {
   using Out = typename Storage<OutTag>::type;
   constexpr int kRows = 6;
+  constexpr int64_t kGroupRows = 4 * kRows;
   using T = Tile<kRows, 4>;
   // Streaming writes whole cache lines only: every row must start on a line (a full tile is
   // 4 lines of float or 2 of bf16).
@@ -59,25 +64,28 @@ void project_out_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
   const bool stream = e.stream_out && reinterpret_cast<uintptr_t>(e.out) % kLine == 0 &&
                       (e.ld_out * static_cast<int64_t>(sizeof(Out))) % kLine == 0;
   const __m512 scale = _mm512_set1_ps(e.scale);
-  for (int64_t i0 = 0; i0 < M; i0 += kRows) {
-    const int64_t mi = min64(kRows, M - i0);
-    const float* a[kRows];
-    for (int t = 0; t < kRows; ++t) a[t] = A + (i0 + min64(t, mi - 1)) * lda;
+  for (int64_t g0 = 0; g0 < M; g0 += kGroupRows) {
+    const int64_t group_end = min64(M, g0 + kGroupRows);
     for (int64_t k0 = 0; k0 < K; k0 += T::kCols) {
       const TileColumns<4> cols(K, k0);
       __m512 bias[4];
       for (int v = 0; v < 4; ++v) {
         bias[v] = e.bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(cols.m[v], e.bias + k0 + v * kLanes);
       }
-      T tile;
-      rank_update(cols, N, a, 1, B + k0, ldb, /*prefetch_next=*/false, tile);
+      for (int64_t i0 = g0; i0 < group_end; i0 += kRows) {
+        const int64_t mi = min64(kRows, M - i0);
+        const float* a[kRows];
+        for (int t = 0; t < kRows; ++t) a[t] = A + (i0 + min64(t, mi - 1)) * lda;
+        T tile;
+        rank_update(cols, N, a, 1, B + k0, ldb, /*prefetch_next=*/false, tile);
 #pragma GCC unroll 6
-      for (int t = 0; t < kRows; ++t) {
-        if (t >= mi) break;
-        if (stream && cols.full) {
-          finish_row<ResTag, Out, true>(e, i0 + t, k0, cols, tile.acc[t], bias, scale);
-        } else {
-          finish_row<ResTag, Out, false>(e, i0 + t, k0, cols, tile.acc[t], bias, scale);
+        for (int t = 0; t < kRows; ++t) {
+          if (t >= mi) break;
+          if (stream && cols.full) {
+            finish_row<ResTag, Out, true>(e, i0 + t, k0, cols, tile.acc[t], bias, scale);
+          } else {
+            finish_row<ResTag, Out, false>(e, i0 + t, k0, cols, tile.acc[t], bias, scale);
+          }
         }
       }
     }
