@@ -5,9 +5,12 @@
 //             end) or round(g * keep * s);  da = gz Wu (brgemm, K = d);  dh = s' da act'(h);
 //             dx = dh Wd (brgemm, K = r) + g;  and per run of up to kSumRows rows (consecutive
 //             blocks of one reduction group) dw_up^T += a^T gz and dw_down += dh^T x (brgemm,
-//             K = the run's rows, gz and x rows repacked in brgemm's B layout). Summing 256 rows
-//             per call rather than 64 cuts the [r, d] fp32 partials' trips through L2 (read and
-//             written per call) 4x: at r = 64 they otherwise outweigh the block's own data.
+//             K = the run's rows, gz and x rows repacked in brgemm's B layout). Summing 128 rows
+//             per call rather than 64 halves the [r, d] fp32 partials' trips through L2 (read and
+//             written per call); more rows overflow L2 with the repacked panels (kSumRows).
+//             While a block's dx (backward) or u (forward) products run, the next block's input
+//             rows are prefetched into L2 (prefetch_rows), so that their reads overlap the
+//             matrix unit's work.
 //             The group's weight-gradient sums live in a thread-local buffer blocked by column
 //             chunk (ColumnBlocked), so brgemm's C rows are kOutCols floats apart rather than d
 //             (d = 1024 put every C tile row on one 4 KiB-aliased cache set: the dW products ran
@@ -49,10 +52,12 @@ using at::native::cpublas::brgemm_release;
 constexpr int64_t kOutCols = 256;
 // Rows per weight-gradient brgemm call (a multiple of kBlockRows). 128 rather than 256: the run's
 // repacked gz and x panels (2 x 128 x d bf16: 512 KiB at d = 1024) then stay in a 2 MiB L2 next to
-// the [r, d] fp32 sums (512 KiB at r = 64) and the packed weights. Measured with the least thread
-// time of a 1-thread backward (Intel Xeon with AMX-BF16, loaded 2-core VM, medians of 4-5
-// alternating runs): d=1024 r=64 19.1 ms (128) vs 20.8 ms (256); d=4096 r=16 61 vs 68 ms (64
-// rows: 64 ms); d=768 r=64 within noise.
+// the [r, d] fp32 sums (512 KiB at r = 64) and the packed weights. Measured once, with the row
+// count and the prefetch behind a temporary environment switch, on a scratch loop of 1-thread
+// backward calls (least thread time; Intel Xeon with AMX-BF16, 2-core VM at load average 4-6,
+// medians of 4-5 alternating processes): d=1024 r=64 19.1 ms (128 rows, prefetch) vs 20.0 ms
+// (128, none), 20.8 ms (256, prefetch), 21.7 ms (256, none: the code before); d=4096 r=16 61 ms
+// (128) vs 68 ms (256) and 64 ms (64 rows); d=768 r=64 within the noise.
 constexpr int64_t kSumRows = 2 * kBlockRows;
 
 // brgemm's 16-bit kernels take B in the layout of brgemm_layout (is_vnni = true); fp32 plain.
