@@ -109,3 +109,61 @@ std::string brgemm_kernel_name(at::ScalarType dtype) {
 }
 
 }  // namespace adapterfast::cpu
+
+#include "block_kernels_avx512_begin.h"
+namespace adapterfast::cpu {
+namespace {
+
+#ifdef ADAPTERFAST_AVX512_KERNELS
+// One 16 x 16 tile, widened to 32-bit lanes: pairs of rows interleaved (32-bit), then pairs of
+// pairs (64-bit), then 128-bit lanes gathered twice, so that register c holds column c.
+ALWAYS_INLINE void transpose_tile16(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * ld_src)));
+  }
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int q = 0; q < 16; q += 4) {
+    r[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]);
+    r[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
+    r[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]);
+    r[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm512_shuffle_i32x4(r[c], r[c + 4], 0x88);
+    t[c + 4] = _mm512_shuffle_i32x4(r[c], r[c + 4], 0xdd);
+    t[c + 8] = _mm512_shuffle_i32x4(r[c + 8], r[c + 12], 0x88);
+    t[c + 12] = _mm512_shuffle_i32x4(r[c + 8], r[c + 12], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i col[4] = {_mm512_shuffle_i32x4(t[c], t[c + 8], 0x88), _mm512_shuffle_i32x4(t[c + 4], t[c + 12], 0x88),
+                            _mm512_shuffle_i32x4(t[c], t[c + 8], 0xdd), _mm512_shuffle_i32x4(t[c + 4], t[c + 12], 0xdd)};
+    for (int l = 0; l < 4; ++l) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (4 * l + c) * ld_dst), _mm512_cvtepi32_epi16(col[l]));
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+void transpose_16bit(int64_t m, int64_t n, const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
+  int64_t m16 = 0, n16 = 0;
+#ifdef ADAPTERFAST_AVX512_KERNELS
+  m16 = m - m % 16;
+  n16 = n - n % 16;
+  for (int64_t i = 0; i < m16; i += 16) {
+    for (int64_t j = 0; j < n16; j += 16) transpose_tile16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    uint16_t* __restrict out = dst + j * ld_dst;
+    for (int64_t i = j < n16 ? m16 : 0; i < m; ++i) out[i] = src[i * ld_src + j];
+  }
+}
+
+}  // namespace adapterfast::cpu
+#include "block_kernels_avx512_end.h"

@@ -96,6 +96,11 @@ inline std::vector<c10::BFloat16> pack_b_split(BrgemmLayout layout, int64_t K, i
   return out;
 }
 
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n (16-bit values): a block's rows of
+// a and dh as columns of the weight-gradient products' A operands, which contract over rows.
+// AVX-512 16 x 16 tiles (only called on the brgemm paths, which need AVX-512), scalar at the edges.
+void transpose_16bit(int64_t m, int64_t n, const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst);
+
 // sum[k] += float(g[k]) for k < d: column sums of 16-bit rows (a bias gradient), used by both
 // 16-bit drivers. c10::Half's conversion is scalar bit manipulation (column sums
 // of 8M fp16 values took ~15 ms of one core here); with F16C, 8 at a time (exact: the same sums).
