@@ -26,8 +26,12 @@ namespace {
 using at::native::cpublas::brgemm;
 using at::native::cpublas::brgemm_release;
 
-// Rows per weight-gradient brgemm call (a multiple of kBlockRows).
+// Rows per weight-gradient brgemm call (a multiple of kBlockRows), and the most a run holds: a
+// group's last, partial block joins the run before it when it fits, instead of being summed
+// alone (with rows randomly spread over 32 adapters, about half of the groups end in a short
+// block; each lone run cost six more brgemm calls and tile reconfigurations).
 constexpr int64_t kSumRows = 4 * kBlockRows;
+constexpr int64_t kRunRows = kSumRows + kBlockRows;
 
 }  // namespace
 
@@ -58,12 +62,13 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
     std::vector<T> gz(kBlockRows * dp, T(0.0f));
-    std::vector<T> gz_b(kSumRows * d);  // a run's gz rows as a B operand
-    std::vector<T> x_b(kSumRows * d);   // a run's x rows as a B operand
-    std::vector<T> a_t(r * kSumRows);   // [r, kSumRows]: a^T of the run
-    std::vector<T> dh_t(r * kSumRows);  // [r, kSumRows]: dh^T of the run
+    std::vector<T> gz_b(kRunRows * d);  // a run's gz rows as a B operand
+    std::vector<T> x_b(kRunRows * d);   // a run's x rows as a B operand
+    std::vector<T> a_t(r * kRunRows);   // [r, kRunRows]: a^T of the run
+    std::vector<T> dh_t(r * kRunRows);  // [r, kRunRows]: dh^T of the run
     std::vector<float> da(kBlockRows * r);
     std::vector<T> dh(kBlockRows * rp, T(0.0f));
+    std::vector<T> a(kBlockRows * r);
     std::vector<float> chunk(kBlockRows * kOutCols);
     std::vector<uint8_t> keep(dropout ? ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
@@ -114,23 +119,35 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
           prefetch_bytes(reinterpret_cast<const char*>(h_data + rows[i + kPrefetchAhead] * r), r * sizeof(float));
         }
         visit<float>(op.activation, [&](auto f) {
-          for (int64_t i = 0; i < mp; ++i) {
-            const float* hb = h_data + (i < m ? rows[i] : 0) * r;
+          for (int64_t i = 0; i < m; ++i) {
+            const float* __restrict hb = h_data + rows[i] * r;
+            const float* __restrict da_row = da.data() + i * r;
+            T* __restrict dh_row = dh.data() + i * rp;
+            T* __restrict a_row = a.data() + i * r;
+            float* __restrict sum = sums.db_down;
             for (int64_t j = 0; j < r; ++j) {
-              T dh_value(0.0f);
-              T a_value(0.0f);
-              if (i < m) {
-                const float v = fold * backprop(f, hb[j], da[i * r + j]);
-                sums.db_down[j] += v;
-                dh_value = static_cast<T>(v);
-                a_value = static_cast<T>(f.value(hb[j]));
-                dh[i * rp + j] = dh_value;
-              }
-              dh_t[j * kSumRows + run + i] = dh_value;
-              a_t[j * kSumRows + run + i] = a_value;
+              const float v = fold * backprop(f, hb[j], da_row[j]);
+              sum[j] += v;
+              dh_row[j] = static_cast<T>(v);
+              a_row[j] = static_cast<T>(f.value(hb[j]));
             }
           }
         });
+        // dh^T and a^T of the run's rows (a zero column pads an odd m): the A operands of the
+        // weight-gradient products, taken as a separate transpose so that the loop above runs
+        // over contiguous rows.
+        for (int64_t j = 0; j < r; ++j) {
+          T* __restrict dh_col = dh_t.data() + j * kRunRows + run;
+          T* __restrict a_col = a_t.data() + j * kRunRows + run;
+          for (int64_t i = 0; i < m; ++i) {
+            dh_col[i] = dh[i * rp + j];
+            a_col[i] = a[i * r + j];
+          }
+          if (mp != m) {
+            dh_col[m] = T(0.0f);
+            a_col[m] = T(0.0f);
+          }
+        }
 
         e.res = op.residual_is_x ? g_data : nullptr;
         e.res_rows = rows;
@@ -143,9 +160,11 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
         }
         rows_as_b<T>(layout, m, d, x_data, ld_x, x_b.data() + run * d, rows);
         run += mp;
-        if (run == kSumRows || bi + 1 == group.blocks.size()) {
-          accumulate_by_columns<T>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), sums.dw_up_t);
-          accumulate_by_columns<T>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), sums.dw_down);
+        const size_t left = group.blocks.size() - bi - 1;  // blocks after this one
+        const bool tail_joins = left == 1 && run + even(group.blocks.back().end - group.blocks.back().begin) <= kRunRows;
+        if (left == 0 || (run >= kSumRows && !tail_joins)) {
+          accumulate_by_columns<T>(layout, r, run, d, a_t.data(), kRunRows, gz_b.data(), sums.dw_up_t);
+          accumulate_by_columns<T>(layout, r, run, d, dh_t.data(), kRunRows, x_b.data(), sums.dw_down);
           run = 0;
         }
       }

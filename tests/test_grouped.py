@@ -229,6 +229,34 @@ def test_cpu_many_blocks_per_adapter():
         run_case("cpu", dtype, n, d, r, adapters, index, p=0.2, residual=True, activation="relu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_last_partial_block_of_an_adapter(dtype):
+    """Adapters of 4 full 64-row blocks plus a short one (odd), of 5 full blocks, and of 5 plus a
+    short one, in one reduction group each (r large against n): the bf16 backward sums a group's
+    last, short block in the run before it when it fits. The gradient comes only from each
+    adapter's last rows (its last block, in row order), so a block left out of the weight
+    gradients, or summed twice, shows as an error of order one."""
+    if "cpu" not in AVAILABLE:
+        pytest.skip("C++ backend not built")
+    d, r, counts = 67, 24, (4 * 64 + 7, 5 * 64, 5 * 64 + 5)
+    index = torch.cat([torch.full((c,), a) for a, c in enumerate(counts)] + [torch.full((9,), -1)])
+    index = index[torch.randperm(index.numel())]
+    n, adapters = index.numel(), len(counts)
+    x, wd, wu, bd, bu, _ = bank_inputs(n, d, r, adapters, dtype=dtype)
+    scales = [0.5, 1.0, 2.0]
+    grad = torch.zeros(n, d, dtype=dtype)
+    for a, c in enumerate(counts):
+        last = torch.nonzero(index == a).flatten()[-(c % 64 or 64):]
+        grad[last] = torch.randn(last.numel(), d, dtype=dtype)
+    params = [t.clone().requires_grad_() for t in (x, wd, wu, bd, bu)]
+    with use_backend("cpu"):
+        grouped_adapter(params[0], index, *params[1:], activation="relu", scale=scales).backward(grad)
+    want, leaves = loop_oracle(x, index, wd, wu, bd, bu, None, scales, "relu", 0.0, None)
+    want.backward(grad.double())
+    for got, leaf in zip(params, leaves):
+        assert rel_err(got.grad, leaf.grad) < TOL[dtype] * 4, rel_err(got.grad, leaf.grad)
+
+
 def test_cpu_bfloat16_rows_with_float32_weights():
     """Mixed precision: bf16 activations, fp32 weights (rounded to bf16 as matmul operands, as
     fused_adapter does); gradients come back in the weights' dtype."""
