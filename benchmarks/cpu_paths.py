@@ -6,9 +6,10 @@ backward times at the given shape. Paths: ``default`` (what runs for the dtype h
 ``brgemm-off`` (ADAPTERFAST_CPU_BRGEMM=0), ``fp32-brgemm`` (ADAPTERFAST_CPU_FP32_BRGEMM=1),
 ``no-amx`` (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), ``fp16-native`` / ``fp16-bf16x3``
 (ADAPTERFAST_CPU_FP16: float16 on oneDNN's float16 kernel, or split into three bf16 products),
-``eager`` (the op as PyTorch ops in the same dtype, as the eager provider of
-``python -m benchmarks``: ``x + up(relu(down(x)))``). Each row also gives the op's GEMM rate,
-its 12 N d r flops (two GEMMs forward, four backward) over the fwd+bwd time.
+``eager`` (the op as PyTorch ops in the same dtype, ``x + up(relu(down(x)))`` with both biases,
+as the fused paths here are called; the eager provider of ``python -m benchmarks`` is the
+bias-free module). Each row also gives the op's GEMM rate, its 12 N d r flops (two GEMMs forward,
+four backward) over the fwd+bwd time.
 
 ``--ceiling`` first prints what oneDNN's own matmul (``torch.matmul``) reaches in the dtype on this
 machine with the same threads and clock, at 2048^3 and at the op's GEMM shapes: the rate the
