@@ -183,19 +183,6 @@ std::vector<U> weight_b(BrgemmLayout layout, int64_t K, int64_t N, const float* 
 
 using Bf16 = c10::BFloat16;
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n: transpose_16bit for 16-bit T, a
-// plain loop for fp32 (the measurement-only fp32 brgemm path).
-template <typename T>
-void transpose_rows(int64_t m, int64_t n, const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
-  if constexpr (sizeof(T) == 2) {
-    transpose_16bit(m, n, reinterpret_cast<const uint16_t*>(src), ld_src, reinterpret_cast<uint16_t*>(dst), ld_dst);
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t i = 0; i < m; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
-    }
-  }
-}
-
 // Rows [0, m) of src (width K, leading dimension ld_src) split into hi and lo rows of width
 // even(K), the pad column zero.
 void split_rows(int64_t m, int64_t K, const c10::Half* src, int64_t ld_src, Bf16* hi, Bf16* lo) {
@@ -316,7 +303,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
   const auto [n, d, r] = op.dims;
   const int64_t rp = even(r);
   const int64_t groups = partials.size(0);
-    const std::vector<U> w_up_b = weight_b<T, U>(layout, d, r, op.w_up.data_ptr<float>(), r);
+  const std::vector<U> w_up_b = weight_b<T, U>(layout, d, r, op.w_up.data_ptr<float>(), r);
   const std::vector<U> w_down_b = weight_b<T, U>(layout, r, d, op.w_down.data_ptr<float>(), d);
   const T* g_data = op.grad_y.data_ptr<T>();
   const int64_t ld_g = op.grad_y.stride(0);

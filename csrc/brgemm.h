@@ -101,6 +101,19 @@ inline std::vector<c10::BFloat16> pack_b_split(BrgemmLayout layout, int64_t K, i
 // AVX-512 16 x 16 tiles (only called on the brgemm paths, which need AVX-512), scalar at the edges.
 void transpose_16bit(int64_t m, int64_t n, const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst);
 
+// The same for T: transpose_16bit on the bits of 16-bit T, a plain loop for fp32 (the
+// measurement-only fp32 brgemm path). Used by the single-adapter and grouped 16-bit backwards.
+template <typename T>
+void transpose_rows(int64_t m, int64_t n, const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+  if constexpr (sizeof(T) == 2) {
+    transpose_16bit(m, n, reinterpret_cast<const uint16_t*>(src), ld_src, reinterpret_cast<uint16_t*>(dst), ld_dst);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t i = 0; i < m; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+    }
+  }
+}
+
 // sum[k] += float(g[k]) for k < d: column sums of 16-bit rows (a bias gradient), used by both
 // 16-bit drivers. c10::Half's conversion is scalar bit manipulation (column sums
 // of 8M fp16 values took ~15 ms of one core here); with F16C, 8 at a time (exact: the same sums).

@@ -136,17 +136,10 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
         // dh^T and a^T of the run's rows (a zero column pads an odd m): the A operands of the
         // weight-gradient products, taken as a separate transpose so that the loop above runs
         // over contiguous rows.
-        for (int64_t j = 0; j < r; ++j) {
-          T* __restrict dh_col = dh_t.data() + j * kRunRows + run;
-          T* __restrict a_col = a_t.data() + j * kRunRows + run;
-          for (int64_t i = 0; i < m; ++i) {
-            dh_col[i] = dh[i * rp + j];
-            a_col[i] = a[i * r + j];
-          }
-          if (mp != m) {
-            dh_col[m] = T(0.0f);
-            a_col[m] = T(0.0f);
-          }
+        transpose_rows(m, r, dh.data(), rp, dh_t.data() + run, kRunRows);
+        transpose_rows(m, r, a.data(), r, a_t.data() + run, kRunRows);
+        if (mp != m) {
+          for (int64_t j = 0; j < r; ++j) dh_t[j * kRunRows + run + m] = a_t[j * kRunRows + run + m] = T(0.0f);
         }
 
         e.res = op.residual_is_x ? g_data : nullptr;
