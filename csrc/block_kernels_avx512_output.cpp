@@ -14,28 +14,73 @@
 namespace adapterfast::cpu::avx512 {
 namespace {
 
-// out[row, k0 : k0 + 16 kVecs] = epilogue(acc + bias) for one row of a project_out tile.
-template <typename ResTag, typename Out, bool kStream, int kVecs>
-ALWAYS_INLINE void finish_row(const OutputEpilogue<float>& e, int64_t row, int64_t k0, const TileColumns<kVecs>& cols,
-                              const __m512 (&acc)[kVecs], const __m512 (&bias)[kVecs], __m512 scale) {
+// The epilogue's operands with the row mapping applied: where one row's residual, keep mask and
+// output start. Read out of the OutputEpilogue once per call into locals, and row pointers
+// formed once per tile row: the kernel's float stores may alias the struct's fields, so fields
+// read per output vector were reloaded after every store, and at r = 16 (16 FMAs per output
+// vector) that bookkeeping cost about as many instructions as the products. With it hoisted,
+// project_out on one 64-row block in cache (d = 768, r = 16, 1 thread, old and new kernels
+// interleaved in one process) took 22% less time (49 -> 62 GFLOP/s), and 9-13% less streaming
+// over N = 1024 rows; memory-bound at N = 4096, unchanged.
+template <typename ResTag, typename Out>
+struct EpilogueRows {
   using Res = typename Storage<ResTag>::type;
-  Out* out = static_cast<Out*>(e.out) + e.out_row(row) * e.ld_out + k0;
+  const Res* res;
+  int64_t ld_res;
+  const int64_t* res_rows;
+  const uint8_t* keep;
+  int64_t ld_keep;
+  Out* out;
+  int64_t ld_out;
+  const int64_t* out_rows;
+
+  explicit EpilogueRows(const OutputEpilogue<float>& e)
+      : res(static_cast<const Res*>(e.res)), ld_res(e.ld_res), res_rows(e.res_rows), keep(e.keep),
+        ld_keep(e.ld_keep), out(static_cast<Out*>(e.out)), ld_out(e.ld_out), out_rows(e.out_rows) {}
+
+  const Res* res_at(int64_t row, int64_t k0) const {
+    return res + (res_rows == nullptr ? row : res_rows[row]) * ld_res + k0;
+  }
+  const uint8_t* keep_at(int64_t row, int64_t k0) const { return keep == nullptr ? nullptr : keep + row * ld_keep + k0; }
+  Out* out_at(int64_t row, int64_t k0) const { return out + (out_rows == nullptr ? row : out_rows[row]) * ld_out + k0; }
+};
+
+// out[0 : 16 kVecs] = epilogue(acc + bias) for one row of a project_out tile, its residual, keep
+// mask (null: none) and output starting at the tile's first column. kFull: every lane in use.
+template <typename ResTag, typename Out, bool kStream, bool kFull, int kVecs>
+ALWAYS_INLINE void finish_row(const typename Storage<ResTag>::type* res, const uint8_t* keep, Out* out,
+                              const TileColumns<kVecs>& cols, const __m512 (&acc)[kVecs],
+                              const __m512 (&bias)[kVecs], __m512 scale) {
+  // Request the residual of this row's next tile (project_out_tiles's next step).
+  if constexpr (kFull && !std::is_same_v<ResTag, NoResidual>) {
+    for (int v = 0; v < kVecs; ++v) _mm_prefetch(reinterpret_cast<const char*>(res + (kVecs + v) * kLanes), _MM_HINT_T0);
+  }
   for (int v = 0; v < kVecs; ++v) {
-    if (cols.m[v] == 0) continue;
+    const __mmask16 m = kFull ? __mmask16(0xFFFF) : cols.m[v];
+    if (!kFull && m == 0) continue;
     __m512 factor = scale;
-    if (e.keep != nullptr) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(e.keep + row * e.ld_keep + k0 + v * kLanes));
+    if (keep != nullptr) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + v * kLanes));
       factor = _mm512_maskz_mov_ps(_mm_test_epi8_mask(bytes, bytes), scale);
     }
     __m512 base = _mm512_setzero_ps();
-    if constexpr (!std::is_same_v<ResTag, NoResidual>) {
-      const Res* res = static_cast<const Res*>(e.res) + e.res_row(row) * e.ld_res + k0 + v * kLanes;
-      // Request the residual of this row's next tile (project_out_tiles's next step).
-      if (cols.full) _mm_prefetch(reinterpret_cast<const char*>(res + kVecs * kLanes), _MM_HINT_T0);
-      base = load_as_float(res, cols.m[v]);
-    }
+    if constexpr (!std::is_same_v<ResTag, NoResidual>) base = load_as_float(res + v * kLanes, m);
     const __m512 y = _mm512_fmadd_ps(factor, _mm512_add_ps(acc[v], bias[v]), base);
-    store_from_float<kStream>(out + v * kLanes, y, cols.m[v]);
+    store_from_float<kStream>(out + v * kLanes, y, m);
+  }
+}
+
+// finish_row for rows [i0, i0 + mi) of a tile at column k0.
+template <typename ResTag, typename Out, bool kStream, bool kFull, int kRows, int kVecs>
+ALWAYS_INLINE void finish_tile(const EpilogueRows<ResTag, Out>& rows, int64_t i0, int64_t mi, int64_t k0,
+                               const TileColumns<kVecs>& cols, const Tile<kRows, kVecs>& tile,
+                               const __m512 (&bias)[kVecs], __m512 scale) {
+#pragma GCC unroll 8
+  for (int t = 0; t < kRows; ++t) {
+    if (t >= mi) break;
+    const int64_t row = i0 + t;
+    finish_row<ResTag, Out, kStream, kFull>(rows.res_at(row, k0), rows.keep_at(row, k0), rows.out_at(row, k0), cols,
+                                            tile.acc[t], bias, scale);
   }
 }
 
@@ -64,13 +109,15 @@ void project_out_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
   const bool stream = e.stream_out && reinterpret_cast<uintptr_t>(e.out) % kLine == 0 &&
                       (e.ld_out * static_cast<int64_t>(sizeof(Out))) % kLine == 0;
   const __m512 scale = _mm512_set1_ps(e.scale);
+  const float* const bias_data = e.bias;
+  const EpilogueRows<ResTag, Out> rows(e);
   for (int64_t g0 = 0; g0 < M; g0 += kGroupRows) {
     const int64_t group_end = min64(M, g0 + kGroupRows);
     for (int64_t k0 = 0; k0 < K; k0 += T::kCols) {
       const TileColumns<4> cols(K, k0);
       __m512 bias[4];
       for (int v = 0; v < 4; ++v) {
-        bias[v] = e.bias == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(cols.m[v], e.bias + k0 + v * kLanes);
+        bias[v] = bias_data == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(cols.m[v], bias_data + k0 + v * kLanes);
       }
       for (int64_t i0 = g0; i0 < group_end; i0 += kRows) {
         const int64_t mi = min64(kRows, M - i0);
@@ -78,14 +125,12 @@ void project_out_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
         for (int t = 0; t < kRows; ++t) a[t] = A + (i0 + min64(t, mi - 1)) * lda;
         T tile;
         rank_update(cols, N, a, 1, B + k0, ldb, /*prefetch_next=*/false, tile);
-#pragma GCC unroll 6
-        for (int t = 0; t < kRows; ++t) {
-          if (t >= mi) break;
-          if (stream && cols.full) {
-            finish_row<ResTag, Out, true>(e, i0 + t, k0, cols, tile.acc[t], bias, scale);
-          } else {
-            finish_row<ResTag, Out, false>(e, i0 + t, k0, cols, tile.acc[t], bias, scale);
-          }
+        if (!cols.full) {
+          finish_tile<ResTag, Out, false, false>(rows, i0, mi, k0, cols, tile, bias, scale);
+        } else if (stream) {
+          finish_tile<ResTag, Out, true, true>(rows, i0, mi, k0, cols, tile, bias, scale);
+        } else {
+          finish_tile<ResTag, Out, false, true>(rows, i0, mi, k0, cols, tile, bias, scale);
         }
       }
     }
@@ -115,6 +160,7 @@ void finish_rows_as(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t c
                       (e.ld_out * static_cast<int64_t>(sizeof(Out))) % kLine == 0 &&
                       (col0 * static_cast<int64_t>(sizeof(Out))) % kLine == 0;
   const __m512 scale = _mm512_set1_ps(e.scale);
+  const EpilogueRows<ResTag, Out> rows(e);
   for (int64_t k0 = 0; k0 < K; k0 += 4 * kLanes) {
     const TileColumns<4> cols(K, k0);
     __m512 bias[4];
@@ -125,10 +171,13 @@ void finish_rows_as(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t c
     for (int64_t i = 0; i < M; ++i) {
       __m512 acc[4];
       for (int v = 0; v < 4; ++v) acc[v] = _mm512_maskz_loadu_ps(cols.m[v], u + i * ldu + k0 + v * kLanes);
-      if (stream && cols.full) {
-        finish_row<ResTag, Out, true>(e, i, col0 + k0, cols, acc, bias, scale);
+      const int64_t k = col0 + k0;
+      if (!cols.full) {
+        finish_row<ResTag, Out, false, false>(rows.res_at(i, k), rows.keep_at(i, k), rows.out_at(i, k), cols, acc, bias, scale);
+      } else if (stream) {
+        finish_row<ResTag, Out, true, true>(rows.res_at(i, k), rows.keep_at(i, k), rows.out_at(i, k), cols, acc, bias, scale);
       } else {
-        finish_row<ResTag, Out, false>(e, i, col0 + k0, cols, acc, bias, scale);
+        finish_row<ResTag, Out, false, true>(rows.res_at(i, k), rows.keep_at(i, k), rows.out_at(i, k), cols, acc, bias, scale);
       }
     }
   }
