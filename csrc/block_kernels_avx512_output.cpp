@@ -115,16 +115,14 @@ void finish_rows_as(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t c
                       (e.ld_out * static_cast<int64_t>(sizeof(Out))) % kLine == 0 &&
                       (col0 * static_cast<int64_t>(sizeof(Out))) % kLine == 0;
   const __m512 scale = _mm512_set1_ps(e.scale);
-  // Row by row, each row's columns left to right: u, the residual and the output are read and
-  // written as sequential streams (columns outer walked them 64 columns at a time, rows apart).
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t k0 = 0; k0 < K; k0 += 4 * kLanes) {
-      const TileColumns<4> cols(K, k0);
-      __m512 bias[4];
-      for (int v = 0; v < 4; ++v) {
-        bias[v] = e.bias == nullptr ? _mm512_setzero_ps()
-                                    : _mm512_maskz_loadu_ps(cols.m[v], e.bias + col0 + k0 + v * kLanes);
-      }
+  for (int64_t k0 = 0; k0 < K; k0 += 4 * kLanes) {
+    const TileColumns<4> cols(K, k0);
+    __m512 bias[4];
+    for (int v = 0; v < 4; ++v) {
+      bias[v] = e.bias == nullptr ? _mm512_setzero_ps()
+                                  : _mm512_maskz_loadu_ps(cols.m[v], e.bias + col0 + k0 + v * kLanes);
+    }
+    for (int64_t i = 0; i < M; ++i) {
       __m512 acc[4];
       for (int v = 0; v < 4; ++v) acc[v] = _mm512_maskz_loadu_ps(cols.m[v], u + i * ldu + k0 + v * kLanes);
       if (stream && cols.full) {
