@@ -366,7 +366,9 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
         const int64_t mp = even(m);
         const T* gb = g_data + row0 * ld_g;
 
-        // gz, and its column sums (fp32 within the block, float64 across blocks).
+        // gz, and its column sums (fp32 within the block, float64 across blocks); without dropout
+        // (and not split) the sums are taken where the rows are repacked for dw_up below, so that
+        // g is read from memory by the da product only, not first by a separate loop.
         std::fill(col_sums.begin(), col_sums.end(), 0.0f);
         const T* gz_rows = nullptr;
         int64_t ld_gz = 0;
@@ -387,11 +389,18 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
           }
           gz_rows = gz.data();
         } else {
-          for (int64_t i = 0; i < m; ++i) add_to_sums(gb + i * ld_g, col_sums.data(), d);
-          for (float& v : col_sums) v *= factor;
+          if constexpr (split) {
+            for (int64_t i = 0; i < m; ++i) add_to_sums(gb + i * ld_g, col_sums.data(), d);
+          }
           gz_rows = a_rows(g_data, ld_g, 1, d, row0, m, gz.data(), ld_gz);
         }
-        for (int64_t k = 0; k < d; ++k) sums.db_up[k] += static_cast<double>(col_sums[k]);
+        auto add_db_up = [&] {
+          if (!dropout) {
+            for (float& v : col_sums) v *= factor;
+          }
+          for (int64_t k = 0; k < d; ++k) sums.db_up[k] += static_cast<double>(col_sums[k]);
+        };
+        if (split || dropout) add_db_up();
 
         if constexpr (split) {
           split_rows(m, d, gz_rows, ld_gz, rows_hi, rows_lo);
@@ -443,7 +452,12 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
         } else {
           product_by_columns<U>(layout, m, rp, d, dh.data(), rp, w_down_b.data(), nullptr, 0, false, chunk.data(), &e,
                                 prefetch_next);
-          rows_as_b<U>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d);
+          if (dropout) {
+            rows_as_b<U>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d);
+          } else {  // db_up's column sums of g, taken from the block's rows while they are in L2
+            rows_as_b_summed<U>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d, col_sums.data());
+            add_db_up();
+          }
           rows_as_b<U>(layout, m, d, xb, ld_x, x_b.data() + run * d);
         }
         run += mp;

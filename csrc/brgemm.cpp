@@ -146,6 +146,73 @@ ALWAYS_INLINE void transpose_tile16(const uint16_t* src, int64_t ld_src, uint16_
     }
   }
 }
+
+// Rows r0 and r1 (r1 null: a zero row) of 16-bit values, columns [n, n + 16) as 16 32-bit words
+// (r0's value low, r1's high); with sums, their values added to sums[n ...] in row order.
+template <bool kHalf>
+ALWAYS_INLINE void interleave_16(const uint16_t* r0, const uint16_t* r1, uint16_t* out, float* sums, __mmask16 m) {
+  const __m512i w0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0));
+  const __m512i w1 = r1 == nullptr ? _mm512_setzero_si512() : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1));
+  const __m512i hi = _mm512_slli_epi32(w1, 16);
+  _mm512_mask_storeu_epi32(out, m, _mm512_or_si512(w0, hi));
+  if (sums == nullptr) return;
+  __m512 s = _mm512_maskz_loadu_ps(m, sums);
+  if constexpr (kHalf) {
+    s = _mm512_add_ps(s, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w0)));
+    if (r1 != nullptr) s = _mm512_add_ps(s, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w1)));
+  } else {
+    s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)));
+    if (r1 != nullptr) s = _mm512_add_ps(s, _mm512_castsi512_ps(hi));
+  }
+  _mm512_mask_storeu_ps(sums, m, s);
+}
+
+// One row of 16-bit values copied, columns [n, n + 32), and added to sums in order.
+template <bool kHalf>
+ALWAYS_INLINE void copy_16(const uint16_t* src, uint16_t* out, float* sums, __mmask32 m) {
+  const __m512i v = _mm512_maskz_loadu_epi16(m, src);
+  _mm512_mask_storeu_epi16(out, m, v);
+  if (sums == nullptr) return;
+  const __m256i halves[2] = {_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)};
+  for (int h = 0; h < 2; ++h) {
+    const __mmask16 mh = static_cast<__mmask16>(m >> (16 * h));
+    if (mh == 0) break;
+    const __m512 f = kHalf ? _mm512_cvtph_ps(halves[h])
+                           : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves[h]), 16));
+    _mm512_mask_storeu_ps(sums + 16 * h, mh, _mm512_add_ps(_mm512_maskz_loadu_ps(mh, sums + 16 * h), f));
+  }
+}
+
+// rows_as_b_16bit (brgemm.h) for bf16 (kHalf false) or float16 values.
+template <bool kHalf>
+void rows_as_b_16bit_as(bool vnni, int64_t m, int64_t N, const uint16_t* src, int64_t ld_src, uint16_t* dst,
+                        const int64_t* rows, float* sums) {
+  auto row = [&](int64_t i) { return src + (rows == nullptr ? i : rows[i]) * ld_src; };
+  const int64_t m_even = m + (m & 1);
+  if (vnni) {
+    for (int64_t i = 0; i < m_even; i += 2) {
+      const uint16_t* r0 = row(i);
+      const uint16_t* r1 = i + 1 < m ? row(i + 1) : nullptr;
+      uint16_t* out = dst + i * N;
+      int64_t n = 0;
+      for (; n + 16 <= N; n += 16) {
+        interleave_16<kHalf>(r0 + n, r1 ? r1 + n : nullptr, out + 2 * n, sums ? sums + n : nullptr, 0xFFFF);
+      }
+      if (n < N) interleave_16<kHalf>(r0 + n, r1 ? r1 + n : nullptr, out + 2 * n, sums ? sums + n : nullptr,
+                                        static_cast<__mmask16>((1u << (N - n)) - 1));
+    }
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    const uint16_t* r = row(i);
+    uint16_t* out = dst + i * N;
+    for (int64_t n = 0; n < N; n += 32) {
+      const __mmask32 mk = N - n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (N - n)) - 1);
+      copy_16<kHalf>(r + n, out + n, sums ? sums + n : nullptr, mk);
+    }
+  }
+  for (int64_t k = m * N; k < m_even * N; ++k) dst[k] = 0;
+}
 #endif
 
 }  // namespace
@@ -163,6 +230,19 @@ void transpose_16bit(int64_t m, int64_t n, const uint16_t* src, int64_t ld_src, 
     uint16_t* __restrict out = dst + j * ld_dst;
     for (int64_t i = j < n16 ? m16 : 0; i < m; ++i) out[i] = src[i * ld_src + j];
   }
+}
+
+void rows_as_b_16bit(bool vnni, int64_t m, int64_t N, const uint16_t* src, int64_t ld_src, uint16_t* dst,
+                     const int64_t* rows, float* sums, bool half) {
+#ifdef ADAPTERFAST_AVX512_KERNELS
+  if (half) {
+    rows_as_b_16bit_as<true>(vnni, m, N, src, ld_src, dst, rows, sums);
+  } else {
+    rows_as_b_16bit_as<false>(vnni, m, N, src, ld_src, dst, rows, sums);
+  }
+#else
+  TORCH_CHECK(false, "adapterfast: rows_as_b_16bit needs the AVX-512 kernels");
+#endif
 }
 
 }  // namespace adapterfast::cpu

@@ -131,32 +131,44 @@ inline void add_to_sums(const T* __restrict g, float* __restrict sum, int64_t d)
   for (; k < d; ++k) sum[k] += static_cast<float>(g[k]);
 }
 
+// rows_as_b for 16-bit values (AVX-512; only called on the brgemm paths, which need it): VNNI
+// pairs built 16 columns at a time, or a plain copy; where sums is set, sums[n] += float(row's
+// value) for every copied row in row order (bf16 values, or float16 ones with half), so that the
+// pass that repacks a block's g rows also takes db_up's column sums (the same fp32 additions in
+// the same order as a separate loop over the rows, without a second read of g).
+void rows_as_b_16bit(bool vnni, int64_t m, int64_t N, const uint16_t* src, int64_t ld_src, uint16_t* dst,
+                     const int64_t* rows, float* sums, bool half);
+
 // dst = rows [0, m) of src (leading dimension ld_src, width N) as a B operand with ldb = N and
-// m rounded up to even with a zero row: interleaved pairs of rows (VNNI, built as 32-bit words
-// so that the loop vectorises) or a plain copy. With `rows`, row i is src's row rows[i] (the
-// grouped op's rows, scattered over an [N, d] tensor).
+// m rounded up to even with a zero row: interleaved pairs of rows (VNNI) or a plain copy. With
+// `rows`, row i is src's row rows[i] (the grouped op's rows, scattered over an [N, d] tensor).
 template <typename T>
 void rows_as_b(BrgemmLayout layout, int64_t m, int64_t N, const T* src, int64_t ld_src, T* dst,
                const int64_t* rows = nullptr) {
-  const int64_t m_even = m + (m & 1);
-  auto row = [&](int64_t i) { return src + (rows == nullptr ? i : rows[i]) * ld_src; };
   if constexpr (sizeof(T) == 2) {
-    if (layout == BrgemmLayout::vnni) {
-      for (int64_t i = 0; i < m_even; i += 2) {
-        const uint16_t* __restrict r0 = reinterpret_cast<const uint16_t*>(row(i));
-        uint32_t* __restrict out = reinterpret_cast<uint32_t*>(dst + i * N);
-        if (i + 1 < m) {
-          const uint16_t* __restrict r1 = reinterpret_cast<const uint16_t*>(row(i + 1));
-          for (int64_t n = 0; n < N; ++n) out[n] = uint32_t(r0[n]) | (uint32_t(r1[n]) << 16);
-        } else {
-          for (int64_t n = 0; n < N; ++n) out[n] = r0[n];
-        }
-      }
-      return;
+    rows_as_b_16bit(layout == BrgemmLayout::vnni, m, N, reinterpret_cast<const uint16_t*>(src), ld_src,
+                    reinterpret_cast<uint16_t*>(dst), rows, nullptr, std::is_same_v<T, c10::Half>);
+  } else {
+    const int64_t m_even = m + (m & 1);
+    for (int64_t i = 0; i < m; ++i) {
+      const T* row = src + (rows == nullptr ? i : rows[i]) * ld_src;
+      std::copy(row, row + N, dst + i * N);
     }
+    if (m_even != m) std::fill(dst + m * N, dst + m_even * N, T(0.0f));
   }
-  for (int64_t i = 0; i < m; ++i) std::copy(row(i), row(i) + N, dst + i * N);
-  if (m_even != m) std::fill(dst + m * N, dst + m_even * N, T(0.0f));
+}
+
+// rows_as_b that also adds the rows to column sums, sums[n] += float(src(i, n)) in row order
+// (in the same pass for 16-bit rows, rows_as_b_16bit; a second loop for fp32).
+template <typename T>
+void rows_as_b_summed(BrgemmLayout layout, int64_t m, int64_t N, const T* src, int64_t ld_src, T* dst, float* sums) {
+  if constexpr (sizeof(T) == 2) {
+    rows_as_b_16bit(layout == BrgemmLayout::vnni, m, N, reinterpret_cast<const uint16_t*>(src), ld_src,
+                    reinterpret_cast<uint16_t*>(dst), nullptr, sums, std::is_same_v<T, c10::Half>);
+  } else {
+    rows_as_b(layout, m, N, src, ld_src, dst);
+    for (int64_t i = 0; i < m; ++i) add_to_sums(src + i * ld_src, sums, N);
+  }
 }
 
 }  // namespace adapterfast::cpu
