@@ -117,6 +117,7 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
   const int64_t ld_keep = keep_row_bytes(d);
   OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, d, dx);
   epilogue.out = dx_data;
+  epilogue.stream_out = dx.nbytes() >= kScatteredStreamBytes;
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
     std::vector<T> gb(kRowList ? 0 : kBlockRows * d);
