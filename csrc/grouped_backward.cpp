@@ -117,6 +117,7 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
   const int64_t ld_keep = keep_row_bytes(d);
   OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, d, dx);
   epilogue.out = dx_data;
+  epilogue.stream_out = dx.nbytes() >= kScatteredStreamBytes;
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
     std::vector<T> gb(kRowList ? 0 : kBlockRows * d);
@@ -241,10 +242,14 @@ void round_into(const acc_t* __restrict src, int64_t count, U* __restrict dst) {
 // The stacked gradients in the weights' dtypes, written straight from the group partials (no
 // [A, size] totals tensor with a transposed copy and a conversion after it: at A = 32 those passes
 // were ~1.3 ms of a ~17 ms bf16 backward, measured with perf): each used adapter's groups are
-// summed in group order into an fp32/fp64 row, which is rounded once into dw_down[a], db_down[a],
-// dw_up[a] (transposed from dw_up^T) and db_up[a]. Unused adapters get zeros.
+// summed in group order into an fp32/fp64 row (an adapter of one group, the usual case at many
+// adapters, is rounded from its partials row as it is), which is rounded once into dw_down[a],
+// db_down[a], dw_up[a] (transposed from dw_up^T) and db_up[a]. Unused adapters get zeros. With
+// `tiles` (the 16-bit brgemm drivers ran, so AVX-512 is in use), 16-bit dw_up^T is transposed by
+// 16 x 16 tiles (transpose_rows, brgemm.h): the scalar transpose and the sum of a single group
+// into a copy were ~70% of this pass's samples (perf, bf16, A = 32, N = 8192, 1 thread).
 template <typename acc_t>
-void write_gradients(const at::Tensor& partials, const std::vector<Group>& groups, const Dims& dims,
+void write_gradients(const at::Tensor& partials, const std::vector<Group>& groups, const Dims& dims, bool tiles,
                      at::Tensor& dw_down, at::Tensor& db_down, at::Tensor& dw_up, at::Tensor& db_up) {
   const auto [n, d, r] = dims;
   const int64_t size = partials.size(1);
@@ -252,7 +257,7 @@ void write_gradients(const at::Tensor& partials, const std::vector<Group>& group
   std::vector<int64_t> first(adapters + 1, static_cast<int64_t>(groups.size()));
   for (int64_t g = static_cast<int64_t>(groups.size()) - 1; g >= 0; --g) first[groups[g].adapter] = g;
   for (int64_t a = adapters - 1; a >= 0; --a) first[a] = std::min(first[a], first[a + 1]);
-  const acc_t* src = partials.data_ptr<acc_t>();
+  acc_t* src = partials.data_ptr<acc_t>();
   auto write = [&](auto down_tag, auto up_tag) {
     using D = decltype(down_tag);
     using U = decltype(up_tag);
@@ -271,17 +276,28 @@ void write_gradients(const at::Tensor& partials, const std::vector<Group>& group
           std::fill(bu + a * d, bu + (a + 1) * d, U(0));
           continue;
         }
-        std::fill(total.begin(), total.end(), acc_t(0));
-        for (int64_t g = first[a]; g < first[a + 1]; ++g) {
-          const acc_t* __restrict part = src + g * size;
-          acc_t* __restrict t = total.data();
-          for (int64_t k = 0; k < size; ++k) t[k] += part[k];
+        acc_t* sums_row = src + first[a] * size;
+        if (first[a + 1] - first[a] > 1) {
+          std::fill(total.begin(), total.end(), acc_t(0));
+          for (int64_t g = first[a]; g < first[a + 1]; ++g) {
+            const acc_t* __restrict part = src + g * size;
+            acc_t* __restrict t = total.data();
+            for (int64_t k = 0; k < size; ++k) t[k] += part[k];
+          }
+          sums_row = total.data();
         }
-        const Partials<acc_t> sums(total.data(), dims);
+        const Partials<acc_t> sums(sums_row, dims);
         round_into(sums.dw_up_t, r * d, up_t.data());
         U* __restrict wu_a = wu + a * d * r;
-        for (int64_t k = 0; k < d; ++k) {
-          for (int64_t j = 0; j < r; ++j) wu_a[k * r + j] = up_t[j * d + k];
+        if constexpr (sizeof(U) == 2) {
+          if (tiles) {
+            transpose_rows(r, d, up_t.data(), d, wu_a, r);
+          }
+        }
+        if (sizeof(U) != 2 || !tiles) {
+          for (int64_t k = 0; k < d; ++k) {
+            for (int64_t j = 0; j < r; ++j) wu_a[k * r + j] = up_t[j * d + k];
+          }
         }
         round_into(sums.dw_down, r * d, wd + a * r * d);
         round_into(sums.db_up, d, bu + a * d);
@@ -339,11 +355,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_b
     using T = decltype(t);
     using acc_t = decltype(a);
     at::Tensor partials = empty_output({static_cast<int64_t>(groups.size()), size}, x.options().dtype(acc));
+    bool tiles = false;
     if (dims.n > 0) {
       const BrgemmLayout layout = brgemm_layout(dtype);
       if constexpr (sizeof(T) == 2) {
         if (layout != BrgemmLayout::none) {
           backward_blocks_brgemm<T>(op, layout, seg, groups, dx, partials);
+          tiles = true;
         } else {
           backward_blocks<T, acc_t>(op, seg, groups, dx, partials);
         }
@@ -352,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_b
       }
       plain_rows<T>(op, seg, dx);
     }
-    write_gradients<acc_t>(partials, groups, dims, dw_down, db_down, dw_up, db_up);
+    write_gradients<acc_t>(partials, groups, dims, tiles, dw_down, db_down, dw_up, db_up);
   });
 
   return {dx, dw_down, db_down, dw_up, db_up};

@@ -5,7 +5,8 @@
 //   gz = round(g * keep * s) with dropout (db_up sums it unrounded), else gz = g, with s folded
 //   into dh and applied to the group's dw_up and db_up once at its end (as the single-adapter op);
 //   da = gz Wu (brgemm, K = d);  dh = s' da act'(h) (db_down sums it);  a = act(h);
-//   dx = dh Wd (brgemm, K = r) + g, finished straight into its rows of dx (the epilogue's row list);
+//   dx = dh Wd (brgemm, K = r) + g, finished straight into its rows of dx (the epilogue's row list,
+//   non-temporal stores from kScatteredStreamBytes);
 //   and per run of up to kSumRows rows of the group, dw_up^T += a^T gz and dw_down += dh^T x
 //   (brgemm, K = the run's rows, the gz rows and x's listed rows repacked in brgemm's B layout).
 // Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
@@ -59,6 +60,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
 
   OutputEpilogue<float> epilogue = dx_epilogue<float>(op.grad_y, d, dx);
   epilogue.out = dx_data;
+  epilogue.stream_out = dx.nbytes() >= kScatteredStreamBytes;
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
     std::vector<T> gz(kBlockRows * dp, T(0.0f));

@@ -16,8 +16,8 @@
 // Per row, x is read from memory once and y written once, whatever the order of the rows: the
 // output epilogue (bias, dropout, scale, residual) reads the residual rows and writes the y rows
 // where they are, through the block's row list (OutputEpilogue::res_rows / out_rows), with
-// non-temporal stores for a large y, so no y row passes through a scratch and no row of y is
-// read for ownership. Without a separate residual, the epilogue reads x's rows back in place too
+// non-temporal stores for a y of kScatteredStreamBytes or more (grouped_rows.h), so no y row
+// passes through a scratch and no row of y is read for ownership. Without a separate residual, the epilogue reads x's rows back in place too
 // (from cache: h = x Wd^T just read them). Only brgemm's x rows are gathered (prefetched one
 // block ahead into L2): it takes them as a dense, padded operand.
 #include "grouped_ops.h"
@@ -176,7 +176,7 @@ OutputEpilogue<acc_t> base_epilogue(const ForwardOperands& op, const at::Tensor&
   e.out_kind = kind_of(y.scalar_type());
   e.ld_out = op.dims.d;
   e.ld_keep = keep_row_bytes(op.dims.d);
-  e.stream_out = y.nbytes() >= kStreamOutputBytes;
+  e.stream_out = y.nbytes() >= kScatteredStreamBytes;
   if (op.residual) {
     e.res = op.residual->data_ptr();
     e.res_kind = kind_of(op.residual->scalar_type());

@@ -282,13 +282,26 @@ def test_cpu_bfloat16_rows_with_float32_weights():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_outputs_past_the_streaming_threshold(dtype):
-    """y and dx of at least 16 MiB: the epilogue writes the rows in place through the block's row
+    """y and dx of at least 2 MiB (kScatteredStreamBytes in csrc/grouped_rows.h, below the
+    single-adapter ops' 16 MiB): the epilogue writes the rows in place through the block's row
     list with non-temporal stores (residual read in place through it too); rows in random order,
     some without an adapter, against the float64 loop."""
     if "cpu" not in AVAILABLE:
         pytest.skip("C++ backend not built")
     d, r, adapters = 256, 8, 3
-    n = (16 << 20) // (d * dtype.itemsize) + 77
+    n = (2 << 20) // (d * dtype.itemsize) + 77
     index = torch.randint(-1, adapters, (n,))
     run_case("cpu", dtype, n, d, r, adapters, index, residual=True, activation="relu")
     run_case("cpu", dtype, n, d, r, adapters, index, p=0.1)
+
+
+@pytest.mark.parametrize("r, d", [(20, 123), (16, 48)])
+def test_cpu_bf16_weight_gradients_of_one_and_several_groups(r, d):
+    """bf16 weights on the brgemm driver: dw_up is transposed from the summed dw_up^T by 16 x 16
+    tiles (r = 20, d = 123 leave edge rows and columns; r = 16, d = 48 none), from the partials row
+    of an adapter with a single reduction group (12 adapters of ~40 rows) or from the sum of
+    several (2 adapters of ~500 rows), against the float64 loop."""
+    if "cpu" not in AVAILABLE:
+        pytest.skip("C++ backend not built")
+    run_case("cpu", torch.bfloat16, 480, d, r, 12, torch.randint(-1, 12, (480,)))
+    run_case("cpu", torch.bfloat16, 1000, d, r, 2, torch.randint(0, 2, (1000,)), residual=True, p=0.1)
