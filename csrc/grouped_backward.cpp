@@ -289,12 +289,9 @@ void write_gradients(const at::Tensor& partials, const std::vector<Group>& group
         const Partials<acc_t> sums(sums_row, dims);
         round_into(sums.dw_up_t, r * d, up_t.data());
         U* __restrict wu_a = wu + a * d * r;
-        if constexpr (sizeof(U) == 2) {
-          if (tiles) {
-            transpose_rows(r, d, up_t.data(), d, wu_a, r);
-          }
-        }
-        if (sizeof(U) != 2 || !tiles) {
+        if (tiles) {
+          transpose_rows(r, d, up_t.data(), d, wu_a, r);
+        } else {
           for (int64_t k = 0; k < d; ++k) {
             for (int64_t j = 0; j < r; ++j) wu_a[k * r + j] = up_t[j * d + k];
           }
