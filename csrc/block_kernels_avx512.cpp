@@ -29,13 +29,28 @@ void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const float* 
   }
 }
 
+// Whether rows lda floats apart put 8 or more of a 16-row tile's reads in the same L1 sets: a
+// row stride that is a multiple of 2 KiB (d = 1024, 1536, 2048, 4096, ...). An L1 set is chosen by
+// address bits 6-11 (4 KiB per way), so such rows share at most two set ranges, and the tile's
+// runs of 16 rows need 8 to 16 ways of a set where the Zen 4 L1D has 8 (the Xeon's 12): lines of x
+// are evicted between the broadcasts of their floats and come again from L2.
+inline bool rows_share_l1_sets(int64_t lda) { return (lda * static_cast<int64_t>(sizeof(float))) % 2048 == 0; }
+
 // Outer products, like the other two GEMMs (a dot-product form with horizontal sums measured
 // 20-40% slower): a row tile broadcasts A's elements, so it also reads A (x, straight from memory
 // in the forward) as kRows sequential streams. Columns go in tiles of up to 4 vectors (r <= 64
 // is one tile), with 8 rows per tile, or 6 for 4 vectors, to keep 8 to 24 accumulators busy;
-// one vector (r <= 16) takes 16 rows, so that each load of B serves 16 FMAs.
+// one vector (r <= 16) takes 16 rows, so that each load of B serves 16 FMAs (on a core with two
+// 512-bit FMA units an 8 x 1 tile issues 9 loads per 8 FMAs), except where A's row stride maps
+// the 16 rows onto the same L1 sets (rows_share_l1_sets). There 16-row tiles measured 1.2-1.35x
+// the forward time of 8-row ones (AMD EPYC Zen 4, 1 thread, least thread time, N = 8192, r = 16,
+// processes alternated, 3 rounds, load 1.1-1.6; fwd ms 16-row / 8-row: d = 1024 9.1-10.6 / 7.0-8.6,
+// d = 2048 18.1-19.0 / 13.5-14.6, d = 4096 50.6-53.8 / 40.1-46.2; d = 1536 10.4-12.5 / 10.1-10.3;
+// d = 768, whose rows spread over four set ranges, 5.3-6.4 / 5.0-5.1; raw figures and commands in
+// benchmarks/results/cpu_fp32_zen4.txt). d = 768 keeps 16 rows for the Xeon's load-bound loop.
 void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                 int64_t ldb, float* C, int64_t ldc) {
+  const bool tall_r16 = !rows_share_l1_sets(lda);
   for (int64_t k0 = 0; k0 < K; k0 += kInChunk) {
     const int64_t kc = min64(kInChunk, K - k0);
     const float* a = A + k0;
@@ -45,7 +60,7 @@ void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
         case 1: {
           // 16-row tiles, the last rows (fewer than 16) in 8-row ones: a tile computes all its
           // rows, so a one-row call in a 16-row tile would cost twice an 8-row one.
-          const int64_t full = M / 16 * 16;
+          const int64_t full = tall_r16 ? M / 16 * 16 : 0;
           project_in_tiles<16, 1>(full, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0);
           project_in_tiles<8, 1>(M - full, N, n0, kc, a + full * lda, lda, b, ldb, C + full * ldc, ldc, k0 > 0);
           break;

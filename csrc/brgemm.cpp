@@ -57,8 +57,18 @@ BrgemmLayout brgemm_layout(at::ScalarType dtype) {
   // only), brgemm's fp32 kernel took 1.2x to 1.9x the time: d=1024 r=64 225 ms vs 350 ms (and
   // 322 / 424 ms vs 568 / 500 ms in two earlier runs), d=4096 r=16 650 / 913 ms vs 1252 / 1319 ms.
   // Without a matrix unit for fp32, oneDNN's ukernel only adds per-call overhead on these skinny
-  // GEMMs. No AVX-512-without-AMX machine was available to measure; the same holds there unless
-  // shown otherwise. ADAPTERFAST_CPU_FP32_BRGEMM=1 routes fp32 to brgemm to repeat the comparison.
+  // GEMMs. On AVX-512 without AMX (AMD EPYC, Zen 4: AVX-512 and AVX512-BF16, 2-core VM shared
+  // with other jobs, commit c7cc731), the same command with `--threads 1 --clock thread --calls 8
+  // --repeats 3` and then `--threads 2 --repeats 2`, at N = 8192 (fwd+bwd ms, default / brgemm,
+  // 3 rounds of least thread time at 1 thread, load 1.8-2.0, then 2 rounds of 2-thread wall time):
+  // d=768 r=16 21.0/19.8, 21.5/23.5, 18.2/19.4 and 21.4/20.9, 20.7/21.7 (a tie); d=768 r=64
+  // 50.7/57.0, 52.1/53.6, 53.9/58.4 and 58.1/59.8, 57.2/60.7; d=1024 r=16 28.0/30.2, 28.6/34.1,
+  // 25.7/34.3 and 30.9/32.6, 28.3/38.8; d=1024 r=64 72.8/70.5, 71.2/72.3, 68.1/72.3 and 77.0/103.5,
+  // 84.2/83.5 (a tie); d=4096 r=16 123/181, 138/191, 125/197 and 134/185, 140/194; d=4096 r=64
+  // 323/489, 346/479, 357/454 and 404/550, 401/561. brgemm wins nowhere clearly and loses by
+  // 1.35-1.5x at d = 4096, so fp32 stays on the block kernels there too (raw output in
+  // benchmarks/results/cpu_fp32_zen4.txt). ADAPTERFAST_CPU_FP32_BRGEMM=1 routes fp32 to brgemm to
+  // repeat the comparison.
   static const BrgemmLayout f32 =
       brgemm_enabled() && env_is("ADAPTERFAST_CPU_FP32_BRGEMM", "1") ? BrgemmLayout::plain : BrgemmLayout::none;
   switch (dtype) {

@@ -71,8 +71,10 @@ def check_against_reference(x, wd, wu, bd, bu, res, *, tol, activation="relu", s
             assert_matches(name, got, want, tol)
 
 
+# (150, 768, 16) runs project_in's 16-row r <= 16 tiles; (150, 512, 16) and (70, 1536, 13), rows a
+# multiple of 2 KiB apart, its 8-row ones (rows_share_l1_sets in block_kernels_avx512.cpp).
 @pytest.mark.parametrize("n,d,r", [(37, 1, 1), (64, 123, 5), (130, 431, 24), (65, 1000, 100), (9, 123, 300), (200, 64, 16),
-                                   (150, 768, 16)])
+                                   (150, 768, 16), (150, 512, 16), (70, 1536, 13)])
 def test_fp32_matches_reference(n, d, r):
     x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
     check_against_reference(x, wd, wu, bd, bu, None, tol=1e-5, scale=0.5)
