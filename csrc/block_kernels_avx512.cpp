@@ -29,13 +29,6 @@ void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const float* 
   }
 }
 
-// Whether rows lda floats apart put 8 or more of a 16-row tile's reads in the same L1 sets: a
-// row stride that is a multiple of 2 KiB (d = 1024, 1536, 2048, 4096, ...). An L1 set is chosen by
-// address bits 6-11 (4 KiB per way), so such rows share at most two set ranges, and the tile's
-// runs of 16 rows need 8 to 16 ways of a set where the Zen 4 L1D has 8 (the Xeon's 12): lines of x
-// are evicted between the broadcasts of their floats and come again from L2.
-inline bool rows_share_l1_sets(int64_t lda) { return (lda * static_cast<int64_t>(sizeof(float))) % 2048 == 0; }
-
 // Outer products, like the other two GEMMs (a dot-product form with horizontal sums measured
 // 20-40% slower): a row tile broadcasts A's elements, so it also reads A (x, straight from memory
 // in the forward) as kRows sequential streams. Columns go in tiles of up to 4 vectors (r <= 64

@@ -19,6 +19,14 @@ namespace {
 constexpr int64_t kLanes = 16;
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Whether rows lda floats apart put 8 or more of a 16-row tile's reads in the same L1 sets: a row
+// stride that is a multiple of 2 KiB (d = 1024, 1536, 2048, 4096, ...), whether the rows are
+// consecutive or the grouped op's scattered ones. An L1 set is chosen by address bits 6-11 (4 KiB
+// per way), so such rows share at most two set ranges, and the tile's runs of 16 rows need 8 to 16
+// ways of a set where the Zen 4 L1D has 8 (the Xeon's 12): lines of x are evicted between the
+// broadcasts of their floats and come again from L2.
+inline bool rows_share_l1_sets(int64_t lda) { return (lda * static_cast<int64_t>(sizeof(float))) % 2048 == 0; }
+
 // Lanes [0, n) for n in [0, 16]; more than 16 means all.
 inline __mmask16 lanes(int64_t n) {
   return n >= kLanes ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);

@@ -30,6 +30,15 @@ def test_every_tile_width(r):
     run_case("cpu", torch.float32, n, d, r, adapters, index)
 
 
+@pytest.mark.parametrize("d", [512, 1536])
+def test_one_vector_on_rows_2_kib_apart(d):
+    """r <= 16 with x's rows a multiple of 2 KiB apart takes 8-row tiles (rows_share_l1_sets in
+    block_kernels_avx512.h), elsewhere 16-row ones; 70 rows over 2 adapters leave partial tiles."""
+    n, r, adapters = 70, 13, 2
+    index = torch.randint(-1, adapters, (n,))
+    run_case("cpu", torch.float32, n, d, r, adapters, index)
+
+
 def test_width_past_one_k_chunk():
     """d > 1024: the product is summed over two K chunks (the second accumulating into h)."""
     n, d, r, adapters = 90, 1100, 8, 2
