@@ -186,14 +186,14 @@ ALWAYS_INLINE void copy_16(const uint16_t* src, uint16_t* out, float* sums, __mm
 // rows_as_b_16bit (brgemm.h) for bf16 (kHalf false) or float16 values.
 template <bool kHalf>
 void rows_as_b_16bit_as(bool vnni, int64_t m, int64_t N, const uint16_t* src, int64_t ld_src, uint16_t* dst,
-                        const int64_t* rows, float* sums) {
+                        int64_t ldb, const int64_t* rows, float* sums) {
   auto row = [&](int64_t i) { return src + (rows == nullptr ? i : rows[i]) * ld_src; };
   const int64_t m_even = m + (m & 1);
   if (vnni) {
     for (int64_t i = 0; i < m_even; i += 2) {
       const uint16_t* r0 = row(i);
       const uint16_t* r1 = i + 1 < m ? row(i + 1) : nullptr;
-      uint16_t* out = dst + i * N;
+      uint16_t* out = dst + i * ldb;
       int64_t n = 0;
       for (; n + 16 <= N; n += 16) {
         interleave_16<kHalf>(r0 + n, r1 ? r1 + n : nullptr, out + 2 * n, sums ? sums + n : nullptr, 0xFFFF);
@@ -205,13 +205,13 @@ void rows_as_b_16bit_as(bool vnni, int64_t m, int64_t N, const uint16_t* src, in
   }
   for (int64_t i = 0; i < m; ++i) {
     const uint16_t* r = row(i);
-    uint16_t* out = dst + i * N;
+    uint16_t* out = dst + i * ldb;
     for (int64_t n = 0; n < N; n += 32) {
       const __mmask32 mk = N - n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (N - n)) - 1);
       copy_16<kHalf>(r + n, out + n, sums ? sums + n : nullptr, mk);
     }
   }
-  for (int64_t k = m * N; k < m_even * N; ++k) dst[k] = 0;
+  if (m_even != m) std::fill(dst + m * ldb, dst + m * ldb + N, uint16_t(0));
 }
 #endif
 
@@ -233,12 +233,12 @@ void transpose_16bit(int64_t m, int64_t n, const uint16_t* src, int64_t ld_src, 
 }
 
 void rows_as_b_16bit(bool vnni, int64_t m, int64_t N, const uint16_t* src, int64_t ld_src, uint16_t* dst,
-                     const int64_t* rows, float* sums, bool half) {
+                     int64_t ldb, const int64_t* rows, float* sums, bool half) {
 #ifdef ADAPTERFAST_AVX512_KERNELS
   if (half) {
-    rows_as_b_16bit_as<true>(vnni, m, N, src, ld_src, dst, rows, sums);
+    rows_as_b_16bit_as<true>(vnni, m, N, src, ld_src, dst, ldb, rows, sums);
   } else {
-    rows_as_b_16bit_as<false>(vnni, m, N, src, ld_src, dst, rows, sums);
+    rows_as_b_16bit_as<false>(vnni, m, N, src, ld_src, dst, ldb, rows, sums);
   }
 #else
   TORCH_CHECK(false, "adapterfast: rows_as_b_16bit needs the AVX-512 kernels");
