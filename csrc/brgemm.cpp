@@ -85,6 +85,19 @@ std::string brgemm_unit(at::ScalarType dtype) {
 // weight-gradient products have the rows as K, so each needs the hi and lo of the gz and x rows
 // repacked as B operands, and that memory traffic costs what the faster products save. So by
 // default the forward is split and the backward stays on the float16 kernel.
+//
+// float16 on AVX512-BF16 without AMX and without AVX512-FP16 (AMD EPYC, Zen 4 class; oneDNN has no
+// float16 brgemm there, so the default is the fp32 AVX-512 block kernels with float16 converted on
+// load and store, kernel_isa "avx512"): the split runs each product as three bf16 products on
+// `vdpbf16ps`, whose rate (about 215 GFLOP/s a core, `python -m benchmarks.brgemm_calls`) is only
+// twice fp32's, so three of them cost more than one fp32 product. Measured with `python -m
+// benchmarks.cpu_paths --dtype fp16 --paths eager,default,fp16-bf16x3 --threads 1 --clock thread
+// --shapes 8192,768,16 8192,768,64 8192,1024,64 8192,4096,16` (least thread time of 5 calls, load
+// average 1.8; benchmarks/results/cpu_16bit/avx512bf16_fp16_paths.txt), fwd+bwd, default vs split:
+// 36.9 vs 33.4 ms (d=768 r=16), 65.7 vs 85.0 (768, 64), 96.0 vs 131.1 (1024, 64), 204.0 vs 232.6
+// (4096, 16); forwards alone 10.7/9.5, 19.8/26.3, 28.6/45.5, 59.9/58.9. The split wins 9% at one
+// shape and loses 14-37% at the others, so without AMX float16 stays off the split (fp16_on_bf16
+// false unless forced).
 bool fp16_on_bf16() {
   static const bool split = [] {
     if (brgemm_layout(at::kBFloat16) == BrgemmLayout::none || env_is("ADAPTERFAST_CPU_FP16", "native")) return false;
