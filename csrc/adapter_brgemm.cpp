@@ -26,6 +26,8 @@
 // written with non-temporal stores, as the fp32 drivers do.
 #include "adapter_brgemm.h"
 
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -195,9 +197,22 @@ std::vector<U> weight_b(BrgemmLayout layout, int64_t K, int64_t N, const float* 
 // in alternating processes (4 pairs, least thread time of 10 calls each, load average 1.9-2.4):
 // d = 1024, r = 64 30.8 -> 27.3 ms (best of each; every pair faster, by 1-12%), d = 4096, r = 16
 // 46.5 -> 44.6 ms (every pair faster, 4-11%); forwards within noise.
+// ADAPTERFAST_CPU_BRGEMM_PAD=1 pads every such VNNI operand (any d, AMX too), =0 none: to measure
+// the choice where it was not. `python -m benchmarks.cpu_paths --dtype bf16 --paths
+// default,brgemm-no-pad,brgemm-pad --threads 1 --clock thread --repeats 3 --calls 10 --shapes
+// 8192,1024,64 8192,4096,16 8192,768,64` (same CPU, load average 2.8-3.1; output in
+// benchmarks/results/cpu_16bit/avx512bf16_bf16_paths.txt), backward, no pad vs pad by round:
+// d = 1024, r = 64 32.0/29.9, 30.4/27.8, 33.3/27.2 ms; d = 4096, r = 16 54.8/54.4, 54.6/45.4,
+// 59.5/53.0; but d = 768, r = 64 21.7/29.3, 23.8/25.9, 22.1/24.8: padding where the rows do not
+// alias costs, hence only d % 512 == 0.
 int64_t b_stride(BrgemmLayout layout, int64_t d) {
+  static const int forced = [] {
+    const char* v = std::getenv("ADAPTERFAST_CPU_BRGEMM_PAD");
+    return v == nullptr ? -1 : std::string(v) == "1" ? 1 : std::string(v) == "0" ? 0 : -1;
+  }();
   static const bool amx = brgemm_unit(at::kBFloat16) == "amx";
-  return layout == BrgemmLayout::vnni && !amx && d % 512 == 0 ? d + 16 : d;
+  if (layout != BrgemmLayout::vnni || forced == 0) return d;
+  return forced == 1 || (!amx && d % 512 == 0) ? d + 16 : d;
 }
 
 using Bf16 = c10::BFloat16;

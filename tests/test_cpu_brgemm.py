@@ -238,6 +238,16 @@ def test_fp16_paths_forced(forced):
         assert report["torch.float16"] == "brgemm-avx512-bf16x3", report
 
 
+@pytest.mark.parametrize("pad", ["0", "1"])
+def test_brgemm_b_padding_forced(pad):
+    """The d-wide VNNI B operands with rows padded by 16 columns at every d (=1, AMX included) and
+    never (=0), each within 2x eager's error."""
+    if "avx512_bf16" not in cpu_flags():
+        pytest.skip("no AVX512-BF16 here")
+    report = run_forced({"ADAPTERFAST_CPU_BRGEMM_PAD": pad})
+    assert report["torch.bfloat16"].startswith("brgemm-"), report
+
+
 def test_path_without_16bit_instructions():
     """oneDNN capped at plain AVX-512: bf16 on brgemm's emulation or the fp32 kernels, still correct."""
     if "avx512f" not in cpu_flags():
