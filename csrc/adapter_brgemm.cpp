@@ -15,7 +15,9 @@
 //             chunk (ColumnBlocked), so brgemm's C rows are kOutCols floats apart rather than d
 //             (d = 1024 put every C tile row on one 4 KiB-aliased cache set: the dW products ran
 //             at under half the rate of the others); the group's sums are copied to its partials
-//             row once, at the group's end.
+//             row once, at the group's end. On AVX512-BF16 without AMX, the d-wide B operands
+//             (packed weights, repacked rows) have rows padded by 16 columns where d % 512 == 0
+//             (b_stride: otherwise their loads along K fall on one or two L1 sets).
 // float16 split into bf16 (U = bf16 for T = float16, bf16_split.h): products with K = d (h, da)
 // take three calls on split rows; products with K = r (u, dx) one call on rows [hi | hi | lo]
 // against weights packed [hi; lo; hi]; the weight gradients one call per full run on B operands
