@@ -90,6 +90,16 @@ def _cases(d: int, r: int):
         _call(64, min(64, d - n0), r, r, min(64, d - n0), 64, b_off=n0 * r) for n0 in range(0, d, 64)]
     yield f"dW    M={r} K=256, 256 columns per call, ldb={d}", [
         _call(r, min(256, d - n0), 256, 256, d, 256, True, b_off=2 * n0, c_off=r * n0) for n0 in range(0, d, 256)]
+    # The same B operands with their rows padded by 16 columns (pairs of rows 4 d + 64 bytes
+    # apart): at d = 1024 or 4096 the unpadded pairs of rows are a multiple of 4 KiB apart, so
+    # the kernel's B loads along K all fall on one L1 set.
+    ldp = d + 16
+    yield f"u/dx  M=64 K={r}, 256 columns per call, ldb={ldp}", [
+        _call(64, min(256, d - n0), r, r, ldp, 256, b_off=2 * n0) for n0 in range(0, d, 256)]
+    yield f"dW    M={r} K=256, 256 columns per call, ldb={ldp}", [
+        _call(r, min(256, d - n0), 256, 256, ldp, 256, True, b_off=2 * n0, c_off=r * n0) for n0 in range(0, d, 256)]
+    yield f"h/da  M=64 N={r} K={d} lda={ldp}, {blocks} row blocks", [
+        _call(64, r, d, ldp, r, r, a_off=i * 64 * ldp) for i in range(blocks)]
 
 
 def main(argv=None) -> int:

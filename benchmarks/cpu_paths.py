@@ -6,6 +6,8 @@ backward times at the given shape. Paths: ``default`` (what runs for the dtype h
 ``brgemm-off`` (ADAPTERFAST_CPU_BRGEMM=0), ``fp32-brgemm`` (ADAPTERFAST_CPU_FP32_BRGEMM=1),
 ``no-amx`` (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), ``fp16-native`` / ``fp16-bf16x3``
 (ADAPTERFAST_CPU_FP16: float16 on oneDNN's float16 kernel, or split into three bf16 products),
+``brgemm-pad`` / ``brgemm-no-pad`` (ADAPTERFAST_CPU_BRGEMM_PAD=1 / 0: the d-wide VNNI B operands'
+rows padded by 16 columns always / never; by default only where d % 512 == 0 without AMX),
 ``eager`` (the op as PyTorch ops in the same dtype, ``x + up(relu(down(x)))`` with both biases,
 as the fused paths here are called; the eager provider of ``python -m benchmarks`` is the
 bias-free module). Each row also gives the op's GEMM rate, its 12 N d r flops (two GEMMs forward,
@@ -41,6 +43,8 @@ PATHS = {
     "no-amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
     "fp16-native": {"ADAPTERFAST_CPU_FP16": "native"},
     "fp16-bf16x3": {"ADAPTERFAST_CPU_FP16": "bf16x3"},
+    "brgemm-pad": {"ADAPTERFAST_CPU_BRGEMM_PAD": "1"},
+    "brgemm-no-pad": {"ADAPTERFAST_CPU_BRGEMM_PAD": "0"},
     "eager": {},
 }
 

@@ -15,7 +15,9 @@
 //             chunk (ColumnBlocked), so brgemm's C rows are kOutCols floats apart rather than d
 //             (d = 1024 put every C tile row on one 4 KiB-aliased cache set: the dW products ran
 //             at under half the rate of the others); the group's sums are copied to its partials
-//             row once, at the group's end.
+//             row once, at the group's end. On AVX512-BF16 without AMX, the d-wide B operands
+//             (packed weights, repacked rows) have rows padded by 16 columns where d % 512 == 0
+//             (b_stride: otherwise their loads along K fall on one or two L1 sets).
 // float16 split into bf16 (U = bf16 for T = float16, bf16_split.h): products with K = d (h, da)
 // take three calls on split rows; products with K = r (u, dx) one call on rows [hi | hi | lo]
 // against weights packed [hi; lo; hi]; the weight gradients one call per full run on B operands
@@ -26,6 +28,8 @@
 // written with non-temporal stores, as the fp32 drivers do.
 #include "adapter_brgemm.h"
 
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -108,12 +112,12 @@ void prefetch_rows(const T* data, int64_t ld, int64_t first, int64_t m, int64_t 
   }
 }
 
-// C[M, d] (+)= A[M, K] B[K, d] in column chunks of kOutCols, B packed with ldb = d; with `finish`,
-// each chunk goes through the output epilogue instead of into C. between(c, chunks) runs after
-// chunk c of `chunks` (the callers' prefetches).
+// C[M, d] (+)= A[M, K] B[K, d] in column chunks of kOutCols, B packed with leading dimension ldb;
+// with `finish`, each chunk goes through the output epilogue instead of into C. between(c, chunks)
+// runs after chunk c of `chunks` (the callers' prefetches).
 template <typename T, typename Between>
 void product_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const T* A, int64_t lda,
-                        const T* B, float* C, int64_t ldc, bool add, float* chunk,
+                        const T* B, int64_t ldb, float* C, int64_t ldc, bool add, float* chunk,
                         const OutputEpilogue<float>* finish, Between between) {
   const int64_t chunks = (d + kOutCols - 1) / kOutCols;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -121,10 +125,10 @@ void product_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, co
     const int64_t nc = std::min(kOutCols, d - n0);
     const T* b = B + b_column(layout, n0);
     if (finish != nullptr) {
-      brgemm(M, nc, K, lda, d, nc, false, A, b, chunk, kVnni<T>);
+      brgemm(M, nc, K, lda, ldb, nc, false, A, b, chunk, kVnni<T>);
       avx512::finish_rows(M, nc, chunk, nc, n0, *finish);
     } else {
-      brgemm(M, nc, K, lda, d, ldc, add, A, b, C + n0, kVnni<T>);
+      brgemm(M, nc, K, lda, ldb, ldc, add, A, b, C + n0, kVnni<T>);
     }
     between(c, chunks);
   }
@@ -147,13 +151,13 @@ struct ColumnBlocked {
   }
 };
 
-// C (+)= A[M, K] B[K, d], B packed with ldb = d, C column-blocked.
+// C (+)= A[M, K] B[K, d], B packed with leading dimension ldb, C column-blocked.
 template <typename T>
 void accumulate_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const T* A, int64_t lda,
-                           const T* B, const ColumnBlocked& C, bool add) {
+                           const T* B, int64_t ldb, const ColumnBlocked& C, bool add) {
   for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
     const int64_t nc = std::min(kOutCols, d - n0);
-    brgemm(M, nc, K, lda, d, nc, add, A, B + b_column(layout, n0), C.chunk(n0), kVnni<T>);
+    brgemm(M, nc, K, lda, ldb, nc, add, A, B + b_column(layout, n0), C.chunk(n0), kVnni<T>);
   }
 }
 
@@ -170,15 +174,47 @@ void accumulate_split_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int6
   }
 }
 
-// The weight src (K x N, as for pack_b) as a B operand of U: for the split, [hi; lo; hi] of
-// pack_b_split.
+// The weight src (K x N, as for pack_b) as a B operand of U with leading dimension ldb: for the
+// split, [hi; lo; hi] of pack_b_split (whose ldb is always N).
 template <typename T, typename U>
-std::vector<U> weight_b(BrgemmLayout layout, int64_t K, int64_t N, const float* src, int64_t ld_k) {
+std::vector<U> weight_b(BrgemmLayout layout, int64_t K, int64_t N, const float* src, int64_t ld_k, int64_t ldb) {
   if constexpr (kSplit<T, U>) {
     return pack_b_split(layout, K, N, src, ld_k);
   } else {
-    return pack_b<U>(layout, K, N, src, ld_k);
+    return pack_b<U>(layout, K, N, src, ld_k, ldb);
   }
+}
+
+// Leading dimension of the B operands that are d columns wide (the packed up-weight of the
+// forward, the down-weight of the backward, the backward's repacked gz and x rows): d, or d + 16
+// where d is a multiple of 512 on the AVX512-BF16 kernel (VNNI pairs of rows then lie a multiple
+// of 2 KiB apart, so the kernel's loads of B along K fall on one or two L1 sets). oneDNN's
+// AVX512-BF16 ukernel, `python -m benchmarks.brgemm_calls --dtype bf16 --shapes 768,64 1024,64
+// 4096,16` (1 thread, least thread time, AMD EPYC Zen 4 without AMX, load 1.1-1.6): u/dx calls
+// (M = 64, K = 64, 256 columns) at d = 1024 176 -> 217 GFLOP/s with ldb = 1040; at d = 4096,
+// r = 16 171 -> 187; weight-gradient calls (K = 256 rows) 220 -> 229 (d = 1024, r = 64) and
+// 162 -> 220 (d = 4096, r = 16); d = 768 (pairs 3 KiB apart) 221 / 231 either way. AMX tiles
+// load B rows with their own stride and were not measured here, so AMX keeps ldb = d; float16's
+// plain layout (AVX512-FP16) too. Whole 1-thread backward calls, this build against the one before
+// in alternating processes (4 pairs, least thread time of 10 calls each, load average 1.9-2.4):
+// d = 1024, r = 64 30.8 -> 27.3 ms (best of each; every pair faster, by 1-12%), d = 4096, r = 16
+// 46.5 -> 44.6 ms (every pair faster, 4-11%); forwards within noise.
+// ADAPTERFAST_CPU_BRGEMM_PAD=1 pads every such VNNI operand (any d, AMX too), =0 none: to measure
+// the choice where it was not. `python -m benchmarks.cpu_paths --dtype bf16 --paths
+// default,brgemm-no-pad,brgemm-pad --threads 1 --clock thread --repeats 3 --calls 10 --shapes
+// 8192,1024,64 8192,4096,16 8192,768,64` (same CPU, load average 2.8-3.1; output in
+// benchmarks/results/cpu_16bit/avx512bf16_bf16_paths.txt), backward, no pad vs pad by round:
+// d = 1024, r = 64 32.0/29.9, 30.4/27.8, 33.3/27.2 ms; d = 4096, r = 16 54.8/54.4, 54.6/45.4,
+// 59.5/53.0; but d = 768, r = 64 21.7/29.3, 23.8/25.9, 22.1/24.8: padding where the rows do not
+// alias costs, hence only d % 512 == 0.
+int64_t b_stride(BrgemmLayout layout, int64_t d) {
+  static const int forced = [] {
+    const char* v = std::getenv("ADAPTERFAST_CPU_BRGEMM_PAD");
+    return v == nullptr ? -1 : std::string(v) == "1" ? 1 : std::string(v) == "0" ? 0 : -1;
+  }();
+  static const bool amx = brgemm_unit(at::kBFloat16) == "amx";
+  if (layout != BrgemmLayout::vnni || forced == 0) return d;
+  return forced == 1 || (!amx && d % 512 == 0) ? d + 16 : d;
 }
 
 using Bf16 = c10::BFloat16;
@@ -218,8 +254,9 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
   const auto [n, d, r] = op.dims;
   const int64_t rp = even(r);
   const int64_t dp = even(d);
-  const std::vector<U> w_down_b = weight_b<T, U>(layout, d, r, op.w_down_t.data_ptr<float>(), r);
-  const std::vector<U> w_up_b = weight_b<T, U>(layout, r, d, op.w_up_t.data_ptr<float>(), d);
+  const int64_t ldb = split ? d : b_stride(layout, d);
+  const std::vector<U> w_down_b = weight_b<T, U>(layout, d, r, op.w_down_t.data_ptr<float>(), r, r);
+  const std::vector<U> w_up_b = weight_b<T, U>(layout, r, d, op.w_up_t.data_ptr<float>(), d, ldb);
   const T* x_data = op.x.data_ptr<T>();
   const int64_t x_row_stride = op.x.stride(0);
   const int64_t x_col_stride = d == 1 ? 1 : op.x.stride(1);
@@ -283,11 +320,11 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
       };
       if constexpr (split) {
         split_rows_tripled(m, r, rp, a.data(), rp, a_split.data());
-        product_by_columns<U>(layout, m, 3 * rp, d, a_split.data(), 3 * rp, w_up_b.data(), nullptr, 0, false,
+        product_by_columns<U>(layout, m, 3 * rp, d, a_split.data(), 3 * rp, w_up_b.data(), ldb, nullptr, 0, false,
                               chunk.data(), &e, prefetch_next);
       } else {
-        product_by_columns<U>(layout, m, rp, d, a.data(), rp, w_up_b.data(), nullptr, 0, false, chunk.data(), &e,
-                              prefetch_next);
+        product_by_columns<U>(layout, m, rp, d, a.data(), rp, w_up_b.data(), ldb, nullptr, 0, false, chunk.data(),
+                              &e, prefetch_next);
       }
     });
     brgemm_release(kVnni<U>);
@@ -303,8 +340,9 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
   const auto [n, d, r] = op.dims;
   const int64_t rp = even(r);
   const int64_t groups = partials.size(0);
-  const std::vector<U> w_up_b = weight_b<T, U>(layout, d, r, op.w_up.data_ptr<float>(), r);
-  const std::vector<U> w_down_b = weight_b<T, U>(layout, r, d, op.w_down.data_ptr<float>(), d);
+  const int64_t ldb = split ? d : b_stride(layout, d);
+  const std::vector<U> w_up_b = weight_b<T, U>(layout, d, r, op.w_up.data_ptr<float>(), r, r);
+  const std::vector<U> w_down_b = weight_b<T, U>(layout, r, d, op.w_down.data_ptr<float>(), d, ldb);
   const T* g_data = op.grad_y.data_ptr<T>();
   const int64_t ld_g = op.grad_y.stride(0);
   const T* x_data = op.x.data_ptr<T>();
@@ -328,8 +366,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
     std::vector<T> x_scratch(kBlockRows * dp);
     // A run's gz and x rows as B operands; for the split, three segments of kSumRows rows each,
     // [hi; lo; hi], which a full run multiplies in one call by A rows [a_hi | a_hi | a_lo].
-    std::vector<U> gz_b((split ? 3 : 1) * kSumRows * d);
-    std::vector<U> x_b((split ? 3 : 1) * kSumRows * d);
+    std::vector<U> gz_b((split ? 3 : 1) * kSumRows * ldb);
+    std::vector<U> x_b((split ? 3 : 1) * kSumRows * ldb);
     std::vector<T> a_t(r * kSumRows);        // [r, kSumRows]: a^T of the run
     std::vector<T> dh_t(r * kSumRows);       // [r, kSumRows]: dh^T of the run
     std::vector<float> da(kBlockRows * r);
@@ -445,20 +483,20 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
         };
         if constexpr (split) {
           split_rows_tripled(m, r, rp, dh.data(), rp, dh_split.data());
-          product_by_columns<U>(layout, m, 3 * rp, d, dh_split.data(), 3 * rp, w_down_b.data(), nullptr, 0, false,
-                                chunk.data(), &e, prefetch_next);
+          product_by_columns<U>(layout, m, 3 * rp, d, dh_split.data(), 3 * rp, w_down_b.data(), ldb, nullptr, 0,
+                                false, chunk.data(), &e, prefetch_next);
           U* const b = x_b.data() + run * d;
           split_rows_vnni(m, d, xb, ld_x, b, b + segment, b + 2 * segment);
         } else {
-          product_by_columns<U>(layout, m, rp, d, dh.data(), rp, w_down_b.data(), nullptr, 0, false, chunk.data(), &e,
-                                prefetch_next);
+          product_by_columns<U>(layout, m, rp, d, dh.data(), rp, w_down_b.data(), ldb, nullptr, 0, false,
+                                chunk.data(), &e, prefetch_next);
           if (dropout) {
-            rows_as_b<U>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d);
+            rows_as_b<U>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * ldb, nullptr, ldb);
           } else {  // db_up's column sums of g, taken from the block's rows while they are in L2
-            rows_as_b_summed<U>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * d, col_sums.data());
+            rows_as_b_summed<U>(layout, m, d, gz_rows, ld_gz, gz_b.data() + run * ldb, col_sums.data(), ldb);
             add_db_up();
           }
-          rows_as_b<U>(layout, m, d, xb, ld_x, x_b.data() + run * d);
+          rows_as_b<U>(layout, m, d, xb, ld_x, x_b.data() + run * ldb, nullptr, ldb);
         }
         run += mp;
         if (run == kSumRows || block + 1 == last_block) {
@@ -469,8 +507,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
             split_rows_tripled(r, run, kSumRows, a_t.data(), kSumRows, a3);
             split_rows_tripled(r, run, kSumRows, dh_t.data(), kSumRows, dh3);
             if (run == kSumRows) {
-              accumulate_by_columns<U>(layout, r, ld, d, a3, ld, gz_b.data(), dw_up_sums, !first_run);
-              accumulate_by_columns<U>(layout, r, ld, d, dh3, ld, x_b.data(), dw_down_sums, !first_run);
+              accumulate_by_columns<U>(layout, r, ld, d, a3, ld, gz_b.data(), d, dw_up_sums, !first_run);
+              accumulate_by_columns<U>(layout, r, ld, d, dh3, ld, x_b.data(), d, dw_down_sums, !first_run);
             } else {  // a group's last, shorter run: its segments are not contiguous
               accumulate_split_by_columns(layout, r, run, d, a3, a3 + 2 * kSumRows, ld, gz_b.data(),
                                           gz_b.data() + segment, dw_up_sums, !first_run);
@@ -478,8 +516,10 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
                                           x_b.data() + segment, dw_down_sums, !first_run);
             }
           } else {
-            accumulate_by_columns<U>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), dw_up_sums, !first_run);
-            accumulate_by_columns<U>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), dw_down_sums, !first_run);
+            accumulate_by_columns<U>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), ldb, dw_up_sums,
+                                     !first_run);
+            accumulate_by_columns<U>(layout, r, run, d, dh_t.data(), kSumRows, x_b.data(), ldb, dw_down_sums,
+                                     !first_run);
           }
           run = 0;
           first_run = false;

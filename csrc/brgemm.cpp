@@ -95,6 +95,19 @@ std::string brgemm_unit(at::ScalarType dtype) {
 // weight-gradient products have the rows as K, so each needs the hi and lo of the gz and x rows
 // repacked as B operands, and that memory traffic costs what the faster products save. So by
 // default the forward is split and the backward stays on the float16 kernel.
+//
+// float16 on AVX512-BF16 without AMX and without AVX512-FP16 (AMD EPYC, Zen 4 class; oneDNN has no
+// float16 brgemm there, so the default is the fp32 AVX-512 block kernels with float16 converted on
+// load and store, kernel_isa "avx512"): the split runs each product as three bf16 products on
+// `vdpbf16ps`, whose rate (about 215 GFLOP/s a core, `python -m benchmarks.brgemm_calls`) is only
+// twice fp32's, so three of them cost more than one fp32 product. Measured with `python -m
+// benchmarks.cpu_paths --dtype fp16 --paths eager,default,fp16-bf16x3 --threads 1 --clock thread
+// --shapes 8192,768,16 8192,768,64 8192,1024,64 8192,4096,16` (least thread time of 5 calls, load
+// average 1.8; benchmarks/results/cpu_16bit/avx512bf16_fp16_paths.txt), fwd+bwd, default vs split:
+// 36.9 vs 33.4 ms (d=768 r=16), 65.7 vs 85.0 (768, 64), 96.0 vs 131.1 (1024, 64), 204.0 vs 232.6
+// (4096, 16); forwards alone 10.7/9.5, 19.8/26.3, 28.6/45.5, 59.9/58.9. The split wins 9% at one
+// shape and loses 14-37% at the others, so without AMX float16 stays off the split (fp16_on_bf16
+// false unless forced).
 bool fp16_on_bf16() {
   static const bool split = [] {
     if (brgemm_layout(at::kBFloat16) == BrgemmLayout::none || env_is("ADAPTERFAST_CPU_FP16", "native")) return false;
@@ -196,14 +209,14 @@ ALWAYS_INLINE void copy_16(const uint16_t* src, uint16_t* out, float* sums, __mm
 // rows_as_b_16bit (brgemm.h) for bf16 (kHalf false) or float16 values.
 template <bool kHalf>
 void rows_as_b_16bit_as(bool vnni, int64_t m, int64_t N, const uint16_t* src, int64_t ld_src, uint16_t* dst,
-                        const int64_t* rows, float* sums) {
+                        int64_t ldb, const int64_t* rows, float* sums) {
   auto row = [&](int64_t i) { return src + (rows == nullptr ? i : rows[i]) * ld_src; };
   const int64_t m_even = m + (m & 1);
   if (vnni) {
     for (int64_t i = 0; i < m_even; i += 2) {
       const uint16_t* r0 = row(i);
       const uint16_t* r1 = i + 1 < m ? row(i + 1) : nullptr;
-      uint16_t* out = dst + i * N;
+      uint16_t* out = dst + i * ldb;
       int64_t n = 0;
       for (; n + 16 <= N; n += 16) {
         interleave_16<kHalf>(r0 + n, r1 ? r1 + n : nullptr, out + 2 * n, sums ? sums + n : nullptr, 0xFFFF);
@@ -215,13 +228,13 @@ void rows_as_b_16bit_as(bool vnni, int64_t m, int64_t N, const uint16_t* src, in
   }
   for (int64_t i = 0; i < m; ++i) {
     const uint16_t* r = row(i);
-    uint16_t* out = dst + i * N;
+    uint16_t* out = dst + i * ldb;
     for (int64_t n = 0; n < N; n += 32) {
       const __mmask32 mk = N - n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (N - n)) - 1);
       copy_16<kHalf>(r + n, out + n, sums ? sums + n : nullptr, mk);
     }
   }
-  for (int64_t k = m * N; k < m_even * N; ++k) dst[k] = 0;
+  if (m_even != m) std::fill(dst + m * ldb, dst + m * ldb + N, uint16_t(0));
 }
 #endif
 
@@ -243,12 +256,12 @@ void transpose_16bit(int64_t m, int64_t n, const uint16_t* src, int64_t ld_src, 
 }
 
 void rows_as_b_16bit(bool vnni, int64_t m, int64_t N, const uint16_t* src, int64_t ld_src, uint16_t* dst,
-                     const int64_t* rows, float* sums, bool half) {
+                     int64_t ldb, const int64_t* rows, float* sums, bool half) {
 #ifdef ADAPTERFAST_AVX512_KERNELS
   if (half) {
-    rows_as_b_16bit_as<true>(vnni, m, N, src, ld_src, dst, rows, sums);
+    rows_as_b_16bit_as<true>(vnni, m, N, src, ld_src, dst, ldb, rows, sums);
   } else {
-    rows_as_b_16bit_as<false>(vnni, m, N, src, ld_src, dst, rows, sums);
+    rows_as_b_16bit_as<false>(vnni, m, N, src, ld_src, dst, ldb, rows, sums);
   }
 #else
   TORCH_CHECK(false, "adapterfast: rows_as_b_16bit needs the AVX-512 kernels");

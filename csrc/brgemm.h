@@ -64,14 +64,16 @@ inline int64_t b_column(BrgemmLayout layout, int64_t n0) {
   return layout == BrgemmLayout::vnni ? 2 * n0 : n0;
 }
 
-// src (K x N, element (k, n) at src[k * ld_k + n]) as a B operand of T with ldb = N and K rounded
-// up to even with zero rows (both layouts need an even K).
+// src (K x N, element (k, n) at src[k * ld_k + n]) as a B operand of T with ldb = N (or the given
+// ldb >= N, the pad columns zero) and K rounded up to even with zero rows (both layouts need an
+// even K).
 template <typename T, typename S>
-std::vector<T> pack_b(BrgemmLayout layout, int64_t K, int64_t N, const S* src, int64_t ld_k) {
+std::vector<T> pack_b(BrgemmLayout layout, int64_t K, int64_t N, const S* src, int64_t ld_k, int64_t ldb = 0) {
+  if (ldb == 0) ldb = N;
   const int64_t k_even = K + (K & 1);
-  std::vector<T> out(k_even * N, T(0.0f));
+  std::vector<T> out(k_even * ldb, T(0.0f));
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t n = 0; n < N; ++n) out[b_index(layout, k, n, N)] = static_cast<T>(src[k * ld_k + n]);
+    for (int64_t n = 0; n < N; ++n) out[b_index(layout, k, n, ldb)] = static_cast<T>(src[k * ld_k + n]);
   }
   return out;
 }
@@ -135,38 +137,43 @@ inline void add_to_sums(const T* __restrict g, float* __restrict sum, int64_t d)
 // pairs built 16 columns at a time, or a plain copy; where sums is set, sums[n] += float(row's
 // value) for every copied row in row order (bf16 values, or float16 ones with half), so that the
 // pass that repacks a block's g rows also takes db_up's column sums (the same fp32 additions in
-// the same order as a separate loop over the rows, without a second read of g).
+// the same order as a separate loop over the rows, without a second read of g). dst has
+// ldb >= N (its pad columns are not written).
 void rows_as_b_16bit(bool vnni, int64_t m, int64_t N, const uint16_t* src, int64_t ld_src, uint16_t* dst,
-                     const int64_t* rows, float* sums, bool half);
+                     int64_t ldb, const int64_t* rows, float* sums, bool half);
 
-// dst = rows [0, m) of src (leading dimension ld_src, width N) as a B operand with ldb = N and
-// m rounded up to even with a zero row: interleaved pairs of rows (VNNI) or a plain copy. With
-// `rows`, row i is src's row rows[i] (the grouped op's rows, scattered over an [N, d] tensor).
+// dst = rows [0, m) of src (leading dimension ld_src, width N) as a B operand with ldb = N (or
+// the given ldb >= N; its pad columns are not written) and m rounded up to even with a zero row:
+// interleaved pairs of rows (VNNI) or a plain copy. With `rows`, row i is src's row rows[i] (the
+// grouped op's rows, scattered over an [N, d] tensor).
 template <typename T>
 void rows_as_b(BrgemmLayout layout, int64_t m, int64_t N, const T* src, int64_t ld_src, T* dst,
-               const int64_t* rows = nullptr) {
+               const int64_t* rows = nullptr, int64_t ldb = 0) {
+  if (ldb == 0) ldb = N;
   if constexpr (sizeof(T) == 2) {
     rows_as_b_16bit(layout == BrgemmLayout::vnni, m, N, reinterpret_cast<const uint16_t*>(src), ld_src,
-                    reinterpret_cast<uint16_t*>(dst), rows, nullptr, std::is_same_v<T, c10::Half>);
+                    reinterpret_cast<uint16_t*>(dst), ldb, rows, nullptr, std::is_same_v<T, c10::Half>);
   } else {
     const int64_t m_even = m + (m & 1);
     for (int64_t i = 0; i < m; ++i) {
       const T* row = src + (rows == nullptr ? i : rows[i]) * ld_src;
-      std::copy(row, row + N, dst + i * N);
+      std::copy(row, row + N, dst + i * ldb);
     }
-    if (m_even != m) std::fill(dst + m * N, dst + m_even * N, T(0.0f));
+    if (m_even != m) std::fill(dst + m * ldb, dst + m * ldb + N, T(0.0f));
   }
 }
 
 // rows_as_b that also adds the rows to column sums, sums[n] += float(src(i, n)) in row order
 // (in the same pass for 16-bit rows, rows_as_b_16bit; a second loop for fp32).
 template <typename T>
-void rows_as_b_summed(BrgemmLayout layout, int64_t m, int64_t N, const T* src, int64_t ld_src, T* dst, float* sums) {
+void rows_as_b_summed(BrgemmLayout layout, int64_t m, int64_t N, const T* src, int64_t ld_src, T* dst, float* sums,
+                      int64_t ldb = 0) {
+  if (ldb == 0) ldb = N;
   if constexpr (sizeof(T) == 2) {
     rows_as_b_16bit(layout == BrgemmLayout::vnni, m, N, reinterpret_cast<const uint16_t*>(src), ld_src,
-                    reinterpret_cast<uint16_t*>(dst), nullptr, sums, std::is_same_v<T, c10::Half>);
+                    reinterpret_cast<uint16_t*>(dst), ldb, nullptr, sums, std::is_same_v<T, c10::Half>);
   } else {
-    rows_as_b(layout, m, N, src, ld_src, dst);
+    rows_as_b(layout, m, N, src, ld_src, dst, nullptr, ldb);
     for (int64_t i = 0; i < m; ++i) add_to_sums(src + i * ld_src, sums, N);
   }
 }

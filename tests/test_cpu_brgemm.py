@@ -77,6 +77,10 @@ CASES = [
     (1, 2, 1, True, False, 0.0, "gelu_tanh", False),
     (3000, 96, 64, True, False, 0.0, "gelu", False),  # several reduction groups and 256-row runs
     (67, 37, 5, True, True, 0.0, "silu", False),  # odd d and row count without dropout
+    # d a multiple of 512: on AVX512-BF16 without AMX the d-wide B operands get padded rows
+    # (b_stride in adapter_brgemm.cpp), with and without dropout, odd row counts
+    (131, 1024, 16, True, False, 0.0, "gelu", False),
+    (197, 512, 8, False, True, 0.2, "silu", False),
 ]
 
 
@@ -232,6 +236,16 @@ def test_fp16_paths_forced(forced):
         assert report["torch.float16"] == "brgemm-amx-bf16x3", report
     else:
         assert report["torch.float16"] == "brgemm-avx512-bf16x3", report
+
+
+@pytest.mark.parametrize("pad", ["0", "1"])
+def test_brgemm_b_padding_forced(pad):
+    """The d-wide VNNI B operands with rows padded by 16 columns at every d (=1, AMX included) and
+    never (=0), each within 2x eager's error."""
+    if "avx512_bf16" not in cpu_flags():
+        pytest.skip("no AVX512-BF16 here")
+    report = run_forced({"ADAPTERFAST_CPU_BRGEMM_PAD": pad})
+    assert report["torch.bfloat16"].startswith("brgemm-"), report
 
 
 def test_path_without_16bit_instructions():
