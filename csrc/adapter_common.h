@@ -11,6 +11,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "block_kernels.h"
 #include "matrix_copy.h"
 
@@ -113,6 +117,23 @@ inline acc_t round_as(acc_t v) {
   }
 }
 
+// dst[k] = float(src[k]) for k < n. c10::Half's conversion is scalar bit manipulation that the
+// compiler does not vectorise (with scale_row's, in adapter_backward.cpp, ~16% of the samples of
+// a fp16 step at N = 8192, d = 768, r = 16 on Zen 4); with F16C, 8 values per instruction (exact,
+// so the same values).
+template <typename T, typename acc_t>
+inline void widen_row(const T* __restrict src, acc_t* __restrict dst, int64_t n) {
+  int64_t k = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<acc_t, float>) {
+    for (; k + 8 <= n; k += 8) {
+      _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+    }
+  }
+#endif
+  for (; k < n; ++k) dst[k] = static_cast<acc_t>(src[k]);
+}
+
 // Rows of a 2-D tensor of T as the GEMMs read them: in place when T is the accumulation type and
 // the columns are contiguous, otherwise converted block by block into a scratch buffer.
 template <typename T, typename acc_t>
@@ -139,7 +160,7 @@ class RowReader {
       const T* src = first + i * row_stride_;
       acc_t* dst = scratch + i * width_;
       if (col_stride_ == 1) {
-        for (int64_t k = 0; k < width_; ++k) dst[k] = static_cast<acc_t>(src[k]);
+        widen_row(src, dst, width_);
       } else {
         for (int64_t k = 0; k < width_; ++k) dst[k] = static_cast<acc_t>(src[k * col_stride_]);
       }
