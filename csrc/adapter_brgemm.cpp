@@ -28,8 +28,6 @@
 // written with non-temporal stores, as the fp32 drivers do.
 #include "adapter_brgemm.h"
 
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -208,10 +206,9 @@ std::vector<U> weight_b(BrgemmLayout layout, int64_t K, int64_t N, const float* 
 // 59.5/53.0; but d = 768, r = 64 21.7/29.3, 23.8/25.9, 22.1/24.8: padding where the rows do not
 // alias costs, hence only d % 512 == 0.
 int64_t b_stride(BrgemmLayout layout, int64_t d) {
-  static const int forced = [] {
-    const char* v = std::getenv("ADAPTERFAST_CPU_BRGEMM_PAD");
-    return v == nullptr ? -1 : std::string(v) == "1" ? 1 : std::string(v) == "0" ? 0 : -1;
-  }();
+  static const int forced = env_is("ADAPTERFAST_CPU_BRGEMM_PAD", "1")   ? 1
+                            : env_is("ADAPTERFAST_CPU_BRGEMM_PAD", "0") ? 0
+                                                                         : -1;
   static const bool amx = brgemm_unit(at::kBFloat16) == "amx";
   if (layout != BrgemmLayout::vnni || forced == 0) return d;
   return forced == 1 || (!amx && d % 512 == 0) ? d + 16 : d;

@@ -10,12 +10,13 @@
 #include "block_kernels.h"
 
 namespace adapterfast::cpu {
-namespace {
 
 bool env_is(const char* name, const char* value) {
   const char* set = std::getenv(name);
   return set != nullptr && std::string(set) == value;
 }
+
+namespace {
 
 bool brgemm_enabled() {
   return !env_is("ADAPTERFAST_CPU_BRGEMM", "0") && avx512::kernels() != nullptr &&

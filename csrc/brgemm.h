@@ -34,6 +34,9 @@ enum class BrgemmLayout : uint8_t { none, vnni, plain };
 // the measurement that keeps fp32 off brgemm is at its definition in brgemm.cpp), else none.
 BrgemmLayout brgemm_layout(at::ScalarType dtype);
 
+// Whether the environment variable `name` is set to exactly `value` (the ADAPTERFAST_CPU_* switches).
+bool env_is(const char* name, const char* value);
+
 // "amx" when oneDNN packs this dtype for AMX tiles, else "avx512" (for the report in kernel_isa).
 std::string brgemm_unit(at::ScalarType dtype);
 
