@@ -175,7 +175,7 @@ void accumulate_split_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int6
 // The weight src (K x N, as for pack_b) as a B operand of U with leading dimension ldb: for the
 // split, [hi; lo; hi] of pack_b_split (whose ldb is always N).
 template <typename T, typename U>
-std::vector<U> weight_b(BrgemmLayout layout, int64_t K, int64_t N, const float* src, int64_t ld_k, int64_t ldb) {
+Scratch<U> weight_b(BrgemmLayout layout, int64_t K, int64_t N, const float* src, int64_t ld_k, int64_t ldb) {
   if constexpr (kSplit<T, U>) {
     return pack_b_split(layout, K, N, src, ld_k);
   } else {
@@ -252,8 +252,8 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
   const int64_t rp = even(r);
   const int64_t dp = even(d);
   const int64_t ldb = split ? d : b_stride(layout, d);
-  const std::vector<U> w_down_b = weight_b<T, U>(layout, d, r, op.w_down_t.data_ptr<float>(), r, r);
-  const std::vector<U> w_up_b = weight_b<T, U>(layout, r, d, op.w_up_t.data_ptr<float>(), d, ldb);
+  const Scratch<U> w_down_b = weight_b<T, U>(layout, d, r, op.w_down_t.data_ptr<float>(), r, r);
+  const Scratch<U> w_up_b = weight_b<T, U>(layout, r, d, op.w_up_t.data_ptr<float>(), d, ldb);
   const T* x_data = op.x.data_ptr<T>();
   const int64_t x_row_stride = op.x.stride(0);
   const int64_t x_col_stride = d == 1 ? 1 : op.x.stride(1);
@@ -269,10 +269,10 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
 
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    std::vector<T> x_scratch(kBlockRows * dp);
-    std::vector<T> a(kBlockRows * rp, T(0.0f));
-    std::vector<U> x_split(split ? 2 * kBlockRows * dp : 0);      // x rows' hi, then lo
-    std::vector<U> a_split(split ? kBlockRows * 3 * rp : 0, U(0.0f));  // rows [a_hi | a_hi | a_lo]
+    Scratch<T> x_scratch(kBlockRows * dp);
+    Scratch<T> a = Scratch<T>::zeroed(kBlockRows * rp);                              // its pad column read as 0
+    Scratch<U> x_split = Scratch<U>::zeroed(split ? 2 * kBlockRows * dp : 0);        // x rows' hi, then lo
+    Scratch<U> a_split = Scratch<U>::zeroed(split ? kBlockRows * 3 * rp : 0);        // rows [a_hi | a_hi | a_lo]
     std::vector<float> chunk(kBlockRows * kOutCols);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
@@ -338,8 +338,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
   const int64_t rp = even(r);
   const int64_t groups = partials.size(0);
   const int64_t ldb = split ? d : b_stride(layout, d);
-  const std::vector<U> w_up_b = weight_b<T, U>(layout, d, r, op.w_up.data_ptr<float>(), r, r);
-  const std::vector<U> w_down_b = weight_b<T, U>(layout, r, d, op.w_down.data_ptr<float>(), d, ldb);
+  const Scratch<U> w_up_b = weight_b<T, U>(layout, d, r, op.w_up.data_ptr<float>(), r, r);
+  const Scratch<U> w_down_b = weight_b<T, U>(layout, r, d, op.w_down.data_ptr<float>(), d, ldb);
   const T* g_data = op.grad_y.data_ptr<T>();
   const int64_t ld_g = op.grad_y.stride(0);
   const T* x_data = op.x.data_ptr<T>();
@@ -359,22 +359,24 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
 
   at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
     const int64_t dp = even(d);
-    std::vector<T> gz(kBlockRows * dp);
-    std::vector<T> x_scratch(kBlockRows * dp);
+    Scratch<T> gz(kBlockRows * dp);
+    Scratch<T> x_scratch(kBlockRows * dp);
     // A run's gz and x rows as B operands; for the split, three segments of kSumRows rows each,
     // [hi; lo; hi], which a full run multiplies in one call by A rows [a_hi | a_hi | a_lo].
-    std::vector<U> gz_b((split ? 3 : 1) * kSumRows * ldb);
-    std::vector<U> x_b((split ? 3 : 1) * kSumRows * ldb);
-    std::vector<T> a_t(r * kSumRows);        // [r, kSumRows]: a^T of the run
-    std::vector<T> dh_t(r * kSumRows);       // [r, kSumRows]: dh^T of the run
+    // Written before they are read (rows_as_b, split_rows_vnni, transpose_rows and the pad row
+    // below write every element a product reads), so not zeroed.
+    Scratch<U> gz_b((split ? 3 : 1) * kSumRows * ldb);
+    Scratch<U> x_b((split ? 3 : 1) * kSumRows * ldb);
+    Scratch<T> a_t(r * kSumRows);        // [r, kSumRows]: a^T of the run
+    Scratch<T> dh_t(r * kSumRows);       // [r, kSumRows]: dh^T of the run
     std::vector<float> da(kBlockRows * r);
-    std::vector<T> dh(kBlockRows * rp, T(0.0f));
-    std::vector<T> a(kBlockRows * r);
+    Scratch<T> dh = Scratch<T>::zeroed(kBlockRows * rp);  // its pad column read as 0
+    Scratch<T> a(kBlockRows * r);
     // The split's other operands: a block's gz rows in hi and lo ([m, dp] each); dh as rows
     // [hi | hi | lo]; a^T and dh^T of the run as rows [hi | hi | lo] of 3 kSumRows.
-    std::vector<U> rows_split(split ? 2 * kBlockRows * dp : 0);
-    std::vector<U> dh_split(split ? kBlockRows * 3 * rp : 0, U(0.0f));
-    std::vector<U> t_split(split ? 2 * r * 3 * kSumRows : 0);
+    Scratch<U> rows_split = Scratch<U>::zeroed(split ? 2 * kBlockRows * dp : 0);
+    Scratch<U> dh_split = Scratch<U>::zeroed(split ? kBlockRows * 3 * rp : 0);
+    Scratch<U> t_split = Scratch<U>::zeroed(split ? 2 * r * 3 * kSumRows : 0);
     const int64_t segment = kSumRows * d;
     U* const rows_hi = rows_split.data();
     U* const rows_lo = rows_split.data() + kBlockRows * dp;

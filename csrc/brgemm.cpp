@@ -28,7 +28,7 @@ template <typename T>
 bool computes_in(BrgemmLayout layout) {
   const float b[4][2] = {{1, -2}, {3, 5}, {-7, 11}, {13, 17}};
   const T a[4] = {T(1.0f), T(2.0f), T(3.0f), T(4.0f)};
-  const std::vector<T> packed = pack_b<T>(layout, 4, 2, &b[0][0], 2);
+  const Scratch<T> packed = pack_b<T>(layout, 4, 2, &b[0][0], 2);
   float c[2] = {0, 0};
   try {
     at::native::cpublas::brgemm(1, 2, 4, 4, 2, 2, false, a, packed.data(), c, true);

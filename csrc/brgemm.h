@@ -23,6 +23,7 @@
 #include <c10/core/ScalarType.h>
 
 #include "bf16_split.h"
+#include "scratch.h"
 
 namespace adapterfast::cpu {
 
@@ -71,10 +72,10 @@ inline int64_t b_column(BrgemmLayout layout, int64_t n0) {
 // ldb >= N, the pad columns zero) and K rounded up to even with zero rows (both layouts need an
 // even K).
 template <typename T, typename S>
-std::vector<T> pack_b(BrgemmLayout layout, int64_t K, int64_t N, const S* src, int64_t ld_k, int64_t ldb = 0) {
+Scratch<T> pack_b(BrgemmLayout layout, int64_t K, int64_t N, const S* src, int64_t ld_k, int64_t ldb = 0) {
   if (ldb == 0) ldb = N;
   const int64_t k_even = K + (K & 1);
-  std::vector<T> out(k_even * ldb, T(0.0f));
+  Scratch<T> out = Scratch<T>::zeroed(k_even * ldb);
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t n = 0; n < N; ++n) out[b_index(layout, k, n, ldb)] = static_cast<T>(src[k * ld_k + n]);
   }
@@ -85,10 +86,10 @@ std::vector<T> pack_b(BrgemmLayout layout, int64_t K, int64_t N, const S* src, i
 // the B operand [hi; lo; hi] of 3 even(K) rows with ldb = N: multiplied by an A of rows
 // [a_hi | a_hi | a_lo] (K = 3 even(K)) it gives the float16 product in one call; its first
 // 2 even(K) rows, [hi; lo], serve products taken as separate calls.
-inline std::vector<c10::BFloat16> pack_b_split(BrgemmLayout layout, int64_t K, int64_t N, const float* src,
-                                               int64_t ld_k) {
+inline Scratch<c10::BFloat16> pack_b_split(BrgemmLayout layout, int64_t K, int64_t N, const float* src,
+                                           int64_t ld_k) {
   const int64_t k_even = K + (K & 1);
-  std::vector<c10::BFloat16> out(3 * k_even * N, c10::BFloat16(0.0f));
+  Scratch<c10::BFloat16> out = Scratch<c10::BFloat16>::zeroed(3 * k_even * N);
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t n = 0; n < N; ++n) {
       c10::BFloat16 hi, lo;

@@ -24,6 +24,7 @@
 #include "grouped_row_kernels.h"
 #include "grouped_rows.h"
 #include "philox.h"
+#include "scratch.h"
 
 namespace adapterfast::cpu {
 namespace {
@@ -120,7 +121,7 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
   epilogue.stream_out = dx.nbytes() >= kScatteredStreamBytes;
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
-    std::vector<T> gb(kRowList ? 0 : kBlockRows * d);
+    Scratch<T> gb = Scratch<T>::zeroed(kRowList ? 0 : kBlockRows * d);
     std::vector<acc_t> gz(kRowList && !dropout ? 0 : kBlockRows * d);
     std::vector<acc_t> xb(x_in_place != nullptr ? 0 : kBlockRows * d);
     std::vector<acc_t> hb(kBlockRows * r);
@@ -267,7 +268,7 @@ void write_gradients(const at::Tensor& partials, const std::vector<Group>& group
     U* bu = db_up.data_ptr<U>();
     at::parallel_for(0, adapters, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> total(size);
-      std::vector<U> up_t(r * d);  // dw_up^T [r, d] rounded, before its transpose
+      Scratch<U> up_t = Scratch<U>::zeroed(r * d);  // dw_up^T [r, d] rounded, before its transpose
       for (int64_t a = begin; a < end; ++a) {
         if (first[a] == first[a + 1]) {
           std::fill(wd + a * r * d, wd + (a + 1) * r * d, D(0));

@@ -20,6 +20,7 @@
 #include "grouped_backward.h"
 #include "grouped_brgemm_columns.h"
 #include "philox.h"
+#include "scratch.h"
 
 namespace adapterfast::cpu::grouped {
 namespace {
@@ -63,14 +64,14 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
   epilogue.stream_out = dx.nbytes() >= kScatteredStreamBytes;
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
-    std::vector<T> gz(kBlockRows * dp, T(0.0f));
-    std::vector<T> gz_b(kRunRows * d);  // a run's gz rows as a B operand
-    std::vector<T> x_b(kRunRows * d);   // a run's x rows as a B operand
-    std::vector<T> a_t(r * kRunRows);   // [r, kRunRows]: a^T of the run
-    std::vector<T> dh_t(r * kRunRows);  // [r, kRunRows]: dh^T of the run
+    Scratch<T> gz = Scratch<T>::zeroed(kBlockRows * dp);
+    Scratch<T> gz_b(kRunRows * d);  // a run's gz rows as a B operand
+    Scratch<T> x_b(kRunRows * d);   // a run's x rows as a B operand
+    Scratch<T> a_t(r * kRunRows);   // [r, kRunRows]: a^T of the run
+    Scratch<T> dh_t(r * kRunRows);  // [r, kRunRows]: dh^T of the run
     std::vector<float> da(kBlockRows * r);
-    std::vector<T> dh(kBlockRows * rp, T(0.0f));
-    std::vector<T> a(kBlockRows * r);
+    Scratch<T> dh = Scratch<T>::zeroed(kBlockRows * rp);
+    Scratch<T> a(kBlockRows * r);
     std::vector<float> chunk(kBlockRows * kOutCols);
     std::vector<uint8_t> keep(dropout ? ld_keep : 0);
     OutputEpilogue<float> e = epilogue;

@@ -35,6 +35,7 @@
 #include "grouped_rows.h"
 #include "grouped_weights.h"
 #include "philox.h"
+#include "scratch.h"
 
 namespace adapterfast::cpu {
 namespace {
@@ -227,9 +228,9 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, const Gemms&
   }
 
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
-    std::vector<op_t> xb(in_place ? 0 : kBlockRows * ld_x, op_t(0));
+    Scratch<op_t> xb = Scratch<op_t>::zeroed(in_place ? 0 : kBlockRows * ld_x);
     std::vector<acc_t> hb(kBlockRows * r);
-    std::vector<op_t> a(kBlockRows * ld_a, op_t(0));
+    Scratch<op_t> a = Scratch<op_t>::zeroed(kBlockRows * ld_a);
     std::vector<float> chunk(Gemms::kChunk);
     std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     typename Gemms::Weights weights = gemms.weights();

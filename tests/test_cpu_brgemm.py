@@ -288,3 +288,18 @@ def test_bf16_forward_past_2_31_elements():
     ours, theirs = rel_err(y[rows], y64), rel_err(y_eager, y64)
     print(f"past 2^31: error {ours:.3e}, eager bf16 {theirs:.3e}")
     assert ours < 1e-2 and ours <= 2 * theirs
+
+
+@pytest.mark.slow
+def test_scratch_is_written_before_it_is_read():
+    """The 16-bit drivers' scratch buffers are not zeroed (csrc/scratch.h); with
+    ADAPTERFAST_CPU_POISON_SCRATCH=1 they start as NaN, so any read of an element no code wrote
+    first shows up as a NaN or an error in these tests (the 16-bit single-op cases and the grouped
+    op on the CPU backend, in a fresh process that reads the switch)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, ADAPTERFAST_CPU_POISON_SCRATCH="1")
+    tests = [os.path.join(here, "test_cpu_brgemm.py::test_16bit_within_twice_eager_error"),
+             os.path.join(here, "test_grouped.py")]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not reference",
+                           *tests], env=env, cwd=os.path.dirname(here), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
