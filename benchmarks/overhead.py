@@ -4,7 +4,7 @@ Per-call cost decides small calls (a layer call sees batch x sequence rows: one 
 so this measures ``adapterfast.Adapter`` against the seed's eager adapter (``nn.Linear`` down,
 activation, ``nn.Linear`` up, plus the residual; ``providers.EagerAdapter``) holding the same
 weights, for N in {1, 8, 64, 320, 1024, 2048, 4096, 8192, 32768}, d in {128, 384, 768}, r = 16,
-fp32, on 1 and 2 threads:
+fp32 (``--dtype bf16`` / ``fp16``: both modules and the inputs in that dtype), on 1 and 2 threads:
 
 - ``train``: ``adapter(x).backward(g)`` with ``x`` requiring grad (forward + backward of a layer);
 - ``infer``: ``adapter(x)`` under ``torch.no_grad()``.
@@ -33,6 +33,7 @@ DS = (128, 384, 768)
 QUICK_NS = (1, 8, 320, 2048, 8192)
 QUICK_DS = (128, 768)
 PASSES = ("train", "infer")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, nargs="+", help=f"row counts (default {NS})")
     parser.add_argument("--d", type=int, nargs="+", help=f"feature sizes (default {DS})")
     parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="dtype of both modules and of x and g (default fp32)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts (default 1 2)")
     parser.add_argument("--backend", default="auto", help="adapterfast backend (default auto)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 2)")
@@ -79,14 +82,14 @@ class ThreadClockTimer:
         return times
 
 
-def _pair(d: int, r: int, device: str):
+def _pair(d: int, r: int, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     eager = providers.EagerAdapter(d, r).to(device)
     import adapterfast
 
     fused = adapterfast.Adapter(d, r).to(device)
     fused.load_state_dict(eager.state_dict())
-    return {"eager": eager, "adapterfast": fused}
+    return {"eager": eager.to(dtype), "adapterfast": fused.to(dtype)}
 
 
 def _call(module, x, g, kind: str):
@@ -111,10 +114,10 @@ def measure(args) -> list[dict]:
             torch.set_num_threads(threads)
             try:
                 for d in args.d:
-                    modules = _pair(d, args.r, args.device)
+                    modules = _pair(d, args.r, args.device, DTYPES[args.dtype])
                     for n in args.n:
-                        x = torch.randn(n, d, device=args.device, requires_grad=True)
-                        g = torch.randn(n, d, device=args.device)
+                        x = torch.randn(n, d, device=args.device).to(DTYPES[args.dtype]).requires_grad_()
+                        g = torch.randn(n, d, device=args.device).to(DTYPES[args.dtype])
                         for kind in PASSES:
                             calls = {name: _call(m, x, g, kind) for name, m in modules.items()}
                             for fn in calls.values():  # warm-up (allocator, thread pool, first-call caches)
@@ -126,7 +129,8 @@ def measure(args) -> list[dict]:
                                     samples[name] += timer.times(calls[name], args.min_run_time)
                             eager_ms = summarize(samples["eager"])["median_ms"]
                             fused_ms = summarize(samples["adapterfast"])["median_ms"]
-                            rows.append({"N": n, "d": d, "r": args.r, "threads": threads, "pass": kind,
+                            rows.append({"N": n, "d": d, "r": args.r, "dtype": args.dtype, "threads": threads,
+                                         "pass": kind,
                                          "eager_ms": eager_ms, "adapterfast_ms": fused_ms,
                                          "ratio": eager_ms / fused_ms,
                                          "backend": adapterfast.dispatch.select(x, args.r)})
@@ -182,7 +186,8 @@ def main(argv=None) -> int:
     if args.results:
         with open(args.results) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        print(f"# {rows[0]['device']}, torch {rows[0]['torch']}, r={rows[0]['r']}, fp32" if rows else "# no rows")
+        print(f"# {rows[0]['device']}, torch {rows[0]['torch']}, r={rows[0]['r']}, {rows[0].get('dtype', 'fp32')}"
+              if rows else "# no rows")
         print(ratio_table(rows))
         print()
         print(table(rows))
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
     import adapterfast
 
     info = machine.device_name(args.device)
-    print(f"# adapterfast {adapterfast.__version__} vs the eager seed adapter, fp32, r={args.r}, {info}, "
+    print(f"# adapterfast {adapterfast.__version__} vs the eager seed adapter, {args.dtype}, r={args.r}, {info}, "
           f"backend {args.backend}, {args.rounds} interleaved rounds x {args.min_run_time}s, {args.clock} clock",
           flush=True)
     rows = measure(args)

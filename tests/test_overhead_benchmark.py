@@ -38,3 +38,16 @@ def test_thread_clock_times_one_thread_only(capsys):
         raise AssertionError("--clock thread with 2 threads must be refused")
     times = overhead.ThreadClockTimer().times(lambda: sum(range(1000)), 0.0, min_samples=3)
     assert len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_bf16_runs_both_modules_in_bf16(tmp_path, capsys):
+    out = tmp_path / "overhead.jsonl"
+    assert overhead.main(["--n", "8", "--d", "32", "--r", "4", "--threads", "1", "--rounds", "1",
+                          "--min-run-time", "0.01", "--dtype", "bf16", "--out", str(out)]) == 0
+    assert "vs the eager seed adapter, bf16," in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(r["dtype"] == "bf16" for r in rows)
+    modules = overhead._pair(32, 4, "cpu", overhead.DTYPES["bf16"])
+    assert {p.dtype for m in modules.values() for p in m.parameters()} == {overhead.torch.bfloat16}
+    assert overhead.main(["--results", str(out)]) == 0
+    assert ", bf16" in capsys.readouterr().out.splitlines()[0]
