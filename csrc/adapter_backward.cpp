@@ -29,6 +29,7 @@
 #include "adapter_brgemm.h"
 #include "dx_epilogue.h"
 #include "philox.h"
+#include "scratch.h"
 
 namespace adapterfast::cpu {
 namespace {
@@ -214,6 +215,23 @@ at::Tensor gradient(const acc_t* sums, int64_t rows, int64_t cols, bool transpos
   if (transpose && dtype == c10::CppTypeToScalarType<acc_t>::value && factor == acc_t(1)) {
     block_kernels<acc_t>().transpose(rows, cols, sums, cols, out.data_ptr<acc_t>());
     return out;
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (dtype == at::kHalf || dtype == at::kBFloat16) {  // transposed in float, then rounded 8 at a time
+      Scratch<float> sums_t(transpose ? rows * cols : 0);
+      if (transpose) block_kernels<float>().transpose(rows, cols, sums, cols, sums_t.data());
+      const float* src = transpose ? sums_t.data() : sums;
+      const int64_t out_rows = sizes[0], out_cols = sizes[1];
+      const auto narrow = [&](auto* dst) {
+        for (int64_t i = 0; i < out_rows; ++i) narrow_row(src + i * out_cols, factor, dst + i * out_cols, out_cols);
+      };
+      if (dtype == at::kHalf) {
+        narrow(out.data_ptr<c10::Half>());
+      } else {
+        narrow(out.data_ptr<c10::BFloat16>());
+      }
+      return out;
+    }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "adapterfast_cpu_gradient", [&] {
     copy_matrix(sums, cols, 1, rows, cols, transpose, out.data_ptr<scalar_t>(),

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 
 #include "output_buffers.h"
+#include "scratch.h"
 
 namespace adapterfast::cpu {
 namespace {
@@ -69,6 +70,26 @@ void check_dropout(const char* op, double dropout_p) {
                     dropout_p);
 }
 
+namespace {
+
+// A 16-bit weight with contiguous rows as float, [rows, cols] or transposed: rows widened 8 values
+// at a time (widen_row), then transposed by the block kernels. Its values are already in T, so
+// rounding them to T (as copy_matrix's conversion below does) would change nothing.
+template <typename T>
+at::Tensor widened(const at::Tensor& w, bool transpose) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  at::Tensor out = at::empty(transpose ? at::IntArrayRef{cols, rows} : at::IntArrayRef{rows, cols},
+                             w.options().dtype(at::kFloat));
+  Scratch<float> wide(transpose ? rows * cols : 0);
+  float* rows_out = transpose ? wide.data() : out.data_ptr<float>();
+  const T* src = w.data_ptr<T>();
+  for (int64_t i = 0; i < rows; ++i) widen_row(src + i * w.stride(0), rows_out + i * cols, cols);
+  if (transpose) block_kernels<float>().transpose(rows, cols, rows_out, cols, out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
 at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose) {
   const at::ScalarType acc = accumulation_type(x_dtype);
   const at::ScalarType w_dtype = w.scalar_type();
@@ -90,6 +111,12 @@ at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool tran
       block_kernels<acc_t>().transpose(w.size(0), w.size(1), w.data_ptr<acc_t>(), w.stride(0),
                                        out.data_ptr<acc_t>());
     } else if (w_dtype == x_dtype) {
+      if constexpr (!std::is_same_v<T, acc_t> && std::is_same_v<acc_t, float>) {
+        if (w.size(1) == 1 || w.stride(1) == 1) {
+          out = widened<T>(w, transpose);
+          return;
+        }
+      }
       copy_from(T{});
     } else if (w_dtype == at::kFloat && acc == at::kFloat) {
       copy_from(float{});

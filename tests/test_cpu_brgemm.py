@@ -107,6 +107,28 @@ def test_16bit_weights_in_x_dtype(dtype):
         assert err < 1e-2, (name, err)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, d, r", [(37, 130, 7), (1, 768, 16)])
+def test_16bit_weights_give_the_rounded_fp32_weight_gradients(dtype, n, d, r):
+    """Weights in x's 16-bit dtype are widened, and their gradients rounded, 8 values at a time
+    (widen_row, narrow_row): the same operands as float32 weights holding the same values, so each
+    gradient is exactly the float32 weights' gradient rounded to the dtype (to nearest even)."""
+    torch.manual_seed(n)
+    x, g = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
+    wd, wu = (torch.randn(r, d) / d**0.5).to(dtype), (torch.randn(d, r) / r**0.5).to(dtype)
+    bd, bu = torch.randn(r).to(dtype), torch.randn(d).to(dtype)
+    low = [wd, wu, bd, bu]
+    wide = [t.float() for t in low]
+    y16, h16 = cpu.forward(x, *low[:2], *low[2:], "gelu", 0.7, 0.0, 0, None)
+    y32, h32 = cpu.forward(x, *wide[:2], *wide[2:], "gelu", 0.7, 0.0, 0, None)
+    assert torch.equal(y16, y32) and torch.equal(h16, h32)
+    g16 = cpu.backward(g, x, *low[:2], *low[2:], h16, "gelu", 0.7, 0.0, 0, True)
+    g32 = cpu.backward(g, x, *wide[:2], *wide[2:], h32, "gelu", 0.7, 0.0, 0, True)
+    assert torch.equal(g16[0], g32[0])
+    for ours, wide_grad in zip(g16[1:], g32[1:]):
+        assert ours.dtype == dtype and torch.equal(ours, wide_grad.to(dtype))
+
+
 def test_brgemm_is_used_where_the_cpu_has_it():
     flags = cpu_flags()
     if "amx_bf16" in flags and torch.backends.mkldnn.is_available():
