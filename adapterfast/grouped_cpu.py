@@ -1,7 +1,7 @@
 """The grouped op on the fused CPU backend: ``csrc/grouped_*.cpp`` in ``adapterfast._C``.
 
 ``forward`` and ``backward`` have the semantics of ``adapterfast.grouped_reference`` for 2-D CPU
-tensors in float32, bfloat16 or float64. Rows are counting-sorted by adapter inside the op and
+tensors in float32, bfloat16, float16 or float64. Rows are counting-sorted by adapter inside the op and
 each block of rows of one adapter runs the single-adapter op's GEMMs (the AVX-512 block kernels
 for float32, brgemm on AMX/AVX512-BF16 for bfloat16) with that adapter's weights: its x rows are
 gathered into cache, and the GEMM's epilogue writes its output rows in place, so no ``[N, d]``

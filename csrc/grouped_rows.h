@@ -209,7 +209,7 @@ inline void store_fence() {
 #endif
 }
 
-// out[row] = src[row] converted to T for each listed row (src float32, bfloat16 or float64 with
+// out[row] = src[row] converted to T for each listed row (src float32, bfloat16, float16 or float64 with
 // unit column stride), or zeros without src: the rows without an adapter.
 template <typename T, typename S>
 void copy_rows_from(const S* src, int64_t ld_src, const int64_t* order, int64_t m, int64_t d, T* out) {
@@ -241,6 +241,7 @@ void copy_plain_rows(const std::optional<at::Tensor>& src, const int64_t* order,
   switch (t.scalar_type()) {
     case at::kFloat: return copy_rows_from(t.data_ptr<float>(), t.stride(0), order, m, d, out);
     case at::kBFloat16: return copy_rows_from(t.data_ptr<c10::BFloat16>(), t.stride(0), order, m, d, out);
+    case at::kHalf: return copy_rows_from(t.data_ptr<c10::Half>(), t.stride(0), order, m, d, out);
     case at::kDouble: return copy_rows_from(t.data_ptr<double>(), t.stride(0), order, m, d, out);
     default: TORCH_CHECK_TYPE(false, "adapterfast grouped op: unsupported residual dtype ", t.scalar_type());
   }

@@ -12,7 +12,7 @@ from helpers import backend_params, rel_err
 
 AVAILABLE = [name for name, info in backends().items() if info.available]
 # Triton runs in its CPU interpreter here: small shapes, fp32 and fp16 (it has no float64).
-DTYPES = {"reference": (torch.float64, torch.float32), "cpu": (torch.float64, torch.float32, torch.bfloat16),
+DTYPES = {"reference": (torch.float64, torch.float32), "cpu": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
           "triton": (torch.float32, torch.float16)}
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
