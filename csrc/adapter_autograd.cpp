@@ -21,9 +21,12 @@ class FusedAdapter : public torch::autograd::Function<FusedAdapter> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_down,
                             const at::Tensor& w_up, const std::optional<at::Tensor>& b_down,
                             const std::optional<at::Tensor>& b_up, c10::string_view activation, double scale,
-                            double dropout_p, int64_t seed, const std::optional<at::Tensor>& residual) {
+                            double dropout_p, int64_t seed, const std::optional<at::Tensor>& residual,
+                            bool training) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, h] = adapter_forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual);
+    auto [y, h] = training ? adapter_forward_training(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p,
+                                                      seed, residual)
+                           : adapter_forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual);
     ctx->save_for_backward({x, w_down, w_up, b_down.value_or(at::Tensor()), b_up.value_or(at::Tensor()), h});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["scale"] = scale;
@@ -33,8 +36,8 @@ class FusedAdapter : public torch::autograd::Function<FusedAdapter> {
     return y;
   }
 
-  // Gradients for (x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual):
-  // the residual's is grad_y itself (y = residual + branch).
+  // Gradients for (x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual,
+  // training): the residual's is grad_y itself (y = residual + branch).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_y = grads[0];
@@ -56,7 +59,8 @@ class FusedAdapter : public torch::autograd::Function<FusedAdapter> {
     at::Tensor g_b_down = needed(saved[3].defined(), db_down);
     at::Tensor g_b_up = needed(saved[4].defined(), db_up);
     at::Tensor g_residual = needed(!residual_is_x, grad_y);
-    return {g_x, g_w_down, g_w_up, g_b_down, g_b_up, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), g_residual};
+    return {g_x,          g_w_down,     g_w_up,       g_b_down,   g_b_up, at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), g_residual, at::Tensor()};
   }
 };
 
@@ -64,7 +68,14 @@ at::Tensor fused_autograd(const at::Tensor& x, const at::Tensor& w_down, const a
                           const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
                           c10::string_view activation, double scale, double dropout_p, int64_t seed,
                           const std::optional<at::Tensor>& residual) {
-  return FusedAdapter::apply(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual);
+  // Whether autograd records this call (what Function::apply decides; its forward runs with grad
+  // mode off, so it is decided here): then y feeds a backward, and the forward writes it as a
+  // training step's output (adapter_forward_training).
+  const auto wants_grad = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  const bool training = at::GradMode::is_enabled() && (x.requires_grad() || w_down.requires_grad() ||
+                                                       w_up.requires_grad() || wants_grad(b_down) ||
+                                                       wants_grad(b_up) || wants_grad(residual));
+  return FusedAdapter::apply(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual, training);
 }
 
 at::Tensor fused_forward(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,

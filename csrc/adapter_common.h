@@ -24,6 +24,8 @@ constexpr int64_t kBlockRows = 64;
 
 // Outputs at least this large are written with non-temporal stores (OutputEpilogue::stream_out):
 // well past L2 and a good part of a typical L3, so caching them would only evict the inputs.
+// The brgemm drivers' threshold; the block-kernel drivers (fp32) use stream_block_output
+// (adapter_operands.h), measured lower.
 constexpr int64_t kStreamOutputBytes = int64_t(16) << 20;
 
 struct Dims {

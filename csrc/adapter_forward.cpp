@@ -46,7 +46,8 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const int64_t ld_keep = keep_row_bytes(d);
 
-  const OutputEpilogue<acc_t> epilogue = forward_epilogue<acc_t>(op, y);
+  OutputEpilogue<acc_t> epilogue = forward_epilogue<acc_t>(op, y);
+  epilogue.stream_out = stream_block_output(static_cast<int64_t>(y.nbytes()), op.training);
 
   const int64_t rows = forward_block_rows(n);
   const int64_t blocks = (n + rows - 1) / rows;
@@ -87,13 +88,11 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   });
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> adapter_forward(
+std::tuple<at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
     const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
     c10::string_view activation, double scale, double dropout_p, int64_t seed,
-    const std::optional<at::Tensor>& residual) {
+    const std::optional<at::Tensor>& residual, bool training) {
   constexpr const char* kOp = "adapterfast_cpu::forward";
   const Dims dims = check_operands(kOp, x, w_down, b_down, w_up, b_up);
   check_dropout(kOp, dropout_p);
@@ -110,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(
                      parse_activation(std::string(activation)),
                      scale,
                      dropout_p,
-                     static_cast<uint64_t>(seed)};
+                     static_cast<uint64_t>(seed),
+                     training};
 
   at::Tensor y = empty_output({dims.n, dims.d}, x.options());
   at::Tensor h = at::empty({dims.n, dims.r}, x.options().dtype(acc));
@@ -125,6 +125,24 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(
     forward_blocks<T, acc_t>(op, y, h);
   });
   return {y, h};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward(
+    const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
+    c10::string_view activation, double scale, double dropout_p, int64_t seed,
+    const std::optional<at::Tensor>& residual) {
+  return forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual, /*training=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward_training(
+    const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
+    c10::string_view activation, double scale, double dropout_p, int64_t seed,
+    const std::optional<at::Tensor>& residual) {
+  return forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual, /*training=*/true);
 }
 
 }  // namespace adapterfast::cpu

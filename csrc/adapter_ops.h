@@ -16,6 +16,15 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(
     c10::string_view activation, double scale, double dropout_p, int64_t seed,
     const std::optional<at::Tensor>& residual);
 
+// adapter_forward for the forward of a training step, whose y feeds a backward (adapterfast_cpu::fused,
+// adapter_autograd.cpp): the same values; y is written with non-temporal stores from a smaller size
+// (stream_block_output, adapter_operands.h).
+std::tuple<at::Tensor, at::Tensor> adapter_forward_training(
+    const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
+    const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
+    c10::string_view activation, double scale, double dropout_p, int64_t seed,
+    const std::optional<at::Tensor>& residual);
+
 // Returns (dx, dw_down, db_down, dw_up, db_up); weight and bias gradients in the weights' dtypes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
