@@ -119,8 +119,7 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   const int64_t rows = backward_block_rows(n);
   const int64_t blocks = (n + rows - 1) / rows;
 
-  OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, ld_g, dx);
-  epilogue.stream_out = stream_block_output(static_cast<int64_t>(dx.nbytes()), /*training=*/true);
+  const OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, ld_g, dx);
 
   at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
     std::vector<acc_t> gz(kGradInPlace ? 0 : rows * d);

@@ -24,7 +24,7 @@
 // written [hi; lo; hi] by split_rows_vnni (three calls for a group's shorter last run).
 // Contractions over an odd length are padded with one zero (brgemm's 16-bit layouts pair K).
 // Bias gradients: unrounded fp32 values summed in fp32 within a 64-row block, and block sums in
-// float64, so the error does not grow with N. Outputs of at least kStreamOutputBytes (y, dx) are
+// float64, so the error does not grow with N. Outputs (y, dx) past stream_output's sizes are
 // written with non-temporal stores, as the fp32 drivers do.
 #include "adapter_brgemm.h"
 

@@ -22,11 +22,33 @@ namespace adapterfast::cpu {
 // amortised over 64 rows. Fixed, so the backward's reduction order never depends on threads.
 constexpr int64_t kBlockRows = 64;
 
-// Outputs at least this large are written with non-temporal stores (OutputEpilogue::stream_out):
-// well past L2 and a good part of a typical L3, so caching them would only evict the inputs.
-// The brgemm drivers' threshold; the block-kernel drivers (fp32) use stream_block_output
-// (adapter_operands.h), measured lower.
-constexpr int64_t kStreamOutputBytes = int64_t(16) << 20;
+// Whether the single-adapter drivers (every dtype, block kernels and brgemm) write an output of
+// `bytes` with non-temporal stores (OutputEpilogue::stream_out): from kStreamTrainingBytes for
+// the outputs of a training step (y of a forward whose y feeds a backward, and dx), from
+// kStreamInferenceBytes for y of an inference forward. Both were 16 MiB before.
+//
+// Measured on an AMD EPYC (Zen 4, 1 MiB L2 per core, 32 MiB L3 shared with the VM's other core),
+// d = 768, r = 16, fp32, 1 thread, thread CPU time, medians, processes alternated, 3 rounds each,
+// load 1.6-2.4 (benchmarks/results/overhead_mid11_amd.txt): with outputs streamed from 2 MiB, the
+// step adapter(x).backward(g) at N = 1024 / 2048 / 4096 (y and dx 3 / 6 / 12 MiB) took
+// 2.30-2.99 / 4.93-5.20 / 9.64-12.4 ms against 2.80-2.91 / 5.85-6.69 / 12.1-12.5 ms streaming from
+// 16 MiB, and with y read once after the forward (y.sum() in the step) 2.53-3.03 / 5.18-5.82 /
+// 10.1-12.6 against 2.79-3.31 / 6.14-6.64 / 12.8-13.7 ms; below 2 MiB (N = 512, 1.5 MiB; a 1 MiB
+// threshold) streaming gained nothing once y was read. An inference forward followed by a
+// read of y (y.sum()) lost 8-10% with y streamed at 1.5-4.5 MiB (N = 512-1536), was even at
+// 6 MiB (N = 2048; the forward alone 1.14-1.23 against 1.55-1.67 ms) and gained at 12 MiB
+// (2.97-3.83 against 3.8-4.7 ms): its next reader finds y in L3, while (presumably) a training
+// step's cached outputs evict the inputs the rest of the step reads (x, g, then x.grad).
+// bf16 on the brgemm drivers, same CPU, the module step (autograd.grad of y over x) against the
+// 16 MiB threshold, processes alternated, 2 rounds, least wall time: d = 768, r = 16, N = 8192
+// (y and dx 12 MiB) 13.1 / 13.8 -> 12.2 / 11.8 ms on 1 thread and 7.5 / 6.7 -> 6.2 / 5.7 ms on
+// 2; N = 4096, 2 threads, 3.5 / 3.4 -> 2.8 / 2.5 ms; d = 768, r = 64, N = 4096 15.1 -> 14.2 ms.
+constexpr int64_t kStreamTrainingBytes = int64_t(2) << 20;
+constexpr int64_t kStreamInferenceBytes = int64_t(6) << 20;
+
+inline bool stream_output(int64_t bytes, bool training) {
+  return bytes >= (training ? kStreamTrainingBytes : kStreamInferenceBytes);
+}
 
 struct Dims {
   int64_t n;  // rows (tokens)

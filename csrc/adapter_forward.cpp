@@ -46,8 +46,7 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const int64_t ld_keep = keep_row_bytes(d);
 
-  OutputEpilogue<acc_t> epilogue = forward_epilogue<acc_t>(op, y);
-  epilogue.stream_out = stream_block_output(static_cast<int64_t>(y.nbytes()), op.training);
+  const OutputEpilogue<acc_t> epilogue = forward_epilogue<acc_t>(op, y);
 
   const int64_t rows = forward_block_rows(n);
   const int64_t blocks = (n + rows - 1) / rows;

@@ -28,7 +28,7 @@ struct ForwardOperands {
 };
 
 // The forward's output epilogue for y without the per-block pointers (keep, res, out): bias,
-// the branch factor scale / (1 - p), the residual's kind and stride, streaming for large y.
+// the branch factor scale / (1 - p), the residual's kind and stride, streaming (stream_output).
 template <typename acc_t>
 OutputEpilogue<acc_t> forward_epilogue(const ForwardOperands& op, const at::Tensor& y) {
   OutputEpilogue<acc_t> e;
@@ -38,37 +38,12 @@ OutputEpilogue<acc_t> forward_epilogue(const ForwardOperands& op, const at::Tens
   e.out_kind = kind_of(y.scalar_type());
   e.ld_out = op.dims.d;
   e.ld_keep = keep_row_bytes(op.dims.d);
-  e.stream_out = y.nbytes() >= kStreamOutputBytes;
+  e.stream_out = stream_output(static_cast<int64_t>(y.nbytes()), op.training);
   if (op.residual) {
     e.res_kind = kind_of(op.residual->scalar_type());
     e.ld_res = op.residual->stride(0);
   }
   return e;
-}
-
-// Whether the block-kernel drivers (adapter_forward.cpp, adapter_backward.cpp; fp32, and 16-bit
-// dtypes where brgemm does not run) write an output of `bytes` with non-temporal stores, instead
-// of from kStreamOutputBytes as the brgemm drivers do: from kStreamTrainingBytes for the outputs
-// of a training step (y of a forward whose y feeds a backward, and dx), from kStreamInferenceBytes
-// for y of an inference forward.
-//
-// Measured on an AMD EPYC (Zen 4, 1 MiB L2 per core, 32 MiB L3 shared with the VM's other core),
-// d = 768, r = 16, fp32, 1 thread, thread CPU time, medians, processes alternated, 3 rounds each,
-// load 1.6-2.4 (benchmarks/results/overhead_mid11_amd.txt): with outputs streamed from 2 MiB, the
-// step adapter(x).backward(g) at N = 1024 / 2048 / 4096 (y and dx 3 / 6 / 12 MiB) took
-// 2.30-2.99 / 4.93-5.20 / 9.64-12.4 ms against 2.80-2.91 / 5.85-6.69 / 12.1-12.5 ms streaming from
-// 16 MiB, and with y read once after the forward (y.sum() in the step) 2.53-3.03 / 5.18-5.82 /
-// 10.1-12.6 against 2.79-3.31 / 6.14-6.64 / 12.8-13.7 ms; below 2 MiB (N = 512, 1.5 MiB; a 1 MiB
-// threshold) streaming gained nothing once y was read. An inference forward followed by a
-// read of y (y.sum()) lost 8-10% with y streamed at 1.5-4.5 MiB (N = 512-1536), was even at
-// 6 MiB (N = 2048; the forward alone 1.14-1.23 against 1.55-1.67 ms) and gained at 12 MiB
-// (2.97-3.83 against 3.8-4.7 ms): its next reader finds y in L3, while (presumably) a training
-// step's cached outputs evict the inputs the rest of the step reads (x, g, then x.grad).
-constexpr int64_t kStreamTrainingBytes = int64_t(2) << 20;
-constexpr int64_t kStreamInferenceBytes = int64_t(6) << 20;
-
-inline bool stream_block_output(int64_t bytes, bool training) {
-  return bytes >= (training ? kStreamTrainingBytes : kStreamInferenceBytes);
 }
 
 struct BackwardOperands {

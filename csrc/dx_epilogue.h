@@ -18,7 +18,7 @@ OutputEpilogue<acc_t> dx_epilogue(const at::Tensor& grad_y, int64_t ld_g, const 
   e.ld_res = ld_g;
   e.out_kind = kind_of(dx.scalar_type());
   e.ld_out = dx.size(1);
-  e.stream_out = dx.nbytes() >= kStreamOutputBytes;
+  e.stream_out = stream_output(static_cast<int64_t>(dx.nbytes()), /*training=*/true);
   return e;
 }
 

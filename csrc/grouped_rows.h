@@ -127,11 +127,12 @@ inline std::vector<double> scale_values(const at::Tensor& scales, double dropout
 }
 
 // Outputs written through a row list (y, dx: rows in adapter order, scattered over [N, d]) are
-// written with non-temporal stores from this size on (OutputEpilogue::stream_out), not from the
-// single-adapter ops' kStreamOutputBytes: an ordinary store to a scattered row first reads the
+// written with non-temporal stores from this size on (OutputEpilogue::stream_out), inference y
+// too (the single-adapter ops' stream_output waits for 6 MiB there; it was 16 MiB for every output
+// when this was measured): an ordinary store to a scattered row first reads the
 // row's lines for ownership, a demand miss per row that no hardware prefetcher anticipates, and
 // those reads share the core's line fill buffers with the input rows' reads. bf16, N = 8192,
-// d = 768, r = 16, A = 32 (dx and y 12 MiB, under kStreamOutputBytes), 1 thread, Xeon with
+// d = 768, r = 16, A = 32 (dx and y 12 MiB, then under the single ops' 16 MiB), 1 thread, Xeon with
 // AMX-BF16: the backward from 1.58-1.77x to 1.44-1.63x of the single adapter's, the forward
 // from 1.25-1.36x to 1.09-1.25x, alternating in one process; at N = 1024 to 4096 no slower.
 // Below about an L2 the output may still be in cache for whatever reads it next.

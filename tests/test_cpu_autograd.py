@@ -83,20 +83,24 @@ def test_eager_calls_record_the_native_node_unless_forward_ad_or_autocast():
             assert type(adapter(x).grad_fn).__name__ != "CppFunction"
 
 
+@pytest.mark.parametrize("dtype, n, tol", [(torch.float32, 700, 1e-5), (torch.bfloat16, 1400, 3e-2)],
+                         ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d", [1024, 1000])
-def test_training_step_outputs_streamed_from_2_mib(d):
-    """The fp32 block kernels write y of a recorded (training) forward and dx with non-temporal stores
-    from 2 MiB on, y of an inference forward from 6 MiB (stream_block_output in
-    csrc/adapter_operands.h). At 700 rows (2.7 MiB) the training step streams both and an inference
-    call does not: the training y equals the inference y bitwise, dx's first and last rows equal a
-    64-row call's (which streams nothing; rows are independent in y and dx), and everything matches
-    the float64 reference. d = 1000 leaves a ragged last tile per row, written with plain stores."""
-    n, r = 700, 16
+def test_training_step_outputs_streamed_from_2_mib(d, dtype, n, tol):
+    """The CPU drivers (fp32's block kernels, bf16's brgemm) write y of a recorded (training)
+    forward and dx with non-temporal stores from 2 MiB on, y of an inference forward from 6 MiB
+    (stream_output in csrc/adapter_common.h). At 2.7 MiB the training step streams both and an
+    inference call does not: the training y equals the inference y bitwise, dx's first and last
+    rows equal a 64-row call's (which streams nothing; rows are independent in y and dx), and
+    everything matches the float64 reference. d = 1000 leaves a ragged last tile per row, written
+    with plain stores."""
+    r = 16
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(n, d, generator=gen)
+    x = torch.randn(n, d, generator=gen).to(dtype)
     wd, wu = torch.randn(r, d, generator=gen) * d**-0.5, torch.randn(d, r, generator=gen) * r**-0.5
     bd, bu = torch.randn(r, generator=gen) * 0.1, torch.randn(d, generator=gen) * 0.1
-    g = torch.randn(n, d, generator=gen)
+    wd, wu, bd, bu = (t.to(dtype) for t in (wd, wu, bd, bu))
+    g = torch.randn(n, d, generator=gen).to(dtype)
     leaves = [t.clone().requires_grad_() for t in (x, wd, wu, bd, bu)]
     y = dispatch.kernels("cpu").differentiable(*leaves[:3], *leaves[3:], "gelu", 0.5, 0.0, 0, None)
     assert type(y.grad_fn).__name__ == "CppFunction"
@@ -112,6 +116,6 @@ def test_training_step_outputs_streamed_from_2_mib(d):
     ref = [t.double().requires_grad_() for t in (x, wd, wu, bd, bu)]
     y_ref = reference.adapter(*ref, activation="gelu", scale=0.5)
     y_ref.backward(g.double())
-    assert_matches("y", y.detach(), y_ref.detach(), 1e-5)
+    assert_matches("y", y.detach(), y_ref.detach(), tol)
     for name, got, want in zip(("x", "w_down", "w_up", "b_down", "b_up"), leaves, ref):
-        assert_matches(name, got.grad, want.grad, 1e-5)
+        assert_matches(name, got.grad, want.grad, tol)

@@ -204,7 +204,7 @@ print(json.dumps(report))
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_streamed_outputs_match_unstreamed_rows(dtype):
-    """y and dx of 16 MiB and more are written with non-temporal stores (kStreamOutputBytes): their
+    """y and dx this large (16 MiB) are written with non-temporal stores (stream_output): their
     first and last 64-row blocks equal what a 64-row call, which does not stream, writes for the
     same rows (rows are independent in y and dx without dropout)."""
     n, d, r = 8192, 1024, 16
