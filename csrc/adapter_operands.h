@@ -23,7 +23,7 @@ struct ForwardOperands {
   double scale;
   double dropout_p;
   uint64_t seed;
-  // The forward of a training step (its y feeds a backward): see stream_block_output.
+  // The forward of a training step (its y feeds a backward): see stream_output (adapter_common.h).
   bool training = false;
 };
 

@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(
 
 // adapter_forward for the forward of a training step, whose y feeds a backward (adapterfast_cpu::fused,
 // adapter_autograd.cpp): the same values; y is written with non-temporal stores from a smaller size
-// (stream_block_output, adapter_operands.h).
+// (stream_output, adapter_common.h).
 std::tuple<at::Tensor, at::Tensor> adapter_forward_training(
     const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
     const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,

@@ -174,8 +174,8 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_outputs_past_the_streaming_threshold(dtype):
-    """Outputs of 16 MiB and more are written with non-temporal stores (full, line-aligned tiles) and
-    plain stores (the ragged last tile of each row, here d = 1000)."""
+    """Outputs of 16 MiB (past both of stream_output's sizes) are written with non-temporal stores
+    (full, line-aligned tiles) and plain stores (the ragged last tile of each row, here d = 1000)."""
     for d in (1024, 1000):
         n = (16 << 20) // (d * (4 if dtype == torch.float32 else 2)) + 3
         x, wd, wu, bd, bu, _ = adapter_inputs(n, d, 8)
