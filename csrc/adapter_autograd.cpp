@@ -24,9 +24,8 @@ class FusedAdapter : public torch::autograd::Function<FusedAdapter> {
                             double dropout_p, int64_t seed, const std::optional<at::Tensor>& residual,
                             bool training) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, h] = training ? adapter_forward_training(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p,
-                                                      seed, residual)
-                           : adapter_forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual);
+    auto [y, h] =
+        adapter_forward_as(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual, training);
     ctx->save_for_backward({x, w_down, w_up, b_down.value_or(at::Tensor()), b_up.value_or(at::Tensor()), h});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["scale"] = scale;
@@ -70,7 +69,7 @@ at::Tensor fused_autograd(const at::Tensor& x, const at::Tensor& w_down, const a
                           const std::optional<at::Tensor>& residual) {
   // Whether autograd records this call (what Function::apply decides; its forward runs with grad
   // mode off, so it is decided here): then y feeds a backward, and the forward writes it as a
-  // training step's output (adapter_forward_training).
+  // training step's output (adapter_forward_as).
   const auto wants_grad = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
   const bool training = at::GradMode::is_enabled() && (x.requires_grad() || w_down.requires_grad() ||
                                                        w_up.requires_grad() || wants_grad(b_down) ||

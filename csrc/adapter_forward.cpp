@@ -87,7 +87,9 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
     const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
     const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
     c10::string_view activation, double scale, double dropout_p, int64_t seed,
@@ -126,22 +128,13 @@ std::tuple<at::Tensor, at::Tensor> forward(
   return {y, h};
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> adapter_forward(
     const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
     const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
     c10::string_view activation, double scale, double dropout_p, int64_t seed,
     const std::optional<at::Tensor>& residual) {
-  return forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual, /*training=*/false);
-}
-
-std::tuple<at::Tensor, at::Tensor> adapter_forward_training(
-    const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
-    const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
-    c10::string_view activation, double scale, double dropout_p, int64_t seed,
-    const std::optional<at::Tensor>& residual) {
-  return forward(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual, /*training=*/true);
+  return adapter_forward_as(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual,
+                            /*training=*/false);
 }
 
 }  // namespace adapterfast::cpu

@@ -16,14 +16,14 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(
     c10::string_view activation, double scale, double dropout_p, int64_t seed,
     const std::optional<at::Tensor>& residual);
 
-// adapter_forward for the forward of a training step, whose y feeds a backward (adapterfast_cpu::fused,
-// adapter_autograd.cpp): the same values; y is written with non-temporal stores from a smaller size
-// (stream_output, adapter_common.h).
-std::tuple<at::Tensor, at::Tensor> adapter_forward_training(
+// adapter_forward, with `training` true for the forward of a training step, whose y feeds a
+// backward (adapterfast_cpu::fused, adapter_autograd.cpp): the same values; such a y is written
+// with non-temporal stores from a smaller size (stream_output, adapter_common.h).
+std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
     const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_up,
     const std::optional<at::Tensor>& b_down, const std::optional<at::Tensor>& b_up,
     c10::string_view activation, double scale, double dropout_p, int64_t seed,
-    const std::optional<at::Tensor>& residual);
+    const std::optional<at::Tensor>& residual, bool training);
 
 // Returns (dx, dw_down, db_down, dw_up, db_up); weight and bias gradients in the weights' dtypes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(

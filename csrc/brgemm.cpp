@@ -1,7 +1,5 @@
 #include "brgemm.h"
 
-#include <cstdlib>
-
 #include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -10,11 +8,6 @@
 #include "block_kernels.h"
 
 namespace adapterfast::cpu {
-
-bool env_is(const char* name, const char* value) {
-  const char* set = std::getenv(name);
-  return set != nullptr && std::string(set) == value;
-}
 
 namespace {
 

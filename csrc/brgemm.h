@@ -23,6 +23,7 @@
 #include <c10/core/ScalarType.h>
 
 #include "bf16_split.h"
+#include "env.h"
 #include "scratch.h"
 
 namespace adapterfast::cpu {
@@ -34,9 +35,6 @@ enum class BrgemmLayout : uint8_t { none, vnni, plain };
 // `plain` only with ADAPTERFAST_CPU_FP32_BRGEMM=1 (for measuring it against the AVX-512 kernels;
 // the measurement that keeps fp32 off brgemm is at its definition in brgemm.cpp), else none.
 BrgemmLayout brgemm_layout(at::ScalarType dtype);
-
-// Whether the environment variable `name` is set to exactly `value` (the ADAPTERFAST_CPU_* switches).
-bool env_is(const char* name, const char* value);
 
 // "amx" when oneDNN packs this dtype for AMX tiles, else "avx512" (for the report in kernel_isa).
 std::string brgemm_unit(at::ScalarType dtype);

@@ -10,19 +10,16 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <string>
 #include <type_traits>
+
+#include "env.h"
 
 namespace adapterfast::cpu {
 
 inline bool poison_scratch() {
-  static const bool on = [] {
-    const char* set = std::getenv("ADAPTERFAST_CPU_POISON_SCRATCH");
-    return set != nullptr && std::string(set) == "1";
-  }();
+  static const bool on = env_is("ADAPTERFAST_CPU_POISON_SCRATCH", "1");
   return on;
 }
 
