@@ -7,12 +7,17 @@ for float32, brgemm on AMX/AVX512-BF16 for bfloat16) with that adapter's weights
 gathered into cache, and the GEMM's epilogue writes its output rows in place, so no ``[N, d]``
 temporary exists. Only the adapters that have rows have their weights converted, once per call.
 Weight gradients are bitwise reproducible whatever the thread count.
+
+``differentiable`` is ``adapterfast_cpu::grouped`` (``csrc/grouped_autograd.cpp``): the op with its
+derivative as one C++ autograd node, which an eager call with autograd recording runs instead of
+the custom op's Python autograd wrapper (``grouped.py`` says when), and with autograd off as well
+(it then records nothing). It takes an int seed, 0 without dropout, and returns y.
 """
 from __future__ import annotations
 
 import torch
 
-from .cpu import _check_dtype, _require, _seed
+from .cpu import _IMPORT_ERROR, _check_dtype, _require, _seed
 
 
 def forward(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, dropout_p, seed, residual):
@@ -34,3 +39,10 @@ def backward(grad_y, x, adapter_index, w_down, w_up, b_down, b_up, h, activation
         grad_y, x, adapter_index, w_down, w_up, b_down, b_up, h, activation, scales, float(dropout_p),
         _seed(seed, dropout_p), bool(residual_is_x),
     )
+
+
+if _IMPORT_ERROR is None:
+    # ``_op`` is the overload's C++ callable, without OpOverload.__call__'s Python frame
+    differentiable = getattr(torch.ops.adapterfast_cpu.grouped.default, "_op", torch.ops.adapterfast_cpu.grouped)
+else:
+    differentiable = None

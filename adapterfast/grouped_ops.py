@@ -4,7 +4,7 @@
 Semantics: ``adapterfast.grouped_reference``. Inputs are 2-D ``x [N, d]``, stacked weights and an
 int64 ``adapter_index [N]``; ``grouped.py`` validates them. The backend is chosen by
 ``adapterfast.dispatch`` exactly as for the single-adapter op (same forcing context, same
-fallback rules); ``_backend`` maps its answer to the backend's grouped module.
+fallback rules); ``backend_module`` maps its answer to the backend's grouped module.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from . import dispatch, grouped_cpu, grouped_reference, reference
 from .ops import empty_grads, seed_int
 
 
-def _backend(x: Tensor, r: int):
+def backend_module(x: Tensor, r: int):
     """The grouped functions of the backend ``dispatch.select`` names for ``x`` and rank ``r``."""
     name = dispatch.select(x, r)
     if name == "cpu":
@@ -35,7 +35,7 @@ def grouped_forward(
     activation: str, scales: Tensor, dropout_p: float, seed: Optional[Tensor], residual: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(y, h)``: the output ``[N, d]`` and the pre-activation ``[N, r]`` kept for backward."""
-    backend = _backend(x, w_down.shape[1])
+    backend = backend_module(x, w_down.shape[1])
     with torch.autocast(x.device.type, enabled=False):
         return backend.forward(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, dropout_p,
                                seed_int(seed), residual)
@@ -53,7 +53,7 @@ def grouped_backward(
     residual_is_x: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dw_down, db_down, dw_up, db_up)``, stacked ``[A, ...]``; unused adapters get zeros."""
-    backend = _backend(x, w_down.shape[1])
+    backend = backend_module(x, w_down.shape[1])
     with torch.autocast(x.device.type, enabled=False):
         return backend.backward(grad_y, x, adapter_index, w_down, w_up, b_down, b_up, h, activation, scales,
                                 dropout_p, seed_int(seed), residual_is_x)

@@ -26,6 +26,10 @@ from . import dropout as _dropout
 from .reference import _matmul, accumulation_dtype, activate, activate_grad
 
 
+# No native differentiable op: eager calls run the adapterfast::grouped_forward custom op
+# (grouped.py).
+differentiable = None
+
 def _keep(seed, p: float, rows: torch.Tensor, d: int) -> torch.Tensor | None:
     """The kept-mask of ``fused_adapter`` for the given rows of an ``[N, d]`` batch."""
     if p == 0.0 or seed is None:

@@ -22,6 +22,10 @@ from .grouped_kernels import grouped_backward_dw_kernel, grouped_backward_dx_ker
 from .launch import dot_precision, dropout_args, on_device
 
 
+# No native differentiable op: eager calls run the adapterfast::grouped_forward custom op
+# (grouped.py).
+differentiable = None
+
 @dataclass
 class Schedule:
     """Rows sorted by slot (0: no adapter, a + 1: adapter a) and blocks of one slot each."""
