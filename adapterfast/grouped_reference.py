@@ -79,8 +79,8 @@ def forward(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, dr
         if b_up is not None:
             u = u + b_up[a].to(acc)
         factor = _factor(_keep(seed, dropout_p, rows, d), scales[a].to(acc), dropout_p)
-        y[rows] = y[rows] + factor * u
-        h[rows] = ha
+        y = y.index_put((rows,), y[rows] + factor * u)  # out of place, so torch.func.vmap can batch x
+        h = h.index_put((rows,), ha)
     return y.to(dtype), h
 
 

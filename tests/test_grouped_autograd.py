@@ -112,7 +112,8 @@ def test_common_case_check_defers_every_unusual_input_to_the_full_validation():
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_forward_mode_ad_and_torch_func_get_the_right_derivatives(backend):
     """Forward-mode AD and torch.func transforms run the eager reference (logged once): the
-    tangents equal central differences and torch.func.grad equals the backward's gradient."""
+    tangents equal central differences, torch.func.grad and jacrev equal the backward's gradient,
+    and vmap over x equals a loop."""
     t, index, _ = _inputs(True, False, torch.float64)
     x, wd, wu, bd, bu = (t[k] for k in ("x", "w_down", "w_up", "b_down", "b_up"))
     tx = torch.randn_like(x)
@@ -128,9 +129,15 @@ def test_forward_mode_ad_and_torch_func_get_the_right_derivatives(backend):
             tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, tx))).tangent
         _, tangent_func = torch.func.jvp(f, (x,), (tx,))
         grad_func = torch.func.grad(lambda xx: f(xx).square().sum())(x)
+        jac_row = torch.func.jacrev(lambda xx: f(xx)[3])(x)
         xg = x.clone().requires_grad_()
         f(xg).square().sum().backward()
+        xj = x.clone().requires_grad_()
+        f(xj)[3, 5].backward()
+        batch = torch.stack([x, tx, 2 * x])
+        torch.testing.assert_close(torch.func.vmap(f)(batch), torch.stack([f(b) for b in batch]), rtol=0, atol=1e-12)
     torch.testing.assert_close(tangent, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(tangent_func, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_func, xg.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jac_row[5], xj.grad, rtol=1e-12, atol=1e-12)
     assert any("grouped_adapter under forward-mode AD" in said for said in _log._said)
