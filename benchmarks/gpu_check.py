@@ -32,6 +32,7 @@ OPTIONAL = ("numpy", "triton", "transformers", "peft", "adapters", "matplotlib",
 CORRECT_SHAPES = [(48, 80, 4), (40, 96, 16)] if DRY else [(16384, 4096, 16), (16384, 4096, 64), (16384, 4096, 256)]
 TIMING_SHAPES = [(64, 96, 8), (32, 48, 4)] if DRY else [(16384, 4096, 64), (8192, 768, 16)]
 HUGE_SHAPE = (40, 64, 8) if DRY else (524800, 4096, 64)
+GROUPED_SHAPE = (45, 48, 8) if DRY else (8192, 768, 16)  # issue 18's benchmark shape
 
 
 def device() -> str:

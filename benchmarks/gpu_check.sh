@@ -9,9 +9,11 @@
 #            copy bandwidth, bf16 GEMM TFLOP/s                     (benchmarks/gpu_check.py)
 #   warm     every timed kernel variant compiled in parallel processes   (gpu_check_speed.py)
 #   correct  accuracy at N=16384 d=4096 r=16/64/256 in bf16/fp16/fp32 vs float64, dropout mask vs
-#            Philox, bitwise backward, N*d > 2^31, strided inputs    (gpu_check_correct.py)
+#            Philox, bitwise backward, N*d > 2^31, strided inputs, the grouped op's kernels
+#                                                                    (gpu_check_correct.py)
 #   kernels  per-kernel timings and fractions of the copy-bandwidth floor  (gpu_check_speed.py)
-#   ops      eager, addmm, torch.compile default/max-autotune, adapterfast; CUDA-graph replay
+#   ops      eager, addmm, torch.compile default/max-autotune, adapterfast; CUDA-graph replay;
+#            the grouped op vs the loop over adapters and vs one adapter
 #   ncu      DRAM bytes per kernel when ncu works, else a note
 #   tests    the Triton kernel tests, then the `-m gpu` tests (collection errors do not stop them)
 #   pack     summary.json, summary.md; logs/ into logs.tar.gz

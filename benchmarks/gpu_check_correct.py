@@ -8,7 +8,9 @@
 - the dropout mask against ``adapterfast.dropout.keep_mask`` (the shared Philox definition);
 - two backward runs compared bitwise (deterministic weight gradients);
 - N*d > 2**31 (bf16 forward, rows at the start, at 2**31 / d and at the end against float64);
-- strided inputs (column-major x and grad, sliced biases).
+- strided inputs (column-major x and grad, sliced biases);
+- the grouped op's Triton kernels (issue 18): 8 adapters, rows at random, about one in nine on no
+  adapter, against ``adapterfast.grouped_reference`` in float64, forward and backward.
 Each result is a record as soon as it is known (``benchmarks.gpu_check.record``).
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 
 import torch
 
-from .gpu_check import CORRECT_SHAPES, DRY, HUGE_SHAPE, device, guarded, record
+from .gpu_check import CORRECT_SHAPES, DRY, GROUPED_SHAPE, HUGE_SHAPE, device, guarded, record
 
 STEP = "correct"
 SEED = (0x1234ABCD << 32) | 0x9E3779B9
@@ -133,6 +135,35 @@ def strided(n, d, r) -> None:
            ok=max(errors.values()) < TOL[dtype], **errors)
 
 
+def grouped(n, d, r, dtype) -> None:
+    """``kernels.grouped`` forward and backward (dropout 0.1, biases, gelu, per-adapter scales)
+    against ``grouped_reference`` in float64 from the same rounded inputs."""
+    from adapterfast import grouped_reference
+    from adapterfast.kernels import grouped as triton_grouped
+
+    adapters = 8
+    g = torch.Generator(device=device()).manual_seed(5)
+
+    def rand(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, device=device()) * s).to(dtype)
+
+    t = (rand(n, d), rand(adapters, r, d, s=d**-0.5), rand(adapters, d, r, s=r**-0.5), rand(adapters, r, s=0.1),
+         rand(adapters, d, s=0.1))
+    grad = rand(n, d)
+    index = torch.randint(-1, adapters, (n,), generator=g, device=device())
+    scales = torch.linspace(0.5, 1.5, adapters, dtype=torch.float64, device=device())
+    got = []
+    want = []
+    for module, tensors, g_y in ((triton_grouped, t, grad), (grouped_reference, [v.double() for v in t], grad.double())):
+        x, wd, wu, bd, bu = tensors
+        y, h = module.forward(x, index, wd, wu, bd, bu, "gelu", scales, 0.1, SEED, None)
+        out = got if module is triton_grouped else want
+        out += [y, h, *module.backward(g_y, x, index, wd, wu, bd, bu, h, "gelu", scales, 0.1, SEED, True)]
+    errors = {name: _rel(a, b) for name, a, b in zip(NAMES, got, want)}
+    record(STEP, name="grouped", shape=f"{n}x{d} r{r}", adapters=adapters, dtype=str(dtype)[6:],
+           max_rel_err=max(errors.values()), ok=max(errors.values()) < TOL[dtype], **errors)
+
+
 def main() -> int:
     try:
         for n, d, r in CORRECT_SHAPES:
@@ -142,6 +173,9 @@ def main() -> int:
         guarded(STEP, "dropout_mask", dropout_mask, n, d, r)
         guarded(STEP, "strided", strided, n, d, r)
         guarded(STEP, "huge_forward", huge)
+        n, d, r = GROUPED_SHAPE
+        for dtype in _dtypes():
+            guarded(STEP, f"grouped {n}x{d} r{r} {dtype}", grouped, n, d, r, dtype)
     except KeyboardInterrupt:
         return 130
     return 0

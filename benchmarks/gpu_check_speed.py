@@ -14,7 +14,9 @@
 - ``ops``: forward and forward+backward of the seed's eager adapter, a cuBLAS ``addmm`` adapter
   (residual folded into the GEMM), ``torch.compile`` default and max-autotune (skipped with a
   note when the time left is short), and ``adapterfast.Adapter``; plus the fused op replayed as a
-  CUDA graph at the small shape against its eager call (the difference is host overhead).
+  CUDA graph at the small shape against its eager call (the difference is host overhead); then
+  the grouped op (issue 18: 32 adapters, N=8192, d=768, r=16) against the loop of
+  ``fused_adapter`` calls over each adapter's rows and one adapter over all rows.
 - ``ncu_target``: one forward and backward at the large shape, for ``ncu`` to count DRAM bytes.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from multiprocessing import get_context
 
 import torch
 
-from .gpu_check import DRY, TIMING_SHAPES, bench_ms, device, guarded, read_records, record, run_step
+from .gpu_check import DRY, GROUPED_SHAPE, TIMING_SHAPES, bench_ms, device, guarded, read_records, record, run_step
 
 SEED = 0x5EED_0123_4567
 WARM_N = 64
@@ -205,6 +207,52 @@ def ops() -> None:
                        step_vs_eager=times["eager"] / step_ms if "eager" in times else None)
             guarded("ops", f"{name} {n}x{d}", one)
     guarded("ops", "cuda_graph", cuda_graph)
+    if DRY or time.monotonic() < deadline - 30:
+        guarded("ops", "grouped", grouped)
+    else:
+        record("ops", name="grouped", skipped="less than 30 s left")
+
+
+def grouped() -> None:
+    """The grouped op (issue 18) at its benchmark's shape: 32 adapters, rows assigned at random,
+    forward and forward+backward, against the loop of ``fused_adapter`` calls over each adapter's
+    rows (what users write without it) and one adapter over all rows (the floor)."""
+    import adapterfast
+
+    n, d, r = GROUPED_SHAPE
+    adapters = 32
+    dtype = torch.float32 if DRY else torch.bfloat16
+    g = torch.Generator(device=device()).manual_seed(0)
+    x = torch.randn(n, d, generator=g, device=device()).to(dtype)
+    grad = torch.randn(n, d, generator=g, device=device()).to(dtype)
+    wd = (torch.randn(adapters, r, d, generator=g, device=device()) * d**-0.5).to(dtype).requires_grad_()
+    wu = (torch.randn(adapters, d, r, generator=g, device=device()) * r**-0.5).to(dtype).requires_grad_()
+    index = torch.randint(0, adapters, (n,), generator=g, device=device())
+
+    def grouped_call(xx):
+        return adapterfast.grouped_adapter(xx, index, wd, wu)
+
+    def loop_call(xx):
+        y = xx.clone()
+        for a in range(adapters):
+            rows = torch.nonzero(index == a).flatten()
+            y = y.index_copy(0, rows, adapterfast.fused_adapter(xx[rows], wd[a], wu[a]))
+        return y
+
+    def single_call(xx):
+        return adapterfast.fused_adapter(xx, wd[0], wu[0])
+
+    times = {}
+    with adapterfast.use_backend("triton"):
+        for name, call in (("grouped", grouped_call), ("loop", loop_call), ("single", single_call)):
+            xg = x.detach().requires_grad_()
+            with torch.no_grad():
+                forward_ms = bench_ms(lambda: call(x))
+            times[name] = step_ms = bench_ms(lambda: call(xg).backward(grad))
+            record("ops", name=f"grouped_{name}", shape=f"{n}x{d} r{r}", adapters=adapters, forward_ms=forward_ms,
+                   step_ms=step_ms)
+    record("ops", name="grouped", shape=f"{n}x{d} r{r}", adapters=adapters,
+           loop_over_grouped=times["loop"] / times["grouped"], grouped_over_single=times["grouped"] / times["single"])
 
 
 def cuda_graph() -> None:

@@ -34,12 +34,14 @@ def test_dry_run_end_to_end(tmp_path):
     assert not [r for r in records if "error" in r], [r for r in records if "error" in r]
     assert set(STEPS) <= {r["step"] for r in records}
     correct = [r for r in records if r["step"] == "correct"]
-    assert {r["name"] for r in correct} == {"accuracy", "backward_bitwise", "dropout_mask", "strided", "huge_forward"}
+    assert {r["name"] for r in correct} == {"accuracy", "backward_bitwise", "dropout_mask", "strided", "huge_forward",
+                                            "grouped"}
     assert all(r["ok"] for r in correct)
     kernels = {r["kernel"] for r in records if r["step"] == "kernels"}
     assert kernels == {"forward", "backward_dh", "backward_dxdw", "reduce", "step"}
     assert {r["name"] for r in records if r["step"] == "ops"} >= {
-        "eager", "addmm", "compile", "compile_max_autotune", "adapterfast", "cuda_graph"}
+        "eager", "addmm", "compile", "compile_max_autotune", "adapterfast", "cuda_graph", "grouped", "grouped_loop",
+        "grouped_single"}
     tests = {r["name"]: r for r in records if r["step"] == "tests"}
     assert int(tests["tests_kernels"]["tests"]) > 0 and tests["tests_kernels"]["failures"] == "0"
     assert "## kernels" in (out / "summary.md").read_text()
