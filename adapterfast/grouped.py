@@ -6,14 +6,16 @@ through none when the index is -1 (then ``y = residual``). Semantics:
 is a ``ValueError``/``TypeError`` that names it; a few attribute reads accept the common case
 first), flattens leading dimensions, draws the dropout seed and runs the op:
 
-- eagerly, where the backend has a native differentiable op (the C++ backend's
-  ``adapterfast_cpu::grouped``, one C++ autograd node) and neither forward-mode AD, torch.func nor
-  autocast is on: that op, with or without autograd recording;
+- eagerly, where neither forward-mode AD, torch.func nor autocast is on: the backend's native
+  differentiable op where it has one (the C++ backend's ``adapterfast_cpu::grouped``, one C++
+  autograd node), with or without autograd recording; else the backend's ``forward`` directly
+  without autograd, or ``grouped_autograd.GroupedAdapter`` around its ``forward`` and
+  ``backward`` with it;
 - under forward-mode AD and torch.func transforms, the eager reference
   (``grouped_reference.forward``, plain differentiable torch ops), logged once: the custom op has
   no jvp or vmap rule, and through it a tangent came back missing or wrong;
-- otherwise (torch.compile, autocast, meta tensors, the Triton and reference backends), the
-  custom op of ``grouped_ops.py``.
+- otherwise (torch.compile, autocast, meta tensors, DTensors), the custom op of
+  ``grouped_ops.py``.
 
 Index values outside ``[-1, A)`` are reported by the op itself (a ``ValueError``), where reading
 them needs no graph break.
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 import torch.autograd.forward_ad as _forward_ad
 
-from . import activations, checks, grouped_ops, grouped_reference
+from . import activations, checks, grouped_autograd, grouped_ops, grouped_reference
 from . import dropout as dropout_rng
 from ._log import warn_once
 
@@ -186,10 +188,16 @@ def _run(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, p, se
                                          0 if seed is None else int(seed), residual)
         return y
     if not (_is_compiling() or type(x) is not Tensor or x.is_meta or _any_autocast()):
-        native = grouped_ops.backend_module(x, w_down.shape[1]).differentiable
-        if native is not None:
-            return native(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, p,
-                          0 if seed is None else int(seed), residual)
+        backend = grouped_ops.backend_module(x, w_down.shape[1])
+        seed = 0 if seed is None else int(seed)
+        if backend.differentiable is not None:
+            return backend.differentiable(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, p, seed,
+                                          residual)
+        if torch.is_grad_enabled():
+            return grouped_autograd.apply_fast(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, p,
+                                               seed, residual, backend)
+        y, _ = backend.forward(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, p, seed, residual)
+        return y if y.is_contiguous() else y.contiguous()
     y, _ = grouped_ops.grouped_forward(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, p, seed,
                                        residual)
     return y

@@ -26,8 +26,8 @@ from . import dropout as _dropout
 from .reference import _matmul, accumulation_dtype, activate, activate_grad
 
 
-# No native differentiable op: eager calls run the adapterfast::grouped_forward custom op
-# (grouped.py).
+# No native differentiable op: eager calls with autograd run grouped_autograd.GroupedAdapter
+# around forward and backward (grouped.py).
 differentiable = None
 
 def _keep(seed, p: float, rows: torch.Tensor, d: int) -> torch.Tensor | None:

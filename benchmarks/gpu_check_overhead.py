@@ -6,7 +6,8 @@ Runs ``adapterfast.kernels.forward`` and ``backward`` on small CPU tensors under
 with the kernel launches replaced by a no-op (``Launch.__call__`` and the backward's reduction
 still run their Python), so the time per call is the Python around the kernels: argument
 checks, configuration choice, allocation of outputs, the argument tuples and the ``Launch``
-records. On a GPU the launches add Triton's own ``kernel[grid](...)`` binding on top (measured by
+records. Then the grouped op the same way, called as users call it (``grouped_adapter``,
+inference and a training step). On a GPU the launches add Triton's own ``kernel[grid](...)`` binding on top (measured by
 the GPU check's CUDA-graph step). Prints microseconds per call, median of 5 rounds.
 """
 from __future__ import annotations
@@ -53,7 +54,48 @@ def measure(calls: int = 2000) -> dict:
         }
     finally:
         launch.Launch.__call__ = original
+    results.update(measure_grouped(calls))
     return results
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def measure_grouped(calls: int = 2000) -> dict:
+    """The grouped op as users call it (``grouped_adapter`` on the Triton backend, 4 adapters):
+    validation, the eager autograd path, the row schedule and output allocation, kernels no-ops."""
+    import adapterfast
+    from adapterfast.kernels import grouped
+
+    n, d, r, adapters = 8, 64, 8, 4
+    x = torch.randn(n, d, requires_grad=True)
+    wd = torch.randn(adapters, r, d, requires_grad=True)
+    wu = torch.randn(adapters, d, r, requires_grad=True)
+    index = torch.arange(n) % adapters
+    g = torch.randn(n, d)
+    names = ("grouped_forward_kernel", "grouped_backward_dx_kernel", "grouped_backward_dw_kernel")
+    originals = {name: getattr(grouped, name) for name in names}
+
+    def infer():
+        with torch.no_grad():
+            adapterfast.grouped_adapter(x, index, wd, wu)
+
+    try:
+        for name in names:
+            setattr(grouped, name, _NoLaunch())
+        with adapterfast.use_backend("triton"):
+            return {
+                "grouped_forward_us": per_call_us(infer, calls),
+                "grouped_step_us": per_call_us(lambda: adapterfast.grouped_adapter(x, index, wd, wu).backward(g),
+                                               calls),
+            }
+    finally:
+        for name, kernel in originals.items():
+            setattr(grouped, name, kernel)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from adapterfast.activations import ACTIVATIONS
 
@@ -22,8 +21,8 @@ from .grouped_kernels import grouped_backward_dw_kernel, grouped_backward_dx_ker
 from .launch import dot_precision, dropout_args, on_device
 
 
-# No native differentiable op: eager calls run the adapterfast::grouped_forward custom op
-# (grouped.py).
+# No native differentiable op: eager calls with autograd run grouped_autograd.GroupedAdapter
+# around forward and backward (grouped.py).
 differentiable = None
 
 @dataclass
@@ -59,7 +58,7 @@ def schedule(adapter_index: torch.Tensor, adapters: int, block_m: int) -> Schedu
     seg_begin = seg_end - counts
     blocks_per = (counts + block_m - 1) // block_m
     blocks_end = torch.cumsum(blocks_per, 0)
-    total = triton.cdiv(n, block_m) + adapters + 1
+    total = (n + block_m - 1) // block_m + adapters + 1  # triton.cdiv costs a jit call from the host
     b = torch.arange(total, device=dev, dtype=torch.int64)
     block_slot = torch.searchsorted(blocks_end, b, right=True)
     valid = block_slot <= adapters
@@ -152,7 +151,7 @@ def backward(grad_y, x, adapter_index, w_down, w_up, b_down, b_up, h, activation
                 **shared, **c.options(),
             )
             c = cfgs.backward_dw
-            grouped_backward_dw_kernel[(triton.cdiv(d, c.block_d), A)](
+            grouped_backward_dw_kernel[((d + c.block_d - 1) // c.block_d, A)](
                 grad_y, x, eff, h, dh, sched.order, sched.seg_begin[1:], sched.seg_end[1:],
                 dw_down, dw_up, db_up, db_down,
                 d, r,

@@ -1,8 +1,9 @@
-"""The C++ backend's differentiable grouped op (``adapterfast_cpu::grouped``, a C++ autograd
-Function): eager calls run it, and it gives bitwise what the ``adapterfast::grouped_forward``
+"""The grouped op's eager paths. On the C++ backend, ``adapterfast_cpu::grouped`` (a C++ autograd
+Function); on the others, ``grouped_autograd.GroupedAdapter`` (a Python autograd Function) around
+the backend's forward and backward. Each gives bitwise what the ``adapterfast::grouped_forward``
 custom op (torch.library's Python autograd) gives around the same kernels, for every optional
-argument and every subset of inputs that need gradients; calls under forward-mode AD, autocast
-or another backend take the custom op."""
+argument and every subset of inputs that need gradients; calls under autocast take the custom op,
+and forward-mode AD and torch.func transforms the eager reference."""
 from __future__ import annotations
 
 import itertools
@@ -14,7 +15,9 @@ import torch.autograd.forward_ad as fwAD
 import adapterfast
 from adapterfast import _log, cpu, grouped, grouped_cpu, grouped_ops
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU backend not built: {cpu.unavailable_reason()}")
+from helpers import backend_params
+
+needs_cpu = pytest.mark.skipif(not cpu.available(), reason=f"CPU backend not built: {cpu.unavailable_reason()}")
 
 A, N, D, R = 3, 41, 40, 8
 
@@ -33,18 +36,30 @@ def _inputs(bias: bool, residual: bool, dtype=torch.float32):
     return t, index, torch.randn(N, D, generator=gen).to(dtype)
 
 
-def _run(t, index, g, needs, native: bool, dropout: float):
+def _run(t, index, g, needs, path: str, dropout: float, backend: str = "cpu"):
+    """y and the gradients of ``needs`` through ``path``: "native" (adapterfast_cpu::grouped),
+    "eager" (grouped_adapter as users call it) or "custom_op" (adapterfast::grouped_forward)."""
     leaves = {k: (v.clone().requires_grad_(k in needs) if v is not None else None) for k, v in t.items()}
     scales = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
     args = (leaves["x"], index, leaves["w_down"], leaves["w_up"], leaves["b_down"], leaves["b_up"], "gelu", scales,
             dropout)
-    if native:
-        y = grouped_cpu.differentiable(*args, 1234, leaves["residual"])
+    torch.manual_seed(0)  # the dropout seed grouped_adapter draws
+    seed = adapterfast.dropout.new_seed() if dropout > 0.0 else None
+    if path == "native":
+        y = grouped_cpu.differentiable(*args, 0 if seed is None else int(seed), leaves["residual"])
         assert type(y.grad_fn).__name__ == "CppFunction"
+    elif path == "eager":  # the backward below runs outside use_backend: the Function keeps the forward's
+        torch.manual_seed(0)
+        with adapterfast.use_backend(backend):
+            y = adapterfast.grouped_adapter(leaves["x"], index, *args[2:6], activation="gelu",
+                                            scale=[0.5, 2.0, 1.0], dropout=dropout, residual=leaves["residual"])
+        assert type(y.grad_fn).__name__ == "GroupedAdapterBackward"
     else:
-        seed = torch.tensor(1234) if dropout > 0.0 else None
-        with adapterfast.use_backend("cpu"):
+        # The custom op's backward runs the backend in force when it runs (as in a compiled graph).
+        with adapterfast.use_backend(backend):
             y, _ = grouped_ops.grouped_forward(*args, seed, leaves["residual"])
+            y.backward(g)
+        return y.detach(), {k: leaves[k].grad for k in needs}
     y.backward(g)
     return y.detach(), {k: leaves[k].grad for k in needs}
 
@@ -52,11 +67,12 @@ def _run(t, index, g, needs, native: bool, dropout: float):
 @pytest.mark.parametrize("bias,residual,dropout", list(itertools.product([False, True], [False, True], [0.0, 0.25])))
 @pytest.mark.parametrize("needs", [("x", "w_down", "w_up", "b_down", "b_up", "residual"), ("w_down", "w_up"),
                                    ("x",), ("w_up", "b_up", "residual")])
+@needs_cpu
 def test_native_op_is_bitwise_the_custom_op(bias, residual, dropout, needs):
     t, index, g = _inputs(bias, residual)
     needs = tuple(k for k in needs if t[k] is not None)
-    y_native, g_native = _run(t, index, g, needs, True, dropout)
-    y_custom, g_custom = _run(t, index, g, needs, False, dropout)
+    y_native, g_native = _run(t, index, g, needs, "native", dropout)
+    y_custom, g_custom = _run(t, index, g, needs, "custom_op", dropout)
     assert torch.equal(y_native, y_custom)
     for k in needs:
         assert g_native[k] is not None and torch.equal(g_native[k], g_custom[k]), k
@@ -64,16 +80,37 @@ def test_native_op_is_bitwise_the_custom_op(bias, residual, dropout, needs):
         assert not g_native["w_down"][A - 1].any()
 
 
+@needs_cpu
 def test_bf16():
     t, index, g = _inputs(True, False, torch.bfloat16)
     needs = ("x", "w_down", "w_up", "b_down", "b_up")
-    y_native, g_native = _run(t, index, g, needs, True, 0.0)
-    y_custom, g_custom = _run(t, index, g, needs, False, 0.0)
+    y_native, g_native = _run(t, index, g, needs, "native", 0.0)
+    y_custom, g_custom = _run(t, index, g, needs, "custom_op", 0.0)
     assert torch.equal(y_native, y_custom)
     for k in needs:
         assert g_native[k].dtype == torch.bfloat16 and torch.equal(g_native[k], g_custom[k]), k
 
 
+@pytest.mark.parametrize("backend", backend_params(["reference", "triton"]))
+@pytest.mark.parametrize("bias,residual,dropout", [(True, True, 0.25), (False, False, 0.0)])
+@pytest.mark.parametrize("needs", [("x", "w_down", "w_up", "b_down", "b_up", "residual"), ("w_up",)])
+def test_python_function_is_bitwise_the_custom_op(backend, bias, residual, dropout, needs):
+    t, index, g = _inputs(bias, residual)
+    needs = tuple(k for k in needs if t[k] is not None)
+    y_eager, g_eager = _run(t, index, g, needs, "eager", dropout, backend)
+    y_custom, g_custom = _run(t, index, g, needs, "custom_op", dropout, backend)
+    assert torch.equal(y_eager, y_custom)
+    for k in needs:
+        assert g_eager[k] is not None and torch.equal(g_eager[k], g_custom[k]), k
+    with adapterfast.use_backend(backend), torch.no_grad():
+        torch.manual_seed(0)
+        y_infer = adapterfast.grouped_adapter(t["x"], index, t["w_down"], t["w_up"], t["b_down"], t["b_up"],
+                                              activation="gelu", scale=[0.5, 2.0, 1.0], dropout=dropout,
+                                              residual=t["residual"])
+    assert torch.equal(y_infer, y_eager)
+
+
+@needs_cpu
 def test_eager_calls_take_the_native_node_unless_forward_ad_autocast_or_another_backend():
     t, index, _ = _inputs(True, False)
     x = t["x"].clone().requires_grad_()
@@ -88,9 +125,10 @@ def test_eager_calls_take_the_native_node_unless_forward_ad_autocast_or_another_
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert type(adapterfast.grouped_adapter(x, index, *w).grad_fn).__name__ != "CppFunction"
     with adapterfast.use_backend("reference"):
-        assert type(adapterfast.grouped_adapter(x, index, *w).grad_fn).__name__ != "CppFunction"
+        assert type(adapterfast.grouped_adapter(x, index, *w).grad_fn).__name__ == "GroupedAdapterBackward"
 
 
+@needs_cpu
 def test_common_case_check_defers_every_unusual_input_to_the_full_validation():
     """``grouped._common_case`` accepts only what the op runs as given; anything else goes to
     ``_validate``, which accepts it or raises the error that names it."""

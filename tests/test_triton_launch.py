@@ -79,7 +79,8 @@ def test_host_overhead_benchmark_runs():
     from benchmarks import gpu_check_overhead
 
     figures = gpu_check_overhead.measure(calls=20)
-    assert set(figures) == {"forward_us", "forward_dropout_us", "backward_us"}
+    assert set(figures) == {"forward_us", "forward_dropout_us", "backward_us", "grouped_forward_us",
+                            "grouped_step_us"}
     assert all(0 < v < 1e5 for v in figures.values())
 
 
