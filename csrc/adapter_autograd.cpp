@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "adapter_ops.h"
+#include "autograd_context.h"
 
 namespace adapterfast::cpu {
 namespace {
@@ -26,12 +27,9 @@ class FusedAdapter : public torch::autograd::Function<FusedAdapter> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, h] =
         adapter_forward_as(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual, training);
-    ctx->save_for_backward({x, w_down, w_up, b_down.value_or(at::Tensor()), b_up.value_or(at::Tensor()), h});
-    ctx->saved_data["activation"] = std::string(activation);
+    ctx->save_for_backward({x, w_down, w_up, saved_form(b_down), saved_form(b_up), h});
     ctx->saved_data["scale"] = scale;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["seed"] = seed;
-    ctx->saved_data["residual_is_x"] = !residual.has_value();
+    save_constants(ctx, activation, dropout_p, seed, !residual.has_value());
     return y;
   }
 
@@ -40,24 +38,18 @@ class FusedAdapter : public torch::autograd::Function<FusedAdapter> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& grad_y = grads[0];
-    const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     const bool residual_is_x = ctx->saved_data["residual_is_x"].toBool();
     auto [dx, dw_down, db_down, dw_up, db_up] = adapter_backward(
-        grad_y, saved[0], saved[1], saved[2], optional(saved[3]), optional(saved[4]), saved[5],
+        grad_y, saved[0], saved[1], saved[2], optional_form(saved[3]), optional_form(saved[4]), saved[5],
         ctx->saved_data["activation"].toStringRef(), ctx->saved_data["scale"].toDouble(),
         ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toInt(), residual_is_x);
-    // needs_input_grad counts only the tensors passed (absent optionals have no edge).
-    int64_t edge = 0;
-    const auto needed = [&](bool passed, const at::Tensor& t) {
-      if (!passed) return at::Tensor();
-      return ctx->needs_input_grad(edge++) ? t : at::Tensor();
-    };
-    at::Tensor g_x = needed(true, dx);
-    at::Tensor g_w_down = needed(true, dw_down);
-    at::Tensor g_w_up = needed(true, dw_up);
-    at::Tensor g_b_down = needed(saved[3].defined(), db_down);
-    at::Tensor g_b_up = needed(saved[4].defined(), db_up);
-    at::Tensor g_residual = needed(!residual_is_x, grad_y);
+    InputGradients gradients(ctx);
+    at::Tensor g_x = gradients.next(true, dx);
+    at::Tensor g_w_down = gradients.next(true, dw_down);
+    at::Tensor g_w_up = gradients.next(true, dw_up);
+    at::Tensor g_b_down = gradients.next(saved[3].defined(), db_down);
+    at::Tensor g_b_up = gradients.next(saved[4].defined(), db_up);
+    at::Tensor g_residual = gradients.next(!residual_is_x, grad_y);
     return {g_x,          g_w_down,     g_w_up,       g_b_down,   g_b_up, at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), g_residual, at::Tensor()};
   }

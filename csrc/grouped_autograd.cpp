@@ -10,6 +10,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "autograd_context.h"
 #include "grouped_ops.h"
 
 namespace adapterfast::cpu {
@@ -28,12 +29,8 @@ class GroupedAdapter : public torch::autograd::Function<GroupedAdapter> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, h] = grouped_forward(x, adapter_index, w_down, w_up, b_down, b_up, activation, scales, dropout_p, seed,
                                   residual);
-    ctx->save_for_backward({x, adapter_index, w_down, w_up, b_down.value_or(at::Tensor()),
-                            b_up.value_or(at::Tensor()), h, scales});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["seed"] = seed;
-    ctx->saved_data["residual_is_x"] = !residual.has_value();
+    ctx->save_for_backward({x, adapter_index, w_down, w_up, saved_form(b_down), saved_form(b_up), h, scales});
+    save_constants(ctx, activation, dropout_p, seed, !residual.has_value());
     return y;
   }
 
@@ -42,26 +39,20 @@ class GroupedAdapter : public torch::autograd::Function<GroupedAdapter> {
   // scales are constants.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     const bool residual_is_x = ctx->saved_data["residual_is_x"].toBool();
     auto [dx, dw_down, db_down, dw_up, db_up] = grouped_backward(
-        grads[0], saved[0], saved[1], saved[2], saved[3], optional(saved[4]), optional(saved[5]), saved[6],
+        grads[0], saved[0], saved[1], saved[2], saved[3], optional_form(saved[4]), optional_form(saved[5]), saved[6],
         ctx->saved_data["activation"].toStringRef(), saved[7], ctx->saved_data["dropout_p"].toDouble(),
         ctx->saved_data["seed"].toInt(), residual_is_x);
-    // needs_input_grad counts only the tensors passed (absent optionals have no edge).
-    int64_t edge = 0;
-    const auto needed = [&](bool passed, const at::Tensor& t) {
-      if (!passed) return at::Tensor();
-      return ctx->needs_input_grad(edge++) ? t : at::Tensor();
-    };
-    at::Tensor g_x = needed(true, dx);
-    needed(true, at::Tensor());  // adapter_index
-    at::Tensor g_w_down = needed(true, dw_down);
-    at::Tensor g_w_up = needed(true, dw_up);
-    at::Tensor g_b_down = needed(saved[4].defined(), db_down);
-    at::Tensor g_b_up = needed(saved[5].defined(), db_up);
-    needed(true, at::Tensor());  // scales
-    at::Tensor g_residual = needed(!residual_is_x, grads[0]);
+    InputGradients gradients(ctx);
+    at::Tensor g_x = gradients.next(true, dx);
+    gradients.next(true, at::Tensor());  // adapter_index
+    at::Tensor g_w_down = gradients.next(true, dw_down);
+    at::Tensor g_w_up = gradients.next(true, dw_up);
+    at::Tensor g_b_down = gradients.next(saved[4].defined(), db_down);
+    at::Tensor g_b_up = gradients.next(saved[5].defined(), db_up);
+    gradients.next(true, at::Tensor());  // scales
+    at::Tensor g_residual = gradients.next(!residual_is_x, grads[0]);
     return {g_x, at::Tensor(), g_w_down, g_w_up,       g_b_down,    g_b_up,
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), g_residual};
   }
