@@ -17,8 +17,9 @@ template <int kRows, int kVecs>
 void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const float* A, int64_t lda,
                       const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   const TileColumns<kVecs> cols(N, n0);
-  for (int64_t i0 = 0; i0 < M; i0 += kRows) {
-    const int64_t mi = min64(kRows, M - i0);
+  const int64_t own = rows_in_own_tiles<kRows>(M);
+  for (int64_t i0 = 0; i0 < own; i0 += kRows) {
+    const int64_t mi = min64(kRows, own - i0);
     const float* x[kRows];
     for (int t = 0; t < kRows; ++t) x[t] = A + (i0 + min64(t, mi - 1)) * lda;
     if (cols.full) {
@@ -26,6 +27,10 @@ void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const float* 
     } else {
       project_in_tile<false, kRows>(mi, K, x, nullptr, B + n0, ldb, cols, C + i0 * ldc + n0, ldc, accumulate);
     }
+  }
+  if (own < M) {
+    project_in_tiles<kTailRows<kRows>, kVecs>(M - own, N, n0, K, A + own * lda, lda, B, ldb, C + own * ldc, ldc,
+                                              accumulate);
   }
 }
 

@@ -120,6 +120,21 @@ template <> struct Storage<NoResidual> { using type = float; };
 // for kRows * kVecs FMAs. Vector loads, not broadcasts, are what limits
 // that loop here, so tiles are tall: 8 x 3 and 6 x 4 keep it on the FMA units, where 4 x 4 (twice
 // the loads per FMA) measured ~25% slower.
+// The tile a kRows-row kernel hands its last rows to when they fill at most half a tile (4, then
+// 2, then 1 rows): a tile computes all its rows, so one row in an 8-row tile costs the FMAs of
+// eight, which was most of a one-row call's product time. More than half a tile's rows stay in
+// one partial tile of kRows.
+template <int kRows>
+constexpr int kTailRows = kRows > 4 ? 4 : kRows > 2 ? 2 : 1;
+
+// How many of `rows` rows a kRows-row kernel covers with its own tiles; the rest go to
+// kTailRows<kRows>-row tiles.
+template <int kRows>
+inline int64_t rows_in_own_tiles(int64_t rows) {
+  const int64_t rest = rows % kRows;
+  return kRows == 1 || 2 * rest > kRows ? rows : rows - rest;
+}
+
 template <int kRows, int kVecs>
 struct Tile {
   static constexpr int64_t kCols = kVecs * kLanes;

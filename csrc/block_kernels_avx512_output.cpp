@@ -84,6 +84,38 @@ ALWAYS_INLINE void finish_tile(const EpilogueRows<ResTag, Out>& rows, int64_t i0
   }
 }
 
+// One column step of project_out_tiles: rows [i0, i0 + mi) of the product in a kRows x 4 tile,
+// finished by the epilogue straight from the registers.
+template <typename ResTag, typename Out>
+struct OutTileStep {
+  const EpilogueRows<ResTag, Out>& rows;
+  bool stream;
+  int64_t N;
+  const float* A;
+  int64_t lda;
+  const float* B;
+  int64_t ldb;
+  int64_t k0;
+  const TileColumns<4>& cols;
+  const __m512 (&bias)[4];
+  __m512 scale;
+
+  template <int kRows>
+  ALWAYS_INLINE void run(int64_t i0, int64_t mi) const {
+    const float* a[kRows];
+    for (int t = 0; t < kRows; ++t) a[t] = A + (i0 + min64(t, mi - 1)) * lda;
+    Tile<kRows, 4> tile;
+    rank_update(cols, N, a, 1, B + k0, ldb, /*prefetch_next=*/false, tile);
+    if (!cols.full) {
+      finish_tile<ResTag, Out, false, false>(rows, i0, mi, k0, cols, tile, bias, scale);
+    } else if (stream) {
+      finish_tile<ResTag, Out, true, true>(rows, i0, mi, k0, cols, tile, bias, scale);
+    } else {
+      finish_tile<ResTag, Out, false, true>(rows, i0, mi, k0, cols, tile, bias, scale);
+    }
+  }
+};
+
 // 6 x 4 tiles over the [M, K] output, each finished by the epilogue straight from the registers.
 // Rows in groups of kGroupTiles tiles, each group walked left to right by column slices, the
 // group's tiles one after the other per slice: its rows of residual and output are walked left to
@@ -103,6 +135,7 @@ void project_out_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
   constexpr int kRows = 6;
   constexpr int64_t kGroupRows = 4 * kRows;
   using T = Tile<kRows, 4>;
+  using OutTile = OutTileStep<ResTag, Out>;
   // Streaming writes whole cache lines only: every row must start on a line (a full tile is
   // 4 lines of float or 2 of bf16).
   constexpr int64_t kLine = 64;
@@ -121,16 +154,12 @@ void project_out_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
       }
       for (int64_t i0 = g0; i0 < group_end; i0 += kRows) {
         const int64_t mi = min64(kRows, M - i0);
-        const float* a[kRows];
-        for (int t = 0; t < kRows; ++t) a[t] = A + (i0 + min64(t, mi - 1)) * lda;
-        T tile;
-        rank_update(cols, N, a, 1, B + k0, ldb, /*prefetch_next=*/false, tile);
-        if (!cols.full) {
-          finish_tile<ResTag, Out, false, false>(rows, i0, mi, k0, cols, tile, bias, scale);
-        } else if (stream) {
-          finish_tile<ResTag, Out, true, true>(rows, i0, mi, k0, cols, tile, bias, scale);
-        } else {
-          finish_tile<ResTag, Out, false, true>(rows, i0, mi, k0, cols, tile, bias, scale);
+        const OutTile step{rows, stream, N, A, lda, B, ldb, k0, cols, bias, scale};
+        if (2 * mi > kRows) {
+          step.template run<kRows>(i0, mi);
+        } else {  // the last rows, at most half a tile: 2- and 1-row tiles (kTailRows)
+          if (mi >= 2) step.template run<2>(i0, 2);
+          if (mi % 2 == 1) step.template run<1>(i0 + mi - 1, 1);
         }
       }
     }

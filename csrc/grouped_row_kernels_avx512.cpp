@@ -14,7 +14,8 @@
 namespace adapterfast::cpu::avx512 {
 namespace {
 
-// Rows [i0, M) of the list in tiles of kRows, columns [n0, n0 + kVecs * 16) of C; x[rows[i]] + k0
+// Rows [i0, M) of the list in tiles of kRows (a last tile of at most half its rows in smaller ones,
+// kTailRows), columns [n0, n0 + kVecs * 16) of C; x[rows[i]] + k0
 // is row i's part of this K chunk. Rows up to `ahead` entries of the list are prefetched one tile
 // ahead when `prefetch` (the first column tile: later ones find the rows in cache).
 template <int kRows, int kVecs>
@@ -22,8 +23,9 @@ void tiles_rows(int64_t i_begin, int64_t M, int64_t N, int64_t n0, int64_t K, co
                 const int64_t* rows, int64_t ahead, bool prefetch, const float* B, int64_t ldb, float* C, int64_t ldc,
                 bool accumulate) {
   const TileColumns<kVecs> cols(N, n0);
-  for (int64_t i0 = i_begin; i0 < M; i0 += kRows) {
-    const int64_t mi = min64(kRows, M - i0);
+  const int64_t own = i_begin + rows_in_own_tiles<kRows>(M - i_begin);
+  for (int64_t i0 = i_begin; i0 < own; i0 += kRows) {
+    const int64_t mi = min64(kRows, own - i0);
     const float* x[kRows];
     const float* next[kRows];
     for (int t = 0; t < kRows; ++t) {
@@ -37,6 +39,10 @@ void tiles_rows(int64_t i_begin, int64_t M, int64_t N, int64_t n0, int64_t K, co
     } else {
       project_in_tile<false, kRows>(mi, K, x, next, B + n0, ldb, cols, c, ldc, accumulate);
     }
+  }
+  if (own < M) {
+    tiles_rows<kTailRows<kRows>, kVecs>(own, M, N, n0, K, X, ldx, rows, ahead, prefetch, B, ldb,
+                                        C + (own - i_begin) * ldc, ldc, accumulate);
   }
 }
 

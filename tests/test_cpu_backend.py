@@ -80,6 +80,16 @@ def test_fp32_matches_reference(n, d, r):
     check_against_reference(x, wd, wu, bd, bu, None, tol=1e-5, scale=0.5)
 
 
+@pytest.mark.parametrize("r", [16, 40, 64])
+def test_fp32_every_row_count_up_to_two_tiles(r):
+    """Row counts 1 to 33: full 16-, 8- and 6-row tiles and every tail (a partial tile of more than
+    half its rows, or the 4-, 2- and 1-row tiles of kTailRows), in project_in, project_out and
+    the weight gradients; d = 48 (16-row tiles), r from one to four column vectors."""
+    for n in range(1, 34):
+        x, wd, wu, bd, bu, _ = adapter_inputs(n, 48, r)
+        check_against_reference(x, wd, wu, bd, bu, None, tol=1e-5, scale=0.5)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_each_activation(activation):
     x, wd, wu, bd, bu, _ = adapter_inputs(70, 123, 24)
