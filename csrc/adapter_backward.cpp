@@ -122,13 +122,13 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   const OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, ld_g, dx);
 
   at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
-    std::vector<acc_t> gz(kGradInPlace ? 0 : rows * d);
+    Scratch<acc_t> gz(kGradInPlace ? 0 : rows * d);
     std::vector<acc_t> block_sums(kGradInPlace ? d : 0);
-    std::vector<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);
-    std::vector<acc_t> da(rows * r);
-    std::vector<acc_t> a(rows * r);
-    std::vector<acc_t> dh(rows * r);
-    std::vector<uint8_t> keep(dropout ? rows * ld_keep : 0);
+    Scratch<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);
+    Scratch<acc_t> da(rows * r);
+    Scratch<acc_t> a(rows * r);
+    Scratch<acc_t> dh(rows * r);
+    Scratch<uint8_t> keep(dropout ? rows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
     for (int64_t group = first_group; group < last_group; ++group) {
       acc_t* row = partials.data_ptr<acc_t>() + group * partials.size(1);

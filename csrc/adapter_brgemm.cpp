@@ -43,6 +43,7 @@
 #include "block_kernels.h"
 #include "dx_epilogue.h"
 #include "philox.h"
+#include "scratch.h"
 
 namespace adapterfast::cpu {
 namespace {
@@ -273,8 +274,8 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
     Scratch<T> a = Scratch<T>::zeroed(kBlockRows * rp);                              // its pad column read as 0
     Scratch<U> x_split = Scratch<U>::zeroed(split ? 2 * kBlockRows * dp : 0);        // x rows' hi, then lo
     Scratch<U> a_split = Scratch<U>::zeroed(split ? kBlockRows * 3 * rp : 0);        // rows [a_hi | a_hi | a_lo]
-    std::vector<float> chunk(kBlockRows * kOutCols);
-    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    Scratch<float> chunk(kBlockRows * kOutCols);
+    Scratch<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
     const int64_t last_row = std::min(n, last * kBlockRows);
     for_blocks(first, last, kBlockRows, n, [&](int64_t row0, int64_t m) {
@@ -369,7 +370,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
     Scratch<U> x_b((split ? 3 : 1) * kSumRows * ldb);
     Scratch<T> a_t(r * kSumRows);        // [r, kSumRows]: a^T of the run
     Scratch<T> dh_t(r * kSumRows);       // [r, kSumRows]: dh^T of the run
-    std::vector<float> da(kBlockRows * r);
+    Scratch<float> da(kBlockRows * r);
     Scratch<T> dh = Scratch<T>::zeroed(kBlockRows * rp);  // its pad column read as 0
     Scratch<T> a(kBlockRows * r);
     // The split's other operands: a block's gz rows in hi and lo ([m, dp] each); dh as rows
@@ -385,8 +386,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
     const ColumnBlocked dw_up_sums{r, d, dw_sums.data()};
     const ColumnBlocked dw_down_sums{r, d, dw_sums.data() + r * d};
     std::vector<float> col_sums(d);
-    std::vector<float> chunk(kBlockRows * kOutCols);
-    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    Scratch<float> chunk(kBlockRows * kOutCols);
+    Scratch<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
     for (int64_t group = first_group; group < last_group; ++group) {
       float* row = partials.data_ptr<float>() + group * partials.size(1);

@@ -17,6 +17,7 @@
 #include "adapter_operands.h"
 #include "adapter_brgemm.h"
 #include "philox.h"
+#include "scratch.h"
 
 namespace adapterfast::cpu {
 namespace {
@@ -51,9 +52,9 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const int64_t rows = forward_block_rows(n);
   const int64_t blocks = (n + rows - 1) / rows;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    std::vector<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);
-    std::vector<acc_t> a(rows * r);
-    std::vector<uint8_t> keep(dropout ? rows * ld_keep : 0);
+    Scratch<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);
+    Scratch<acc_t> a(rows * r);
+    Scratch<uint8_t> keep(dropout ? rows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
     for_blocks(first, last, rows, n, [&](int64_t row0, int64_t m) {
       int64_t ld_x = 0;

@@ -122,13 +122,13 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
     Scratch<T> gb = Scratch<T>::zeroed(kRowList ? 0 : kBlockRows * d);
-    std::vector<acc_t> gz(kRowList && !dropout ? 0 : kBlockRows * d);
-    std::vector<acc_t> xb(x_in_place != nullptr ? 0 : kBlockRows * d);
-    std::vector<acc_t> hb(kBlockRows * r);
-    std::vector<acc_t> da(kBlockRows * r);
-    std::vector<acc_t> a(kBlockRows * r);
-    std::vector<acc_t> dh(kBlockRows * r);
-    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    Scratch<acc_t> gz(kRowList && !dropout ? 0 : kBlockRows * d);
+    Scratch<acc_t> xb(x_in_place != nullptr ? 0 : kBlockRows * d);
+    Scratch<acc_t> hb(kBlockRows * r);
+    Scratch<acc_t> da(kBlockRows * r);
+    Scratch<acc_t> a(kBlockRows * r);
+    Scratch<acc_t> dh(kBlockRows * r);
+    Scratch<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
     for (int64_t gi = first; gi < last; ++gi) {
       const Group& group = groups[gi];

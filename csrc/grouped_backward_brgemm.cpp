@@ -69,11 +69,11 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
     Scratch<T> x_b(kRunRows * d);   // a run's x rows as a B operand
     Scratch<T> a_t(r * kRunRows);   // [r, kRunRows]: a^T of the run
     Scratch<T> dh_t(r * kRunRows);  // [r, kRunRows]: dh^T of the run
-    std::vector<float> da(kBlockRows * r);
+    Scratch<float> da(kBlockRows * r);
     Scratch<T> dh = Scratch<T>::zeroed(kBlockRows * rp);
     Scratch<T> a(kBlockRows * r);
-    std::vector<float> chunk(kBlockRows * kOutCols);
-    std::vector<uint8_t> keep(dropout ? ld_keep : 0);
+    Scratch<float> chunk(kBlockRows * kOutCols);
+    Scratch<uint8_t> keep(dropout ? ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
     for (int64_t gi = first; gi < last; ++gi) {
       const Group& group = groups[gi];

@@ -84,8 +84,8 @@ struct KernelGemms {
   // One thread's operands of the adapter it runs now.
   struct Weights {
     int64_t adapter = -1;
-    std::vector<acc_t> down_t;  // [d, r]
-    std::vector<acc_t> up_t;    // [r, d]
+    Scratch<acc_t> down_t;  // [d, r]
+    Scratch<acc_t> up_t;    // [r, d]
   };
 
   KernelGemms(const ForwardOperands& op)
@@ -103,7 +103,7 @@ struct KernelGemms {
     }
   }
 
-  Weights weights() const { return {-1, std::vector<acc_t>(d * r), std::vector<acc_t>(r * d)}; }
+  Weights weights() const { return {-1, Scratch<acc_t>(d * r), Scratch<acc_t>(r * d)}; }
   void load(Weights& w, int64_t adapter) const {
     if (w.adapter == adapter) return;
     adapter_operand<T, acc_t>(w_down, adapter, /*transpose=*/true, w.down_t.data());
@@ -229,10 +229,10 @@ void forward_blocks(const ForwardOperands& op, const Segments& seg, const Gemms&
 
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
     Scratch<op_t> xb = Scratch<op_t>::zeroed(in_place ? 0 : kBlockRows * ld_x);
-    std::vector<acc_t> hb(kBlockRows * r);
+    Scratch<acc_t> hb(kBlockRows * r);
     Scratch<op_t> a = Scratch<op_t>::zeroed(kBlockRows * ld_a);
-    std::vector<float> chunk(Gemms::kChunk);
-    std::vector<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    Scratch<float> chunk(Gemms::kChunk);
+    Scratch<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     typename Gemms::Weights weights = gemms.weights();
     OutputEpilogue<acc_t> e = epilogue;
     for (int64_t b = first; b < last; ++b) {
