@@ -2,9 +2,12 @@
 ``adapterfast::grouped_backward``, with fake kernels and the autograd formula registered on the op.
 
 Semantics: ``adapterfast.grouped_reference``. Inputs are 2-D ``x [N, d]``, stacked weights and an
-int64 ``adapter_index [N]``; ``grouped.py`` validates them. The backend is chosen by
-``adapterfast.dispatch`` exactly as for the single-adapter op (same forcing context, same
-fallback rules); ``backend_module`` maps its answer to the backend's grouped module.
+integer ``adapter_index [N]``; ``grouped.py`` validates them, and uses these ops under
+torch.compile, autocast, for meta tensors and DTensors (eager calls take the backend's native
+op or ``grouped_autograd.GroupedAdapter``, which skip this Python wrapper). The backend is chosen
+by ``adapterfast.dispatch`` exactly as for the single-adapter op (same forcing context, same
+fallback rules); ``backend_module`` maps its answer to the backend's grouped module. In a
+compiled graph the backward selects the backend in force when it runs, as the single op's does.
 """
 from __future__ import annotations
 
