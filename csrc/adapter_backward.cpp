@@ -257,17 +257,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == dims.n && h.size(1) == dims.r, kOp,
                     ": h must be [", dims.n, ", ", dims.r, "], got ", h.sizes());
 
-  const BackwardOperands op{dims,
-                            with_unit_column_stride(grad_y),
-                            x,
-                            operand_weight(w_down, dtype, /*transpose=*/false),
-                            operand_weight(w_up, dtype, /*transpose=*/false),
-                            h.to(acc).contiguous(),
-                            residual_is_x,
-                            parse_activation(std::string(activation)),
-                            scale,
-                            dropout_p,
-                            static_cast<uint64_t>(seed)};
+  const BrgemmLayout layout = dims.n == 0 ? BrgemmLayout::none : brgemm_layout_for(dtype, dims);
+  const bool given = packs_given_weights(layout, dtype, w_down, w_up);
+  BackwardOperands op{dims,
+                      with_unit_column_stride(grad_y),
+                      x,
+                      given ? at::Tensor() : operand_weight(w_down, dtype, /*transpose=*/false),
+                      given ? at::Tensor() : operand_weight(w_up, dtype, /*transpose=*/false),
+                      h.to(acc).contiguous(),
+                      residual_is_x,
+                      parse_activation(std::string(activation)),
+                      scale,
+                      dropout_p,
+                      static_cast<uint64_t>(seed)};
+  if (given) {
+    op.w_down_given = w_down.contiguous();
+    op.w_up_given = w_up.contiguous();
+  }
 
   at::Tensor dx = empty_output({dims.n, dims.d}, x.options());
   at::Tensor dw_down, db_down, dw_up, db_up;
@@ -276,7 +282,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     using T = decltype(t);
     using acc_t = decltype(a);
     const int64_t size = Partials<acc_t>::size(dims);
-    const BrgemmLayout layout = dims.n == 0 ? BrgemmLayout::none : brgemm_layout_for(dtype, dims);
     // The brgemm driver walks blocks of kBlockRows; the fp32 block kernels backward_block_rows.
     const int64_t rows = layout != BrgemmLayout::none ? kBlockRows : backward_block_rows(dims.n);
     const int64_t groups = dims.n == 0 ? 1 : reduction_groups(dims, (dims.n + rows - 1) / rows, size);

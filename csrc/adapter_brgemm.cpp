@@ -246,6 +246,44 @@ void product_split(int64_t m, int64_t N, int64_t kp, const Bf16* hi, const Bf16*
   brgemm(m, N, kp, kp, N, N, true, lo, B, C, true);
 }
 
+// The bf16 weight w [P, Q] as given (contiguous) as the VNNI B operand of a product with K rows
+// and N columns, ldb >= N (pad columns zero) and K rounded up to even with a zero row: B[k, n] =
+// w[k, n] (K = P) or, with `transpose`, w[n, k] (K = Q). A VNNI word holds B[2j, n] and
+// B[2j + 1, n]: transposed, that is w's 32-bit word j of row n, so with Q even and ldb = N the
+// operand is w's words transposed as floats (shuffles only, bit-exact); untransposed, w's rows
+// paired (rows_as_b).
+Scratch<Bf16> given_weight_b(const at::Tensor& w, bool transpose, int64_t ldb) {
+  const int64_t P = w.size(0);
+  const int64_t Q = w.size(1);
+  const int64_t K = transpose ? Q : P;
+  const int64_t N = transpose ? P : Q;
+  Scratch<Bf16> out = Scratch<Bf16>::zeroed(even(K) * ldb);
+  const Bf16* src = w.data_ptr<Bf16>();
+  if (!transpose) {
+    rows_as_b<Bf16>(BrgemmLayout::vnni, P, Q, src, Q, out.data(), nullptr, ldb);
+  } else if (Q % 2 == 0 && ldb == N) {
+    block_kernels<float>().transpose(P, Q / 2, reinterpret_cast<const float*>(src), Q / 2,
+                                     reinterpret_cast<float*>(out.data()));
+  } else {
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t n = 0; n < N; ++n) out[b_index(BrgemmLayout::vnni, k, n, ldb)] = src[n * Q + k];
+    }
+  }
+  return out;
+}
+
+// A weight's B operand (K x N, as for weight_b): from the bf16 weight as given where the driver
+// packs it itself (given defined, packs_given_weights), else from its accumulation-type operand
+// `acc` (K x N, element (k, n) at acc[k * N + n]). `transpose`: the given weight is B^T.
+template <typename T, typename U>
+Scratch<U> weight_operand(BrgemmLayout layout, const at::Tensor& acc, const at::Tensor& given, bool transpose,
+                          int64_t K, int64_t N, int64_t ldb) {
+  if constexpr (std::is_same_v<T, Bf16> && std::is_same_v<U, Bf16>) {
+    if (given.defined()) return given_weight_b(given, transpose, ldb);
+  }
+  return weight_b<T, U>(layout, K, N, acc.data_ptr<float>(), N, ldb);
+}
+
 template <typename T, typename U>
 void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h) {
   constexpr bool split = kSplit<T, U>;
@@ -253,8 +291,8 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
   const int64_t rp = even(r);
   const int64_t dp = even(d);
   const int64_t ldb = split ? d : b_stride(layout, d);
-  const Scratch<U> w_down_b = weight_b<T, U>(layout, d, r, op.w_down_t.data_ptr<float>(), r, r);
-  const Scratch<U> w_up_b = weight_b<T, U>(layout, r, d, op.w_up_t.data_ptr<float>(), d, ldb);
+  const Scratch<U> w_down_b = weight_operand<T, U>(layout, op.w_down_t, op.w_down_given, true, d, r, r);
+  const Scratch<U> w_up_b = weight_operand<T, U>(layout, op.w_up_t, op.w_up_given, true, r, d, ldb);
   const T* x_data = op.x.data_ptr<T>();
   const int64_t x_row_stride = op.x.stride(0);
   const int64_t x_col_stride = d == 1 ? 1 : op.x.stride(1);
@@ -339,8 +377,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
   const int64_t rp = even(r);
   const int64_t groups = partials.size(0);
   const int64_t ldb = split ? d : b_stride(layout, d);
-  const Scratch<U> w_up_b = weight_b<T, U>(layout, d, r, op.w_up.data_ptr<float>(), r, r);
-  const Scratch<U> w_down_b = weight_b<T, U>(layout, r, d, op.w_down.data_ptr<float>(), d, ldb);
+  const Scratch<U> w_up_b = weight_operand<T, U>(layout, op.w_up, op.w_up_given, false, d, r, r);
+  const Scratch<U> w_down_b = weight_operand<T, U>(layout, op.w_down, op.w_down_given, false, r, d, ldb);
   const T* g_data = op.grad_y.data_ptr<T>();
   const int64_t ld_g = op.grad_y.stride(0);
   const T* x_data = op.x.data_ptr<T>();

@@ -101,10 +101,12 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
   const at::ScalarType dtype = x.scalar_type();
   const at::ScalarType acc = accumulation_type(dtype);
 
+  const BrgemmLayout layout = brgemm_layout_for(dtype, dims);
+  const bool given = packs_given_weights(layout, dtype, w_down, w_up);
   ForwardOperands op{dims,
                      x,
-                     operand_weight(w_down, dtype, /*transpose=*/true),
-                     operand_weight(w_up, dtype, /*transpose=*/true),
+                     given ? at::Tensor() : operand_weight(w_down, dtype, /*transpose=*/true),
+                     given ? at::Tensor() : operand_weight(w_up, dtype, /*transpose=*/true),
                      operand_bias(b_down, dtype),
                      operand_bias(b_up, dtype),
                      residual_operand(kOp, residual, dims, acc),
@@ -113,11 +115,14 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
                      dropout_p,
                      static_cast<uint64_t>(seed),
                      training};
+  if (given) {
+    op.w_down_given = w_down.contiguous();
+    op.w_up_given = w_up.contiguous();
+  }
 
   at::Tensor y = empty_output({dims.n, dims.d}, x.options());
   at::Tensor h = at::empty({dims.n, dims.r}, x.options().dtype(acc));
   if (dims.n == 0) return {y, h};
-  const BrgemmLayout layout = brgemm_layout_for(dtype, dims);
   dispatch_dtype(dtype, [&](auto t, auto a) {
     using T = decltype(t);
     using acc_t = decltype(a);

@@ -25,6 +25,10 @@ struct ForwardOperands {
   uint64_t seed;
   // The forward of a training step (its y feeds a backward): see stream_output (adapter_common.h).
   bool training = false;
+  // The bf16 weights as given (contiguous), where the brgemm driver packs them itself
+  // (packs_given_weights, adapter_brgemm.h); w_down_t and w_up_t are then undefined.
+  at::Tensor w_down_given;  // [r, d]
+  at::Tensor w_up_given;    // [d, r]
 };
 
 // The forward's output epilogue for y without the per-block pointers (keep, res, out): bias,
@@ -58,6 +62,10 @@ struct BackwardOperands {
   double scale;
   double dropout_p;
   uint64_t seed;
+  // As in ForwardOperands: set where the brgemm driver packs the bf16 weights itself, and then
+  // w_down and w_up are undefined.
+  at::Tensor w_down_given;  // [r, d]
+  at::Tensor w_up_given;    // [d, r]
 };
 
 // One row group's partial sums: the weight gradients in the accumulation type (rows of the
