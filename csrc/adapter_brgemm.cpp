@@ -247,28 +247,14 @@ void product_split(int64_t m, int64_t N, int64_t kp, const Bf16* hi, const Bf16*
 }
 
 // The bf16 weight w [P, Q] as given (contiguous) as the VNNI B operand of a product with K rows
-// and N columns, ldb >= N (pad columns zero) and K rounded up to even with a zero row: B[k, n] =
-// w[k, n] (K = P) or, with `transpose`, w[n, k] (K = Q). A VNNI word holds B[2j, n] and
-// B[2j + 1, n]: transposed, that is w's 32-bit word j of row n, so with Q even and ldb = N the
-// operand is w's words transposed as floats (shuffles only, bit-exact); untransposed, w's rows
-// paired (rows_as_b).
+// and N columns, ldb >= N (pad columns zero): B[k, n] = w[k, n] (K = P) or, with `transpose`,
+// w[n, k] (K = Q); weight_as_b (brgemm.h).
 Scratch<Bf16> given_weight_b(const at::Tensor& w, bool transpose, int64_t ldb) {
   const int64_t P = w.size(0);
   const int64_t Q = w.size(1);
   const int64_t K = transpose ? Q : P;
-  const int64_t N = transpose ? P : Q;
-  Scratch<Bf16> out = Scratch<Bf16>::zeroed(even(K) * ldb);
-  const Bf16* src = w.data_ptr<Bf16>();
-  if (!transpose) {
-    rows_as_b<Bf16>(BrgemmLayout::vnni, P, Q, src, Q, out.data(), nullptr, ldb);
-  } else if (Q % 2 == 0 && ldb == N) {
-    block_kernels<float>().transpose(P, Q / 2, reinterpret_cast<const float*>(src), Q / 2,
-                                     reinterpret_cast<float*>(out.data()));
-  } else {
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t n = 0; n < N; ++n) out[b_index(BrgemmLayout::vnni, k, n, ldb)] = src[n * Q + k];
-    }
-  }
+  Scratch<Bf16> out = ldb == (transpose ? P : Q) ? Scratch<Bf16>(even(K) * ldb) : Scratch<Bf16>::zeroed(even(K) * ldb);
+  weight_as_b<Bf16>(BrgemmLayout::vnni, P, Q, w.data_ptr<Bf16>(), transpose, out.data(), ldb);
   return out;
 }
 

@@ -133,8 +133,10 @@ std::optional<at::Tensor> operand_bias(const std::optional<at::Tensor>& b, at::S
 }
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::detail::empty_generic(sizes, output_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), at::MemoryFormat::Contiguous);
+  at::Tensor out = at::detail::empty_generic(sizes, output_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                             options.dtype().toScalarType(), at::MemoryFormat::Contiguous);
+  if (poison_scratch() && out.numel() > 0) std::memset(out.data_ptr(), 0xFF, out.nbytes());
+  return out;
 }
 
 at::Tensor with_unit_column_stride(const at::Tensor& t) {

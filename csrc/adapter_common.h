@@ -99,6 +99,8 @@ std::optional<at::Tensor> operand_bias(const std::optional<at::Tensor>& b, at::S
 // output_allocator() (output_buffers.h): a buffer of the same size released by an earlier output
 // is reused instead of paying the page faults of fresh memory, and a fresh buffer spanning two or
 // more 2 MiB pages is advised to use transparent huge pages (ADAPTERFAST_CPU_HUGE_PAGES=0: not).
+// Poisoned like Scratch under ADAPTERFAST_CPU_POISON_SCRATCH=1 (scratch.h): every element must be
+// written by the op.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // t itself if its columns are contiguous, else a contiguous copy (the one copy non-contiguous

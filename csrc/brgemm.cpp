@@ -132,13 +132,10 @@ namespace adapterfast::cpu {
 namespace {
 
 #ifdef ADAPTERFAST_AVX512_KERNELS
-// One 16 x 16 tile, widened to 32-bit lanes: pairs of rows interleaved (32-bit), then pairs of
-// pairs (64-bit), then 128-bit lanes gathered twice, so that register c holds column c.
-ALWAYS_INLINE void transpose_tile16(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) {
-    r[i] = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i * ld_src)));
-  }
+// The 16 x 16 tile of 32-bit words in r transposed in place (r[c] becomes column c): pairs of
+// rows interleaved (32-bit), then pairs of pairs (64-bit), then 128-bit lanes gathered twice.
+ALWAYS_INLINE void transpose_words(__m512i (&r)[16]) {
+  __m512i t[16];
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
     t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
@@ -156,12 +153,36 @@ ALWAYS_INLINE void transpose_tile16(const uint16_t* src, int64_t ld_src, uint16_
     t[c + 12] = _mm512_shuffle_i32x4(r[c + 8], r[c + 12], 0xdd);
   }
   for (int c = 0; c < 4; ++c) {
-    const __m512i col[4] = {_mm512_shuffle_i32x4(t[c], t[c + 8], 0x88), _mm512_shuffle_i32x4(t[c + 4], t[c + 12], 0x88),
-                            _mm512_shuffle_i32x4(t[c], t[c + 8], 0xdd), _mm512_shuffle_i32x4(t[c + 4], t[c + 12], 0xdd)};
-    for (int l = 0; l < 4; ++l) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (4 * l + c) * ld_dst), _mm512_cvtepi32_epi16(col[l]));
-    }
+    r[c] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0x88);
+    r[c + 4] = _mm512_shuffle_i32x4(t[c + 4], t[c + 12], 0x88);
+    r[c + 8] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0xdd);
+    r[c + 12] = _mm512_shuffle_i32x4(t[c + 4], t[c + 12], 0xdd);
   }
+}
+
+// Rows [0, mi) and columns [0, nj) of a 16 x 16 tile of 16-bit values (mi, nj <= 16), widened to
+// 32-bit lanes for transpose_words (the rest zero), stored as columns [0, mi) of rows [0, nj).
+ALWAYS_INLINE void transpose_tile16(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst, int64_t mi,
+                                    int64_t nj) {
+  const __mmask16 cols = static_cast<__mmask16>((1u << nj) - 1);
+  const __mmask16 rows = static_cast<__mmask16>((1u << mi) - 1);
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < mi ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, src + i * ld_src)) : _mm512_setzero_si512();
+  }
+  transpose_words(r);
+  for (int c = 0; c < nj; ++c) _mm256_mask_storeu_epi16(dst + c * ld_dst, rows, _mm512_cvtepi32_epi16(r[c]));
+}
+
+// The same for 32-bit words.
+ALWAYS_INLINE void transpose_tile32(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst, int64_t mi,
+                                    int64_t nj) {
+  const __mmask16 cols = static_cast<__mmask16>((1u << nj) - 1);
+  const __mmask16 rows = static_cast<__mmask16>((1u << mi) - 1);
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < mi ? _mm512_maskz_loadu_epi32(cols, src + i * ld_src) : _mm512_setzero_si512();
+  transpose_words(r);
+  for (int c = 0; c < nj; ++c) _mm512_mask_storeu_epi32(dst + c * ld_dst, rows, r[c]);
 }
 
 // Rows r0 and r1 (r1 null: a zero row) of 16-bit values, columns [n, n + 16) as 16 32-bit words
@@ -232,20 +253,56 @@ void rows_as_b_16bit_as(bool vnni, int64_t m, int64_t N, const uint16_t* src, in
 }
 #endif
 
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < m, j < n (16- or 32-bit values), in 16 x 16
+// tiles in registers, masked at the edges (the grouped op's up-weights transposed as words are
+// [d, r / 2]: all edge at r = 16).
+template <typename V>
+void transpose_by_tiles(int64_t m, int64_t n, const V* src, int64_t ld_src, V* dst, int64_t ld_dst) {
+  static_assert(sizeof(V) == 2 || sizeof(V) == 4);
+#ifdef ADAPTERFAST_AVX512_KERNELS
+  for (int64_t i = 0; i < m; i += 16) {
+    const int64_t mi = std::min<int64_t>(16, m - i);
+    for (int64_t j = 0; j < n; j += 16) {
+      const int64_t nj = std::min<int64_t>(16, n - j);
+      if constexpr (sizeof(V) == 2) {
+        transpose_tile16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst, mi, nj);
+      } else {
+        transpose_tile32(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst, mi, nj);
+      }
+    }
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+  }
+#endif
+}
+
 }  // namespace
 
 void transpose_16bit(int64_t m, int64_t n, const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
-  int64_t m16 = 0, n16 = 0;
-#ifdef ADAPTERFAST_AVX512_KERNELS
-  m16 = m - m % 16;
-  n16 = n - n % 16;
-  for (int64_t i = 0; i < m16; i += 16) {
-    for (int64_t j = 0; j < n16; j += 16) transpose_tile16(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+  transpose_by_tiles(m, n, src, ld_src, dst, ld_dst);
+}
+
+void weight_as_b_16bit(bool vnni, int64_t P, int64_t Q, const uint16_t* w, bool transpose, uint16_t* dst,
+                       int64_t ldb, bool half) {
+  if (!transpose) return rows_as_b_16bit(vnni, P, Q, w, Q, dst, ldb, nullptr, nullptr, half);
+  const int64_t N = P;
+  if (!vnni) {
+    transpose_16bit(P, Q, w, Q, dst, ldb);
+    if (Q % 2 == 1) std::fill(dst + Q * ldb, dst + Q * ldb + N, uint16_t(0));
+    return;
   }
-#endif
-  for (int64_t j = 0; j < n; ++j) {
-    uint16_t* __restrict out = dst + j * ld_dst;
-    for (int64_t i = j < n16 ? m16 : 0; i < m; ++i) out[i] = src[i * ld_src + j];
+  if (Q % 2 == 0) {
+    transpose_by_tiles(P, Q / 2, reinterpret_cast<const uint32_t*>(w), Q / 2, reinterpret_cast<uint32_t*>(dst), ldb);
+    return;
+  }
+  uint32_t* words = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t j = 0; 2 * j < Q; ++j) {
+    for (int64_t n = 0; n < N; ++n) {
+      const uint32_t hi = 2 * j + 1 < Q ? w[n * Q + 2 * j + 1] : 0;
+      words[j * ldb + n] = uint32_t(w[n * Q + 2 * j]) | (hi << 16);
+    }
   }
 }
 

@@ -81,8 +81,11 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
       const float factor = static_cast<float>(op.scales[adapter]);
       const float fold = dropout ? 1.0f : factor;
       float* row = partials.data_ptr<float>() + gi * partials.size(1);
-      std::fill(row, row + partials.size(1), 0.0f);
       const Partials<float> sums(row, op.dims);
+      // The weight-gradient sums start with the group's first run (every group has one); only
+      // the bias sums are zeroed.
+      std::fill(sums.db_up, sums.db_up + d + r, 0.0f);
+      bool first_run = true;
       const T* w_up = w_up_b + adapter * dp * r;
       const T* w_down = w_down_b + adapter * rp * d;
       int64_t run = 0;  // rows (even) collected for the weight gradients
@@ -159,9 +162,10 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
         const size_t left = group.blocks.size() - bi - 1;  // blocks after this one
         const bool tail_joins = left == 1 && run + even(group.blocks.back().end - group.blocks.back().begin) <= kRunRows;
         if (left == 0 || (run >= kSumRows && !tail_joins)) {
-          accumulate_by_columns<T>(layout, r, run, d, a_t.data(), kRunRows, gz_b.data(), sums.dw_up_t);
-          accumulate_by_columns<T>(layout, r, run, d, dh_t.data(), kRunRows, x_b.data(), sums.dw_down);
+          accumulate_by_columns<T>(layout, r, run, d, a_t.data(), kRunRows, gz_b.data(), sums.dw_up_t, !first_run);
+          accumulate_by_columns<T>(layout, r, run, d, dh_t.data(), kRunRows, x_b.data(), sums.dw_down, !first_run);
           run = 0;
+          first_run = false;
         }
       }
       if (fold != 1.0f) {

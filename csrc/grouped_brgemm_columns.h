@@ -28,13 +28,14 @@ void finish_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, con
   }
 }
 
-// C[M, d] += A[M, K] B[K, d] in column chunks of kOutCols, B packed with ldb = d, C with ldc = d.
+// C[M, d] (+)= A[M, K] B[K, d] in column chunks of kOutCols, B packed with ldb = d, C with ldc = d;
+// `add` false overwrites C (a group's first run: its sums need no zeroing first).
 template <typename T>
 void accumulate_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const T* A, int64_t lda,
-                           const T* B, float* C) {
+                           const T* B, float* C, bool add) {
   for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
     const int64_t nc = std::min(kOutCols, d - n0);
-    at::native::cpublas::brgemm(M, nc, K, lda, d, d, true, A, B + b_column(layout, n0), C + n0,
+    at::native::cpublas::brgemm(M, nc, K, lda, d, d, add, A, B + b_column(layout, n0), C + n0,
                                 layout == BrgemmLayout::vnni);
   }
 }

@@ -92,53 +92,20 @@ const acc_t* stacked_operand(const at::Tensor& w, bool transpose, const std::vec
   return dst;
 }
 
-// One adapter's [P, Q] weight in T: `in` itself when S is T, else converted into `scratch`.
+// One adapter's [P, Q] weight in T: `in` itself when S is T, else converted into `scratch`
+// (float weights 8 values per instruction, narrow_row).
 template <typename T, typename S>
 const T* weight_in(const S* in, int64_t size, std::vector<T>& scratch) {
   if constexpr (std::is_same_v<S, T>) {
     return in;
   } else {
     scratch.resize(size);
-    for (int64_t k = 0; k < size; ++k) scratch[k] = operand_value<T, T>(in[k]);
-    return scratch.data();
-  }
-}
-
-// w [P, Q] of 16-bit T as the B operand (K rows, N columns, ldb = N; even(K) rows, the pad row
-// zero): B[k, n] = w[k, n] (K = P), or with `transpose` w[n, k] (K = Q). In the VNNI layout a
-// 32-bit word holds B[2j, n] and B[2j + 1, n], which are two adjacent elements of w when
-// transposed and an element of two adjacent rows of w otherwise, so both are built as words.
-template <typename T>
-void pack_16bit(BrgemmLayout layout, const T* w, int64_t P, int64_t Q, bool transpose, T* out) {
-  static_assert(sizeof(T) == 2);
-  const int64_t K = transpose ? Q : P;
-  const int64_t N = transpose ? P : Q;
-  const uint16_t* in = reinterpret_cast<const uint16_t*>(w);
-  // Element (k, n) of B as bits, 0 past the last row.
-  auto at = [&](int64_t k, int64_t n) -> uint32_t {
-    if (k >= K) return 0;
-    return transpose ? in[n * Q + k] : in[k * Q + n];
-  };
-  if (layout == BrgemmLayout::vnni) {
-    uint32_t* words = reinterpret_cast<uint32_t*>(out);
-    for (int64_t j = 0; 2 * j < K; ++j) {
-      uint32_t* __restrict o = words + j * N;
-      if (transpose && 2 * j + 1 < K) {
-        for (int64_t n = 0; n < N; ++n) o[n] = uint32_t(in[n * Q + 2 * j]) | (uint32_t(in[n * Q + 2 * j + 1]) << 16);
-      } else if (!transpose && 2 * j + 1 < K) {
-        const uint16_t* __restrict r0 = in + 2 * j * Q;
-        const uint16_t* __restrict r1 = r0 + Q;
-        for (int64_t n = 0; n < N; ++n) o[n] = uint32_t(r0[n]) | (uint32_t(r1[n]) << 16);
-      } else {
-        for (int64_t n = 0; n < N; ++n) o[n] = at(2 * j, n) | (at(2 * j + 1, n) << 16);
-      }
+    if constexpr (std::is_same_v<S, float>) {
+      narrow_row(in, 1.0f, scratch.data(), size);
+    } else {
+      for (int64_t k = 0; k < size; ++k) scratch[k] = operand_value<T, T>(in[k]);
     }
-    return;
-  }
-  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
-  const int64_t k_even = K + (K & 1);
-  for (int64_t k = 0; k < k_even; ++k) {
-    for (int64_t n = 0; n < N; ++n) bits[k * N + n] = static_cast<uint16_t>(at(k, n));
+    return scratch.data();
   }
 }
 
@@ -163,7 +130,7 @@ const T* packed_operand(BrgemmLayout layout, const at::Tensor& w, bool transpose
       std::vector<T> scratch;
       for (int64_t u = first; u < last; ++u) {
         const T* weight = weight_in<T>(data + used[u] * P * Q, P * Q, scratch);
-        pack_16bit<T>(layout, weight, P, Q, transpose, out + used[u] * size);
+        weight_as_b<T>(layout, P, Q, weight, transpose, out + used[u] * size, N);
       }
     });
   });

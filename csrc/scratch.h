@@ -6,7 +6,8 @@
 // of a training step of N = 8 rows (270 us against fp32's 97 us; Zen 4, perf).
 // ADAPTERFAST_CPU_POISON_SCRATCH=1 fills the uninitialised ones with all-ones bytes (NaN in
 // float, bf16 and float16), so that a test run in that mode fails wherever a buffer is read
-// before it is written (tests/test_cpu_brgemm.py runs the 16-bit and grouped tests so).
+// before it is written (tests/test_cpu_brgemm.py runs the 16-bit and grouped tests so). The
+// drivers' output and partial-sum tensors (empty_output, adapter_common.h) are poisoned too.
 #pragma once
 
 #include <cstdint>
