@@ -318,14 +318,17 @@ def test_bf16_forward_past_2_31_elements():
 @pytest.mark.slow
 def test_scratch_is_written_before_it_is_read():
     """The CPU drivers' scratch buffers are not zeroed (csrc/scratch.h); with
-    ADAPTERFAST_CPU_POISON_SCRATCH=1 they start as NaN, so any read of an element no code wrote
-    first shows up as a NaN or an error in these tests (the 16-bit single-op cases, the fp32,
-    float64 and 16-bit cases of the CPU backend's tests, and the grouped op on the CPU backend, in
-    a fresh process that reads the switch)."""
+    ADAPTERFAST_CPU_POISON_SCRATCH=1 they (and the drivers' outputs and partial sums) start as
+    NaN, so any read of an element no code wrote first shows up as a NaN or an error in these
+    tests (the 16-bit single-op cases, with 16-bit weights packed as given too, the fp32, float64
+    and 16-bit cases of the CPU backend's tests, and the grouped op on the CPU backend, in a fresh
+    process that reads the switch)."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, ADAPTERFAST_CPU_POISON_SCRATCH="1")
-    tests = [os.path.join(here, "test_cpu_brgemm.py::test_16bit_within_twice_eager_error"),
-             os.path.join(here, "test_cpu_backend.py"), os.path.join(here, "test_grouped.py")]
+    tests = [os.path.join(here, f"test_cpu_brgemm.py::{name}") for name in (
+        "test_16bit_within_twice_eager_error", "test_16bit_weights_in_x_dtype",
+        "test_16bit_weights_give_the_rounded_fp32_weight_gradients")]
+    tests += [os.path.join(here, "test_cpu_backend.py"), os.path.join(here, "test_grouped.py")]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not reference",
                            *tests], env=env, cwd=os.path.dirname(here), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
