@@ -253,7 +253,9 @@ Scratch<Bf16> given_weight_b(const at::Tensor& w, bool transpose, int64_t ldb) {
   const int64_t P = w.size(0);
   const int64_t Q = w.size(1);
   const int64_t K = transpose ? Q : P;
-  Scratch<Bf16> out = ldb == (transpose ? P : Q) ? Scratch<Bf16>(even(K) * ldb) : Scratch<Bf16>::zeroed(even(K) * ldb);
+  const int64_t N = transpose ? P : Q;
+  // weight_as_b writes every element but the pad columns, which brgemm reads as zeros.
+  Scratch<Bf16> out = ldb == N ? Scratch<Bf16>(even(K) * ldb) : Scratch<Bf16>::zeroed(even(K) * ldb);
   weight_as_b<Bf16>(BrgemmLayout::vnni, P, Q, w.data_ptr<Bf16>(), transpose, out.data(), ldb);
   return out;
 }
