@@ -70,6 +70,16 @@ class AdapterBank(nn.Module):
                 if bias is not None:
                     bias.uniform_(-bound, bound)
 
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply``, but ``scales`` keeps float64: ``bank.to(torch.bfloat16)`` or
+        ``bank.half()`` would otherwise round every adapter's scale to the 16-bit dtype (0.7 to
+        0.69921875), where ``Adapter`` keeps its scale a Python float. Device moves apply."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float64:
+            self.scales = scales.to(device=self.scales.device)
+        return self
+
     def forward(self, x: torch.Tensor, adapter_index: torch.Tensor,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         return grouped_adapter(

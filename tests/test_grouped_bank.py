@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from adapterfast import Adapter, AdapterBank, use_backend
+from adapterfast import Adapter, AdapterBank, grouped_adapter, use_backend
 from adapterfast.grouped_ops import grouped_forward
 from helpers import SeedAdapter, backend_params, rel_err
 
@@ -54,6 +54,25 @@ def test_bank_trains_only_the_adapters_used():
     for p in bank.parameters():
         assert p.grad[[0, 2]].abs().max() == 0 and p.grad[[1, 3]].abs().max() > 0
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("cast", ["to_bfloat16", "half", "to_float64"])
+def test_bank_dtype_casts_keep_the_scales_exact(cast):
+    """Casting the bank casts its weights, never its per-adapter scales (a float64 buffer): a
+    16-bit scale would give every row a branch scaled by 0.69921875 where its Adapter's is 0.7."""
+    bank = AdapterBank(3, 32, 4, scale=[0.7, 1.3, 2.9])
+    bank = {"to_bfloat16": lambda b: b.to(torch.bfloat16), "half": lambda b: b.half(),
+            "to_float64": lambda b: b.to(torch.float64)}[cast](bank)
+    assert bank.scales.dtype == torch.float64
+    assert bank.scales.tolist() == [0.7, 1.3, 2.9]
+    dtype = bank.down_weight.dtype
+    x = torch.randn(64, 32).to(dtype)
+    index = torch.randint(-1, 3, (64,))
+    with torch.no_grad():
+        want = grouped_adapter(x, index, bank.down_weight, bank.up_weight, scale=[0.7, 1.3, 2.9])
+        assert torch.equal(bank(x, index), want)
+    bank.load_adapter(1, Adapter(32, 4, scale=0.3))
+    assert bank.scales.dtype == torch.float64 and bank.scales[1].item() == 0.3
 
 
 def _op_args(dtype=torch.float64, bias=True, residual=False):
