@@ -99,8 +99,13 @@ def _validate(x, adapter_index, w_down, w_up, b_down, b_up, p, residual) -> None
 
 def _op_scales(scale, adapters: int, x: Tensor) -> Tensor:
     """``scales_tensor`` for the op's own use: a float scale on CPU comes from a small cache, as
-    building the tensor costs a small call several microseconds. The op only reads it, and it
-    never leaves this module (a module buffer made from it would share it)."""
+    building the tensor costs a small call several microseconds, and a float64 ``[A]`` tensor
+    that needs no grad on x's device (``AdapterBank``'s buffer) is used as it is. The op only
+    reads it, and a cached one never leaves this module (a module buffer made from it would
+    share it)."""
+    if (type(scale) is Tensor and scale.dtype is torch.float64 and not scale.requires_grad
+            and scale.shape == (adapters,) and scale.device == x.device):
+        return scale
     if type(scale) is not float or not x.is_cpu:
         return scales_tensor(scale, adapters, x.device)
     key = (scale, adapters)
