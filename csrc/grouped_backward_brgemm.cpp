@@ -84,7 +84,8 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
       const Partials<float> sums(row, op.dims);
       // The weight-gradient sums start with the group's first run (every group has one); only
       // the bias sums are zeroed.
-      std::fill(sums.db_up, sums.db_up + d + r, 0.0f);
+      std::fill(sums.db_up, sums.db_up + d, 0.0f);
+      std::fill(sums.db_down, sums.db_down + r, 0.0f);
       bool first_run = true;
       const T* w_up = w_up_b + adapter * dp * r;
       const T* w_down = w_down_b + adapter * rp * d;
