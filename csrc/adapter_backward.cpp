@@ -307,6 +307,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
       }
     }
     const acc_t* total = sum_partials<acc_t>(partials);
+    Scratch<acc_t> total_rows;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (layout != BrgemmLayout::none && dims.n != 0) {
+        total_rows = Scratch<acc_t>(2 * dims.r * dims.d);
+        rows_from_column_blocks(total, dims.r, dims.d, total_rows.data());
+        total = total_rows.data();
+      }
+    }
     const double* bias_total = sum_partials<double>(bias_partials);
     const int64_t rd = dims.r * dims.d;
     dw_up = gradient<acc_t>(total, dims.r, dims.d, /*transpose=*/true, dw_up_factor, w_up.scalar_type(), options);

@@ -11,11 +11,12 @@
 //             While a block's dx (backward) or u (forward) products run, the next block's input
 //             rows are prefetched into L2 (prefetch_rows), so that their reads overlap the
 //             matrix unit's work.
-//             The group's weight-gradient sums live in a thread-local buffer blocked by column
-//             chunk (ColumnBlocked), so brgemm's C rows are kOutCols floats apart rather than d
+//             A group's weight-gradient sums are its partials row, blocked by column chunk
+//             (ColumnBlocked), so brgemm's C rows are kOutCols floats apart rather than d
 //             (d = 1024 put every C tile row on one 4 KiB-aliased cache set: the dW products ran
-//             at under half the rate of the others); the group's sums are copied to its partials
-//             row once, at the group's end. On AVX512-BF16 without AMX, the d-wide B operands
+//             at under half the rate of the others); the groups are summed in that layout and
+//             the total put back in row order once (rows_from_column_blocks). On AVX512-BF16
+//             without AMX, the d-wide B operands
 //             (packed weights, repacked rows) have rows padded by 16 columns where d % 512 == 0
 //             (b_stride: otherwise their loads along K fall on one or two L1 sets).
 // float16 split into bf16 (U = bf16 for T = float16, bf16_split.h): products with K = d (h, da)
@@ -28,6 +29,7 @@
 // written with non-temporal stores, as the fp32 drivers do.
 #include "adapter_brgemm.h"
 
+#include <array>
 #include <type_traits>
 #include <vector>
 
@@ -149,6 +151,12 @@ struct ColumnBlocked {
     }
   }
 };
+
+// The two [r, d] weight-gradient sums at the start of a partials row (Partials: dw_up^T, then
+// dw_down), each column-blocked.
+std::array<ColumnBlocked, 2> blocked_sums(float* row, int64_t r, int64_t d) {
+  return {ColumnBlocked{r, d, row}, ColumnBlocked{r, d, row + r * d}};
+}
 
 // C (+)= A[M, K] B[K, d], B packed with leading dimension ldb, C column-blocked.
 template <typename T>
@@ -408,9 +416,6 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
     U* const rows_hi = rows_split.data();
     U* const rows_lo = rows_split.data() + kBlockRows * dp;
     std::vector<float> dh_sums(r);
-    std::vector<float> dw_sums(2 * r * d);
-    const ColumnBlocked dw_up_sums{r, d, dw_sums.data()};
-    const ColumnBlocked dw_down_sums{r, d, dw_sums.data() + r * d};
     std::vector<float> col_sums(d);
     Scratch<float> chunk(kBlockRows * kOutCols);
     Scratch<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
@@ -420,6 +425,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
       double* bias_row = bias_partials.data_ptr<double>() + group * bias_partials.size(1);
       std::fill(bias_row, bias_row + bias_partials.size(1), 0.0);
       const Partials<float> sums(row, bias_row, op.dims);
+      const auto [dw_up_sums, dw_down_sums] = blocked_sums(row, r, d);
       const int64_t first_block = group * blocks / groups;
       const int64_t last_block = (group + 1) * blocks / groups;
       int64_t run = 0;  // rows (even) collected for the weight gradients
@@ -551,12 +557,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
           first_run = false;
         }
       }
-      if (first_run) {
-        std::fill(row, row + partials.size(1), 0.0f);
-      } else {
-        dw_up_sums.copy_to(sums.dw_up_t);
-        dw_down_sums.copy_to(sums.dw_down);
-      }
+      if (first_run) std::fill(row, row + partials.size(1), 0.0f);
     }
     brgemm_release(kVnni<U>);
   });
@@ -581,6 +582,13 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
     if (fp16_on_bf16()) return backward_impl<T, T>(op, brgemm_layout(at::kHalf), dx, partials, bias_partials);
   }
   backward_impl<T, T>(op, layout, dx, partials, bias_partials);
+}
+
+void rows_from_column_blocks(const float* sums, int64_t r, int64_t d, float* out) {
+  for (const ColumnBlocked& blocked : blocked_sums(const_cast<float*>(sums), r, d)) {
+    blocked.copy_to(out);
+    out += r * d;
+  }
 }
 
 template void forward_blocks_brgemm<c10::BFloat16>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);
