@@ -136,17 +136,19 @@ void product_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, co
 }
 
 // An [rows, d] fp32 matrix stored as consecutive [rows, nc] blocks, one per chunk of kOutCols
-// columns (the last chunk narrower): the C operand of the weight-gradient products.
+// columns (the last chunk narrower): the C operand of the weight-gradient products. F is float,
+// or const float for reading one back.
+template <typename F>
 struct ColumnBlocked {
   int64_t rows, d;
-  float* data;
-  float* chunk(int64_t n0) const { return data + rows * n0; }
+  F* data;
+  F* chunk(int64_t n0) const { return data + rows * n0; }
 
   // dst[i * d + n0 + k] = this (i, n0 + k): back to row-major.
   void copy_to(float* dst) const {
     for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
       const int64_t nc = std::min(kOutCols, d - n0);
-      const float* src = chunk(n0);
+      const F* src = chunk(n0);
       for (int64_t i = 0; i < rows; ++i) std::copy(src + i * nc, src + (i + 1) * nc, dst + i * d + n0);
     }
   }
@@ -154,14 +156,15 @@ struct ColumnBlocked {
 
 // The two [r, d] weight-gradient sums at the start of a partials row (Partials: dw_up^T, then
 // dw_down), each column-blocked.
-std::array<ColumnBlocked, 2> blocked_sums(float* row, int64_t r, int64_t d) {
-  return {ColumnBlocked{r, d, row}, ColumnBlocked{r, d, row + r * d}};
+template <typename F>
+std::array<ColumnBlocked<F>, 2> blocked_sums(F* row, int64_t r, int64_t d) {
+  return {ColumnBlocked<F>{r, d, row}, ColumnBlocked<F>{r, d, row + r * d}};
 }
 
 // C (+)= A[M, K] B[K, d], B packed with leading dimension ldb, C column-blocked.
 template <typename T>
 void accumulate_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const T* A, int64_t lda,
-                           const T* B, int64_t ldb, const ColumnBlocked& C, bool add) {
+                           const T* B, int64_t ldb, const ColumnBlocked<float>& C, bool add) {
   for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
     const int64_t nc = std::min(kOutCols, d - n0);
     brgemm(M, nc, K, lda, ldb, nc, add, A, B + b_column(layout, n0), C.chunk(n0), kVnni<T>);
@@ -171,7 +174,7 @@ void accumulate_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d,
 // The same for A and B split into bf16 hi and lo: per chunk a_hi b_hi + a_hi b_lo + a_lo b_hi.
 void accumulate_split_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int64_t d, const c10::BFloat16* a_hi,
                                  const c10::BFloat16* a_lo, int64_t lda, const c10::BFloat16* b_hi,
-                                 const c10::BFloat16* b_lo, const ColumnBlocked& C, bool add) {
+                                 const c10::BFloat16* b_lo, const ColumnBlocked<float>& C, bool add) {
   for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
     const int64_t nc = std::min(kOutCols, d - n0);
     const int64_t col = b_column(layout, n0);
@@ -585,7 +588,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
 }
 
 void rows_from_column_blocks(const float* sums, int64_t r, int64_t d, float* out) {
-  for (const ColumnBlocked& blocked : blocked_sums(const_cast<float*>(sums), r, d)) {
+  for (const ColumnBlocked<const float>& blocked : blocked_sums(sums, r, d)) {
     blocked.copy_to(out);
     out += r * d;
   }
