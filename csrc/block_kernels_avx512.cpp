@@ -22,13 +22,10 @@ void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const float* 
     const int64_t mi = min64(kRows, own - i0);
     const float* x[kRows];
     for (int t = 0; t < kRows; ++t) x[t] = A + (i0 + min64(t, mi - 1)) * lda;
-    // The next tile's rows, requested into L2 a tile ahead (project_in_tile); null past the last.
-    const float* next[kRows];
-    for (int t = 0; t < kRows; ++t) next[t] = i0 + kRows + t < own ? A + (i0 + kRows + t) * lda : nullptr;
     if (cols.full) {
-      project_in_tile<true, kRows>(mi, K, x, next, B + n0, ldb, cols, C + i0 * ldc + n0, ldc, accumulate);
+      project_in_tile<true, kRows>(mi, K, x, nullptr, B + n0, ldb, cols, C + i0 * ldc + n0, ldc, accumulate);
     } else {
-      project_in_tile<false, kRows>(mi, K, x, next, B + n0, ldb, cols, C + i0 * ldc + n0, ldc, accumulate);
+      project_in_tile<false, kRows>(mi, K, x, nullptr, B + n0, ldb, cols, C + i0 * ldc + n0, ldc, accumulate);
     }
   }
   if (own < M) {

@@ -230,13 +230,8 @@ constexpr int kRunLines = kSumRun * 4 / 64;
 // of B's row k and one broadcast per row. A's rows are read once, mostly from memory (x in the
 // forward), so each row's next run (kRunLines lines) is requested while this one is summed, which
 // the hardware prefetcher does not do for kRows interleaved streams (~15% at N = 4096, d = 768).
-// With `next`, the same run of the next tile's rows is requested into L2 as well, a whole tile of
-// FMAs ahead: the grouped op's rows come in a random order, each starting with a full memory
-// latency, and the single op's next tile starts on rows the per-row prefetch has not reached.
-// For the single op (fp32 training steps, d = 768, r = 16, AMD EPYC Zen 4, this and no next-tile
-// prefetch taking turns in one process, 16 rounds): N = 8192 1.04x-1.07x faster (two threads /
-// one), N = 4096 1.03x, d = 1024 and 4096 at N = 8192 1.02x, r = 64 1.005x; at N = 320-2048,
-// where x stays in L3 from step to step, 0.91x-1.10x from run to run around 1.0x.
+// With `next` (the grouped op's rows in a random order, each starting with a full memory latency),
+// the same run of the next tile's rows is requested into L2 as well, a whole tile of FMAs ahead.
 template <bool kFull, int kRows, int kVecs>
 void project_in_tile(int64_t mi, int64_t K, const float* const (&x)[kRows], const float* const* next, const float* B,
                      int64_t ldb, const TileColumns<kVecs>& cols, float* C, int64_t ldc, bool accumulate) {
