@@ -6,7 +6,10 @@ activation, ``nn.Linear`` up, plus the residual; ``providers.EagerAdapter``) hol
 weights, for N in {1, 8, 64, 320, 1024, 2048, 4096, 8192, 32768}, d in {128, 384, 768}, r = 16,
 fp32 (``--dtype bf16`` / ``fp16``: both modules and the inputs in that dtype), on 1 and 2 threads:
 
-- ``train``: ``adapter(x).backward(g)`` with ``x`` requiring grad (forward + backward of a layer);
+- ``train``: ``torch.autograd.grad(adapter(x), [x, *params], g)`` (forward + backward of a layer,
+  as ``benchmarks.run`` times it). Grids before 2026-12-03 timed ``adapter(x).backward(g)``, which
+  also added each step's dx into the leaf's ``x.grad`` (an [N, d] read-add-write on both sides
+  that a layer inside a model does not do; 12% of the fused step at N = 1024, d = 768);
 - ``infer``: ``adapter(x)`` under ``torch.no_grad()``.
 
 The two providers alternate within each round and rounds repeat (``--rounds``), so load on a
@@ -94,7 +97,8 @@ def _pair(d: int, r: int, device: str, dtype: torch.dtype):
 
 def _call(module, x, g, kind: str):
     if kind == "train":
-        return lambda: module(x).backward(g)
+        inputs = [x, *(p for p in module.parameters() if p.requires_grad)]
+        return lambda: torch.autograd.grad(module(x), inputs, g)
 
     def infer():
         with torch.no_grad():
@@ -134,9 +138,6 @@ def measure(args) -> list[dict]:
                                          "eager_ms": eager_ms, "adapterfast_ms": fused_ms,
                                          "ratio": eager_ms / fused_ms,
                                          "backend": adapterfast.dispatch.select(x, args.r)})
-                            x.grad = None
-                            for m in modules.values():
-                                m.zero_grad(set_to_none=True)
             finally:
                 torch.set_num_threads(previous)
     return rows

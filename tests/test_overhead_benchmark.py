@@ -51,3 +51,17 @@ def test_bf16_runs_both_modules_in_bf16(tmp_path, capsys):
     assert {p.dtype for m in modules.values() for p in m.parameters()} == {overhead.torch.bfloat16}
     assert overhead.main(["--results", str(out)]) == 0
     assert ", bf16" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_train_call_is_one_layer_step_with_the_same_gradients():
+    """The timed train call returns dx and every parameter's gradient, equal for both modules,
+    and leaves no state behind (no x.grad to accumulate into on the next call)."""
+    modules = overhead._pair(32, 4, "cpu", overhead.torch.float64)
+    x = overhead.torch.randn(8, 32, dtype=overhead.torch.float64, requires_grad=True)
+    g = overhead.torch.randn(8, 32, dtype=overhead.torch.float64)
+    eager, fused = (overhead._call(modules[name], x, g, "train")() for name in ("eager", "adapterfast"))
+    assert len(eager) == len(fused) == 1 + len(list(modules["eager"].parameters()))
+    for e, f in zip(eager, fused):
+        overhead.torch.testing.assert_close(f, e)
+    assert x.grad is None
+    assert all(p.grad is None for m in modules.values() for p in m.parameters())
