@@ -15,9 +15,15 @@ fp32 (``--dtype bf16`` / ``fp16``: both modules and the inputs in that dtype), o
 The two providers alternate within each round and rounds repeat (``--rounds``), so load on a
 shared machine hits both alike; the table gives the median time of each and the ratio
 eager / adapterfast (above 1: adapterfast is faster). ``--clock thread --threads 1`` times each
-call by the calling thread's CPU time instead of wall time, for a machine busy with other jobs. ``--device cuda`` measures CUDA tensors the
-same way (``--backend triton`` with ``TRITON_INTERPRET=1`` times the Triton launch path's host
-cost on CPU tensors, with the interpreter's run time in it).
+call by the calling thread's CPU time instead of wall time, for a machine busy with other jobs.
+``--device cuda`` measures CUDA tensors the same way (``--backend triton`` with
+``TRITON_INTERPRET=1`` times the Triton launch path's host cost on CPU tensors, with the
+interpreter's run time in it).
+
+``--rates`` adds each cell's GEMM rate, the pass's matrix products (``train``: six of N x d x r,
+12 N d r FLOP; ``infer``: two) over its median time, next to what ``torch.matmul`` of two
+[2048, 2048] operands in the dtype reaches with the same threads and clock, measured once per
+thread count before its cells: how close each provider's step comes to this machine's tuned GEMM.
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ DS = (128, 384, 768)
 QUICK_NS = (1, 8, 320, 2048, 8192)
 QUICK_DS = (128, 768)
 PASSES = ("train", "infer")
+FLOP_PER_NDR = {"train": 12, "infer": 4}
+MATMUL_SIZE = 2048
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -55,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-run-time", type=float,
                         help="seconds per provider per round and cell (default 0.2, quick 0.05)")
     parser.add_argument("--out", help="append one JSON line per cell to this file")
+    parser.add_argument("--rates", action="store_true",
+                        help="add each cell's GEMM rate (GFLOP/s) and torch.matmul's at 2048^3 in the same run")
     parser.add_argument("--results", help="print the tables of a file written by --out instead of measuring")
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="wall (default): wall time per call; thread: CPU time of the calling thread per "
@@ -107,6 +117,16 @@ def _call(module, x, g, kind: str):
     return infer
 
 
+def matmul_rate(timer, device: str, dtype: torch.dtype, min_run_time: float) -> float:
+    """GFLOP/s of ``torch.matmul`` on two [2048, 2048] operands in ``dtype``, median of the timer's
+    samples: the rate this machine's tuned GEMM library reaches with the same threads and clock."""
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device).to(dtype)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device).to(dtype)
+    torch.matmul(a, b)
+    seconds = summarize(timer.times(lambda: torch.matmul(a, b), min_run_time))["median_ms"] / 1e3
+    return 2 * MATMUL_SIZE**3 / seconds / 1e9
+
+
 def measure(args) -> list[dict]:
     import adapterfast
 
@@ -117,6 +137,8 @@ def measure(args) -> list[dict]:
             previous = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
+                ceiling = (matmul_rate(timer, args.device, DTYPES[args.dtype], max(1.0, 2 * args.min_run_time))
+                           if args.rates else None)
                 for d in args.d:
                     modules = _pair(d, args.r, args.device, DTYPES[args.dtype])
                     for n in args.n:
@@ -138,6 +160,8 @@ def measure(args) -> list[dict]:
                                          "eager_ms": eager_ms, "adapterfast_ms": fused_ms,
                                          "ratio": eager_ms / fused_ms,
                                          "backend": adapterfast.dispatch.select(x, args.r)})
+                            if ceiling is not None:
+                                rows[-1]["matmul_gflops"] = ceiling
             finally:
                 torch.set_num_threads(previous)
     return rows
@@ -174,12 +198,33 @@ def ratio_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rates_table(rows: list[dict]) -> str:
+    """Markdown: each provider's GEMM rate per cell (the pass's matrix-product FLOP over its
+    median time) and torch.matmul's at 2048^3 with the same threads."""
+    lines = ["| threads | pass | d | N | GFLOP | eager GFLOP/s | adapterfast GFLOP/s | matmul 2048^3 GFLOP/s "
+             "| adapterfast / matmul |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(rows, key=lambda r: (r["threads"], PASSES.index(r["pass"]), r["d"], r["N"])):
+        gflop = FLOP_PER_NDR[row["pass"]] * row["N"] * row["d"] * row["r"] / 1e9
+        fused = gflop / (row["adapterfast_ms"] / 1e3)
+        lines.append(f"| {row['threads']} | {row['pass']} | {row['d']} | {row['N']} | {gflop:.3g} "
+                     f"| {gflop / (row['eager_ms'] / 1e3):.1f} | {fused:.1f} | {row['matmul_gflops']:.1f} "
+                     f"| {fused / row['matmul_gflops']:.0%} |")
+    return "\n".join(lines)
+
+
 def summary(rows: list[dict]) -> str:
     below = [r for r in rows if r["ratio"] < 1.0]
     worst = min(rows, key=lambda r: r["ratio"])
     text = (f"{len(rows) - len(below)} of {len(rows)} cells at >= 1.0x; lowest {worst['ratio']:.2f}x "
             f"({worst['pass']}, N={worst['N']}, d={worst['d']}, {worst['threads']} thread(s))")
     return text
+
+
+def _print_rates(rows: list[dict]) -> None:
+    rated = [r for r in rows if "matmul_gflops" in r]
+    if rated:
+        print()
+        print(rates_table(rated))
 
 
 def main(argv=None) -> int:
@@ -193,6 +238,7 @@ def main(argv=None) -> int:
         print()
         print(table(rows))
         print(summary(rows))
+        _print_rates(rows)
         return 0
     import adapterfast
 
@@ -205,6 +251,7 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
     print(summary(rows))
+    _print_rates(rows)
     if args.out:
         with open(args.out, "a") as f:
             for row in rows:

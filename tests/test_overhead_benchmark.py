@@ -65,3 +65,23 @@ def test_train_call_is_one_layer_step_with_the_same_gradients():
         overhead.torch.testing.assert_close(f, e)
     assert x.grad is None
     assert all(p.grad is None for m in modules.values() for p in m.parameters())
+
+
+def test_rates_give_each_cells_gemm_rate_beside_matmuls(tmp_path, capsys):
+    """--rates: every row carries torch.matmul's rate, and the table's rates are the pass's
+    12 N d r (train) or 4 N d r (infer) FLOP over each provider's median time."""
+    out = tmp_path / "overhead.jsonl"
+    assert overhead.main(["--n", "64", "--d", "32", "--r", "4", "--threads", "1", "--rounds", "1",
+                          "--min-run-time", "0.01", "--rates", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["pass"] for r in rows} == {"train", "infer"}
+    assert all(r["matmul_gflops"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    for row in rows:
+        gflop = overhead.FLOP_PER_NDR[row["pass"]] * 64 * 32 * 4 / 1e9
+        fused = gflop / (row["adapterfast_ms"] / 1e3)
+        expected = (f"| 1 | {row['pass']} | 32 | 64 | {gflop:.3g} | {gflop / (row['eager_ms'] / 1e3):.1f} "
+                    f"| {fused:.1f} | {row['matmul_gflops']:.1f} | {fused / row['matmul_gflops']:.0%} |")
+        assert expected in printed
+    assert overhead.main(["--results", str(out)]) == 0
+    assert "matmul 2048^3 GFLOP/s" in capsys.readouterr().out
