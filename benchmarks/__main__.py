@@ -9,5 +9,6 @@ status = main(argv)
 if status == 0 and "--quick" in argv and "--shapes" not in argv:
     from . import overhead
 
-    status = overhead.main(["--quick", "--device", parse_args(argv).device])
+    args = parse_args(argv)
+    status = overhead.main(["--quick", "--device", args.device, "--allocator", args.allocator])
 sys.exit(status)

@@ -20,6 +20,12 @@ call by the calling thread's CPU time instead of wall time, for a machine busy w
 ``TRITON_INTERPRET=1`` times the Triton launch path's host cost on CPU tensors, with the
 interpreter's run time in it).
 
+``--allocator keep`` (the default) keeps freed memory mapped for the rest of the process, so
+neither module takes page faults after its warm-up (``benchmarks/allocator.py``: under glibc's
+defaults the eager adapter took 2016 page faults per step in some cells and none in others, which
+moved its time by up to 3x); ``--allocator system`` leaves glibc's defaults. Each row records the
+page faults per call of both modules, and the summary names the cells that had any.
+
 ``--rates`` adds each cell's GEMM rate, the pass's matrix products (``train``: six of N x d x r,
 12 N d r FLOP; ``infer``: two) over its median time, next to what ``torch.matmul`` of two
 [2048, 2048] operands in the dtype reaches with the same threads and clock (measured before and
@@ -35,7 +41,7 @@ import time
 
 import torch
 
-from . import machine, providers
+from . import allocator, machine, providers
 from .timing import make_timer, summarize
 
 NS = (1, 8, 64, 320, 1024, 2048, 4096, 8192, 32768)
@@ -64,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-run-time", type=float,
                         help="seconds per provider per round and cell (default 0.2, quick 0.05)")
     parser.add_argument("--out", help="append one JSON line per cell to this file")
+    parser.add_argument("--allocator", choices=allocator.CHOICES, default="keep",
+                        help="keep (default): glibc keeps freed memory mapped, so neither module takes page faults "
+                             "after its warm-up; system: glibc's defaults (see benchmarks/allocator.py)")
     parser.add_argument("--rates", action="store_true",
                         help="add each cell's GEMM rate (GFLOP/s) and torch.matmul's at 2048^3 in the same run")
     parser.add_argument("--results", help="print the tables of a file written by --out instead of measuring")
@@ -157,10 +166,13 @@ def measure(args) -> list[dict]:
                                     samples[name] += timer.times(calls[name], args.min_run_time)
                             eager_ms = summarize(samples["eager"])["median_ms"]
                             fused_ms = summarize(samples["adapterfast"])["median_ms"]
+                            faults = {name: allocator.faults_per_call(fn, calls=3) for name, fn in calls.items()}
                             rows.append({"N": n, "d": d, "r": args.r, "dtype": args.dtype, "threads": threads,
                                          "pass": kind,
                                          "eager_ms": eager_ms, "adapterfast_ms": fused_ms,
                                          "ratio": eager_ms / fused_ms,
+                                         "eager_faults": faults["eager"], "adapterfast_faults": faults["adapterfast"],
+                                         "allocator": args.allocator_in_force,
                                          "backend": adapterfast.dispatch.select(x, args.r)})
                 if args.rates:
                     after = matmul_rate(timer, args.device, DTYPES[args.dtype], ceiling_time)
@@ -223,6 +235,13 @@ def summary(rows: list[dict]) -> str:
     worst = min(rows, key=lambda r: r["ratio"])
     text = (f"{len(rows) - len(below)} of {len(rows)} cells at >= 1.0x; lowest {worst['ratio']:.2f}x "
             f"({worst['pass']}, N={worst['N']}, d={worst['d']}, {worst['threads']} thread(s))")
+    for name in ("eager", "adapterfast"):
+        key = f"{name}_faults"
+        faulting = [r for r in rows if r.get(key, 0) >= 1]
+        if faulting:
+            most = max(faulting, key=lambda r: r[key])
+            text += (f"\n{name}: page faults in {len(faulting)} cells, at most {most[key]:.0f} per call "
+                     f"({most['pass']}, N={most['N']}, d={most['d']}, {most['threads']} thread(s))")
     return text
 
 
@@ -248,9 +267,11 @@ def main(argv=None) -> int:
         return 0
     import adapterfast
 
+    args.allocator_in_force = allocator.configure(args.allocator)
     info = machine.device_name(args.device)
     print(f"# adapterfast {adapterfast.__version__} vs the eager seed adapter, {args.dtype}, r={args.r}, {info}, "
-          f"backend {args.backend}, {args.rounds} interleaved rounds x {args.min_run_time}s, {args.clock} clock",
+          f"backend {args.backend}, {args.rounds} interleaved rounds x {args.min_run_time}s, {args.clock} clock, "
+          f"allocator {args.allocator_in_force}",
           flush=True)
     rows = measure(args)
     print(ratio_table(rows))

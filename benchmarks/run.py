@@ -13,7 +13,8 @@ of them; samples are pooled and summarised as median and IQR. Each result row al
 peak memory (``memory.py``), the ratio to eager and to torch.compile, and the fraction of the
 bandwidth floor achieved: the bytes the pass must move over ``[N, d]`` tensors (fwd reads x and
 writes y: 2*N*d elements; bwd reads g and x and writes dx: 3*N*d; full: 5*N*d) divided by the
-copy bandwidth measured at the start of the same run.
+copy bandwidth measured at the start of the same run. ``--allocator keep`` (the default) keeps
+freed memory mapped, so no provider takes page faults after its warm-up (``allocator.py``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import time
 
 import torch
 
-from . import cli, machine, memory, providers, results, shapes
+from . import allocator, cli, machine, memory, providers, results, shapes
 from .timing import make_timer, summarize
 
 PASSES = ("fwd", "bwd", "full")
@@ -53,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="directory whose ops.jsonl the rows are appended to; --out benchmarks/results updates "
                              "the tracked results the README quotes (default: a new file "
                              "benchmarks/runs/ops-<run id>.jsonl, ignored by git)")
+    parser.add_argument("--allocator", choices=allocator.CHOICES, default="keep",
+                        help="keep (default): glibc keeps freed memory mapped, so no provider takes page faults after "
+                             "its warm-up; system: glibc's defaults (see benchmarks/allocator.py)")
     parser.add_argument("--time-budget", type=float,
                         help="stop starting new shapes after this many seconds (rows so far are kept)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -295,13 +299,14 @@ def _main(args: argparse.Namespace) -> int:
     if device == "cuda":
         torch.cuda.init()
     info = machine.describe(device, threads)
+    info["allocator"] = allocator.configure(args.allocator)
     timer = make_timer(device, threads)
     started = time.perf_counter()
     bandwidth = timer.copy_bandwidth(min_run_time=0.5 if args.quick else 2.0)
     out_path = (results.new_run_path("ops", info["run_id"]) if args.out is None
                 else os.path.join(args.out, results.OPS_FILE))
     print(f"adapterfast benchmarks on {info['device_name']}: torch {info['torch']}, triton {info['triton']}, "
-          f"{threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s; {len(args.points)} shapes x "
+          f"{threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s, allocator {info['allocator']}; {len(args.points)} shapes x "
           f"{len(args.providers)} providers x {len(args.passes)} passes -> {out_path}", file=sys.stderr)
     written, stopped = [], None
     bar = _progress(args.points, len(args.points), args.no_progress)

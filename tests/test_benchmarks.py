@@ -203,6 +203,7 @@ def test_benchmark_scripts_smoke(tmp_path):
         assert fast.get(field) is not None, field
     assert (fast["N"], fast["d"], fast["r"], fast["dtype"], fast["device"]) == (256, 64, 8, "fp32", "cpu")
     assert fast["check"] == "ok" and fast["median_ms"] > 0 and fast["peak_bytes"] > 0
+    assert {r["allocator"] for r in rows} == {"keep"}
     assert all(r.get("error") is None for r in rows), [r["error"] for r in rows if r.get("error")]
 
     _run("-m", "benchmarks.e2e", "--device", "cpu", "--quick", "--layers", "1", "--d-model", "64", "--heads", "2",
@@ -277,7 +278,8 @@ def test_default_run_is_quiet_and_writes_a_new_file(tmp_path, monkeypatch, capfd
     tracked = os.path.join(results.DEFAULT_DIR, results.OPS_FILE)
     before = os.path.getsize(tracked) if os.path.exists(tracked) else None
     monkeypatch.setattr(results, "RUNS_DIR", str(tmp_path))
-    assert run.main(["--device", "cpu", "--quick", "--shapes", "64,32,4", "--providers", "eager,adapterfast",
+    assert run.main(["--device", "cpu", "--quick", "--allocator", "system", "--shapes", "64,32,4",
+                     "--providers", "eager,adapterfast",
                      "--passes", "fwd", "--rounds", "1", "--min-run-time", "0.01", "--no-progress"]) == 0
     err = capfd.readouterr().err
     assert "USDT" not in err and "profiler" not in err, err

@@ -1,19 +1,22 @@
 """``python -m benchmarks.overhead`` on a tiny grid: both providers timed per cell, ratios and tables."""
 import json
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import overhead  # noqa: E402
+from benchmarks import allocator, overhead  # noqa: E402
 
 
 def test_tiny_grid_writes_rows_and_tables(tmp_path, capsys):
     out = tmp_path / "overhead.jsonl"
     assert overhead.main(["--n", "1", "8", "--d", "32", "--r", "4", "--threads", "1", "--rounds", "1",
-                          "--min-run-time", "0.01", "--out", str(out)]) == 0
+                          "--min-run-time", "0.01", "--allocator", "system", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["N"], r["pass"]) for r in rows} == {(1, "train"), (1, "infer"), (8, "train"), (8, "infer")}
     for row in rows:
@@ -28,7 +31,7 @@ def test_tiny_grid_writes_rows_and_tables(tmp_path, capsys):
 
 def test_thread_clock_times_one_thread_only(capsys):
     assert overhead.main(["--n", "8", "--d", "32", "--r", "4", "--threads", "1", "--rounds", "1",
-                          "--min-run-time", "0.01", "--clock", "thread"]) == 0
+                          "--min-run-time", "0.01", "--allocator", "system", "--clock", "thread"]) == 0
     assert "thread clock" in capsys.readouterr().out
     try:
         overhead.main(["--n", "8", "--d", "32", "--threads", "2", "--clock", "thread"])
@@ -43,7 +46,7 @@ def test_thread_clock_times_one_thread_only(capsys):
 def test_bf16_runs_both_modules_in_bf16(tmp_path, capsys):
     out = tmp_path / "overhead.jsonl"
     assert overhead.main(["--n", "8", "--d", "32", "--r", "4", "--threads", "1", "--rounds", "1",
-                          "--min-run-time", "0.01", "--dtype", "bf16", "--out", str(out)]) == 0
+                          "--min-run-time", "0.01", "--allocator", "system", "--dtype", "bf16", "--out", str(out)]) == 0
     assert "vs the eager seed adapter, bf16," in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and all(r["dtype"] == "bf16" for r in rows)
@@ -72,7 +75,7 @@ def test_rates_give_each_cells_gemm_rate_beside_matmuls(tmp_path, capsys):
     12 N d r (train) or 4 N d r (infer) FLOP over each provider's median time."""
     out = tmp_path / "overhead.jsonl"
     assert overhead.main(["--n", "64", "--d", "32", "--r", "4", "--threads", "1", "--rounds", "1",
-                          "--min-run-time", "0.01", "--rates", "--out", str(out)]) == 0
+                          "--min-run-time", "0.01", "--allocator", "system", "--rates", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["pass"] for r in rows} == {"train", "infer"}
     for row in rows:
@@ -86,3 +89,51 @@ def test_rates_give_each_cells_gemm_rate_beside_matmuls(tmp_path, capsys):
         assert expected in printed
     assert overhead.main(["--results", str(out)]) == 0
     assert "matmul 2048^3 GFLOP/s" in capsys.readouterr().out
+
+
+def test_keep_allocator_is_recorded_with_each_cells_page_faults(tmp_path):
+    """The default --allocator keep (in a child process: it changes the process's malloc for good)
+    is named in the header and on every row, beside both modules' page faults per call."""
+    out = tmp_path / "overhead.jsonl"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.overhead", "--n", "64", "--d", "32", "--r", "4",
+                           "--threads", "1", "--rounds", "1", "--min-run-time", "0.01", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "allocator keep" in done.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and {r["allocator"] for r in rows} == {"keep"}
+    assert all(r["eager_faults"] >= 0 and r["adapterfast_faults"] >= 0 for r in rows)
+
+
+_REALLOCATE = """
+import sys, torch
+from benchmarks import allocator
+print(allocator.configure(sys.argv[1]))
+def fill():
+    torch.ones(16 << 20)  # 64 MiB: above the largest mmap threshold glibc moves to on its own (32 MiB)
+for _ in range(32):  # kept, the first few grow the heap until the aligned blocks fit the freed ones
+    fill()
+print(allocator.faults_per_call(fill, calls=4))
+"""
+
+
+@pytest.mark.parametrize("choice", allocator.CHOICES)
+def test_keep_allocator_reuses_freed_memory_without_page_faults(choice):
+    """A 64 MiB tensor allocated, filled and freed again and again: under glibc's defaults each one
+    is a fresh mapping (16384 pages, a fault each); kept, after a few calls the freed memory serves
+    the next one."""
+    done = subprocess.run([sys.executable, "-c", _REALLOCATE, choice], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    in_force, faults = done.stdout.split()
+    if in_force != choice:
+        pytest.skip(f"this C library cannot keep freed memory ({in_force})")
+    assert (float(faults) < 1000) if choice == "keep" else (float(faults) > 10000), faults
+
+
+def test_allocator_choice_is_checked():
+    assert allocator.configure("system") == "system"
+    with pytest.raises(ValueError, match="allocator must be one of"):
+        allocator.configure("jemalloc")
+    calls = []
+    assert allocator.faults_per_call(lambda: calls.append(1), calls=4) >= 0 and len(calls) == 5
