@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from . import allocator
+
 
 def parser(prog: str, description: str, *, quick: str, rounds: str, min_run_time: str) -> argparse.ArgumentParser:
-    """A parser with ``--device``, ``--quick``, ``--threads``, ``--rounds``, ``--min-run-time`` and ``--seed``;
-    the strings are the help of the options whose defaults differ between the scripts."""
+    """A parser with ``--device``, ``--quick``, ``--threads``, ``--rounds``, ``--min-run-time``, ``--seed``
+    and ``--allocator``; the strings are the help of the options whose defaults differ between the scripts."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help=quick)
@@ -14,6 +16,9 @@ def parser(prog: str, description: str, *, quick: str, rounds: str, min_run_time
     p.add_argument("--rounds", type=int, help=rounds)
     p.add_argument("--min-run-time", type=float, help=min_run_time)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allocator", choices=allocator.CHOICES, default="keep",
+                   help="keep (default): glibc keeps freed memory mapped, so no provider takes page faults after "
+                        "its warm-up; system: glibc's defaults (see benchmarks/allocator.py)")
     return p
 
 

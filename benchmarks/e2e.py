@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn as nn
 
-from . import cli, machine, memory, results
+from . import allocator, cli, machine, memory, results
 from .providers import LABELS, PROVIDER_ERRORS, EagerAdapter
 from .shapes import DTYPES, DTYPE_NAMES
 from .timing import make_timer, summarize
@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     machine.quiet_compile_workers(device)
     dtype = DTYPES[args.dtype]
     info = machine.describe(device, threads)
+    info["allocator"] = allocator.configure(args.allocator)
     timer = make_timer(device, threads)
     torch.manual_seed(args.seed)
     d = args.d_model

@@ -54,9 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="directory whose ops.jsonl the rows are appended to; --out benchmarks/results updates "
                              "the tracked results the README quotes (default: a new file "
                              "benchmarks/runs/ops-<run id>.jsonl, ignored by git)")
-    parser.add_argument("--allocator", choices=allocator.CHOICES, default="keep",
-                        help="keep (default): glibc keeps freed memory mapped, so no provider takes page faults after "
-                             "its warm-up; system: glibc's defaults (see benchmarks/allocator.py)")
     parser.add_argument("--time-budget", type=float,
                         help="stop starting new shapes after this many seconds (rows so far are kept)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
