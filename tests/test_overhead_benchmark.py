@@ -137,3 +137,12 @@ def test_allocator_choice_is_checked():
         allocator.configure("jemalloc")
     calls = []
     assert allocator.faults_per_call(lambda: calls.append(1), calls=4) >= 0 and len(calls) == 5
+
+
+def test_summary_names_the_cells_with_page_faults():
+    row = {"N": 8, "d": 32, "threads": 1, "pass": "train", "ratio": 1.5, "eager_faults": 0.0, "adapterfast_faults": 0.0}
+    assert "page faults" not in overhead.summary([row])
+    faulting = {**row, "N": 4096, "ratio": 2.0, "eager_faults": 2016.0}
+    text = overhead.summary([row, faulting])
+    assert "eager: page faults in 1 cells, at most 2016 per call (train, N=4096, d=32, 1 thread(s))" in text
+    assert "adapterfast: page faults" not in text
