@@ -20,7 +20,9 @@ grad, adapter weights trainable) for grouped, loop and single. Providers are tim
 interleaved rounds within one process and compared by ratio; medians of
 ``torch.utils.benchmark`` samples (``--clock wall``) or of per-call CPU time (``--clock cpu``, see
 ``sample``). Results are printed as a table and appended to
-``benchmarks/results/grouped.jsonl`` with the machine, versions and CPU flags.
+``benchmarks/results/grouped.jsonl`` with the machine, versions and CPU flags. Freed memory stays
+mapped (``--allocator keep``, the default since 2026-12-03; ``allocator.py``), so no provider
+takes page faults once warm; earlier rows ran under glibc's defaults.
 
     python -m benchmarks.grouped --threads 1 --clock cpu       # the README figures
     python -m benchmarks.grouped [--adapters 2 8 32] [--rows 8192] [--d 768] [--r 16] [--rounds 3] [--threads T]
@@ -42,6 +44,7 @@ import torch.nn as nn
 import adapterfast
 from adapterfast import AdapterBank, fused_adapter
 
+from . import allocator
 from .machine import cpu_name
 from .timing import CpuTimer
 
@@ -181,6 +184,9 @@ def main(argv=None) -> int:
                         help="CPU threads (default: torch's); 1 avoids OpenMP barrier stalls on a shared machine")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: torch.utils.benchmark; cpu: this thread's CPU time (needs --threads 1)")
+    parser.add_argument("--allocator", choices=allocator.CHOICES, default="keep",
+                        help="keep (default): glibc keeps freed memory mapped, so no provider takes page faults after "
+                             "its warm-up; system: glibc's defaults (see benchmarks/allocator.py)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
 
@@ -190,7 +196,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     timer = CpuTimer(threads) if args.clock == "wall" else None
     machine = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": threads, "clock": args.clock,
-               "torch": torch.__version__,
+               "allocator": allocator.configure(args.allocator), "torch": torch.__version__,
                "adapterfast": adapterfast.__version__, "isa": adapterfast.cpu.kernel_isa()
                if adapterfast.backends()["cpu"].available else "none"}
     print(f"# {machine}")

@@ -36,3 +36,4 @@ def test_benchmark_smoke():
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("float32")]
     assert len(lines) == 2 and "forward" in lines[0] and "fwd+bwd" in lines[1]
+    assert "'allocator': 'keep'" in done.stdout
