@@ -19,6 +19,7 @@ unless it sets these itself or preloads another allocator; ``faults_per_call`` s
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import resource
@@ -30,6 +31,13 @@ CHOICES = ("keep", "system")
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _INT_MAX = 2**31 - 1
+
+
+def add_option(parser: argparse.ArgumentParser) -> None:
+    """``--allocator keep|system`` (default keep), the same option on every benchmark script."""
+    parser.add_argument("--allocator", choices=CHOICES, default="keep",
+                        help="keep (default): glibc keeps freed memory mapped, so no provider takes page faults "
+                             "after its warm-up; system: glibc's defaults (see benchmarks/allocator.py)")
 
 
 def keep_freed_memory() -> bool:

@@ -16,9 +16,7 @@ def parser(prog: str, description: str, *, quick: str, rounds: str, min_run_time
     p.add_argument("--rounds", type=int, help=rounds)
     p.add_argument("--min-run-time", type=float, help=min_run_time)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--allocator", choices=allocator.CHOICES, default="keep",
-                   help="keep (default): glibc keeps freed memory mapped, so no provider takes page faults after "
-                        "its warm-up; system: glibc's defaults (see benchmarks/allocator.py)")
+    allocator.add_option(p)
     return p
 
 

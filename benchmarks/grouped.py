@@ -184,9 +184,7 @@ def main(argv=None) -> int:
                         help="CPU threads (default: torch's); 1 avoids OpenMP barrier stalls on a shared machine")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: torch.utils.benchmark; cpu: this thread's CPU time (needs --threads 1)")
-    parser.add_argument("--allocator", choices=allocator.CHOICES, default="keep",
-                        help="keep (default): glibc keeps freed memory mapped, so no provider takes page faults after "
-                             "its warm-up; system: glibc's defaults (see benchmarks/allocator.py)")
+    allocator.add_option(parser)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
 

@@ -70,9 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-run-time", type=float,
                         help="seconds per provider per round and cell (default 0.2, quick 0.05)")
     parser.add_argument("--out", help="append one JSON line per cell to this file")
-    parser.add_argument("--allocator", choices=allocator.CHOICES, default="keep",
-                        help="keep (default): glibc keeps freed memory mapped, so neither module takes page faults "
-                             "after its warm-up; system: glibc's defaults (see benchmarks/allocator.py)")
+    allocator.add_option(parser)
     parser.add_argument("--rates", action="store_true",
                         help="add each cell's GEMM rate (GFLOP/s) and torch.matmul's at 2048^3 in the same run")
     parser.add_argument("--results", help="print the tables of a file written by --out instead of measuring")

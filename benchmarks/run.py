@@ -303,8 +303,9 @@ def _main(args: argparse.Namespace) -> int:
     out_path = (results.new_run_path("ops", info["run_id"]) if args.out is None
                 else os.path.join(args.out, results.OPS_FILE))
     print(f"adapterfast benchmarks on {info['device_name']}: torch {info['torch']}, triton {info['triton']}, "
-          f"{threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s, allocator {info['allocator']}; {len(args.points)} shapes x "
-          f"{len(args.providers)} providers x {len(args.passes)} passes -> {out_path}", file=sys.stderr)
+          f"{threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s, allocator {info['allocator']}; "
+          f"{len(args.points)} shapes x {len(args.providers)} providers x {len(args.passes)} passes -> {out_path}",
+          file=sys.stderr)
     written, stopped = [], None
     bar = _progress(args.points, len(args.points), args.no_progress)
     for point in bar:
