@@ -4,10 +4,10 @@ glibc hands large freed blocks back to the kernel: a block above its mmap thresh
 when freed, and the top of the heap is trimmed once more than the trim threshold is free there.
 The next allocation of that size then takes a page fault for every 4 KiB page, each zeroed by the
 kernel. glibc moves both thresholds as the process allocates and frees, so whether a given call
-pays this depends on what the process did before it. In one process on the 2-CPU AMD EPYC VM,
-the eager adapter's bf16 training step at N = 8192, d = 128, one thread, took 2.2-3.6 ms after
-calls at some smaller N and 8.3-9.6 ms after others: 2016 minor page faults per step in the slow
-state, none in the fast.
+pays this depends on what the process did before it. In one process on the 2-CPU AMD EPYC VM (an
+ad-hoc loop), the eager adapter's bf16 training step at N = 8192, d = 128, one thread, took
+2.2-3.6 ms after calls at some smaller N and 8.3-9.6 ms after others: 2016 minor page faults per
+step in the slow state, none in the fast.
 
 adapterfast's C++ backend keeps its large outputs in a cache of released buffers
 (``csrc/output_buffers.cpp``), so it does not take these faults; a comparison in which only the
