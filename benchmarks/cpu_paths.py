@@ -8,7 +8,9 @@ backward times at the given shape. Paths: ``default`` (what runs for the dtype h
 (ADAPTERFAST_CPU_FP16: float16 on oneDNN's float16 kernel, or split into three bf16 products),
 ``brgemm-pad`` / ``brgemm-no-pad`` (ADAPTERFAST_CPU_BRGEMM_PAD=1 / 0: the d-wide VNNI B operands'
 rows padded by 16 columns always / never; by default only where d % 512 == 0 without AMX),
-``eager`` (the op as PyTorch ops in the same dtype, ``x + up(relu(down(x)))`` with both biases,
+``no-steal`` (ADAPTERFAST_CPU_STEAL=0: each thread keeps its equal share of row blocks or reduction
+groups, where by default a thread that runs out takes the back half of another's remaining
+share; csrc/parallel_tasks.h), ``eager`` (the op as PyTorch ops in the same dtype, ``x + up(relu(down(x)))`` with both biases,
 as the fused paths here are called; the eager provider of ``python -m benchmarks`` is the
 bias-free module). Each row also gives the op's GEMM rate, its 12 N d r flops (two GEMMs forward,
 four backward) over the fwd+bwd time.
@@ -18,6 +20,11 @@ machine with the same threads and clock, at 2048^3 and at the op's GEMM shapes: 
 op's GEMMs can be held against (on the development VM AMX-BF16 gives a few hundred GFLOP/s per
 core there, not the nominal 1024 flops per cycle).
 
+``--background-load F`` runs, for the whole measurement, one more process that is busy for the
+fraction F of every 10 ms and sleeps the rest: a core shared with another job, as on a shared VM,
+where a thread that waits for the slowest share loses most. After the rows, each path's median
+fwd+bwd time over the repeats, and the first path's time over it.
+
 ``--clock wall`` (default) reports medians of wall time (torch.utils.benchmark). ``--clock
 thread`` reports the least thread CPU time of ``--calls`` calls and needs ``--threads 1`` (the
 op then runs on the calling thread): on a machine shared with other jobs, where wall times of
@@ -25,12 +32,15 @@ multi-threaded calls are dominated by waiting for a core, it still measures the 
 
     python -m benchmarks.cpu_paths --dtype fp32 --paths default,fp32-brgemm --shapes 8192,1024,64 8192,4096,16
     python -m benchmarks.cpu_paths --dtype bf16 --paths eager,default --threads 1 --clock thread
+    python -m benchmarks.cpu_paths --dtype bf16 --paths no-steal,default --repeats 8 --background-load 0.3
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -45,6 +55,7 @@ PATHS = {
     "fp16-bf16x3": {"ADAPTERFAST_CPU_FP16": "bf16x3"},
     "brgemm-pad": {"ADAPTERFAST_CPU_BRGEMM_PAD": "1"},
     "brgemm-no-pad": {"ADAPTERFAST_CPU_BRGEMM_PAD": "0"},
+    "no-steal": {"ADAPTERFAST_CPU_STEAL": "0"},
     "eager": {},
 }
 
@@ -116,6 +127,39 @@ for m, nn, k in dict.fromkeys(gemms):
 """
 
 
+_BUSY = r"""
+import sys, time
+busy = float(sys.argv[1]) * 0.01
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < busy:
+        pass
+    time.sleep(0.01 - busy)
+"""
+
+
+@contextlib.contextmanager
+def background_load(fraction: float):
+    """One process busy for `fraction` of every 10 ms while the block runs (none for 0)."""
+    if fraction <= 0:
+        yield
+        return
+    busy = subprocess.Popen([sys.executable, "-c", _BUSY, str(fraction)])
+    try:
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def summary(times: dict[str, list[float]]) -> list[str]:
+    """Per path the median fwd+bwd ms of its repeats, and the first path's median over it."""
+    medians = {path: statistics.median(ms) for path, ms in times.items()}
+    first = next(iter(medians.values()))
+    return [f"  {path:12s} median fwd+bwd {ms:8.2f} ms  first path / this {first / ms:5.2f}x"
+            for path, ms in medians.items()]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -127,7 +171,11 @@ def main(argv=None) -> int:
                         help="wall: median wall time; thread: least thread CPU time (needs --threads 1)")
     parser.add_argument("--calls", type=int, default=5, help="calls per measurement with --clock thread")
     parser.add_argument("--ceiling", action="store_true", help="first print torch.matmul's rate in the dtype")
+    parser.add_argument("--background-load", type=float, default=0.0, metavar="F",
+                        help="run one more process busy for the fraction F (0-1) of every 10 ms meanwhile")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.background_load < 1.0:
+        parser.error(f"--background-load must be in [0, 1), got {args.background_load}")
     if args.clock == "thread" and args.threads != 1:
         parser.error("--clock thread measures the calling thread only: use it with --threads 1")
     paths = args.paths.split(",")
@@ -135,23 +183,30 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown paths {unknown}; choose from {', '.join(PATHS)}")
     print(f"{machine.cpu_name()}, flags {' '.join(machine.cpu_flags())}, {args.threads} threads, {args.dtype}, "
-          f"{'least thread CPU time of %d calls' % args.calls if args.clock == 'thread' else 'median wall time'}")
+          f"{'least thread CPU time of %d calls' % args.calls if args.clock == 'thread' else 'median wall time'}"
+          + (f", background load {args.background_load:g} of one CPU" if args.background_load else ""))
     if args.ceiling:
         done = subprocess.run([sys.executable, "-c", _CEILING, args.dtype, str(args.threads), args.clock, str(args.calls),
                                *args.shapes], capture_output=True, text=True, check=True)
         print(done.stdout, end="")
-    for shape in args.shapes:
-        n, d, r = (int(v) for v in shape.split(","))
-        for repeat in range(args.repeats):
-            for path in paths:
-                env = dict(os.environ, **PATHS[path])
-                done = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), str(r), args.dtype, str(args.threads),
-                                       path, args.clock, str(args.calls)],
-                                      env=env, capture_output=True, text=True, check=True)
-                row = json.loads(done.stdout.strip().splitlines()[-1])
-                print(f"N={n} d={d} r={r} {path:12s} {row['kernel']:14s} fwd {row['fwd_ms']:8.2f} ms  "
-                      f"bwd {row['bwd_ms']:8.2f} ms  fwd+bwd {row['fwd_ms'] + row['bwd_ms']:8.2f} ms  "
-                      f"GEMMs {12 * n * d * r / (row['fwd_ms'] + row['bwd_ms']) / 1e6:6.1f} GFLOP/s")
+    with background_load(args.background_load):
+        for shape in args.shapes:
+            n, d, r = (int(v) for v in shape.split(","))
+            times: dict[str, list[float]] = {path: [] for path in paths}
+            for repeat in range(args.repeats):
+                for path in paths:
+                    env = dict(os.environ, **PATHS[path])
+                    done = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), str(r), args.dtype,
+                                           str(args.threads), path, args.clock, str(args.calls)],
+                                          env=env, capture_output=True, text=True, check=True)
+                    row = json.loads(done.stdout.strip().splitlines()[-1])
+                    total = row["fwd_ms"] + row["bwd_ms"]
+                    times[path].append(total)
+                    print(f"N={n} d={d} r={r} {path:12s} {row['kernel']:14s} fwd {row['fwd_ms']:8.2f} ms  "
+                          f"bwd {row['bwd_ms']:8.2f} ms  fwd+bwd {total:8.2f} ms  "
+                          f"GEMMs {12 * n * d * r / total / 1e6:6.1f} GFLOP/s", flush=True)
+            print(f"N={n} d={d} r={r}, {args.repeats} repeats:")
+            print("\n".join(summary(times)), flush=True)
     return 0
 
 

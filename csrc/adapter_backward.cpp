@@ -28,6 +28,7 @@
 #include "adapter_operands.h"
 #include "adapter_brgemm.h"
 #include "dx_epilogue.h"
+#include "parallel_tasks.h"
 #include "philox.h"
 #include "scratch.h"
 
@@ -121,7 +122,7 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
 
   const OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, ld_g, dx);
 
-  at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
+  parallel_tasks(groups, [&](TaskQueue& tasks) {
     Scratch<acc_t> gz(kGradInPlace ? 0 : rows * d);
     std::vector<acc_t> block_sums(kGradInPlace ? d : 0);
     Scratch<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);
@@ -130,7 +131,7 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
     Scratch<acc_t> dh(rows * r);
     Scratch<uint8_t> keep(dropout ? rows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
-    for (int64_t group = first_group; group < last_group; ++group) {
+    for (int64_t group = tasks.next(); group >= 0; group = tasks.next()) {
       acc_t* row = partials.data_ptr<acc_t>() + group * partials.size(1);
       std::fill(row, row + partials.size(1), acc_t(0));
       double* bias_row = bias_partials.data_ptr<double>() + group * bias_partials.size(1);

@@ -44,6 +44,7 @@
 #include "bf16_split.h"
 #include "block_kernels.h"
 #include "dx_epilogue.h"
+#include "parallel_tasks.h"
 #include "philox.h"
 #include "scratch.h"
 
@@ -306,7 +307,7 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
   const OutputEpilogue<float> epilogue = forward_epilogue<float>(op, y);
 
   const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(blocks, [&](TaskQueue& tasks) {
     Scratch<T> x_scratch(kBlockRows * dp);
     Scratch<T> a = Scratch<T>::zeroed(kBlockRows * rp);                              // its pad column read as 0
     Scratch<U> x_split = Scratch<U>::zeroed(split ? 2 * kBlockRows * dp : 0);        // x rows' hi, then lo
@@ -314,8 +315,9 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
     Scratch<float> chunk(kBlockRows * kOutCols);
     Scratch<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
-    const int64_t last_row = std::min(n, last * kBlockRows);
-    for_blocks(first, last, kBlockRows, n, [&](int64_t row0, int64_t m) {
+    for (int64_t block = tasks.next(); block >= 0; block = tasks.next()) {
+      const int64_t row0 = block * kBlockRows;
+      const int64_t m = std::min(kBlockRows, n - row0);
       int64_t ld_x = 0;
       const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
       float* hb = h_data + row0 * r;
@@ -349,9 +351,9 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
       }
       e.out = y_data + row0 * d;
       const int64_t next = row0 + m;
-      const int64_t next_m = std::min(kBlockRows, n - next);
+      const int64_t next_m = tasks.next_is(block + 1) ? std::min(kBlockRows, n - next) : 0;
       auto prefetch_next = [&](int64_t c, int64_t chunks) {
-        if (x_col_stride == 1 && next < last_row) prefetch_rows(x_data, x_row_stride, next, next_m, d, c, chunks);
+        if (x_col_stride == 1) prefetch_rows(x_data, x_row_stride, next, next_m, d, c, chunks);
       };
       if constexpr (split) {
         split_rows_tripled(m, r, rp, a.data(), rp, a_split.data());
@@ -361,7 +363,7 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
         product_by_columns<U>(layout, m, rp, d, a.data(), rp, w_up_b.data(), ldb, nullptr, 0, false, chunk.data(),
                               &e, prefetch_next);
       }
-    });
+    }
     brgemm_release(kVnni<U>);
   });
 }
@@ -395,7 +397,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
 
   const OutputEpilogue<float> epilogue = dx_epilogue<float>(op.grad_y, ld_g, dx);
 
-  at::parallel_for(0, groups, 1, [&](int64_t first_group, int64_t last_group) {
+  parallel_tasks(groups, [&](TaskQueue& tasks) {
     const int64_t dp = even(d);
     Scratch<T> gz(kBlockRows * dp);
     Scratch<T> x_scratch(kBlockRows * dp);
@@ -423,7 +425,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
     Scratch<float> chunk(kBlockRows * kOutCols);
     Scratch<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
-    for (int64_t group = first_group; group < last_group; ++group) {
+    for (int64_t group = tasks.next(); group >= 0; group = tasks.next()) {
       float* row = partials.data_ptr<float>() + group * partials.size(1);
       double* bias_row = bias_partials.data_ptr<double>() + group * bias_partials.size(1);
       std::fill(bias_row, bias_row + bias_partials.size(1), 0.0);

@@ -16,6 +16,7 @@
 #include "adapter_common.h"
 #include "adapter_operands.h"
 #include "adapter_brgemm.h"
+#include "parallel_tasks.h"
 #include "philox.h"
 #include "scratch.h"
 
@@ -51,12 +52,14 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
 
   const int64_t rows = forward_block_rows(n);
   const int64_t blocks = (n + rows - 1) / rows;
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(blocks, [&](TaskQueue& tasks) {
     Scratch<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);
     Scratch<acc_t> a(rows * r);
     Scratch<uint8_t> keep(dropout ? rows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
-    for_blocks(first, last, rows, n, [&](int64_t row0, int64_t m) {
+    for (int64_t block = tasks.next(); block >= 0; block = tasks.next()) {
+      const int64_t row0 = block * rows;
+      const int64_t m = std::min(rows, n - row0);
       int64_t ld_x = 0;
       const acc_t* xb = x_rows.rows(row0, m, x_scratch.data(), ld_x);
       acc_t* hb = h_data + row0 * r;
@@ -84,7 +87,7 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
       }
       e.out = y_data + row0 * d;
       kernels.project_out(m, r, d, a.data(), r, w_up_t, d, e);
-    });
+    }
   });
 }
 

@@ -23,6 +23,7 @@
 #include "grouped_backward.h"
 #include "grouped_row_kernels.h"
 #include "grouped_rows.h"
+#include "parallel_tasks.h"
 #include "philox.h"
 #include "scratch.h"
 
@@ -120,7 +121,7 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
   epilogue.out = dx_data;
   epilogue.stream_out = dx.nbytes() >= kScatteredStreamBytes;
 
-  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(static_cast<int64_t>(groups.size()), [&](TaskQueue& tasks) {
     Scratch<T> gb = Scratch<T>::zeroed(kRowList ? 0 : kBlockRows * d);
     Scratch<acc_t> gz(kRowList && !dropout ? 0 : kBlockRows * d);
     Scratch<acc_t> xb(x_in_place != nullptr ? 0 : kBlockRows * d);
@@ -130,7 +131,7 @@ void backward_blocks(const BackwardOperands& op, const Segments& seg, const std:
     Scratch<acc_t> dh(kBlockRows * r);
     Scratch<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
-    for (int64_t gi = first; gi < last; ++gi) {
+    for (int64_t gi = tasks.next(); gi >= 0; gi = tasks.next()) {
       const Group& group = groups[gi];
       const int64_t adapter = group.adapter;
       const acc_t factor = static_cast<acc_t>(op.scales[adapter]);

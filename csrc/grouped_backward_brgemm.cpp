@@ -19,6 +19,7 @@
 #include "dx_epilogue.h"
 #include "grouped_backward.h"
 #include "grouped_brgemm_columns.h"
+#include "parallel_tasks.h"
 #include "philox.h"
 #include "scratch.h"
 
@@ -63,7 +64,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
   epilogue.out = dx_data;
   epilogue.stream_out = dx.nbytes() >= kScatteredStreamBytes;
 
-  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t first, int64_t last) {
+  parallel_tasks(static_cast<int64_t>(groups.size()), [&](TaskQueue& tasks) {
     Scratch<T> gz = Scratch<T>::zeroed(kBlockRows * dp);
     Scratch<T> gz_b(kRunRows * d);  // a run's gz rows as a B operand
     Scratch<T> x_b(kRunRows * d);   // a run's x rows as a B operand
@@ -75,7 +76,7 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, con
     Scratch<float> chunk(kBlockRows * kOutCols);
     Scratch<uint8_t> keep(dropout ? ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
-    for (int64_t gi = first; gi < last; ++gi) {
+    for (int64_t gi = tasks.next(); gi >= 0; gi = tasks.next()) {
       const Group& group = groups[gi];
       const int64_t adapter = group.adapter;
       const float factor = static_cast<float>(op.scales[adapter]);

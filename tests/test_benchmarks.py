@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,32 @@ def test_default_run_is_quiet_and_writes_a_new_file(tmp_path, monkeypatch, capfd
     assert len(written) == 1 and str(written[0]) in err
     assert {r["provider"] for r in results.read(str(written[0]))} == {"eager", "adapterfast"}
     assert (os.path.getsize(tracked) if os.path.exists(tracked) else None) == before
+
+
+def test_cpu_paths_summary_and_background_load():
+    from benchmarks import cpu_paths
+
+    lines = cpu_paths.summary({"no-steal": [4.0, 6.0, 5.0], "default": [4.0, 4.0, 5.0]})
+    assert "no-steal" in lines[0] and "5.00 ms" in lines[0] and "1.00x" in lines[0]
+    assert "default" in lines[1] and "4.00 ms" in lines[1] and "1.25x" in lines[1]
+
+    def busy_seconds():
+        children = os.times()
+        return children.children_user + children.children_system
+
+    before = busy_seconds()
+    with cpu_paths.background_load(0.5):
+        time.sleep(1.0)
+    # The busy process has been waited for, and while it ran it kept a CPU about half busy.
+    assert 0.2 < busy_seconds() - before < 1.0
+
+
+@pytest.mark.slow
+def test_cpu_paths_runs_the_no_steal_path():
+    done = _run("-m", "benchmarks.cpu_paths", "--dtype", "fp32", "--paths", "no-steal,default", "--shapes",
+                "256,64,8", "--repeats", "1", "--background-load", "0.2")
+    assert "background load 0.2 of one CPU" in done.stdout
+    assert "N=256 d=64 r=8 no-steal" in done.stdout and "first path / this" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.cpu_paths", "--background-load", "1.5"], cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--background-load must be in [0, 1)" in bad.stderr
