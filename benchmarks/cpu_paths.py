@@ -91,11 +91,19 @@ def least_thread_time(f):
         f()
         times.append(time.thread_time() - start)
     return min(times)
-for name, f in (("fwd", fwd), ("bwd", bwd)):
+threads_seen = set()
+def counted(f):
+    def call():
+        threads_seen.add(torch.get_num_threads())
+        return f()
+    return call
+for name, f in (("fwd", counted(fwd)), ("bwd", counted(bwd))):
     if clock == "thread":
         out[name + "_ms"] = least_thread_time(f) * 1e3
     else:
-        out[name + "_ms"] = benchmark.Timer("f()", globals={"f": f}).blocked_autorange(min_run_time=0.5).median * 1e3
+        timer = benchmark.Timer("f()", globals={"f": f}, num_threads=threads)
+        out[name + "_ms"] = timer.blocked_autorange(min_run_time=0.5).median * 1e3
+out["threads"] = sorted(threads_seen)
 print(json.dumps(out))
 """
 
@@ -109,7 +117,8 @@ torch.set_num_threads(threads)
 dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 def seconds(f):
     if clock == "wall":
-        return benchmark.Timer("f()", globals={"f": f}).blocked_autorange(min_run_time=0.5).median
+        timer = benchmark.Timer("f()", globals={"f": f}, num_threads=threads)
+        return timer.blocked_autorange(min_run_time=0.5).median
     f()
     best = float("inf")
     for _ in range(calls):
@@ -200,6 +209,9 @@ def main(argv=None) -> int:
                                            str(args.threads), path, args.clock, str(args.calls)],
                                           env=env, capture_output=True, text=True, check=True)
                     row = json.loads(done.stdout.strip().splitlines()[-1])
+                    if row["threads"] != [args.threads]:
+                        raise RuntimeError(f"{path} ran its timed calls on {row['threads']} threads, "
+                                           f"not {args.threads}")
                     total = row["fwd_ms"] + row["bwd_ms"]
                     times[path].append(total)
                     print(f"N={n} d={d} r={r} {path:12s} {row['kernel']:14s} fwd {row['fwd_ms']:8.2f} ms  "

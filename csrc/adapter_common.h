@@ -107,16 +107,6 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 // residuals and gradients cost; x itself is read strided instead).
 at::Tensor with_unit_column_stride(const at::Tensor& t);
 
-// Calls fn(row0, m) for the blocks [first, last) of `rows` rows each out of n rows (the last
-// block may be shorter): the row loop of every driver's parallel_for chunk.
-template <typename Fn>
-void for_blocks(int64_t first, int64_t last, int64_t rows, int64_t n, Fn&& fn) {
-  for (int64_t block = first; block < last; ++block) {
-    const int64_t row0 = block * rows;
-    fn(row0, std::min(rows, n - row0));
-  }
-}
-
 // Bytes of the dropout keep-mask rows for width d.
 inline int64_t keep_row_bytes(int64_t d) { return (d + kKeepAlign - 1) / kKeepAlign * kKeepAlign; }
 
