@@ -46,15 +46,17 @@ BrgemmLayout brgemm_layout(at::ScalarType dtype) {
   static const BrgemmLayout bf16 = probe<c10::BFloat16>();
   static const BrgemmLayout f16 = probe<c10::Half>();
   // fp32 stays on the hand-tiled AVX-512 kernels (block_kernels_avx512.cpp). Measured with
-  // `python -m benchmarks.cpu_paths --dtype fp32 --paths default,fp32-brgemm` (2 threads, N = 8192,
-  // relu, fwd + bwd; Intel Xeon with AMX-BF16, AVX512-BF16/FP16 on a loaded 2-core VM, so ratios
-  // only), brgemm's fp32 kernel took 1.2x to 1.9x the time: d=1024 r=64 225 ms vs 350 ms (and
+  // `python -m benchmarks.cpu_paths --dtype fp32 --paths default,fp32-brgemm` (N = 8192, relu,
+  // fwd + bwd; Intel Xeon with AMX-BF16, AVX512-BF16/FP16 on a loaded 2-core VM, so ratios only;
+  // one thread, though the script's default asked for two: until b347683 its wall-clock timer ran
+  // on one), brgemm's fp32 kernel took 1.2x to 1.9x the time: d=1024 r=64 225 ms vs 350 ms (and
   // 322 / 424 ms vs 568 / 500 ms in two earlier runs), d=4096 r=16 650 / 913 ms vs 1252 / 1319 ms.
   // Without a matrix unit for fp32, oneDNN's ukernel only adds per-call overhead on these skinny
   // GEMMs. On AVX-512 without AMX (AMD EPYC, Zen 4: AVX-512 and AVX512-BF16, 2-core VM shared
   // with other jobs, commit c7cc731), the same command with `--threads 1 --clock thread --calls 8
   // --repeats 3` and then `--threads 2 --repeats 2`, at N = 8192 (fwd+bwd ms, default / brgemm,
-  // 3 rounds of least thread time at 1 thread, load 1.8-2.0, then 2 rounds of 2-thread wall time):
+  // 3 rounds of least thread time at 1 thread, load 1.8-2.0, then 2 rounds of wall time, also on
+  // one thread: see above):
   // d=768 r=16 21.0/19.8, 21.5/23.5, 18.2/19.4 and 21.4/20.9, 20.7/21.7 (a tie); d=768 r=64
   // 50.7/57.0, 52.1/53.6, 53.9/58.4 and 58.1/59.8, 57.2/60.7; d=1024 r=16 28.0/30.2, 28.6/34.1,
   // 25.7/34.3 and 30.9/32.6, 28.3/38.8; d=1024 r=64 72.8/70.5, 71.2/72.3, 68.1/72.3 and 77.0/103.5,
