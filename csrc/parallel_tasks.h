@@ -3,6 +3,7 @@
 // Each thread starts on an equal share of the tasks, as at::parallel_for would give it, and a
 // thread that runs out takes the back half of another thread's remaining share (work stealing).
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <utility>
@@ -66,8 +67,8 @@ class alignas(64) TaskShare {
 // stay bitwise identical across thread counts and runs.
 class TaskQueue {
  public:
-  TaskQueue(std::vector<TaskShare>& shares, int64_t self, bool steal)
-      : shares_(shares), self_(self), steal_(steal) {}
+  TaskQueue(TaskShare* shares, int64_t threads, int64_t self, bool steal)
+      : shares_(shares), threads_(threads), self_(self), steal_(steal) {}
 
   // The next task of this thread, or -1 once no thread has any left.
   int64_t next() {
@@ -87,9 +88,8 @@ class TaskQueue {
  private:
   // Moves the back half of the first non-empty other share into this thread's; false if all are empty.
   bool steal() {
-    const int64_t threads = static_cast<int64_t>(shares_.size());
-    for (int64_t k = 1; k < threads; ++k) {
-      const auto [first, last] = shares_[(self_ + k) % threads].take_back_half();
+    for (int64_t k = 1; k < threads_; ++k) {
+      const auto [first, last] = shares_[(self_ + k) % threads_].take_back_half();
       if (first < last) {
         shares_[self_].reset(first, last);
         return true;
@@ -98,7 +98,8 @@ class TaskQueue {
     return false;
   }
 
-  std::vector<TaskShare>& shares_;
+  TaskShare* shares_;
+  int64_t threads_;
   int64_t self_;
   bool steal_;
 };
@@ -119,12 +120,14 @@ template <typename Body>
 void parallel_tasks(int64_t tasks, const Body& body) {
   TORCH_CHECK(tasks < (int64_t(1) << 31), "adapterfast: parallel_tasks takes fewer than 2^31 tasks, got ", tasks);
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(tasks, at::get_num_threads()));
-  std::vector<TaskShare> shares(threads);
+  std::array<TaskShare, 8> on_stack;  // no heap allocation per call up to 8 threads
+  std::vector<TaskShare> on_heap(threads > static_cast<int64_t>(on_stack.size()) ? threads : 0);
+  TaskShare* shares = on_heap.empty() ? on_stack.data() : on_heap.data();
   for (int64_t t = 0; t < threads; ++t) shares[t].reset(t * tasks / threads, (t + 1) * tasks / threads);
   const bool steal = work_stealing();
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t self = begin; self < end; ++self) {
-      TaskQueue queue(shares, self, steal);
+      TaskQueue queue(shares, threads, self, steal);
       body(queue);
     }
   });

@@ -35,7 +35,7 @@ def threads():
     torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("n_threads", [1, 2, 4])
+@pytest.mark.parametrize("n_threads", [1, 2, 4, 12])
 @pytest.mark.parametrize("tasks", [0, 1, 2, 3, 7, 64, 1000])
 def test_every_task_runs_once(threads, n_threads, tasks):
     threads(n_threads)
