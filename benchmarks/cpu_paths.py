@@ -10,8 +10,8 @@ backward times at the given shape. Paths: ``default`` (what runs for the dtype h
 rows padded by 16 columns always / never; by default only where d % 512 == 0 without AMX),
 ``no-steal`` (ADAPTERFAST_CPU_STEAL=0: each thread keeps its equal share of row blocks or reduction
 groups, where by default a thread that runs out takes the back half of another's remaining
-share; csrc/parallel_tasks.h), ``eager`` (the op as PyTorch ops in the same dtype, ``x + up(relu(down(x)))`` with both biases,
-as the fused paths here are called; the eager provider of ``python -m benchmarks`` is the
+share; csrc/parallel_tasks.h), ``eager`` (the op as PyTorch ops in the same dtype,
+``x + up(relu(down(x)))`` with both biases, as the fused paths here are called; the eager provider of ``python -m benchmarks`` is the
 bias-free module). Each row also gives the op's GEMM rate, its 12 N d r flops (two GEMMs forward,
 four backward) over the fwd+bwd time.
 

@@ -62,9 +62,9 @@ class alignas(64) TaskShare {
 // another process) holds up the whole call. With a shared counter handing out small tasks in turn,
 // each thread's rows stop being consecutive, which costs the hardware prefetchers and the brgemm
 // forward's own prefetch of the next block (measured: 4-block tasks taken in turn lost 2%-8% in
-// the bf16 forward at N = 2048 on the idle VM, in-process A/B loops). Stealing keeps each share consecutive and moves only the tail of
-// a slow thread's share. Which thread runs a task never changes what it computes, so results
-// stay bitwise identical across thread counts and runs.
+// the bf16 forward at N = 2048 on the idle VM, in-process A/B loops). Stealing keeps each share
+// consecutive and moves only the tail of a slow thread's share. Which thread runs a task never
+// changes what it computes, so results stay bitwise identical across thread counts and runs.
 class TaskQueue {
  public:
   TaskQueue(TaskShare* shares, int64_t threads, int64_t self, bool steal)
