@@ -11,9 +11,9 @@ rows padded by 16 columns always / never; by default only where d % 512 == 0 wit
 ``no-steal`` (ADAPTERFAST_CPU_STEAL=0: each thread keeps its equal share of row blocks or reduction
 groups, where by default a thread that runs out takes the back half of another's remaining
 share; csrc/parallel_tasks.h), ``eager`` (the op as PyTorch ops in the same dtype,
-``x + up(relu(down(x)))`` with both biases, as the fused paths here are called; the eager provider of ``python -m benchmarks`` is the
-bias-free module). Each row also gives the op's GEMM rate, its 12 N d r flops (two GEMMs forward,
-four backward) over the fwd+bwd time.
+``x + up(relu(down(x)))`` with both biases, as the fused paths here are called; the eager
+provider of ``python -m benchmarks`` is the bias-free module). Each row also gives the op's GEMM
+rate, its 12 N d r flops (two GEMMs forward, four backward) over the fwd+bwd time.
 
 ``--ceiling`` first prints what oneDNN's own matmul (``torch.matmul``) reaches in the dtype on this
 machine with the same threads and clock, at 2048^3 and at the op's GEMM shapes: the rate the
