@@ -112,7 +112,10 @@ def measure(adapters: int, n: int, d: int, r: int, dtype, rounds: int, timer: Cp
 
     with torch.no_grad():
         got, want = bank(x, index), loop_forward(bank, x, index)
-        assert (got.float() - want.float()).abs().max() <= (2e-2 if dtype == torch.bfloat16 else 1e-4)
+        # fp32 agrees to rounding; 16-bit outputs to a few units in their last place (float16's
+        # is 2e-3 at magnitude 2-4, where the grouped and the single op may round apart).
+        tolerance = {torch.bfloat16: 2e-2, torch.float16: 1e-2}.get(dtype, 1e-4)
+        assert (got.float() - want.float()).abs().max() <= tolerance
 
     xg = x.clone().requires_grad_()
     grad = torch.randn_like(x)

@@ -258,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == dims.n && h.size(1) == dims.r, kOp,
                     ": h must be [", dims.n, ", ", dims.r, "], got ", h.sizes());
 
-  const BrgemmLayout layout = dims.n == 0 ? BrgemmLayout::none : brgemm_layout_for(dtype, dims);
+  const BrgemmLayout layout = dims.n == 0 ? BrgemmLayout::none : brgemm_layout_for(dtype, dims, /*backward=*/true);
   const bool given = packs_given_weights(layout, dtype, w_down, w_up);
   BackwardOperands op{dims,
                       with_unit_column_stride(grad_y),

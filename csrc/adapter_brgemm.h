@@ -10,11 +10,17 @@
 
 namespace adapterfast::cpu {
 
-// The layout the 16-bit drivers run in for x of this dtype, or none (then the fp32 block
-// kernels run, with operands converted to fp32). float16 split into bf16 (fp16_on_bf16) takes
-// bf16's layout.
-inline BrgemmLayout brgemm_layout_for(at::ScalarType dtype, const Dims&) {
-  return brgemm_layout(dtype == at::kHalf && fp16_on_bf16() ? at::kBFloat16 : dtype);
+// The layout the 16-bit drivers run the forward (backward = false) or backward in for x of this
+// dtype, or none (then the fp32 block kernels run, with operands converted to fp32). float16 takes
+// the layout of its route (fp16_route): bf16's where it is split into bf16, its own where oneDNN's
+// float16 kernel runs.
+inline BrgemmLayout brgemm_layout_for(at::ScalarType dtype, const Dims& dims, bool backward) {
+  if (dtype != at::kHalf) return brgemm_layout(dtype);
+  switch (fp16_route(backward, dims.r)) {
+    case Fp16Route::bf16x3: return brgemm_layout(at::kBFloat16);
+    case Fp16Route::native: return brgemm_layout(at::kHalf);
+    default: return BrgemmLayout::none;
+  }
 }
 
 // Whether the 16-bit drivers pack the weights straight from the given tensors: bf16 weights
@@ -27,8 +33,9 @@ inline bool packs_given_weights(BrgemmLayout layout, at::ScalarType x_dtype, con
          w_up.scalar_type() == at::kBFloat16;
 }
 
-// forward_blocks of adapter_forward.cpp on brgemm; T is c10::BFloat16 or c10::Half (float16
-// products on oneDNN's float16 kernel, or as three bf16 products where fp16_on_bf16()).
+// forward_blocks of adapter_forward.cpp on brgemm, in the layout of brgemm_layout_for; T is
+// c10::BFloat16 or c10::Half (float16 products on oneDNN's float16 kernel, or as three bf16
+// products where fp16_route says bf16x3).
 template <typename T>
 void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h);
 

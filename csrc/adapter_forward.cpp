@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
   const at::ScalarType dtype = x.scalar_type();
   const at::ScalarType acc = accumulation_type(dtype);
 
-  const BrgemmLayout layout = brgemm_layout_for(dtype, dims);
+  const BrgemmLayout layout = brgemm_layout_for(dtype, dims, /*backward=*/false);
   const bool given = packs_given_weights(layout, dtype, w_down, w_up);
   ForwardOperands op{dims,
                      x,

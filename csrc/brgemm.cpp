@@ -1,5 +1,7 @@
 #include "brgemm.h"
 
+#include <limits>
+
 #include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -79,49 +81,60 @@ std::string brgemm_unit(at::ScalarType dtype) {
   return dtype != at::kFloat && at::native::cpublas::could_pack(dtype) ? "amx" : "avx512";
 }
 
-// float16 on AMX-BF16 without AMX-FP16, measured with `python -m benchmarks.cpu_paths --dtype fp16
-// --paths eager,fp16-native,fp16-bf16x3,default --threads 1 --clock thread --shapes 8192,1024,64
-// 8192,4096,16 8192,768,64` (least thread CPU time, relu, N = 8192; Intel Xeon with AMX-BF16,
-// AVX512-BF16/FP16, a loaded 2-core VM, so ratios only). Forward, split (fp16-bf16x3) vs oneDNN's
-// float16 kernel (fp16-native): 35.2 vs 45.1 ms (d=1024 r=64), 86.5 vs 90.8 ms (d=4096 r=16),
-// 29.4 vs 34.6 ms (d=768 r=64); two earlier runs gave 32.8/41.5, 84.3/84.9, 24.3/31.6 and
-// 35.9/51.7, 86.2/92.0, 23.7/32.0. Backward: 123.5 vs 104.4, 266.1 vs 223.0, 88.6 vs 81.5 ms
-// (earlier: 89.4/102.6, 236.3/204.8, 85.4/70.5 with the split rows repacked by rows_as_b, and
-// 115.8/97.3, 306.1/209.5, 75.4/77.5 as now): the backward's
-// weight-gradient products have the rows as K, so each needs the hi and lo of the gz and x rows
-// repacked as B operands, and that memory traffic costs what the faster products save. So by
-// default the forward is split and the backward stays on the float16 kernel.
-//
+// float16 on AMX-BF16 without AMX-FP16 (Intel Xeon, Sapphire Rapids class, with AVX512-FP16; a
+// 2-core VM, load average 0.3-1.7), commit a1691af, 2026-12-03: `python -m benchmarks.cpu_paths
+// --dtype fp16 --paths eager,default,brgemm-off,fp16-native --repeats 4 --shapes 8192,768,16
+// 8192,768,64 8192,1024,16 8192,1024,64 8192,4096,16 8192,4096,64` (2 threads, median wall time;
+// default was then the split forward with the backward on oneDNN's float16 kernel) and again with
+// `--paths brgemm-off,fp16-bf16x3,default --repeats 3` at r = 32 (output in
+// benchmarks/results/cpu_16bit/amx_fp16_paths_a1691af.txt). Medians in ms, fp32 kernels (brgemm-off)
+// / oneDNN's float16 kernel (fp16-native) / split (bf16x3):
+//   backward: (768, 16) 7.1 / 8.6 / 9.1; (768, 64) 19.3 / 23.1 / 23.3; (1024, 16) 9.1 / 10.8 / 10.5;
+//     (1024, 64) 27.4 / 32.3 / 31.9 (29.4 in the second run); (4096, 16) 46.2 / 53.7 / 64.4;
+//     (4096, 64) 153 / 172 / 167; r = 32: (768) 12.3 / - / 13.3, (1024) 16.9 / - / 21.7, (4096)
+//     102 / - / 111. The fp32 kernels win every backward; oneDNN's float16 kernel (AVX512-FP16)
+//     never beats them, in either pass, so the single op runs it only where it is on AMX tiles
+//     (AMX-FP16, not measured: no such CPU was available) or when forced. The grouped op keeps
+//     it (brgemm_layout(kHalf)): its fp32 row kernels are slower, and `python -m benchmarks.grouped
+//     --dtypes float16 --adapters 8 32 --threads 2 --rounds 3 --no-save` read, with the fp32
+//     kernels / with oneDNN's float16 kernel, 5.90 / 5.43 ms forward and 24.9 / 20.2 ms
+//     fwd+bwd at A = 8, 6.95 / 5.27 and 27.7 / 19.8 ms at A = 32 (N = 8192, d = 768, r = 16).
+//   forward: (768, 16) 3.0 / 4.1 / 3.3; (1024, 16) 3.9 / 5.1 / 4.3 (4.1 / - / 4.5); (4096, 16)
+//     18.0 / 22.5 / 20.8; r = 32: (768) 4.6 / - / 4.2, (1024) 6.5 / - / 5.9, (4096) 33.5 / - / 27.2;
+//     r = 64: (768) 8.1 / 10.9 / 6.3, (1024) 11.2 / 14.6 / 8.7 (12.0 / - / 10.4), (4096) 54.5 /
+//     61.2 / 44.2. The split wins from r = 32 (three bf16 AMX products against one fp32 one pay
+//     off once the products outweigh splitting the x rows), the fp32 kernels at r = 16; r between
+//     16 and 32 was not measured. Hence kFp16SplitMinRank.
 // float16 on AVX512-BF16 without AMX and without AVX512-FP16 (AMD EPYC, Zen 4 class; oneDNN has no
-// float16 brgemm there, so the default is the fp32 AVX-512 block kernels with float16 converted on
-// load and store, kernel_isa "avx512"): the split runs each product as three bf16 products on
-// `vdpbf16ps`, whose rate (about 215 GFLOP/s a core, `python -m benchmarks.brgemm_calls`) is only
-// twice fp32's, so three of them cost more than one fp32 product. Measured with `python -m
-// benchmarks.cpu_paths --dtype fp16 --paths eager,default,fp16-bf16x3 --threads 1 --clock thread
-// --shapes 8192,768,16 8192,768,64 8192,1024,64 8192,4096,16` (least thread time of 5 calls, load
-// average 1.8; benchmarks/results/cpu_16bit/avx512bf16_fp16_paths.txt), fwd+bwd, default vs split:
-// 36.9 vs 33.4 ms (d=768 r=16), 65.7 vs 85.0 (768, 64), 96.0 vs 131.1 (1024, 64), 204.0 vs 232.6
-// (4096, 16); forwards alone 10.7/9.5, 19.8/26.3, 28.6/45.5, 59.9/58.9. The split wins 9% at one
-// shape and loses 14-37% at the others, so without AMX float16 stays off the split (fp16_on_bf16
-// false unless forced).
-bool fp16_on_bf16() {
-  static const bool split = [] {
-    if (brgemm_layout(at::kBFloat16) == BrgemmLayout::none || env_is("ADAPTERFAST_CPU_FP16", "native")) return false;
-    if (env_is("ADAPTERFAST_CPU_FP16", "bf16x3")) return true;
-    return brgemm_unit(at::kBFloat16) == "amx" && brgemm_unit(at::kHalf) != "amx";
-  }();
-  return split;
-}
-
-bool fp16_backward_on_bf16() {
-  static const bool split =
-      fp16_on_bf16() && (env_is("ADAPTERFAST_CPU_FP16", "bf16x3") || brgemm_layout(at::kHalf) == BrgemmLayout::none);
-  return split;
+// float16 brgemm there): the split runs each product as three bf16 products on `vdpbf16ps`, whose
+// rate (about 215 GFLOP/s a core, `python -m benchmarks.brgemm_calls`) is only twice fp32's, so
+// three of them cost more than one fp32 product. Measured with `python -m benchmarks.cpu_paths
+// --dtype fp16 --paths eager,default,fp16-bf16x3 --threads 1 --clock thread --shapes 8192,768,16
+// 8192,768,64 8192,1024,64 8192,4096,16` (least thread time of 5 calls, load average 1.8;
+// benchmarks/results/cpu_16bit/avx512bf16_fp16_paths.txt), fwd+bwd, fp32 kernels vs split: 36.9 vs
+// 33.4 ms (d=768 r=16), 65.7 vs 85.0 (768, 64), 96.0 vs 131.1 (1024, 64), 204.0 vs 232.6 (4096,
+// 16); forwards alone 10.7/9.5, 19.8/26.3, 28.6/45.5, 59.9/58.9. The split wins 9% at one shape and
+// loses 14-37% at the others, so without AMX float16 stays off the split unless forced.
+Fp16Route fp16_route(bool backward, int64_t r) {
+  enum class Forced : uint8_t { none, native, bf16x3, bf16x3_fwd };
+  static const Forced forced = env_is("ADAPTERFAST_CPU_FP16", "native")       ? Forced::native
+                               : env_is("ADAPTERFAST_CPU_FP16", "bf16x3")     ? Forced::bf16x3
+                               : env_is("ADAPTERFAST_CPU_FP16", "bf16x3-fwd") ? Forced::bf16x3_fwd
+                                                                              : Forced::none;
+  static const bool bf16 = brgemm_layout(at::kBFloat16) != BrgemmLayout::none;
+  static const bool bf16_amx = bf16 && brgemm_unit(at::kBFloat16) == "amx";
+  static const bool f16 = brgemm_layout(at::kHalf) != BrgemmLayout::none;
+  if (f16 && (forced == Forced::native || brgemm_unit(at::kHalf) == "amx")) return Fp16Route::native;
+  if (bf16 && (forced == Forced::bf16x3 || (forced == Forced::bf16x3_fwd && !backward))) return Fp16Route::bf16x3;
+  if (forced == Forced::none && bf16_amx && !backward && r >= kFp16SplitMinRank) return Fp16Route::bf16x3;
+  return Fp16Route::fp32_kernels;
 }
 
 std::string brgemm_kernel_name(at::ScalarType dtype) {
-  if (dtype == at::kHalf && fp16_on_bf16()) {
-    return "brgemm-" + brgemm_unit(at::kBFloat16) + "-bf16x3" + (fp16_backward_on_bf16() ? "" : "-fwd");
+  constexpr int64_t kAnyRank = std::numeric_limits<int64_t>::max();
+  if (dtype == at::kHalf && fp16_route(false, kAnyRank) == Fp16Route::bf16x3) {
+    return "brgemm-" + brgemm_unit(at::kBFloat16) + "-bf16x3" +
+           (fp16_route(true, kAnyRank) == Fp16Route::bf16x3 ? "" : "-fwd");
   }
   if (brgemm_layout(dtype) == BrgemmLayout::none) return "";
   return "brgemm-" + brgemm_unit(dtype);

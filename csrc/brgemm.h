@@ -32,7 +32,8 @@ namespace adapterfast::cpu {
 enum class BrgemmLayout : uint8_t { none, vnni, plain };
 
 // The B layout brgemm uses for a 16-bit dtype here; `none` also when ADAPTERFAST_CPU_BRGEMM=0
-// or when the AVX-512 epilogues are not in use (ATEN_CPU_CAPABILITY below AVX512). For float32,
+// or when the AVX-512 epilogues are not in use (ATEN_CPU_CAPABILITY below AVX512); the grouped op
+// runs in it, the single op as fp16_route says for float16. For float32,
 // `plain` only with ADAPTERFAST_CPU_FP32_BRGEMM=1 (for measuring it against the AVX-512 kernels;
 // the measurement that keeps fp32 off brgemm is at its definition in brgemm.cpp), else none.
 BrgemmLayout brgemm_layout(at::ScalarType dtype);
@@ -40,21 +41,22 @@ BrgemmLayout brgemm_layout(at::ScalarType dtype);
 // "amx" when oneDNN packs this dtype for AMX tiles, else "avx512" (for the report in kernel_isa).
 std::string brgemm_unit(at::ScalarType dtype);
 
-// Whether float16 forwards run as three bfloat16 products (bf16_split.h): where bf16 brgemm runs
-// on AMX tiles and float16 does not (no AMX-FP16). ADAPTERFAST_CPU_FP16=native keeps float16 on
-// oneDNN's float16 kernel, ADAPTERFAST_CPU_FP16=bf16x3 forces the split, forward and backward,
-// wherever bf16 brgemm runs (for tests and measurements).
-bool fp16_on_bf16();
-
-// Whether the float16 backward is split too: only when forced or when oneDNN has no float16
-// kernel here; else it runs on the float16 kernel (in its own layout, brgemm_layout(kHalf)).
-// The measurements behind both defaults are at the definitions.
-bool fp16_backward_on_bf16();
+// How one pass of the single-adapter op runs its float16 products: on the fp32 block kernels with
+// float16 converted on load and store (fp32_kernels), on oneDNN's float16 brgemm kernel (native),
+// or as three bfloat16 products (bf16x3, bf16_split.h). By default: native where that kernel runs
+// on AMX tiles (AMX-FP16); the forward split at r >= kFp16SplitMinRank where bf16 runs on AMX
+// tiles and float16 does not; fp32_kernels otherwise. The measurements behind this are at the
+// definition. ADAPTERFAST_CPU_FP16=native forces native (where oneDNN has a float16 kernel, else
+// fp32_kernels), =bf16x3 the split in both passes at every r, =bf16x3-fwd the split forward at every
+// r with the default backward (wherever bf16 brgemm runs; for tests and measurements).
+enum class Fp16Route : uint8_t { fp32_kernels, native, bf16x3 };
+constexpr int64_t kFp16SplitMinRank = 32;
+Fp16Route fp16_route(bool backward, int64_t r);
 
 // What runs the GEMMs of the 16-bit drivers for inputs of dtype, for kernel_isa: "brgemm-amx",
-// "brgemm-avx512", "brgemm-amx-bf16x3" / "brgemm-avx512-bf16x3" (float16 split into bf16;
-// "-bf16x3-fwd" when only the forward is split, fp16_backward_on_bf16), or ""
-// when no brgemm path runs.
+// "brgemm-avx512", "brgemm-amx-bf16x3" / "brgemm-avx512-bf16x3" (float16 split into bf16 in both
+// passes; "-bf16x3-fwd" when only the forward is, at the ranks fp16_route splits), or "" when no
+// brgemm path runs.
 std::string brgemm_kernel_name(at::ScalarType dtype);
 
 // Index of element (k, n) of a B operand with leading dimension ldb (in N positions).

@@ -6,8 +6,9 @@ eager PyTorch makes in the same dtype on the same inputs (plus a small floor for
 gets exactly). The lower paths are forced with the switches of adapterfast.cpu:
 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (oneDNN as on a CPU without AMX), ADAPTERFAST_CPU_BRGEMM=0
 (the fp32 AVX-512 kernels with 16-bit operands converted), ATEN_CPU_CAPABILITY=avx2 (portable),
-and for float16 ADAPTERFAST_CPU_FP16=native (oneDNN's float16 kernel) or =bf16x3 (float16 split
-into bf16 hi + lo, three bf16 products).
+and for float16 ADAPTERFAST_CPU_FP16=native (oneDNN's float16 kernel), =bf16x3 (float16 split
+into bf16 hi + lo, three bf16 products, in both passes) or =bf16x3-fwd (the forward split at every
+rank, the backward on its default path).
 """
 import json
 import os
@@ -140,10 +141,12 @@ def test_brgemm_is_used_where_the_cpu_has_it():
         assert cpu.kernel_isa(torch.bfloat16) == "brgemm-avx512"
     else:
         pytest.skip("no AMX-BF16 or AVX512-BF16 here")
-    if "amx_bf16" in flags and "amx_fp16" not in flags and torch.backends.mkldnn.is_available():
+    if "amx_fp16" in flags and torch.backends.mkldnn.is_available():
+        assert cpu.kernel_isa(torch.float16) == "brgemm-amx"
+    elif "amx_bf16" in flags and torch.backends.mkldnn.is_available():
         assert cpu.kernel_isa(torch.float16) == "brgemm-amx-bf16x3-fwd"
-    elif "avx512_fp16" in flags or "amx_fp16" in flags:
-        assert cpu.kernel_isa(torch.float16).startswith("brgemm-")
+    else:  # oneDNN's float16 kernel off AMX tiles (AVX512-FP16) is slower than the fp32 kernels
+        assert cpu.kernel_isa(torch.float16) == "avx512"
     assert cpu.kernel_isa(torch.float32) == "avx512"
 
 
@@ -241,26 +244,27 @@ def test_path_without_amx():
     assert report["torch.bfloat16"] == "brgemm-avx512", report
 
 
-@pytest.mark.parametrize("forced", ["native", "bf16x3", "bf16x3-no-amx"])
+@pytest.mark.parametrize("forced", ["native", "bf16x3", "bf16x3-no-amx", "bf16x3-fwd", "bf16x3-fwd-no-amx"])
 def test_fp16_paths_forced(forced):
-    """float16 on oneDNN's float16 kernel (ADAPTERFAST_CPU_FP16=native) and split into bf16 in
-    forward and backward (=bf16x3) on AMX tiles and on AVX512-BF16 dot products, each within 2x
-    eager's error."""
+    """float16 on oneDNN's float16 kernel (ADAPTERFAST_CPU_FP16=native), split into bf16 in forward
+    and backward (=bf16x3), and split in the forward only at every rank (=bf16x3-fwd, the default
+    on AMX without AMX-FP16 from r = 32), on AMX tiles and on AVX512-BF16 dot products, each within
+    2x eager's error."""
     flags = cpu_flags()
     if "avx512_bf16" not in flags:
         pytest.skip("no AVX512-BF16 here")
-    if forced == "bf16x3" and "amx_bf16" not in flags:
+    no_amx = forced.endswith("-no-amx")
+    if not no_amx and forced != "native" and "amx_bf16" not in flags:
         pytest.skip("no AMX-BF16 here")
-    env = {"ADAPTERFAST_CPU_FP16": forced.split("-")[0]}
-    if forced == "bf16x3-no-amx":
+    env = {"ADAPTERFAST_CPU_FP16": forced.removesuffix("-no-amx")}
+    if no_amx:
         env["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
     report = run_forced(env)
     if forced == "native":
         assert report["torch.float16"] in (("brgemm-avx512", "brgemm-amx") if "avx512_fp16" in flags else ("avx512",))
-    elif forced == "bf16x3":
-        assert report["torch.float16"] == "brgemm-amx-bf16x3", report
     else:
-        assert report["torch.float16"] == "brgemm-avx512-bf16x3", report
+        unit = "avx512" if no_amx else "amx"
+        assert report["torch.float16"] == f"brgemm-{unit}-{env['ADAPTERFAST_CPU_FP16']}", report
 
 
 @pytest.mark.parametrize("pad", ["0", "1"])
