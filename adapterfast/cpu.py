@@ -8,14 +8,17 @@ temporary. Results are bitwise reproducible, whatever the thread count.
 
 What runs the GEMMs is chosen at run time, per dtype (``kernel_isa(dtype)`` says which):
 
-- bfloat16 and float16: PyTorch's brgemm micro-kernel (oneDNN's ukernel) on 16-bit operands with
-  fp32 accumulation, on AMX tiles (``"brgemm-amx"``) or AVX512-BF16/FP16 (``"brgemm-avx512"``),
-  where oneDNN offers it for the dtype (bf16: AVX-512 and up; fp16: AVX512-FP16 or AMX-FP16);
+- bfloat16: PyTorch's brgemm micro-kernel (oneDNN's ukernel) on 16-bit operands with fp32
+  accumulation, on AMX tiles (``"brgemm-amx"``) or AVX512-BF16 (``"brgemm-avx512"``), where oneDNN
+  offers it (AVX-512 and up);
+- float16 where oneDNN's float16 kernel runs on AMX tiles (AMX-FP16): that kernel
+  (``"brgemm-amx"``);
 - float16 where bf16 runs on AMX tiles but float16 does not (AMX-BF16 without AMX-FP16):
-  ``"brgemm-amx-bf16x3-fwd"``, the forward's float16 values split exactly into bf16 hi + lo and
-  each product taken as the three bf16 products hi.hi + hi.lo + lo.hi on the AMX tiles
-  (``csrc/bf16_split.h``; the dropped lo.lo is below 2^-16 relative); the backward stays on
-  oneDNN's float16 kernel, which measured faster there (figures in ``csrc/brgemm.cpp``);
+  ``"brgemm-amx-bf16x3-fwd"``, the forward from r = 32 with its float16 values split exactly into
+  bf16 hi + lo and each product taken as the three bf16 products hi.hi + hi.lo + lo.hi on the AMX
+  tiles (``csrc/bf16_split.h``; the dropped lo.lo is below 2^-16 relative), the forward below
+  r = 32 and the backward on the fp32 kernels below, which measured faster there than both the
+  split and oneDNN's AVX512-FP16 kernel (figures in ``csrc/brgemm.cpp`` at ``fp16_route``);
 - otherwise, and for float32: hand-tiled AVX-512 fp32 kernels where PyTorch itself runs AVX-512
   (``"avx512"``), else portable C++ (``"generic"``, always for float64), 16-bit operands converted
   to fp32 in the block.
@@ -23,9 +26,11 @@ What runs the GEMMs is chosen at run time, per dtype (``kernel_isa(dtype)`` says
 Switches for tests and for comparing paths on one machine: ``ADAPTERFAST_CPU_BRGEMM=0`` turns
 brgemm off; ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` makes oneDNN act as on a CPU without AMX;
 ``ATEN_CPU_CAPABILITY=avx2`` selects the portable kernels (and so no brgemm);
-``ADAPTERFAST_CPU_FP16=native`` keeps float16 on oneDNN's float16 kernel and ``=bf16x3`` splits
-forward and backward wherever bf16 brgemm runs (``"brgemm-amx-bf16x3"``, or
-``"brgemm-avx512-bf16x3"`` without AMX). All are read once, at the
+``ADAPTERFAST_CPU_FP16=native`` runs float16 on oneDNN's float16 kernel wherever it exists,
+``=bf16x3`` splits forward and backward at every r wherever bf16 brgemm runs
+(``"brgemm-amx-bf16x3"``, or ``"brgemm-avx512-bf16x3"`` without AMX), and ``=bf16x3-fwd`` the
+forward alone at every r. The grouped op (``grouped_cpu``) runs float16 on oneDNN's float16 kernel
+wherever it exists. All are read once, at the
 first call.
 
 An eager call with autograd recording runs ``adapterfast_cpu::fused`` (``csrc/adapter_autograd.cpp``):
@@ -78,9 +83,10 @@ def unavailable_reason() -> Optional[str]:
 
 
 def kernel_isa(dtype: torch.dtype = torch.float32) -> str:
-    """What runs the GEMMs for inputs of ``dtype`` here: ``"brgemm-amx"``, ``"brgemm-avx512"``,
-    ``"brgemm-amx-bf16x3-fwd"``, ``"brgemm-amx-bf16x3"`` / ``"brgemm-avx512-bf16x3"`` (float16 only), ``"avx512"`` or
-    ``"generic"`` (see the module docstring)."""
+    """What runs the single-adapter op's GEMMs for inputs of ``dtype`` here: ``"brgemm-amx"``,
+    ``"brgemm-avx512"``, ``"brgemm-amx-bf16x3"`` / ``"brgemm-avx512-bf16x3"`` (float16 split into
+    bf16 in both passes; with ``-fwd`` in the forward only, at the ranks it is split), ``"avx512"``
+    or ``"generic"`` (see the module docstring)."""
     _require()
     return torch.ops.adapterfast_cpu.kernel_isa(dtype)
 
