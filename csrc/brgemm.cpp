@@ -132,9 +132,14 @@ Fp16Route fp16_route(bool backward, int64_t r) {
 
 std::string brgemm_kernel_name(at::ScalarType dtype) {
   constexpr int64_t kAnyRank = std::numeric_limits<int64_t>::max();
-  if (dtype == at::kHalf && fp16_route(false, kAnyRank) == Fp16Route::bf16x3) {
-    return "brgemm-" + brgemm_unit(at::kBFloat16) + "-bf16x3" +
-           (fp16_route(true, kAnyRank) == Fp16Route::bf16x3 ? "" : "-fwd");
+  if (dtype == at::kHalf) {
+    switch (fp16_route(false, kAnyRank)) {
+      case Fp16Route::bf16x3:
+        return "brgemm-" + brgemm_unit(at::kBFloat16) + "-bf16x3" +
+               (fp16_route(true, kAnyRank) == Fp16Route::bf16x3 ? "" : "-fwd");
+      case Fp16Route::native: return "brgemm-" + brgemm_unit(at::kHalf);
+      default: return "";
+    }
   }
   if (brgemm_layout(dtype) == BrgemmLayout::none) return "";
   return "brgemm-" + brgemm_unit(dtype);

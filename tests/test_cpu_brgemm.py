@@ -267,6 +267,16 @@ def test_fp16_paths_forced(forced):
         assert report["torch.float16"] == f"brgemm-{unit}-{env['ADAPTERFAST_CPU_FP16']}", report
 
 
+def test_fp16_with_avx512_fp16_but_no_amx():
+    """oneDNN capped at AVX512-FP16 (as on a CPU with it and no AMX): float16 runs on the fp32
+    kernels, which beat oneDNN's AVX512-FP16 kernel in both passes (fp16_route), and kernel_isa
+    reports those kernels, not the brgemm kernel that exists but does not run."""
+    if "avx512_fp16" not in cpu_flags():
+        pytest.skip("no AVX512-FP16 here")
+    report = run_forced({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_FP16"})
+    assert report["torch.float16"] == "avx512" and report["torch.bfloat16"] == "brgemm-avx512", report
+
+
 @pytest.mark.parametrize("pad", ["0", "1"])
 def test_brgemm_b_padding_forced(pad):
     """The d-wide VNNI B operands with rows padded by 16 columns at every d (=1, AMX included) and
