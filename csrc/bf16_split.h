@@ -25,7 +25,7 @@ void split_half(const c10::Half* src, int64_t n, c10::BFloat16* hi, c10::BFloat1
 void split_rows_vnni(int64_t m, int64_t N, const c10::Half* src, int64_t ld_src, c10::BFloat16* hi,
                      c10::BFloat16* lo, c10::BFloat16* hi2);
 
-// The same for one value (for the small weight matrices): v is rounded to float16 first.
+// The same for one value (the portable fallback of the two above): v is rounded to float16 first.
 inline void split_value(float v, c10::BFloat16& hi, c10::BFloat16& lo) {
   const float v16 = static_cast<float>(static_cast<c10::Half>(v));
   hi = static_cast<c10::BFloat16>(v16);

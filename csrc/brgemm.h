@@ -19,6 +19,7 @@
 #endif
 
 #include <ATen/native/CPUBlas.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <c10/core/ScalarType.h>
 
@@ -73,30 +74,18 @@ inline int64_t b_column(BrgemmLayout layout, int64_t n0) {
 // the B operand [hi; lo; hi] of 3 even(K) rows with ldb = N: multiplied by an A of rows
 // [a_hi | a_hi | a_lo] (K = 3 even(K)) it gives the float16 product in one call; its first
 // 2 even(K) rows, [hi; lo], serve products taken as separate calls.
-// In the VNNI layout (bf16's on every ISA, so every split driver's) the rows are rounded 8 values
-// per instruction (narrow_row) and split and paired 16 columns at a time (split_rows_vnni): the
-// element-by-element loop below, run on every forward, made a float16 forward at N = 320, d = 1024,
+// Only in the VNNI layout, bf16's on every ISA. The rows are rounded 8 values per instruction
+// (narrow_row), then split and paired 16 columns at a time (split_rows_vnni): the element-by-
+// element loop this replaced, run on every forward, made a float16 forward at N = 320, d = 1024,
 // r = 64 take 1.7x eager's (python -m benchmarks.overhead --dtype fp16 --r 64; Intel Xeon, AMX).
 inline Scratch<c10::BFloat16> pack_b_split(BrgemmLayout layout, int64_t K, int64_t N, const float* src,
                                            int64_t ld_k) {
+  TORCH_CHECK(layout == BrgemmLayout::vnni, "adapterfast: the float16 split needs bf16's VNNI layout");
   const int64_t k_even = K + (K & 1);
-  if (layout == BrgemmLayout::vnni) {
-    Scratch<c10::Half> rows(K * N);
-    for (int64_t k = 0; k < K; ++k) narrow_row(src + k * ld_k, 1.0f, rows.data() + k * N, N);
-    Scratch<c10::BFloat16> out(3 * k_even * N);
-    split_rows_vnni(K, N, rows.data(), N, out.data(), out.data() + k_even * N, out.data() + 2 * k_even * N);
-    return out;
-  }
-  Scratch<c10::BFloat16> out = Scratch<c10::BFloat16>::zeroed(3 * k_even * N);
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t n = 0; n < N; ++n) {
-      c10::BFloat16 hi, lo;
-      split_value(src[k * ld_k + n], hi, lo);
-      out[b_index(layout, k, n, N)] = hi;
-      out[b_index(layout, k_even + k, n, N)] = lo;
-      out[b_index(layout, 2 * k_even + k, n, N)] = hi;
-    }
-  }
+  Scratch<c10::Half> rows(K * N);
+  for (int64_t k = 0; k < K; ++k) narrow_row(src + k * ld_k, 1.0f, rows.data() + k * N, N);
+  Scratch<c10::BFloat16> out(3 * k_even * N);
+  split_rows_vnni(K, N, rows.data(), N, out.data(), out.data() + k_even * N, out.data() + 2 * k_even * N);
   return out;
 }
 
