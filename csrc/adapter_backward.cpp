@@ -6,7 +6,8 @@
 //     db_down = sum_rows dh             dw_down = dh^T x                         [r, d]
 //     dx      = dh Wd  (+ g when the residual is x)
 // Per block of rows, g is read from memory once (gz is g itself with s folded into the small
-// operands, or, with dropout or a bf16 g, formed in a block-sized scratch), dh and a live in
+// operands, a 16-bit g widened into a block-sized scratch; with dropout gz is formed in that
+// scratch), dh and a live in
 // [rows, r] scratch, x is read once (for dw_down) and dx is written once with + g fused into the
 // tile epilogue; the [N, d] gz of the formulas never exists.
 //
@@ -41,10 +42,10 @@ void add_scaled_sums(const acc_t* __restrict block_sums, acc_t factor, int64_t d
   for (int64_t k = 0; k < d; ++k) col_sums[k] += static_cast<double>(block_sums[k]) * static_cast<double>(factor);
 }
 
-// gz[k] = round(g[k] * factor * keep[k]) (keep null: all kept), col_sums[k] += the unrounded
-// value. Restrict-qualified so the compiler vectorises it; float16 with F16C 8 columns at a time
-// (c10::Half's conversions are scalar bit manipulation the compiler leaves scalar), the same
-// products, sums and roundings (to nearest even) as the scalar loop.
+// gz[k] = round(g[k] * factor * keep[k]), col_sums[k] += the unrounded value: one row of the
+// dropout backward's gz. Restrict-qualified so the compiler vectorises it; float16 with F16C 8
+// columns at a time (c10::Half's conversions are scalar bit manipulation the compiler leaves
+// scalar), the same products, sums and roundings (to nearest even) as the scalar loop.
 template <typename T, typename acc_t>
 void scale_row(const T* __restrict g, const uint8_t* __restrict keep, acc_t factor, int64_t d,
                acc_t* __restrict gz, double* __restrict col_sums) {
@@ -53,11 +54,8 @@ void scale_row(const T* __restrict g, const uint8_t* __restrict keep, acc_t fact
   if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<acc_t, float>) {
     const __m256 f = _mm256_set1_ps(factor);
     for (; k + 8 <= d; k += 8) {
-      __m256 scale = f;
-      if (keep != nullptr) {
-        const __m256i kept = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + k)));
-        scale = _mm256_and_ps(f, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kept, _mm256_setzero_si256())));
-      }
+      const __m256i kept = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + k)));
+      const __m256 scale = _mm256_and_ps(f, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kept, _mm256_setzero_si256())));
       const __m256 v =
           _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + k))), scale);
       _mm256_storeu_pd(col_sums + k, _mm256_add_pd(_mm256_loadu_pd(col_sums + k), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
@@ -67,23 +65,16 @@ void scale_row(const T* __restrict g, const uint8_t* __restrict keep, acc_t fact
     }
   }
 #endif
-  if (keep == nullptr) {
-    for (; k < d; ++k) {
-      const acc_t v = static_cast<acc_t>(g[k]) * factor;
-      col_sums[k] += v;
-      gz[k] = round_as<T>(v);
-    }
-  } else {
-    for (; k < d; ++k) {
-      const acc_t v = static_cast<acc_t>(g[k]) * (keep[k] ? factor : acc_t(0));
-      col_sums[k] += v;
-      gz[k] = round_as<T>(v);
-    }
+  for (; k < d; ++k) {
+    const acc_t v = static_cast<acc_t>(g[k]) * (keep[k] ? factor : acc_t(0));
+    col_sums[k] += v;
+    gz[k] = round_as<T>(v);
   }
 }
 
 // One row of the bottleneck: dh = fold * da * act'(h), summed unrounded into db_down, and dh and
-// a = fold * act(h) rounded to T as matmul operands. Restrict-qualified so it vectorises.
+// a = fold * act(h) rounded to T as matmul operands (a rounded before the fold). Restrict-qualified
+// so it vectorises.
 template <typename T, typename acc_t, typename Act>
 void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __restrict da, acc_t fold,
                              int64_t r, acc_t* __restrict dh, acc_t* __restrict a,
@@ -91,22 +82,33 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
   for (int64_t j = 0; j < r; ++j) {
     const acc_t dh_value = backprop(f, h[j], fold * da[j]);
     db_down[j] += dh_value;
-    dh[j] = round_as<T>(dh_value);
-    a[j] = round_as<T>(f.value(h[j])) * fold;
+    dh[j] = dh_value;
+    a[j] = f.value(h[j]);
   }
+  round_row_as<T>(dh, acc_t(1), r);
+  round_row_as<T>(a, fold, r);
 }
 
 // Rows per block: kBlockRows, or half of it below 2 kBlockRows rows, so that a call of 33 to 127
 // rows has two blocks (two reduction groups, two threads). A function of n only.
 int64_t backward_block_rows(int64_t n) { return n < 2 * kBlockRows ? kBlockRows / 2 : kBlockRows; }
 
-// kGradInPlace: g is stored in the accumulation type and there is no dropout, so g serves as gz.
-template <typename T, typename acc_t, bool kGradInPlace>
+// kFold: there is no dropout, so gz = s g with s folded into the [rows, r] operands, and g itself
+// serves as gz: in place where it is stored in the accumulation type, else widened (exactly) into
+// the block's scratch. db_up is then s times g's column sums, taken by dw_up's pass over gz in the
+// accumulation type per block and added in double, instead of a double add per element.
+template <typename T, typename acc_t, bool kFold>
 void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& partials,
                      at::Tensor& bias_partials, int64_t groups) {
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
   const auto [n, d, r] = op.dims;
   const RowReader<T, acc_t> x_rows(op.x);
+  // x with contiguous columns is read as stored by dw_down's kernel, else widened (and gathered)
+  // into scratch by x_rows.
+  const bool x_as_stored = op.x.size(1) <= 1 || op.x.stride(1) == 1;
+  const T* x_data = op.x.data_ptr<T>();
+  const int64_t ld_x = op.x.stride(0);
+  const Kind kind = kind_of(op.x.scalar_type());
   const T* g_data = op.grad_y.data_ptr<T>();
   const int64_t ld_g = op.grad_y.stride(0);
   const acc_t* w_down = op.w_down.data_ptr<acc_t>();
@@ -123,9 +125,9 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   const OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, ld_g, dx);
 
   parallel_tasks(groups, [&](TaskQueue& tasks) {
-    Scratch<acc_t> gz(kGradInPlace ? 0 : rows * d);
-    std::vector<acc_t> block_sums(kGradInPlace ? d : 0);
-    Scratch<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);
+    Scratch<acc_t> gz(kFold ? 0 : rows * d);
+    std::vector<acc_t> block_sums(kFold ? d : 0);
+    Scratch<acc_t> x_scratch(x_as_stored ? 0 : rows * d);
     Scratch<acc_t> da(rows * r);
     Scratch<acc_t> a(rows * r);
     Scratch<acc_t> dh(rows * r);
@@ -140,28 +142,26 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
       for (int64_t block = group * blocks / groups; block < (group + 1) * blocks / groups; ++block) {
         const int64_t row0 = block * rows;
         const int64_t m = std::min(rows, n - row0);
+        const T* g_rows = g_data + row0 * ld_g;
 
-        // gz = g * keep * s. Without dropout, g stored in the accumulation type is gz up to the
-        // factor s, which is folded into the [rows, r] operands below instead of copying g, and
-        // db_up adds s times the block's column sums of g (summed in dw_up's pass over g). Otherwise gz is formed in scratch,
-        // rounded to x's dtype as a matmul operand, and db_up sums it unrounded.
-        const acc_t* gz_rows = gz.data();
-        int64_t ld_gz = d;
-        acc_t fold = 1;
-        if constexpr (kGradInPlace) {
-          gz_rows = g_data + row0 * ld_g;
-          ld_gz = ld_g;
-          fold = factor;
-        } else {
-          if (dropout) kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
+        // gz = g * keep * s. Without dropout (kFold) the kernels read g as stored and s is folded
+        // into a and dh. With dropout gz is formed in scratch, rounded to x's dtype as a matmul
+        // operand, and db_up sums it unrounded.
+        acc_t fold = factor;
+        if constexpr (!kFold) {
+          fold = 1;
+          kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
           for (int64_t i = 0; i < m; ++i) {
-            scale_row<T>(g_data + (row0 + i) * ld_g, dropout ? keep.data() + i * ld_keep : nullptr, factor, d,
-                         gz.data() + i * d, sums.db_up);
+            scale_row<T>(g_rows + i * ld_g, keep.data() + i * ld_keep, factor, d, gz.data() + i * d, sums.db_up);
           }
         }
 
         // dh = (gz Wu) * act'(h); a = act(h) recomputed from the saved pre-activation.
-        kernels.project_in(m, r, d, gz_rows, ld_gz, w_up, r, da.data(), r);
+        if constexpr (kFold) {
+          kernels.project_in_stored(m, r, d, g_rows, kind, ld_g, w_up, r, da.data(), r);
+        } else {
+          kernels.project_in(m, r, d, gz.data(), d, w_up, r, da.data(), r);
+        }
         const acc_t* hb = h_data + row0 * r;
         visit<acc_t>(op.activation, [&](auto f) {
           for (int64_t i = 0; i < m; ++i) {
@@ -170,15 +170,21 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
           }
         });
 
-        int64_t ld_x = 0;
-        const acc_t* xb = x_rows.rows(row0, m, x_scratch.data(), ld_x);
-        if constexpr (kGradInPlace) {
-          kernels.accumulate_outer_sums(m, r, d, a.data(), r, gz_rows, ld_gz, sums.dw_up_t, d, block_sums.data());
+        if constexpr (kFold) {
+          kernels.accumulate_outer_stored(m, r, d, a.data(), r, g_rows, kind, ld_g, sums.dw_up_t, d,
+                                          block_sums.data());
           add_scaled_sums(block_sums.data(), factor, d, sums.db_up);
         } else {
-          kernels.accumulate_outer(m, r, d, a.data(), r, gz_rows, ld_gz, sums.dw_up_t, d);
+          kernels.accumulate_outer(m, r, d, a.data(), r, gz.data(), d, sums.dw_up_t, d);
         }
-        kernels.accumulate_outer(m, r, d, dh.data(), r, xb, ld_x, sums.dw_down, d);
+        if (x_as_stored) {
+          kernels.accumulate_outer_stored(m, r, d, dh.data(), r, x_data + row0 * ld_x, kind, ld_x, sums.dw_down, d,
+                                          nullptr);
+        } else {
+          int64_t ld_xb = 0;
+          const acc_t* xb = x_rows.rows(row0, m, x_scratch.data(), ld_xb);
+          kernels.accumulate_outer(m, r, d, dh.data(), r, xb, ld_xb, sums.dw_down, d);
+        }
 
         e.res = op.residual_is_x ? g_data + row0 * ld_g : nullptr;
         e.out = dx_data + row0 * d;
@@ -294,15 +300,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
       partials.zero_();
       bias_partials.zero_();
     } else {
-      constexpr bool kSameType = std::is_same_v<T, acc_t>;
       if (layout != BrgemmLayout::none) {
         if constexpr (std::is_same_v<acc_t, float>) {
           backward_blocks_brgemm<T>(op, layout, dx, partials, bias_partials);
           // The brgemm driver sums g^T a: the factor s of gz = s g is applied once, at the end.
           if (dropout_p == 0.0) dw_up_factor = static_cast<acc_t>(scale);
         }
-      } else if (kSameType && dropout_p == 0.0) {
-        backward_blocks<T, acc_t, kSameType>(op, dx, partials, bias_partials, groups);
+      } else if (dropout_p == 0.0) {
+        backward_blocks<T, acc_t, true>(op, dx, partials, bias_partials, groups);
       } else {
         backward_blocks<T, acc_t, false>(op, dx, partials, bias_partials, groups);
       }

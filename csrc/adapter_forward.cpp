@@ -71,8 +71,9 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
         }
       }
       visit<acc_t>(op.activation, [&](auto f) {
-        for (int64_t idx = 0; idx < m * r; ++idx) a[idx] = round_as<T>(f.value(hb[idx]));
+        for (int64_t idx = 0; idx < m * r; ++idx) a[idx] = f.value(hb[idx]);
       });
+      round_row_as<T>(a.data(), acc_t(1), m * r);
 
       if (dropout) kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
       e.keep = dropout ? keep.data() : nullptr;

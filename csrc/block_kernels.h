@@ -75,16 +75,19 @@ struct BlockKernels {
   void (*dropout_keep)(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, int64_t d,
                        uint8_t* keep, int64_t ld_keep);
 
-  // sums[k] = A[0, k] + A[1, k] + ... + A[M - 1, k] for k < K, in that order, in acc_t: a block's
-  // share of a bias gradient (db_up = sum over rows of gz), added by the caller to its running
-  // total (so the rounding error grows with the block's rows, not with N).
-  void (*sum_rows)(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* sums);
-
-  // accumulate_outer, and sums = sum_rows(B) (the same values, summed in the same order) from the
-  // same pass over B: the backward's db_up share from the sweep over g that dw_up makes anyway,
-  // instead of a pass of its own (which, as the first to touch the block of g, paid its misses).
-  void (*accumulate_outer_sums)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda,
-                                const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums);
+  // project_in and accumulate_outer with the d-wide operand (g or x rows) in its storage type
+  // `kind` (f32, bf16 or f16 for float; f64 for double), 16-bit values widened exactly as they
+  // are loaded: the backward reads a 16-bit g and x straight from memory, half the bytes of float,
+  // instead of first widening the block's rows into scratch (a pass of its own that stalled on
+  // the rows' first loads).
+  void (*project_in_stored)(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int64_t lda,
+                            const acc_t* B, int64_t ldb, acc_t* C, int64_t ldc);
+  // With sums (not null; N >= 1), also sums[k] = B[0, k] + B[1, k] + ... + B[M - 1, k] for k < K, in that
+  // order, in acc_t, from the same pass over B: a block's share of db_up (the sum over rows of g),
+  // added by the caller to its running total (so the rounding error grows with the block's rows,
+  // not with N), from the sweep over g that dw_up makes anyway instead of a pass of its own.
+  void (*accumulate_outer_stored)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda,
+                                  const void* B, Kind b_kind, int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums);
 };
 
 namespace generic {

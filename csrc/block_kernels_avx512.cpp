@@ -1,10 +1,12 @@
 // AVX-512 block kernels for float (contract in block_kernels.h), the GEMMs that produce a
-// block's bottleneck rows and weight-gradient shares (project_in, accumulate_outer, sum_rows) and
-// the weight transpose, plus the table of all of them; project_out and its fused epilogue are in
-// block_kernels_avx512_output.cpp, the dropout mask in block_kernels_avx512_dropout.cpp.
+// block's bottleneck rows and weight-gradient shares (project_in, accumulate_outer, and their forms
+// that read 16-bit operands as stored) and the weight transpose, plus the table of all of them;
+// project_out and its fused epilogue are in block_kernels_avx512_output.cpp, the dropout mask in
+// block_kernels_avx512_dropout.cpp.
 #include "block_kernels.h"
 
 #include <cstdint>
+#include <type_traits>
 
 #include "block_kernels_avx512_begin.h"
 #ifdef ADAPTERFAST_AVX512_KERNELS
@@ -13,14 +15,14 @@
 namespace adapterfast::cpu::avx512 {
 namespace {
 
-template <int kRows, int kVecs>
-void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const float* A, int64_t lda,
+template <int kRows, int kVecs, typename Ta>
+void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const Ta* A, int64_t lda,
                       const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   const TileColumns<kVecs> cols(N, n0);
   const int64_t own = rows_in_own_tiles<kRows>(M);
   for (int64_t i0 = 0; i0 < own; i0 += kRows) {
     const int64_t mi = min64(kRows, own - i0);
-    const float* x[kRows];
+    const Ta* x[kRows];
     for (int t = 0; t < kRows; ++t) x[t] = A + (i0 + min64(t, mi - 1)) * lda;
     if (cols.full) {
       project_in_tile<true, kRows>(mi, K, x, nullptr, B + n0, ldb, cols, C + i0 * ldc + n0, ldc, accumulate);
@@ -46,12 +48,14 @@ void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const float* 
 // d = 2048 18.1-19.0 / 13.5-14.6, d = 4096 50.6-53.8 / 40.1-46.2; d = 1536 10.4-12.5 / 10.1-10.3;
 // d = 768, whose rows spread over four set ranges, 5.3-6.4 / 5.0-5.1; raw figures and commands in
 // benchmarks/results/cpu_fp32_zen4.txt). d = 768 keeps 16 rows for the Xeon's load-bound loop.
-void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                int64_t ldb, float* C, int64_t ldc) {
-  const bool tall_r16 = !rows_share_l1_sets(lda);
+// A is float, or 16-bit storage widened run by run in the tiles (project_in_stored).
+template <typename Ta>
+void project_in_impl(int64_t M, int64_t N, int64_t K, const Ta* A, int64_t lda, const float* B,
+                     int64_t ldb, float* C, int64_t ldc) {
+  const bool tall_r16 = !rows_share_l1_sets(lda * static_cast<int64_t>(sizeof(Ta)));
   for (int64_t k0 = 0; k0 < K; k0 += kInChunk) {
     const int64_t kc = min64(kInChunk, K - k0);
-    const float* a = A + k0;
+    const Ta* a = A + k0;
     const float* b = B + k0 * ldb;
     for (int64_t n0 = 0; n0 < N; n0 += 4 * kLanes) {
       switch ((min64(N - n0, 4 * kLanes) + kLanes - 1) / kLanes) {
@@ -71,15 +75,32 @@ void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
   }
 }
 
-void sum_rows(int64_t M, int64_t K, const float* A, int64_t lda, float* sums);
+void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                int64_t ldb, float* C, int64_t ldc) {
+  project_in_impl(M, N, K, A, lda, B, ldb, C, ldc);
+}
+
+void project_in_stored(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int64_t lda, const float* B,
+                       int64_t ldb, float* C, int64_t ldc) {
+  switch (a_kind) {
+    case Kind::bf16: return project_in_impl(M, N, K, static_cast<const uint16_t*>(A), lda, B, ldb, C, ldc);
+    case Kind::f16: return project_in_impl(M, N, K, static_cast<const HalfBits*>(A), lda, B, ldb, C, ldc);
+    case Kind::f32: return project_in_impl(M, N, K, static_cast<const float*>(A), lda, B, ldb, C, ldc);
+    case Kind::f64: break;
+  }
+}
 
 // 8 x 3 tiles over [r, K] (8 divides typical bottleneck widths): the M rows of A and B are summed
 // in registers, then added to C. A tile's missing rows repeat its last one and are not stored.
-// With sums, the first row tile of each column tile also sums B's rows (accumulate_outer_sums).
-void accumulate_outer_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+// With sums, the first row tile of each column tile also sums B's rows.
+// B is float, or 16-bit storage (uint16_t: bf16, HalfBits: float16) widened as the tiles load it
+// (accumulate_outer_stored): each element is converted N / 8 times, and yet that measured as fast
+// as widening each [64, 48] slice of B once into an L1 slab for the tiles to read at r = 64, and
+// 1.2x faster at d = 4096, r = 16 (fp16 backward, N = 8192, 2 threads, on the Xeon).
+template <typename Tb>
+void accumulate_outer_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const Tb* B,
                            int64_t ldb, float* C, int64_t ldc, float* sums) {
   using T = Tile<8, 3>;
-  if (sums != nullptr && N <= 0) sum_rows(M, K, B, ldb, sums);
   for (int64_t k0 = 0; k0 < K; k0 += T::kCols) {
     const TileColumns<3> cols(K, k0);
     for (int64_t j0 = 0; j0 < N; j0 += 8) {
@@ -108,29 +129,16 @@ void accumulate_outer(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
   accumulate_outer_impl(M, N, K, A, lda, B, ldb, C, ldc, nullptr);
 }
 
-void accumulate_outer_sums(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                           int64_t ldb, float* C, int64_t ldc, float* sums) {
-  accumulate_outer_impl(M, N, K, A, lda, B, ldb, C, ldc, sums);
-}
-
-// 8 vectors (128 columns) per pass: 8 independent sums in flight, one load and one add per
-// vector of A.
-void sum_rows(int64_t M, int64_t K, const float* A, int64_t lda, float* sums) {
-  constexpr int kVecs = 8;
-  for (int64_t k0 = 0; k0 < K; k0 += kVecs * kLanes) {
-    __mmask16 m[kVecs];
-    __m512 acc[kVecs];
-    for (int v = 0; v < kVecs; ++v) {
-      m[v] = lanes(K - k0 - v * kLanes);
-      acc[v] = _mm512_setzero_ps();
-    }
-    for (int64_t i = 0; i < M; ++i) {
-      const float* row = A + i * lda + k0;
-      for (int v = 0; v < kVecs; ++v) acc[v] = _mm512_add_ps(acc[v], load(row + v * kLanes, m[v]));
-    }
-    for (int v = 0; v < kVecs; ++v) {
-      if (m[v] != 0) store(sums + k0 + v * kLanes, acc[v], m[v]);
-    }
+void accumulate_outer_stored(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* B,
+                             Kind b_kind, int64_t ldb, float* C, int64_t ldc, float* sums) {
+  switch (b_kind) {
+    case Kind::bf16:
+      return accumulate_outer_impl(M, N, K, A, lda, static_cast<const uint16_t*>(B), ldb, C, ldc, sums);
+    case Kind::f16:
+      return accumulate_outer_impl(M, N, K, A, lda, static_cast<const HalfBits*>(B), ldb, C, ldc, sums);
+    case Kind::f32:
+      return accumulate_outer_impl(M, N, K, A, lda, static_cast<const float*>(B), ldb, C, ldc, sums);
+    case Kind::f64: break;
   }
 }
 
@@ -186,8 +194,8 @@ void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B) {
 
 const BlockKernels<float>* kernels() {
   static const BlockKernels<float> table{"avx512", &project_in, &accumulate_outer, &detail::project_out,
-                                         &transpose, &detail::dropout_keep, &sum_rows,
-                                         &accumulate_outer_sums};
+                                         &transpose, &detail::dropout_keep, &project_in_stored,
+                                         &accumulate_outer_stored};
   return &table;
 }
 

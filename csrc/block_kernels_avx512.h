@@ -1,7 +1,8 @@
 #pragma once
 // What the AVX-512 block kernels share (block_kernels_avx512*.cpp): masked vector loads and
 // stores, the epilogue's storage conversions, the register tile and its rank update. Included only
-// between block_kernels_avx512_begin.h and _end.h (it includes nothing itself).
+// between block_kernels_avx512_begin.h and _end.h (it includes nothing itself: its users include
+// <cstdint> and <type_traits> before the region).
 #ifdef ADAPTERFAST_AVX512_KERNELS
 
 namespace adapterfast::cpu::avx512 {
@@ -19,13 +20,14 @@ namespace {
 constexpr int64_t kLanes = 16;
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Whether rows lda floats apart put 8 or more of a 16-row tile's reads in the same L1 sets: a row
-// stride that is a multiple of 2 KiB (d = 1024, 1536, 2048, 4096, ...), whether the rows are
+// Whether rows row_bytes apart put 8 or more of a 16-row tile's reads in the same L1 sets: a row
+// stride that is a multiple of 2 KiB (float rows of d = 1024, 1536, 2048, 4096, ...; 16-bit rows of
+// d = 1024, 2048, ...), whether the rows are
 // consecutive or the grouped op's scattered ones. An L1 set is chosen by address bits 6-11 (4 KiB
 // per way), so such rows share at most two set ranges, and the tile's runs of 16 rows need 8 to 16
 // ways of a set where the Zen 4 L1D has 8 (the Xeon's 12): lines of x are evicted between the
 // broadcasts of their floats and come again from L2.
-inline bool rows_share_l1_sets(int64_t lda) { return (lda * static_cast<int64_t>(sizeof(float))) % 2048 == 0; }
+inline bool rows_share_l1_sets(int64_t row_bytes) { return row_bytes % 2048 == 0; }
 
 // Lanes [0, n) for n in [0, 16]; more than 16 means all.
 inline __mmask16 lanes(int64_t n) {
@@ -151,17 +153,29 @@ struct TileColumns {
   }
 };
 
+// A vector of a GEMM's B operand as float: all 16 lanes (kFull) or those of m.
+template <bool kFull>
+ALWAYS_INLINE __m512 load_b(const float* p, __mmask16 m) {
+  return kFull ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+
+template <bool kFull, typename Tb>
+ALWAYS_INLINE __m512 load_b(const Tb* p, __mmask16 m) {
+  return load_as_float(p, kFull ? __mmask16(0xFFFF) : m);
+}
+
 // acc[t][v] += sum_s a[t][s * a_step] * b[s * ldb + 16 v : +16] for s in [0, S): a rank-S update
 // of the tile. With kPrefetch, each row of b's next tile of columns is requested too, so the
 // next tile's operand (often still in memory: accumulate_outer walks its rows in column slices)
 // arrives while this one runs. With kSums, b's rows are also added into sums (in row order, as
 // sum_rows does): three more registers beside the tile's 24 and three adds per 24 FMAs.
-template <bool kFull, bool kPrefetch, bool kSums = false, int kRows, int kVecs>
-ALWAYS_INLINE void rank_update(int64_t S, const float* const (&a)[kRows], int64_t a_step, const float* b,
+// b is float, or 16-bit storage (uint16_t: bf16, HalfBits: float16) widened as it is loaded.
+template <bool kFull, bool kPrefetch, bool kSums = false, int kRows, int kVecs, typename Tb>
+ALWAYS_INLINE void rank_update(int64_t S, const float* const (&a)[kRows], int64_t a_step, const Tb* b,
                                int64_t ldb, const __mmask16 (&m)[kVecs], Tile<kRows, kVecs>& tile,
                                __m512* sums = nullptr) {
   for (int64_t s = 0; s < S; ++s) {
-    const float* row = b + s * ldb;
+    const Tb* row = b + s * ldb;
     if constexpr (kPrefetch) {
       for (int v = 0; v < kVecs; ++v) {
         _mm_prefetch(reinterpret_cast<const char*>(row + (kVecs + v) * kLanes), _MM_HINT_T0);
@@ -169,7 +183,7 @@ ALWAYS_INLINE void rank_update(int64_t S, const float* const (&a)[kRows], int64_
     }
     __m512 vb[kVecs];
     for (int v = 0; v < kVecs; ++v) {
-      vb[v] = kFull ? _mm512_loadu_ps(row + v * kLanes) : _mm512_maskz_loadu_ps(m[v], row + v * kLanes);
+      vb[v] = load_b<kFull>(row + v * kLanes, m[v]);
       if constexpr (kSums) sums[v] = _mm512_add_ps(sums[v], vb[v]);
     }
     for (int t = 0; t < kRows; ++t) {
@@ -180,9 +194,9 @@ ALWAYS_INLINE void rank_update(int64_t S, const float* const (&a)[kRows], int64_
 }
 
 // The tile zeroed, then the rank-S update for its columns (partial or full, prefetching or not).
-template <bool kSums = false, int kRows, int kVecs>
+template <bool kSums = false, int kRows, int kVecs, typename Tb>
 ALWAYS_INLINE void rank_update(const TileColumns<kVecs>& cols, int64_t S, const float* const (&a)[kRows],
-                               int64_t a_step, const float* b, int64_t ldb, bool prefetch_next,
+                               int64_t a_step, const Tb* b, int64_t ldb, bool prefetch_next,
                                Tile<kRows, kVecs>& tile, __m512* sums = nullptr) {
   for (auto& row : tile.acc) {
     for (auto& v : row) v = _mm512_setzero_ps();
@@ -228,25 +242,41 @@ constexpr int kRunLines = kSumRun * 4 / 64;
 // C[0:mi, cols] (+)= x[t][0:K] B[0:K, cols] for one tile of project_in (block_kernels_avx512.cpp)
 // or of the grouped op's project_in_rows, x[t] the start of the tile's row t: per k, kVecs vectors
 // of B's row k and one broadcast per row. A's rows are read once, mostly from memory (x in the
-// forward), so each row's next run (kRunLines lines) is requested while this one is summed, which
+// forward), so each row's next run (kLinesAhead lines) is requested while this one is summed, which
 // the hardware prefetcher does not do for kRows interleaved streams (~15% at N = 4096, d = 768).
 // With `next` (the grouped op's rows in a random order, each starting with a full memory latency),
 // the same run of the next tile's rows is requested into L2 as well, a whole tile of FMAs ahead.
-template <bool kFull, int kRows, int kVecs>
-void project_in_tile(int64_t mi, int64_t K, const float* const (&x)[kRows], const float* const* next, const float* B,
+// x's rows are float, or 16-bit storage (uint16_t: bf16, HalfBits: float16), whose run of each row
+// is widened into a [kRows, kSumRun] float buffer before its FMAs: 16 conversions per 16 kVecs
+// FMAs, where widening whole rows into scratch first was a pass over the block of its own.
+template <bool kFull, int kRows, int kVecs, typename Ta>
+void project_in_tile(int64_t mi, int64_t K, const Ta* const (&x)[kRows], const float* const* next, const float* B,
                      int64_t ldb, const TileColumns<kVecs>& cols, float* C, int64_t ldc, bool accumulate) {
+  constexpr bool kWiden = !std::is_same_v<Ta, float>;
+  constexpr int kLinesAhead = kRunLines * static_cast<int>(sizeof(Ta)) / 4;
+  alignas(64) float widened[kWiden ? kRows : 1][kSumRun];
   for (int64_t s0 = 0; s0 < K; s0 += kSumRun) {
+    const int64_t run_length = min64(kSumRun, K - s0);
+    if (s0 + kSumRun < K) {
+      for (int t = 0; t < kRows; ++t) {
+        const char* run = reinterpret_cast<const char*>(x[t] + s0 + kSumRun);
+        for (int line = 0; line < kLinesAhead; ++line) _mm_prefetch(run + 64 * line, _MM_HINT_T0);
+      }
+    }
     const float* a[kRows];
-    for (int t = 0; t < kRows; ++t) a[t] = x[t] + s0;
+    if constexpr (kWiden) {
+      for (int t = 0; t < kRows; ++t) {
+        for (int64_t v = 0; v < run_length; v += kLanes) {
+          _mm512_store_ps(widened[t] + v, load_as_float(x[t] + s0 + v, lanes(run_length - v)));
+        }
+        a[t] = widened[t];
+      }
+    } else {
+      for (int t = 0; t < kRows; ++t) a[t] = x[t] + s0;
+    }
     Tile<kRows, kVecs> tile;
     for (auto& row : tile.acc) {
       for (auto& v : row) v = _mm512_setzero_ps();
-    }
-    if (s0 + kSumRun < K) {
-      for (int t = 0; t < kRows; ++t) {
-        const char* run = reinterpret_cast<const char*>(a[t] + kSumRun);
-        for (int line = 0; line < kRunLines; ++line) _mm_prefetch(run + 64 * line, _MM_HINT_T0);
-      }
     }
     if (next != nullptr) {
       for (int t = 0; t < kRows; ++t) {
@@ -256,7 +286,7 @@ void project_in_tile(int64_t mi, int64_t K, const float* const (&x)[kRows], cons
         for (int line = 0; line < lines; ++line) _mm_prefetch(run + 64 * line, _MM_HINT_T1);
       }
     }
-    rank_update<kFull, false>(min64(kSumRun, K - s0), a, 1, B + s0 * ldb, ldb, cols.m, tile);
+    rank_update<kFull, false>(run_length, a, 1, B + s0 * ldb, ldb, cols.m, tile);
     const bool add = accumulate || s0 > 0;
 #pragma GCC unroll 16
     for (int t = 0; t < kRows; ++t) {

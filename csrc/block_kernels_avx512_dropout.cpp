@@ -4,6 +4,7 @@
 #include "block_kernels.h"
 
 #include <cstdint>
+#include <type_traits>
 
 #include "philox.h"
 

@@ -3,6 +3,7 @@
 #include "block_kernels.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include <c10/util/BFloat16.h>
@@ -106,11 +107,47 @@ void sum_rows(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* sums) {
   }
 }
 
+// The stored operand's rows widened one at a time into a row buffer, or read in place when it is
+// stored as acc_t.
 template <typename acc_t>
-void accumulate_outer_sums(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
-                           int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums) {
-  accumulate_outer(M, N, K, A, lda, B, ldb, C, ldc);
-  sum_rows(M, K, B, ldb, sums);
+void project_in_stored(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int64_t lda, const acc_t* B,
+                       int64_t ldb, acc_t* C, int64_t ldc) {
+  with_type(a_kind, [&](auto t) {
+    using Ta = decltype(t);
+    const Ta* a = static_cast<const Ta*>(A);
+    if constexpr (std::is_same_v<Ta, acc_t>) {
+      project_in(M, N, K, a, lda, B, ldb, C, ldc);
+    } else {
+      std::vector<acc_t> row(static_cast<size_t>(K));
+      for (int64_t i = 0; i < M; ++i) {
+        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<acc_t>(a[i * lda + k]);
+        project_in(1, N, K, row.data(), K, B, ldb, C + i * ldc, ldc);
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void accumulate_outer_stored(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const void* B,
+                             Kind b_kind, int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums) {
+  with_type(b_kind, [&](auto t) {
+    using Tb = decltype(t);
+    const Tb* b = static_cast<const Tb*>(B);
+    if constexpr (std::is_same_v<Tb, acc_t>) {
+      accumulate_outer(M, N, K, A, lda, b, ldb, C, ldc);
+      if (sums != nullptr) sum_rows(M, K, b, ldb, sums);
+    } else {
+      std::vector<acc_t> row(static_cast<size_t>(K));
+      if (sums != nullptr) std::fill(sums, sums + K, acc_t(0));
+      for (int64_t i = 0; i < M; ++i) {
+        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<acc_t>(b[i * ldb + k]);
+        accumulate_outer(1, N, K, A + i * lda, lda, row.data(), K, C, ldc);
+        if (sums != nullptr) {
+          for (int64_t k = 0; k < K; ++k) sums[k] += row[k];
+        }
+      }
+    }
+  });
 }
 
 template <typename acc_t>
@@ -124,7 +161,7 @@ template <typename acc_t>
 const BlockKernels<acc_t>& kernels() {
   static const BlockKernels<acc_t> table{"generic", &project_in<acc_t>, &accumulate_outer<acc_t>,
                                          &project_out<acc_t>, &transpose<acc_t>, &dropout_keep,
-                                         &sum_rows<acc_t>, &accumulate_outer_sums<acc_t>};
+                                         &project_in_stored<acc_t>, &accumulate_outer_stored<acc_t>};
   return table;
 }
 

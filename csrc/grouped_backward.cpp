@@ -61,9 +61,11 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
   for (int64_t j = 0; j < r; ++j) {
     const acc_t value = backprop(f, h[j], fold * da[j]);
     db_down[j] += value;
-    dh[j] = round_as<T>(value);
-    a[j] = round_as<T>(f.value(h[j])) * fold;
+    dh[j] = value;
+    a[j] = f.value(h[j]);
   }
+  round_row_as<T>(dh, acc_t(1), r);
+  round_row_as<T>(a, fold, r);
 }
 
 // Each adapter's blocks split into groups: a power of two per adapter, at most its block count

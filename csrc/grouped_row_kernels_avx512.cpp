@@ -6,6 +6,7 @@
 #include "grouped_row_kernels.h"
 
 #include <cstdint>
+#include <type_traits>
 
 #include "block_kernels_avx512_begin.h"
 #ifdef ADAPTERFAST_AVX512_KERNELS
@@ -57,7 +58,7 @@ void project_in_rows(int64_t M, int64_t N, int64_t K, const float* X, int64_t ld
       const bool prefetch = n0 == 0;
       switch ((min64(N - n0, 4 * kLanes) + kLanes - 1) / kLanes) {
         case 1: {
-          const int64_t full = rows_share_l1_sets(ldx) ? 0 : M / 16 * 16;
+          const int64_t full = rows_share_l1_sets(ldx * static_cast<int64_t>(sizeof(float))) ? 0 : M / 16 * 16;
           tiles_rows<16, 1>(0, full, N, n0, kc, x, ldx, rows, ahead, prefetch, b, ldb, C, ldc, k0 > 0);
           tiles_rows<8, 1>(full, M, N, n0, kc, x, ldx, rows, ahead, prefetch, b, ldb, C + full * ldc, ldc, k0 > 0);
           break;
