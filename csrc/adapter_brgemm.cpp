@@ -1,4 +1,5 @@
-// The 16-bit drivers (see adapter_brgemm.h). Per block of kBlockRows rows:
+// The 16-bit drivers (see adapter_brgemm.h). Per block of kBlockRows rows (fewer in a forward with
+// few blocks per thread: forward_block_rows):
 //   forward:  h = x Wd^T (brgemm, K = d) + bd;  a = act(h) in T;  then per chunk of output
 //             columns u = a Wu^T (brgemm, K = r) and y = res + s * keep * (u + bu) (finish_rows).
 //   backward: gz = g (no dropout; the factor s is folded into dh and applied to dw_up once at the
@@ -306,7 +307,8 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
 
   const OutputEpilogue<float> epilogue = forward_epilogue<float>(op, y);
 
-  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  const int64_t rows = forward_block_rows(n, /*granule=*/16);
+  const int64_t blocks = (n + rows - 1) / rows;
   parallel_tasks(blocks, [&](TaskQueue& tasks) {
     Scratch<T> x_scratch(kBlockRows * dp);
     Scratch<T> a = Scratch<T>::zeroed(kBlockRows * rp);                              // its pad column read as 0
@@ -314,10 +316,11 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
     Scratch<U> a_split = Scratch<U>::zeroed(split ? kBlockRows * 3 * rp : 0);        // rows [a_hi | a_hi | a_lo]
     Scratch<float> chunk(kBlockRows * kOutCols);
     Scratch<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
+    Scratch<float> act_row(r);
     OutputEpilogue<float> e = epilogue;
     for (int64_t block = tasks.next(); block >= 0; block = tasks.next()) {
-      const int64_t row0 = block * kBlockRows;
-      const int64_t m = std::min(kBlockRows, n - row0);
+      const int64_t row0 = block * rows;
+      const int64_t m = std::min(rows, n - row0);
       int64_t ld_x = 0;
       const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
       float* hb = h_data + row0 * r;
@@ -329,10 +332,12 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
       }
       visit<float>(op.activation, [&](auto f) {
         for (int64_t i = 0; i < m; ++i) {
+          float* h_row = hb + i * r;
           for (int64_t j = 0; j < r; ++j) {
-            if (b_down != nullptr) hb[i * r + j] += b_down[j];
-            a[i * rp + j] = static_cast<T>(f.value(hb[i * r + j]));
+            if (b_down != nullptr) h_row[j] += b_down[j];
+            act_row[j] = f.value(h_row[j]);
           }
+          narrow_row(act_row.data(), 1.0f, a.data() + i * rp, r);
         }
       });
       if (dropout) kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
@@ -351,7 +356,7 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
       }
       e.out = y_data + row0 * d;
       const int64_t next = row0 + m;
-      const int64_t next_m = tasks.next_is(block + 1) ? std::min(kBlockRows, n - next) : 0;
+      const int64_t next_m = tasks.next_is(block + 1) ? std::min(rows, n - next) : 0;
       auto prefetch_next = [&](int64_t c, int64_t chunks) {
         if (x_col_stride == 1) prefetch_rows(x_data, x_row_stride, next, next_m, d, c, chunks);
       };

@@ -1,8 +1,10 @@
 #include "adapter_common.h"
 
+#include <algorithm>
 #include <array>
 
 #include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include "output_buffers.h"
@@ -22,6 +24,21 @@ void check_tensor(const char* op, const char* name, const at::Tensor& t) {
 }
 
 }  // namespace
+
+int64_t forward_block_rows(int64_t n, int64_t granule) {
+  const int64_t threads = at::get_num_threads();
+  int64_t best = kBlockRows;
+  int64_t best_rows_per_thread = n;
+  for (int64_t rows = kBlockRows; rows >= std::max<int64_t>(16, granule); rows -= granule) {
+    const int64_t blocks = (n + rows - 1) / rows;
+    const int64_t rows_per_thread = std::min(n, (blocks + threads - 1) / threads * rows);
+    if (rows_per_thread < best_rows_per_thread) {
+      best = rows;
+      best_rows_per_thread = rows_per_thread;
+    }
+  }
+  return best;
+}
 
 Dims check_operands(const char* op, const at::Tensor& x, const at::Tensor& w_down,
                     const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,

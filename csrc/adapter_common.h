@@ -22,6 +22,14 @@ namespace adapterfast::cpu {
 // amortised over 64 rows. Fixed, so the backward's reduction order never depends on threads.
 constexpr int64_t kBlockRows = 64;
 
+// Rows per forward block: the multiple of `granule` (the rows of the kernels' tiles: 8 for the
+// block kernels, 16 for AMX) from kBlockRows down to 16 that gives the thread with the most blocks
+// the fewest rows, the largest such. A call with few blocks per thread then has no thread waiting
+// a whole block for another: 320 rows were 5 blocks of 64 over 2 threads (3 : 2, with a fifth of
+// the call in OpenMP waits), now 8 of 40 or 10 of 32. Each row's result is the same in any block,
+// so unlike the backward's reduction groups this may depend on the thread count.
+int64_t forward_block_rows(int64_t n, int64_t granule);
+
 // Whether the single-adapter drivers (every dtype, block kernels and brgemm) write an output of
 // `bytes` with non-temporal stores (OutputEpilogue::stream_out): from kStreamTrainingBytes for
 // the outputs of a training step (y of a forward whose y feeds a backward, and dx), from

@@ -1,8 +1,8 @@
 // The fused forward on CPU:
 //     h = x Wd^T + bd                                    (returned, [N, r], saved for backward)
 //     y = res + scale * keep / (1 - p) * (act(h) Wu^T + bu)
-// Rows are processed in blocks of kBlockRows (fewer when a call has too few rows to keep every
-// thread busy), in parallel over blocks. Per block, x is read from
+// Rows are processed in blocks of kBlockRows (fewer where a call has few blocks per thread:
+// forward_block_rows), in parallel over blocks. Per block, x is read from
 // memory once (project_in) and y written once (project_out, with bias, dropout, scale and
 // residual applied to each tile as it leaves the registers), so no [N, d] temporary exists.
 #include "adapter_ops.h"
@@ -23,17 +23,6 @@
 namespace adapterfast::cpu {
 namespace {
 
-// Rows per block: kBlockRows, or fewer when that would leave threads idle (a call of 64 to a few
-// hundred rows is one to a few blocks). Each row's result is the same in any block, so unlike the
-// backward's reduction groups this may depend on the thread count. At least 16 rows, so the
-// register tiles (6 or 8 rows) stay full.
-int64_t forward_block_rows(int64_t n) {
-  const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || n >= threads * kBlockRows) return kBlockRows;
-  const int64_t share = (n + threads - 1) / threads;
-  return std::max<int64_t>(16, (share + 7) / 8 * 8);
-}
-
 template <typename T, typename acc_t>
 void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
@@ -50,7 +39,7 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
 
   const OutputEpilogue<acc_t> epilogue = forward_epilogue<acc_t>(op, y);
 
-  const int64_t rows = forward_block_rows(n);
+  const int64_t rows = forward_block_rows(n, /*granule=*/8);
   const int64_t blocks = (n + rows - 1) / rows;
   parallel_tasks(blocks, [&](TaskQueue& tasks) {
     Scratch<acc_t> x_scratch(x_rows.in_place() ? 0 : rows * d);

@@ -235,10 +235,12 @@ def _run_all(x, wd, wu, bd, bu, g, **kw):
     return (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, kw["activation"], 0.9, kw["p"], 77, True))
 
 
-@pytest.mark.parametrize("n", [3000, 1024])
+# 320 rows: forward blocks of 64 rows on one thread, of 32 or 40 on two (forward_block_rows); r = 64
+# takes float16's split forward where the CPU has AMX-BF16.
+@pytest.mark.parametrize("n, r", [(3000, 24), (1024, 24), (320, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_bitwise_identical_across_threads_and_runs(dtype, n):
-    x, wd, wu, bd, bu, _ = adapter_inputs(n, 200, 24)
+def test_bitwise_identical_across_threads_and_runs(dtype, n, r):
+    x, wd, wu, bd, bu, _ = adapter_inputs(n, 200, r)
     x, g = x.to(dtype), torch.randn(n, 200).to(dtype)
     threads = torch.get_num_threads()
     try:
