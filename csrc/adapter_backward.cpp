@@ -265,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
                     ": h must be [", dims.n, ", ", dims.r, "], got ", h.sizes());
 
   const BrgemmLayout layout = dims.n == 0 ? BrgemmLayout::none : brgemm_layout_for(dtype, dims, /*backward=*/true);
-  const bool given = packs_given_weights(layout, dtype, w_down, w_up);
+  const bool given = packs_given_weights(layout, dtype, w_down, w_up, dims, /*backward=*/true);
   BackwardOperands op{dims,
                       with_unit_column_stride(grad_y),
                       x,

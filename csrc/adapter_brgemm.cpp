@@ -259,28 +259,48 @@ void product_split(int64_t m, int64_t N, int64_t kp, const Bf16* hi, const Bf16*
   brgemm(m, N, kp, kp, N, N, true, lo, B, C, true);
 }
 
-// The bf16 weight w [P, Q] as given (contiguous) as the VNNI B operand of a product with K rows
-// and N columns, ldb >= N (pad columns zero): B[k, n] = w[k, n] (K = P) or, with `transpose`,
-// w[n, k] (K = Q); weight_as_b (brgemm.h).
-Scratch<Bf16> given_weight_b(const at::Tensor& w, bool transpose, int64_t ldb) {
+// The 16-bit weight w [P, Q] as given (contiguous, U = its type) as the VNNI B operand of a
+// product with K rows and N columns, ldb >= N (pad columns zero): B[k, n] = w[k, n] (K = P) or,
+// with `transpose`, w[n, k] (K = Q); weight_as_b (brgemm.h).
+template <typename U>
+Scratch<U> given_weight_b(const at::Tensor& w, bool transpose, int64_t ldb) {
   const int64_t P = w.size(0);
   const int64_t Q = w.size(1);
   const int64_t K = transpose ? Q : P;
   const int64_t N = transpose ? P : Q;
   // weight_as_b writes every element but the pad columns, which brgemm reads as zeros.
-  Scratch<Bf16> out = ldb == N ? Scratch<Bf16>(even(K) * ldb) : Scratch<Bf16>::zeroed(even(K) * ldb);
-  weight_as_b<Bf16>(BrgemmLayout::vnni, P, Q, w.data_ptr<Bf16>(), transpose, out.data(), ldb);
+  Scratch<U> out = ldb == N ? Scratch<U>(even(K) * ldb) : Scratch<U>::zeroed(even(K) * ldb);
+  weight_as_b<U>(BrgemmLayout::vnni, P, Q, w.data_ptr<U>(), transpose, out.data(), ldb);
   return out;
 }
 
-// A weight's B operand (K x N, as for weight_b): from the bf16 weight as given where the driver
-// packs it itself (given defined, packs_given_weights), else from its accumulation-type operand
-// `acc` (K x N, element (k, n) at acc[k * N + n]). `transpose`: the given weight is B^T.
+// The float16 weight w as given, as the split B operand [hi; lo; hi] of pack_b_split (ldb = N):
+// its VNNI operand (given_weight_b), whose values split into hi and lo in the same layout.
+Scratch<Bf16> given_weight_split(const at::Tensor& w, bool transpose) {
+  const int64_t K = transpose ? w.size(1) : w.size(0);
+  const int64_t N = transpose ? w.size(0) : w.size(1);
+  const int64_t size = even(K) * N;
+  const Scratch<c10::Half> b = given_weight_b<c10::Half>(w, transpose, N);
+  Scratch<Bf16> out(3 * size);
+  split_half(b.data(), size, out.data(), out.data() + size);
+  std::copy(out.data(), out.data() + size, out.data() + 2 * size);
+  return out;
+}
+
+// A weight's B operand (K x N, as for weight_b): from the weight as given where the driver packs
+// it itself (given defined, packs_given_weights), else from its accumulation-type operand `acc`
+// (K x N, element (k, n) at acc[k * N + n]). `transpose`: the given weight is B^T.
 template <typename T, typename U>
 Scratch<U> weight_operand(BrgemmLayout layout, const at::Tensor& acc, const at::Tensor& given, bool transpose,
                           int64_t K, int64_t N, int64_t ldb) {
-  if constexpr (std::is_same_v<T, Bf16> && std::is_same_v<U, Bf16>) {
-    if (given.defined()) return given_weight_b(given, transpose, ldb);
+  if constexpr (std::is_same_v<U, Bf16>) {
+    if (given.defined()) {
+      if constexpr (kSplit<T, U>) {
+        return given_weight_split(given, transpose);
+      } else {
+        return given_weight_b<Bf16>(given, transpose, ldb);
+      }
+    }
   }
   return weight_b<T, U>(layout, K, N, acc.data_ptr<float>(), N, ldb);
 }

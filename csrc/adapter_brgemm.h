@@ -23,14 +23,15 @@ inline BrgemmLayout brgemm_layout_for(at::ScalarType dtype, const Dims& dims, bo
   }
 }
 
-// Whether the 16-bit drivers pack the weights straight from the given tensors: bf16 weights
-// with bf16 x in the VNNI layout (no conversion, so nothing to round), instead of reading the
-// accumulation-type operands (operand_weight) and rounding them back to bf16. That float round
-// trip (widen, transpose, round) took ~10% of a bf16 training step at N = 8, d = 768 (perf, Zen 4).
+// Whether the 16-bit drivers pack the weights straight from the given tensors, weights in x's
+// dtype in the VNNI layout: bf16, or float16 split into bf16 (fp16_route), instead of reading the
+// accumulation-type operands (operand_weight) and rounding them back to x's dtype. That float
+// round trip (widen, transpose, round) took ~10% of a bf16 training step at N = 8, d = 768 (perf,
+// Zen 4), and with the split ~12% of a float16 forward at N = 320, d = 1024, r = 64 (the Xeon).
 inline bool packs_given_weights(BrgemmLayout layout, at::ScalarType x_dtype, const at::Tensor& w_down,
-                                const at::Tensor& w_up) {
-  return layout == BrgemmLayout::vnni && x_dtype == at::kBFloat16 && w_down.scalar_type() == at::kBFloat16 &&
-         w_up.scalar_type() == at::kBFloat16;
+                                const at::Tensor& w_up, const Dims& dims, bool backward) {
+  if (layout != BrgemmLayout::vnni || w_down.scalar_type() != x_dtype || w_up.scalar_type() != x_dtype) return false;
+  return x_dtype == at::kBFloat16 || (x_dtype == at::kHalf && fp16_route(backward, dims.r) == Fp16Route::bf16x3);
 }
 
 // forward_blocks of adapter_forward.cpp on brgemm, in the layout of brgemm_layout_for; T is

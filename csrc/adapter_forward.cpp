@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
   const at::ScalarType acc = accumulation_type(dtype);
 
   const BrgemmLayout layout = brgemm_layout_for(dtype, dims, /*backward=*/false);
-  const bool given = packs_given_weights(layout, dtype, w_down, w_up);
+  const bool given = packs_given_weights(layout, dtype, w_down, w_up, dims, /*backward=*/false);
   ForwardOperands op{dims,
                      x,
                      given ? at::Tensor() : operand_weight(w_down, dtype, /*transpose=*/true),
