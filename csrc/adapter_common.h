@@ -24,11 +24,19 @@ constexpr int64_t kBlockRows = 64;
 
 // Rows per forward block: the multiple of `granule` (the rows of the kernels' tiles: 8 for the
 // block kernels, 16 for AMX) from kBlockRows down to 16 that gives the thread with the most blocks
-// the fewest rows, the largest such. A call with few blocks per thread then has no thread waiting
-// a whole block for another: 320 rows were 5 blocks of 64 over 2 threads (3 : 2, with a fifth of
-// the call in OpenMP waits), now 8 of 40 or 10 of 32. Each row's result is the same in any block,
-// so unlike the backward's reduction groups this may depend on the thread count.
+// the fewest rows, the largest such, over at most one thread per kMinForwardRowsPerThread rows. A
+// call with few blocks per thread then has no thread waiting a whole block for another: 320 rows
+// were 5 blocks of 64 over 2 threads (3 : 2, with a fifth of the call in OpenMP waits), now 8 of
+// 40 or 10 of 32. Each row's result is the same in any block, so unlike the backward's reduction
+// groups this may depend on the thread count.
 int64_t forward_block_rows(int64_t n, int64_t granule);
+
+// Rows a forward thread needs before a second one pays: each thread reads both weights (converted
+// per call by the calling thread, so the others fetch them from its cache). Inference, 2 threads
+// against 1 on the Xeon (median wall time, fused forward): 32 rows, d = 768, r = 16, fp32: 54.5
+// against 31.2 us; 64 rows: 55.2 against 42.0 (fp32), 56.3 against 49.9 (fp16), and d = 1024,
+// r = 64, fp32: 219.6 against 187.6; 128 rows, d = 768, r = 16: 78.9 against 80.9.
+constexpr int64_t kMinForwardRowsPerThread = 64;
 
 // Whether the single-adapter drivers (every dtype, block kernels and brgemm) write an output of
 // `bytes` with non-temporal stores (OutputEpilogue::stream_out): from kStreamTrainingBytes for
