@@ -4,8 +4,9 @@ The path is fixed per process (adapterfast.cpu reads its switches once), so each
 own subprocess, alternating path by path for ``--repeats`` rounds; each prints forward and
 backward times at the given shape. Paths: ``default`` (what runs for the dtype here),
 ``brgemm-off`` (ADAPTERFAST_CPU_BRGEMM=0), ``fp32-brgemm`` (ADAPTERFAST_CPU_FP32_BRGEMM=1),
-``no-amx`` (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), ``fp16-native`` / ``fp16-bf16x3``
-(ADAPTERFAST_CPU_FP16: float16 on oneDNN's float16 kernel, or split into three bf16 products),
+``no-amx`` (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), ``fp16-native`` / ``fp16-bf16x3`` /
+``fp16-bf16x3-fwd`` (ADAPTERFAST_CPU_FP16: float16 on oneDNN's float16 kernel, or split into three
+bf16 products in both passes, or in the forward only at every N and r),
 ``brgemm-pad`` / ``brgemm-no-pad`` (ADAPTERFAST_CPU_BRGEMM_PAD=1 / 0: the d-wide VNNI B operands'
 rows padded by 16 columns always / never; by default only where d % 512 == 0 without AMX),
 ``no-steal`` (ADAPTERFAST_CPU_STEAL=0: each thread keeps its equal share of row blocks or reduction
@@ -53,6 +54,7 @@ PATHS = {
     "no-amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
     "fp16-native": {"ADAPTERFAST_CPU_FP16": "native"},
     "fp16-bf16x3": {"ADAPTERFAST_CPU_FP16": "bf16x3"},
+    "fp16-bf16x3-fwd": {"ADAPTERFAST_CPU_FP16": "bf16x3-fwd"},
     "brgemm-pad": {"ADAPTERFAST_CPU_BRGEMM_PAD": "1"},
     "brgemm-no-pad": {"ADAPTERFAST_CPU_BRGEMM_PAD": "0"},
     "no-steal": {"ADAPTERFAST_CPU_STEAL": "0"},
@@ -64,13 +66,15 @@ import json, sys, time, torch
 from torch.utils import benchmark
 from adapterfast import cpu
 n, d, r, dtype, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-path, clock, calls = sys.argv[6], sys.argv[7], int(sys.argv[8])
+path, clock, calls, weights_in_x_dtype = sys.argv[6], sys.argv[7], int(sys.argv[8]), sys.argv[9] == "x"
 torch.set_num_threads(threads)
 dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 torch.manual_seed(0)
 x, g = torch.randn(n, d).to(dt), torch.randn(n, d).to(dt)
 wd, wu = torch.randn(r, d) / d**0.5, torch.randn(d, r) / r**0.5
 bd, bu = torch.zeros(r), torch.zeros(d)
+if weights_in_x_dtype:
+    wd, wu, bd, bu = (t.to(dt) for t in (wd, wu, bd, bu))
 _, h = cpu.forward(x, wd, wu, bd, bu, "relu", 1.0, 0.0, 0, None)
 if path == "eager":
     F = torch.nn.functional
@@ -180,6 +184,9 @@ def main(argv=None) -> int:
                         help="wall: median wall time; thread: least thread CPU time (needs --threads 1)")
     parser.add_argument("--calls", type=int, default=5, help="calls per measurement with --clock thread")
     parser.add_argument("--ceiling", action="store_true", help="first print torch.matmul's rate in the dtype")
+    parser.add_argument("--weights", default="fp32", choices=("fp32", "x"),
+                        help="the fused paths' weights and biases in fp32 (default) or in x's dtype, as in a model "
+                             "converted whole (.half()); eager always runs in x's dtype")
     parser.add_argument("--background-load", type=float, default=0.0, metavar="F",
                         help="run one more process busy for the fraction F (0-1) of every 10 ms meanwhile")
     args = parser.parse_args(argv)
@@ -193,6 +200,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown paths {unknown}; choose from {', '.join(PATHS)}")
     print(f"{machine.cpu_name()}, flags {' '.join(machine.cpu_flags())}, {args.threads} threads, {args.dtype}, "
           f"{'least thread CPU time of %d calls' % args.calls if args.clock == 'thread' else 'median wall time'}"
+          f", weights {'in x dtype' if args.weights == 'x' else 'fp32'}"
           + (f", background load {args.background_load:g} of one CPU" if args.background_load else ""))
     if args.ceiling:
         done = subprocess.run([sys.executable, "-c", _CEILING, args.dtype, str(args.threads), args.clock, str(args.calls),
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
                 for path in paths:
                     env = dict(os.environ, **PATHS[path])
                     done = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), str(r), args.dtype,
-                                           str(args.threads), path, args.clock, str(args.calls)],
+                                           str(args.threads), path, args.clock, str(args.calls), args.weights],
                                           env=env, capture_output=True, text=True, check=True)
                     row = json.loads(done.stdout.strip().splitlines()[-1])
                     if row["threads"] != [args.threads]:

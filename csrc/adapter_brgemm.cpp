@@ -598,7 +598,9 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
 template <typename T>
 void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h) {
   if constexpr (std::is_same_v<T, c10::Half>) {
-    if (fp16_route(false, op.dims.r) == Fp16Route::bf16x3) return forward_impl<T, c10::BFloat16>(op, layout, y, h);
+    if (fp16_route(false, op.dims.n, op.dims.r) == Fp16Route::bf16x3) {
+      return forward_impl<T, c10::BFloat16>(op, layout, y, h);
+    }
   }
   forward_impl<T, T>(op, layout, y, h);
 }
@@ -607,7 +609,7 @@ template <typename T>
 void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx,
                             at::Tensor& partials, at::Tensor& bias_partials) {
   if constexpr (std::is_same_v<T, c10::Half>) {
-    if (fp16_route(true, op.dims.r) == Fp16Route::bf16x3) {
+    if (fp16_route(true, op.dims.n, op.dims.r) == Fp16Route::bf16x3) {
       return backward_impl<T, c10::BFloat16>(op, layout, dx, partials, bias_partials);
     }
   }

@@ -16,7 +16,7 @@ namespace adapterfast::cpu {
 // float16 kernel runs.
 inline BrgemmLayout brgemm_layout_for(at::ScalarType dtype, const Dims& dims, bool backward) {
   if (dtype != at::kHalf) return brgemm_layout(dtype);
-  switch (fp16_route(backward, dims.r)) {
+  switch (fp16_route(backward, dims.n, dims.r)) {
     case Fp16Route::bf16x3: return brgemm_layout(at::kBFloat16);
     case Fp16Route::native: return brgemm_layout(at::kHalf);
     default: return BrgemmLayout::none;
@@ -31,7 +31,8 @@ inline BrgemmLayout brgemm_layout_for(at::ScalarType dtype, const Dims& dims, bo
 inline bool packs_given_weights(BrgemmLayout layout, at::ScalarType x_dtype, const at::Tensor& w_down,
                                 const at::Tensor& w_up, const Dims& dims, bool backward) {
   if (layout != BrgemmLayout::vnni || w_down.scalar_type() != x_dtype || w_up.scalar_type() != x_dtype) return false;
-  return x_dtype == at::kBFloat16 || (x_dtype == at::kHalf && fp16_route(backward, dims.r) == Fp16Route::bf16x3);
+  return x_dtype == at::kBFloat16 ||
+         (x_dtype == at::kHalf && fp16_route(backward, dims.n, dims.r) == Fp16Route::bf16x3);
 }
 
 // forward_blocks of adapter_forward.cpp on brgemm, in the layout of brgemm_layout_for; T is

@@ -105,6 +105,16 @@ std::string brgemm_unit(at::ScalarType dtype) {
 //     61.2 / 44.2. The split wins from r = 32 (three bf16 AMX products against one fp32 one pay
 //     off once the products outweigh splitting the x rows), the fp32 kernels at r = 16; r between
 //     16 and 32 was not measured. Hence kFp16SplitMinRank.
+//   forward at few rows, r = 64, weights in float16 (given: packs_given_weights), commit 8155f08
+//     with one forward thread per 64 rows: `python -m benchmarks.cpu_paths --dtype fp16 --weights
+//     x --paths eager,brgemm-off,fp16-bf16x3-fwd --repeats 2 --shapes 16,1024,64 64,1024,64
+//     128,1024,64 256,1024,64 512,1024,64 128,768,64 256,768,64 512,768,64` (medians in ms, eager /
+//     fp32 kernels / split; benchmarks/results/cpu_16bit/amx_fp16_rows_8155f08.txt): d = 1024: N =
+//     16 0.145 / 0.125 / 0.140, 64 0.215 / 0.205 / 0.260, 128 0.305 / 0.325 / 0.340, 256 0.465 /
+//     0.435 / 0.455, 512 0.860 / 0.725 / 0.710; d = 768: 128 0.255 / 0.215 / 0.205, 256 0.390 /
+//     0.320 / 0.305, 512 0.695 / 0.500 / 0.580. The split's fixed cost (splitting both weights,
+//     six products) loses below a few hundred rows and wins by 20-30% at N = 8192 (above); the
+//     two are within 5% at 256 and 512. Hence kFp16SplitMinRows.
 // float16 on AVX512-BF16 without AMX and without AVX512-FP16 (AMD EPYC, Zen 4 class; oneDNN has no
 // float16 brgemm there): the split runs each product as three bf16 products on `vdpbf16ps`, whose
 // rate (about 215 GFLOP/s a core, `python -m benchmarks.brgemm_calls`) is only twice fp32's, so
@@ -115,7 +125,7 @@ std::string brgemm_unit(at::ScalarType dtype) {
 // 33.4 ms (d=768 r=16), 65.7 vs 85.0 (768, 64), 96.0 vs 131.1 (1024, 64), 204.0 vs 232.6 (4096,
 // 16); forwards alone 10.7/9.5, 19.8/26.3, 28.6/45.5, 59.9/58.9. The split wins 9% at one shape and
 // loses 14-37% at the others, so without AMX float16 stays off the split unless forced.
-Fp16Route fp16_route(bool backward, int64_t r) {
+Fp16Route fp16_route(bool backward, int64_t n, int64_t r) {
   enum class Forced : uint8_t { none, native, bf16x3, bf16x3_fwd };
   static const Forced forced = env_is("ADAPTERFAST_CPU_FP16", "native")       ? Forced::native
                                : env_is("ADAPTERFAST_CPU_FP16", "bf16x3")     ? Forced::bf16x3
@@ -126,17 +136,19 @@ Fp16Route fp16_route(bool backward, int64_t r) {
   static const bool f16 = brgemm_layout(at::kHalf) != BrgemmLayout::none;
   if (f16 && (forced == Forced::native || brgemm_unit(at::kHalf) == "amx")) return Fp16Route::native;
   if (bf16 && (forced == Forced::bf16x3 || (forced == Forced::bf16x3_fwd && !backward))) return Fp16Route::bf16x3;
-  if (forced == Forced::none && bf16_amx && !backward && r >= kFp16SplitMinRank) return Fp16Route::bf16x3;
+  if (forced == Forced::none && bf16_amx && !backward && r >= kFp16SplitMinRank && n >= kFp16SplitMinRows) {
+    return Fp16Route::bf16x3;
+  }
   return Fp16Route::fp32_kernels;
 }
 
 std::string brgemm_kernel_name(at::ScalarType dtype) {
-  constexpr int64_t kAnyRank = std::numeric_limits<int64_t>::max();
+  constexpr int64_t kAny = std::numeric_limits<int64_t>::max();
   if (dtype == at::kHalf) {
-    switch (fp16_route(false, kAnyRank)) {
+    switch (fp16_route(false, kAny, kAny)) {
       case Fp16Route::bf16x3:
         return "brgemm-" + brgemm_unit(at::kBFloat16) + "-bf16x3" +
-               (fp16_route(true, kAnyRank) == Fp16Route::bf16x3 ? "" : "-fwd");
+               (fp16_route(true, kAny, kAny) == Fp16Route::bf16x3 ? "" : "-fwd");
       case Fp16Route::native: return "brgemm-" + brgemm_unit(at::kHalf);
       default: return "";
     }

@@ -45,19 +45,21 @@ std::string brgemm_unit(at::ScalarType dtype);
 // How one pass of the single-adapter op runs its float16 products: on the fp32 block kernels with
 // float16 converted on load and store (fp32_kernels), on oneDNN's float16 brgemm kernel (native),
 // or as three bfloat16 products (bf16x3, bf16_split.h). By default: native where that kernel runs
-// on AMX tiles (AMX-FP16); the forward split at r >= kFp16SplitMinRank where bf16 runs on AMX
-// tiles and float16 does not; fp32_kernels otherwise. The measurements behind this are at the
-// definition. ADAPTERFAST_CPU_FP16=native forces native (where oneDNN has a float16 kernel, else
-// fp32_kernels), =bf16x3 the split in both passes at every r, =bf16x3-fwd the split forward at every
-// r with the default backward (wherever bf16 brgemm runs; for tests and measurements).
+// on AMX tiles (AMX-FP16); the forward split at r >= kFp16SplitMinRank and n >= kFp16SplitMinRows
+// rows where bf16 runs on AMX tiles and float16 does not; fp32_kernels otherwise. The
+// measurements behind this are at the definition. ADAPTERFAST_CPU_FP16=native forces native
+// (where oneDNN has a float16 kernel, else fp32_kernels), =bf16x3 the split in both passes at every
+// n and r, =bf16x3-fwd the split forward at every n and r with the default backward (wherever bf16
+// brgemm runs; for tests and measurements).
 enum class Fp16Route : uint8_t { fp32_kernels, native, bf16x3 };
 constexpr int64_t kFp16SplitMinRank = 32;
-Fp16Route fp16_route(bool backward, int64_t r);
+constexpr int64_t kFp16SplitMinRows = 256;
+Fp16Route fp16_route(bool backward, int64_t n, int64_t r);
 
 // What runs the GEMMs of the 16-bit drivers for inputs of dtype, for kernel_isa: "brgemm-amx",
 // "brgemm-avx512", "brgemm-amx-bf16x3" / "brgemm-avx512-bf16x3" (float16 split into bf16 in both
-// passes; "-bf16x3-fwd" when only the forward is, at the ranks fp16_route splits), or "" when no
-// brgemm path runs.
+// passes; "-bf16x3-fwd" when only the forward is, at the ranks and rows fp16_route splits), or ""
+// when no brgemm path runs.
 std::string brgemm_kernel_name(at::ScalarType dtype);
 
 // Index of element (k, n) of a B operand with leading dimension ldb (in N positions).

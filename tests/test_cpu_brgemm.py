@@ -109,7 +109,7 @@ def test_16bit_weights_in_x_dtype(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n, d, r", [(37, 130, 7), (1, 768, 16), (9, 1024, 16), (50, 256, 64), (33, 129, 33)])
+@pytest.mark.parametrize("n, d, r", [(37, 130, 7), (1, 768, 16), (9, 1024, 16), (300, 256, 64), (257, 129, 33)])
 def test_16bit_weights_give_the_rounded_fp32_weight_gradients(dtype, n, d, r):
     """Weights in x's 16-bit dtype are widened (or, bf16 on brgemm and float16 split into bf16,
     packed as given: packs_given_weights), and their gradients rounded, 8 values at a time
@@ -117,7 +117,7 @@ def test_16bit_weights_give_the_rounded_fp32_weight_gradients(dtype, n, d, r):
     and dx are bitwise the float32 weights' and each weight gradient is exactly theirs rounded to
     the dtype (to nearest even). The shapes take the given-weight packing's three routes: 32-bit
     word transposes (even widths), the element loop (odd r or d), and padded B rows (d = 1024 on
-    AVX512-BF16); r >= 32 takes float16's split forward where the CPU has AMX-BF16."""
+    AVX512-BF16); 256 rows or more and r >= 32 take float16's split forward where the CPU has AMX-BF16."""
     torch.manual_seed(n)
     x, g = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
     wd, wu = (torch.randn(r, d) / d**0.5).to(dtype), (torch.randn(d, r) / r**0.5).to(dtype)
