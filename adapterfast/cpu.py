@@ -14,22 +14,22 @@ What runs the GEMMs is chosen at run time, per dtype (``kernel_isa(dtype)`` says
 - float16 where oneDNN's float16 kernel runs on AMX tiles (AMX-FP16): that kernel
   (``"brgemm-amx"``);
 - float16 where bf16 runs on AMX tiles but float16 does not (AMX-BF16 without AMX-FP16):
-  ``"brgemm-amx-bf16x3-fwd"``, the forward from r = 32 with its float16 values split exactly into
-  bf16 hi + lo and each product taken as the three bf16 products hi.hi + hi.lo + lo.hi on the AMX
-  tiles (``csrc/bf16_split.h``; the dropped lo.lo is below 2^-16 relative), the forward below
-  r = 32 and the backward on the fp32 kernels below, which measured faster there than both the
+  ``"brgemm-amx-bf16x3-fwd"``, the forward from r = 32 and 256 rows with its float16 values split
+  exactly into bf16 hi + lo and each product taken as the three bf16 products hi.hi + hi.lo + lo.hi
+  on the AMX tiles (``csrc/bf16_split.h``; the dropped lo.lo is below 2^-16 relative), the other
+  forwards and the backward on the fp32 kernels below, which measured faster there than both the
   split and oneDNN's AVX512-FP16 kernel (figures in ``csrc/brgemm.cpp`` at ``fp16_route``);
 - otherwise, and for float32: hand-tiled AVX-512 fp32 kernels where PyTorch itself runs AVX-512
-  (``"avx512"``), else portable C++ (``"generic"``, always for float64), 16-bit operands converted
-  to fp32 in the block.
+  (``"avx512"``; 16-bit rows read as stored and widened as the tiles load them), else portable C++
+  (``"generic"``, always for float64; 16-bit operands converted to fp32 a row at a time).
 
 Switches for tests and for comparing paths on one machine: ``ADAPTERFAST_CPU_BRGEMM=0`` turns
 brgemm off; ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` makes oneDNN act as on a CPU without AMX;
 ``ATEN_CPU_CAPABILITY=avx2`` selects the portable kernels (and so no brgemm);
 ``ADAPTERFAST_CPU_FP16=native`` runs float16 on oneDNN's float16 kernel wherever it exists,
-``=bf16x3`` splits forward and backward at every r wherever bf16 brgemm runs
+``=bf16x3`` splits forward and backward at every r and row count wherever bf16 brgemm runs
 (``"brgemm-amx-bf16x3"``, or ``"brgemm-avx512-bf16x3"`` without AMX), and ``=bf16x3-fwd`` the
-forward alone at every r. The grouped op (``grouped_cpu``) runs float16 on oneDNN's float16 kernel
+forward alone at every r and row count. The grouped op (``grouped_cpu``) runs float16 on oneDNN's float16 kernel
 wherever it exists. All are read once, at the
 first call.
 
@@ -85,8 +85,8 @@ def unavailable_reason() -> Optional[str]:
 def kernel_isa(dtype: torch.dtype = torch.float32) -> str:
     """What runs the single-adapter op's GEMMs for inputs of ``dtype`` here: ``"brgemm-amx"``,
     ``"brgemm-avx512"``, ``"brgemm-amx-bf16x3"`` / ``"brgemm-avx512-bf16x3"`` (float16 split into
-    bf16 in both passes; with ``-fwd`` in the forward only, at the ranks it is split), ``"avx512"``
-    or ``"generic"`` (see the module docstring)."""
+    bf16 in both passes; with ``-fwd`` in the forward only, at the ranks and rows it is split),
+    ``"avx512"`` or ``"generic"`` (see the module docstring)."""
     _require()
     return torch.ops.adapterfast_cpu.kernel_isa(dtype)
 
