@@ -89,19 +89,22 @@ void check_dropout(const char* op, double dropout_p) {
 
 namespace {
 
-// A 16-bit weight with contiguous rows as float, [rows, cols] or transposed: rows widened 8 values
-// at a time (widen_row), then transposed by the block kernels. Its values are already in T, so
-// rounding them to T (as copy_matrix's conversion below does) would change nothing.
+// A 16-bit weight with contiguous rows as float, [rows, cols] (rows widened 8 values at a time,
+// widen_row) or transposed (widened and transposed in one pass by the block kernels). Its values
+// are already in T, so rounding them to T (as copy_matrix's conversion below does) would change
+// nothing.
 template <typename T>
 at::Tensor widened(const at::Tensor& w, bool transpose) {
   const int64_t rows = w.size(0), cols = w.size(1);
   at::Tensor out = at::empty(transpose ? at::IntArrayRef{cols, rows} : at::IntArrayRef{rows, cols},
                              w.options().dtype(at::kFloat));
-  Scratch<float> wide(transpose ? rows * cols : 0);
-  float* rows_out = transpose ? wide.data() : out.data_ptr<float>();
   const T* src = w.data_ptr<T>();
-  for (int64_t i = 0; i < rows; ++i) widen_row(src + i * w.stride(0), rows_out + i * cols, cols);
-  if (transpose) block_kernels<float>().transpose(rows, cols, rows_out, cols, out.data_ptr<float>());
+  if (transpose) {
+    block_kernels<float>().widen_transposed(rows, cols, src, kind_of(w.scalar_type()), w.stride(0),
+                                            out.data_ptr<float>());
+  } else {
+    for (int64_t i = 0; i < rows; ++i) widen_row(src + i * w.stride(0), out.data_ptr<float>() + i * cols, cols);
+  }
   return out;
 }
 

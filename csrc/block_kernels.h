@@ -88,6 +88,11 @@ struct BlockKernels {
   // not with N), from the sweep over g that dw_up makes anyway instead of a pass of its own.
   void (*accumulate_outer_stored)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda,
                                   const void* B, Kind b_kind, int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums);
+
+  // transpose with A in its storage type `a_kind`, widened exactly as it is loaded: a 16-bit
+  // weight as the fp32 kernels' operand in one pass, where widening its rows and then transposing
+  // them was two (together ~17% of a fp16 forward at 64 x 1024, r = 64).
+  void (*widen_transposed)(int64_t M, int64_t K, const void* A, Kind a_kind, int64_t lda, acc_t* B);
 };
 
 namespace generic {

@@ -172,7 +172,9 @@ ALWAYS_INLINE void transpose_tile(__m512 (&r)[kLanes]) {
   }
 }
 
-void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B) {
+// A is float, or 16-bit storage widened as it is loaded (widen_transposed).
+template <typename Ta>
+void transpose_impl(int64_t M, int64_t K, const Ta* A, int64_t lda, float* B) {
   const int64_t ldb = M;
   for (int64_t i0 = 0; i0 < M; i0 += kLanes) {
     const int64_t mi = min64(kLanes, M - i0);
@@ -182,11 +184,22 @@ void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B) {
       const __mmask16 col_mask = lanes(kc);
       __m512 r[kLanes];
       for (int t = 0; t < kLanes; ++t) {
-        r[t] = t < mi ? load(A + (i0 + t) * lda + k0, col_mask) : _mm512_setzero_ps();
+        r[t] = t < mi ? load_as_float(A + (i0 + t) * lda + k0, col_mask) : _mm512_setzero_ps();
       }
       transpose_tile(r);
       for (int t = 0; t < kc; ++t) store(B + (k0 + t) * ldb + i0, r[t], row_mask);
     }
+  }
+}
+
+void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B) { transpose_impl(M, K, A, lda, B); }
+
+void widen_transposed(int64_t M, int64_t K, const void* A, Kind a_kind, int64_t lda, float* B) {
+  switch (a_kind) {
+    case Kind::bf16: return transpose_impl(M, K, static_cast<const uint16_t*>(A), lda, B);
+    case Kind::f16: return transpose_impl(M, K, static_cast<const HalfBits*>(A), lda, B);
+    case Kind::f32: return transpose_impl(M, K, static_cast<const float*>(A), lda, B);
+    case Kind::f64: break;
   }
 }
 
@@ -195,7 +208,7 @@ void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B) {
 const BlockKernels<float>* kernels() {
   static const BlockKernels<float> table{"avx512", &project_in, &accumulate_outer, &detail::project_out,
                                          &transpose, &detail::dropout_keep, &project_in_stored,
-                                         &accumulate_outer_stored};
+                                         &accumulate_outer_stored, &widen_transposed};
   return &table;
 }
 

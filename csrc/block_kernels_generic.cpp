@@ -155,13 +155,23 @@ void transpose(int64_t M, int64_t K, const acc_t* A, int64_t lda, acc_t* B) {
   copy_matrix(A, lda, 1, M, K, /*transpose=*/true, B, [](acc_t v) { return v; });
 }
 
+template <typename acc_t>
+void widen_transposed(int64_t M, int64_t K, const void* A, Kind a_kind, int64_t lda, acc_t* B) {
+  with_type(a_kind, [&](auto t) {
+    using Ta = decltype(t);
+    copy_matrix(static_cast<const Ta*>(A), lda, 1, M, K, /*transpose=*/true, B,
+                [](Ta v) { return static_cast<acc_t>(v); });
+  });
+}
+
 }  // namespace
 
 template <typename acc_t>
 const BlockKernels<acc_t>& kernels() {
   static const BlockKernels<acc_t> table{"generic", &project_in<acc_t>, &accumulate_outer<acc_t>,
                                          &project_out<acc_t>, &transpose<acc_t>, &dropout_keep,
-                                         &project_in_stored<acc_t>, &accumulate_outer_stored<acc_t>};
+                                         &project_in_stored<acc_t>, &accumulate_outer_stored<acc_t>,
+                                         &widen_transposed<acc_t>};
   return table;
 }
 
