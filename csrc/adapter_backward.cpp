@@ -5,11 +5,10 @@
 //     dh      = (gz Wu) * act'(h)       gradient at the pre-activation           [N, r]
 //     db_down = sum_rows dh             dw_down = dh^T x                         [r, d]
 //     dx      = dh Wd  (+ g when the residual is x)
-// Per block of rows, g is read from memory once (gz is g itself with s folded into the small
-// operands, a 16-bit g widened into a block-sized scratch; with dropout gz is formed in that
-// scratch), dh and a live in
-// [rows, r] scratch, x is read once (for dw_down) and dx is written once with + g fused into the
-// tile epilogue; the [N, d] gz of the formulas never exists.
+// Per block of rows, g is read from memory once (without dropout gz is g itself, read as stored,
+// with s folded into the small operands; with dropout gz is formed in a block-sized scratch), dh
+// and a live in [rows, r] scratch, x is read once (for dw_down) and dx is written once with + g
+// fused into the tile epilogue; the [N, d] gz of the formulas never exists.
 //
 // The weight gradients sum over all rows. Rows are split into a fixed number of contiguous groups
 // (a function of the problem size only), each group accumulates fp32 partials block after block,
@@ -94,9 +93,9 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
 int64_t backward_block_rows(int64_t n) { return n < 2 * kBlockRows ? kBlockRows / 2 : kBlockRows; }
 
 // kFold: there is no dropout, so gz = s g with s folded into the [rows, r] operands, and g itself
-// serves as gz: in place where it is stored in the accumulation type, else widened (exactly) into
-// the block's scratch. db_up is then s times g's column sums, taken by dw_up's pass over gz in the
-// accumulation type per block and added in double, instead of a double add per element.
+// serves as gz, read as stored by the kernels (16-bit values widened as their tiles load them).
+// db_up is then s times g's column sums, taken by dw_up's pass over g in the accumulation type
+// per block and added in double, instead of a double add per element.
 template <typename T, typename acc_t, bool kFold>
 void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& partials,
                      at::Tensor& bias_partials, int64_t groups) {
