@@ -102,12 +102,7 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
   const auto [n, d, r] = op.dims;
   const RowReader<T, acc_t> x_rows(op.x);
-  // x with contiguous columns is read as stored by dw_down's kernel, else widened (and gathered)
-  // into scratch by x_rows.
-  const bool x_as_stored = op.x.size(1) <= 1 || op.x.stride(1) == 1;
-  const T* x_data = op.x.data_ptr<T>();
-  const int64_t ld_x = op.x.stride(0);
-  const Kind kind = kind_of(op.x.scalar_type());
+  const Kind kind = x_rows.kind();
   const T* g_data = op.grad_y.data_ptr<T>();
   const int64_t ld_g = op.grad_y.stride(0);
   const acc_t* w_down = op.w_down.data_ptr<acc_t>();
@@ -126,7 +121,7 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   parallel_tasks(groups, [&](TaskQueue& tasks) {
     Scratch<acc_t> gz(kFold ? 0 : rows * d);
     std::vector<acc_t> block_sums(kFold ? d : 0);
-    Scratch<acc_t> x_scratch(x_as_stored ? 0 : rows * d);
+    Scratch<acc_t> x_scratch(x_rows.as_stored() ? 0 : rows * d);
     Scratch<acc_t> da(rows * r);
     Scratch<acc_t> a(rows * r);
     Scratch<acc_t> dh(rows * r);
@@ -176,13 +171,12 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
         } else {
           kernels.accumulate_outer(m, r, d, a.data(), r, gz.data(), d, sums.dw_up_t, d);
         }
-        if (x_as_stored) {
-          kernels.accumulate_outer_stored(m, r, d, dh.data(), r, x_data + row0 * ld_x, kind, ld_x, sums.dw_down, d,
-                                          nullptr);
+        if (x_rows.as_stored()) {
+          kernels.accumulate_outer_stored(m, r, d, dh.data(), r, x_rows.stored(row0), kind, x_rows.ld(), sums.dw_down,
+                                          d, nullptr);
         } else {
-          int64_t ld_xb = 0;
-          const acc_t* xb = x_rows.rows(row0, m, x_scratch.data(), ld_xb);
-          kernels.accumulate_outer(m, r, d, dh.data(), r, xb, ld_xb, sums.dw_down, d);
+          const acc_t* xb = x_rows.gathered(row0, m, x_scratch.data());
+          kernels.accumulate_outer(m, r, d, dh.data(), r, xb, d, sums.dw_down, d);
         }
 
         e.res = op.residual_is_x ? g_data + row0 * ld_g : nullptr;

@@ -166,8 +166,9 @@ inline void round_row_as(acc_t* __restrict v, acc_t factor, int64_t n) {
 }
 
 
-// Rows of a 2-D tensor of T as the GEMMs read them: in place when T is the accumulation type and
-// the columns are contiguous, otherwise converted block by block into a scratch buffer.
+// Rows of a 2-D tensor of T as the block kernels read them: as stored where its columns are
+// contiguous (the kernels' *_stored forms widen 16-bit values as they load them), else gathered
+// and converted block by block into a scratch buffer.
 template <typename T, typename acc_t>
 class RowReader {
  public:
@@ -175,29 +176,21 @@ class RowReader {
       : data_(t.data_ptr<T>()),
         row_stride_(t.stride(0)),
         col_stride_(t.size(1) == 1 ? 1 : t.stride(1)),
-        width_(t.size(1)) {}
+        width_(t.size(1)),
+        kind_(kind_of(t.scalar_type())) {}
 
-  bool in_place() const { return std::is_same_v<T, acc_t> && col_stride_ == 1; }
+  bool as_stored() const { return col_stride_ == 1; }
+  Kind kind() const { return kind_; }
+  int64_t ld() const { return row_stride_; }
+  const T* stored(int64_t row0) const { return data_ + row0 * row_stride_; }
 
-  // Rows [row0, row0 + m); sets ld to their leading dimension. scratch holds m * width values.
-  const acc_t* rows(int64_t row0, int64_t m, acc_t* scratch, int64_t& ld) const {
-    const T* first = data_ + row0 * row_stride_;
-    if constexpr (std::is_same_v<T, acc_t>) {
-      if (col_stride_ == 1) {
-        ld = row_stride_;
-        return first;
-      }
-    }
+  // Rows [row0, row0 + m) gathered into scratch (m * width values, leading dimension width).
+  const acc_t* gathered(int64_t row0, int64_t m, acc_t* scratch) const {
     for (int64_t i = 0; i < m; ++i) {
-      const T* src = first + i * row_stride_;
+      const T* src = stored(row0 + i);
       acc_t* dst = scratch + i * width_;
-      if (col_stride_ == 1) {
-        widen_row(src, dst, width_);
-      } else {
-        for (int64_t k = 0; k < width_; ++k) dst[k] = static_cast<acc_t>(src[k * col_stride_]);
-      }
+      for (int64_t k = 0; k < width_; ++k) dst[k] = static_cast<acc_t>(src[k * col_stride_]);
     }
-    ld = width_;
     return scratch;
   }
 
@@ -206,6 +199,7 @@ class RowReader {
   int64_t row_stride_;
   int64_t col_stride_;
   int64_t width_;
+  Kind kind_;
 };
 
 // Calls fn(T{}, acc_t{}) for x's dtype: (float, float), (BFloat16, float), (Half, float) or

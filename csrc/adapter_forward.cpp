@@ -28,12 +28,6 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
   const auto [n, d, r] = op.dims;
   const RowReader<T, acc_t> x_rows(op.x);
-  // x with contiguous columns is read as stored (a 16-bit x widened as the tiles load it), else
-  // widened (and gathered) into scratch by x_rows.
-  const bool x_as_stored = op.x.size(1) <= 1 || op.x.stride(1) == 1;
-  const T* x_data = op.x.data_ptr<T>();
-  const int64_t x_row_stride = op.x.stride(0);
-  const Kind x_kind = kind_of(op.x.scalar_type());
   const acc_t* w_down_t = op.w_down_t.data_ptr<acc_t>();
   const acc_t* w_up_t = op.w_up_t.data_ptr<acc_t>();
   const acc_t* b_down = op.b_down ? op.b_down->data_ptr<acc_t>() : nullptr;
@@ -48,7 +42,7 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const int64_t rows = forward_block_rows(n, /*granule=*/8);
   const int64_t blocks = (n + rows - 1) / rows;
   parallel_tasks(blocks, [&](TaskQueue& tasks) {
-    Scratch<acc_t> x_scratch(x_as_stored ? 0 : rows * d);
+    Scratch<acc_t> x_scratch(x_rows.as_stored() ? 0 : rows * d);
     Scratch<acc_t> a(rows * r);
     Scratch<uint8_t> keep(dropout ? rows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
@@ -56,16 +50,17 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
       const int64_t row0 = block * rows;
       const int64_t m = std::min(rows, n - row0);
       // The block's x rows, and where the residual x is read back from (cache) by the epilogue.
-      const void* xb = x_data + row0 * x_row_stride;
-      Kind xb_kind = x_kind;
-      int64_t ld_x = x_row_stride;
+      const void* xb = x_rows.stored(row0);
+      Kind xb_kind = x_rows.kind();
+      int64_t ld_x = x_rows.ld();
       acc_t* hb = h_data + row0 * r;
-      if (x_as_stored) {
-        kernels.project_in_stored(m, r, d, xb, x_kind, ld_x, w_down_t, r, hb, r);
+      if (x_rows.as_stored()) {
+        kernels.project_in_stored(m, r, d, xb, xb_kind, ld_x, w_down_t, r, hb, r);
       } else {
-        const acc_t* widened = x_rows.rows(row0, m, x_scratch.data(), ld_x);
-        kernels.project_in(m, r, d, widened, ld_x, w_down_t, r, hb, r);
-        xb = widened;
+        const acc_t* gathered = x_rows.gathered(row0, m, x_scratch.data());
+        ld_x = d;
+        kernels.project_in(m, r, d, gathered, ld_x, w_down_t, r, hb, r);
+        xb = gathered;
         xb_kind = std::is_same_v<acc_t, double> ? Kind::f64 : Kind::f32;
       }
       if (b_down != nullptr) {
