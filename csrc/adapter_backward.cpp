@@ -92,13 +92,31 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
 // rows has two blocks (two reduction groups, two threads). A function of n only.
 int64_t backward_block_rows(int64_t n) { return n < 2 * kBlockRows ? kBlockRows / 2 : kBlockRows; }
 
+// sums[k] = rows[0][k] + rows[1][k] + ... in row order, in acc_t: a block's column sums of g where
+// accumulate_outer_stored does not read g as its B operand (and so cannot sum it on the way).
+template <typename acc_t>
+void column_sums(int64_t m, int64_t d, const acc_t* __restrict rows, int64_t ld, acc_t* __restrict sums) {
+  std::fill(sums, sums + d, acc_t(0));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t k = 0; k < d; ++k) sums[k] += rows[i * ld + k];
+  }
+}
+
+// Whether dw_up is summed as [d, r] (Partials::dw_up): where g is in the accumulation type the
+// kernels broadcast its elements against a's rows, the same products in the same order per
+// element as summing dw_up^T [r, d] with g as the B operand, and no transposition at the end (a
+// pass over [r, d] that was ~10% of a backward at 8 rows, d = 1024, r = 64). 16-bit g stays the B
+// operand, widened as its tiles load it.
+template <typename T, typename acc_t>
+constexpr bool kUpByRows = std::is_same_v<T, acc_t>;
+
 // kFold: there is no dropout, so gz = s g with s folded into the [rows, r] operands, and g itself
 // serves as gz, read as stored by the kernels (16-bit values widened as their tiles load them).
-// db_up is then s times g's column sums, taken by dw_up's pass over g in the accumulation type
-// per block and added in double, instead of a double add per element.
+// db_up is then s times g's column sums, taken per block in the accumulation type and added in
+// double, instead of a double add per element. Each group's first block writes its weight-gradient
+// sums, the later ones add to them.
 template <typename T, typename acc_t, bool kFold>
-void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& partials,
-                     at::Tensor& bias_partials, int64_t groups) {
+void backward_blocks(const BackwardOperands& op, at::Tensor& dx, const std::vector<Partials<acc_t>>& group_sums) {
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
   const auto [n, d, r] = op.dims;
   const RowReader<T, acc_t> x_rows(op.x);
@@ -115,6 +133,8 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   const int64_t ld_keep = keep_row_bytes(d);
   const int64_t rows = backward_block_rows(n);
   const int64_t blocks = (n + rows - 1) / rows;
+  const int64_t groups = static_cast<int64_t>(group_sums.size());
+  constexpr bool kUpRows = kUpByRows<T, acc_t>;
 
   const OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, ld_g, dx);
 
@@ -128,15 +148,15 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
     Scratch<uint8_t> keep(dropout ? rows * ld_keep : 0);
     OutputEpilogue<acc_t> e = epilogue;
     for (int64_t group = tasks.next(); group >= 0; group = tasks.next()) {
-      acc_t* row = partials.data_ptr<acc_t>() + group * partials.size(1);
-      std::fill(row, row + partials.size(1), acc_t(0));
-      double* bias_row = bias_partials.data_ptr<double>() + group * bias_partials.size(1);
-      std::fill(bias_row, bias_row + bias_partials.size(1), 0.0);
-      const Partials<acc_t> sums(row, bias_row, op.dims);
-      for (int64_t block = group * blocks / groups; block < (group + 1) * blocks / groups; ++block) {
+      const Partials<acc_t>& sums = group_sums[group];
+      std::fill(sums.db_up, sums.db_up + d, 0.0);
+      std::fill(sums.db_down, sums.db_down + r, 0.0);
+      const int64_t first = group * blocks / groups, end = (group + 1) * blocks / groups;
+      for (int64_t block = first; block < end; ++block) {
         const int64_t row0 = block * rows;
         const int64_t m = std::min(rows, n - row0);
         const T* g_rows = g_data + row0 * ld_g;
+        const bool accumulate = block > first;
 
         // gz = g * keep * s. Without dropout (kFold) the kernels read g as stored and s is folded
         // into a and dh. With dropout gz is formed in scratch, rounded to x's dtype as a matmul
@@ -164,19 +184,30 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
           }
         });
 
-        if constexpr (kFold) {
-          kernels.accumulate_outer_stored(m, r, d, a.data(), r, g_rows, kind, ld_g, sums.dw_up_t, d,
-                                          block_sums.data());
+        if constexpr (kUpRows) {
+          const acc_t* gz_rows = kFold ? g_rows : gz.data();
+          const int64_t ld_gz = kFold ? ld_g : d;
+          kernels.accumulate_outer_stored(m, d, r, gz_rows, ld_gz, a.data(), kAccKind<acc_t>, r, sums.dw_up, r,
+                                          nullptr, accumulate);
+          if constexpr (kFold) {
+            column_sums(m, d, g_rows, ld_g, block_sums.data());
+            add_scaled_sums(block_sums.data(), factor, d, sums.db_up);
+          }
+        } else if constexpr (kFold) {
+          kernels.accumulate_outer_stored(m, r, d, a.data(), r, g_rows, kind, ld_g, sums.dw_up, d, block_sums.data(),
+                                          accumulate);
           add_scaled_sums(block_sums.data(), factor, d, sums.db_up);
         } else {
-          kernels.accumulate_outer(m, r, d, a.data(), r, gz.data(), d, sums.dw_up_t, d);
+          kernels.accumulate_outer_stored(m, r, d, a.data(), r, gz.data(), kAccKind<acc_t>, d, sums.dw_up, d, nullptr,
+                                          accumulate);
         }
         if (x_rows.as_stored()) {
           kernels.accumulate_outer_stored(m, r, d, dh.data(), r, x_rows.stored(row0), kind, x_rows.ld(), sums.dw_down,
-                                          d, nullptr);
+                                          d, nullptr, accumulate);
         } else {
           const acc_t* xb = x_rows.gathered(row0, m, x_scratch.data());
-          kernels.accumulate_outer(m, r, d, dh.data(), r, xb, d, sums.dw_down, d);
+          kernels.accumulate_outer_stored(m, r, d, dh.data(), r, xb, kAccKind<acc_t>, d, sums.dw_down, d, nullptr,
+                                          accumulate);
         }
 
         e.res = op.residual_is_x ? g_data + row0 * ld_g : nullptr;
@@ -187,21 +218,29 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, at::Tensor& par
   });
 }
 
-// Sums the groups' partials into the first group's row, in group order (parallel over elements,
-// so the order per element never changes), and returns that row.
+// parts[0][k] += parts[1][k] + ... for k < size, added in group order (parallel over elements, so
+// the order per element never changes).
 template <typename acc_t>
-const acc_t* sum_partials(at::Tensor& partials) {
-  const int64_t groups = partials.size(0);
-  const int64_t size = partials.size(1);
-  acc_t* total = partials.data_ptr<acc_t>();
-  if (groups == 1) return total;
+void sum_into_first(const std::vector<acc_t*>& parts, int64_t size) {
+  if (parts.size() < 2) return;
+  acc_t* total = parts[0];
   at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t group = 1; group < groups; ++group) {
-      const acc_t* part = total + group * size;
+    for (size_t group = 1; group < parts.size(); ++group) {
+      const acc_t* part = parts[group];
       for (int64_t k = begin; k < end; ++k) total[k] += part[k];
     }
   });
-  return total;
+}
+
+// Sums the groups' rows of `partials` into the first, in group order, and returns that row.
+template <typename acc_t>
+const acc_t* sum_partials(at::Tensor& partials) {
+  std::vector<acc_t*> rows;
+  for (int64_t group = 0; group < partials.size(0); ++group) {
+    rows.push_back(partials.data_ptr<acc_t>() + group * partials.size(1));
+  }
+  sum_into_first(rows, partials.size(1));
+  return rows[0];
 }
 
 // A weight or bias gradient in dtype from the contiguous [rows, cols] sums (transposed with
@@ -278,46 +317,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   at::Tensor dx = empty_output({dims.n, dims.d}, x.options());
   at::Tensor dw_down, db_down, dw_up, db_up;
   const auto options = x.options();
+  const int64_t rd = dims.r * dims.d;
   dispatch_dtype(dtype, [&](auto t, auto a) {
     using T = decltype(t);
     using acc_t = decltype(a);
     const int64_t size = Partials<acc_t>::size(dims);
-    // The brgemm driver walks blocks of kBlockRows; the fp32 block kernels backward_block_rows.
+    // The brgemm driver walks blocks of kBlockRows; the block kernels backward_block_rows.
     const int64_t rows = layout != BrgemmLayout::none ? kBlockRows : backward_block_rows(dims.n);
     const int64_t groups = dims.n == 0 ? 1 : reduction_groups(dims, (dims.n + rows - 1) / rows, size);
-    at::Tensor partials = empty_output({groups, size}, options.dtype(acc));
     at::Tensor bias_partials = at::empty({groups, Partials<acc_t>::bias_size(dims)}, options.dtype(at::kDouble));
-    // Applied to g^T a when the driver sums it unscaled (see below).
+    double* bias_rows = bias_partials.data_ptr<double>();
+    // The weight-gradient sums (dw_up as [d, r] or dw_up^T [r, d]: Partials) and the factor still
+    // to be applied to dw_up (see below).
+    const acc_t* up_sums = nullptr;
+    const acc_t* down_sums = nullptr;
+    bool up_by_rows = false;
     acc_t dw_up_factor = 1;
-    if (dims.n == 0) {
-      partials.zero_();
-      bias_partials.zero_();
+    at::Tensor partials;
+    if (layout != BrgemmLayout::none) {
+      if constexpr (std::is_same_v<acc_t, float>) {
+        partials = empty_output({groups, size}, options.dtype(acc));
+        backward_blocks_brgemm<T>(op, layout, dx, partials, bias_partials);
+        // The brgemm driver sums g^T a: the factor s of gz = s g is applied once, at the end.
+        if (dropout_p == 0.0) dw_up_factor = static_cast<acc_t>(scale);
+        const acc_t* total = sum_partials<acc_t>(partials);
+        at::Tensor in_rows = at::empty({2 * rd}, options.dtype(acc));
+        rows_from_column_blocks(total, dims.r, dims.d, in_rows.data_ptr<acc_t>());
+        partials = in_rows;
+        up_sums = in_rows.data_ptr<acc_t>();
+        down_sums = up_sums + rd;
+      }
     } else {
-      if (layout != BrgemmLayout::none) {
-        if constexpr (std::is_same_v<acc_t, float>) {
-          backward_blocks_brgemm<T>(op, layout, dx, partials, bias_partials);
-          // The brgemm driver sums g^T a: the factor s of gz = s g is applied once, at the end.
-          if (dropout_p == 0.0) dw_up_factor = static_cast<acc_t>(scale);
+      // Group 0 sums straight into the gradients where they are in the accumulation type, the
+      // other groups into rows of `partials`, added to group 0's at the end.
+      up_by_rows = kUpByRows<T, acc_t>;
+      const bool direct = up_by_rows && w_up.scalar_type() == acc && w_down.scalar_type() == acc;
+      if (direct) {
+        dw_up = at::empty({dims.d, dims.r}, options.dtype(acc));
+        dw_down = at::empty({dims.r, dims.d}, options.dtype(acc));
+      }
+      partials = empty_output({direct ? groups - 1 : groups, size}, options.dtype(acc));
+      std::vector<Partials<acc_t>> group_sums;
+      std::vector<acc_t*> ups, downs;
+      for (int64_t group = 0; group < groups; ++group) {
+        double* bias_row = bias_rows + group * bias_partials.size(1);
+        if (direct && group == 0) {
+          group_sums.emplace_back(dw_up.data_ptr<acc_t>(), dw_down.data_ptr<acc_t>(), bias_row, dims);
+        } else {
+          group_sums.emplace_back(partials.data_ptr<acc_t>() + (group - direct) * size, bias_row, dims);
         }
+        ups.push_back(group_sums.back().dw_up);
+        downs.push_back(group_sums.back().dw_down);
+      }
+      if (dims.n == 0) {
+        std::fill(ups[0], ups[0] + rd, acc_t(0));
+        std::fill(downs[0], downs[0] + rd, acc_t(0));
+        bias_partials.zero_();
       } else if (dropout_p == 0.0) {
-        backward_blocks<T, acc_t, true>(op, dx, partials, bias_partials, groups);
+        backward_blocks<T, acc_t, true>(op, dx, group_sums);
       } else {
-        backward_blocks<T, acc_t, false>(op, dx, partials, bias_partials, groups);
+        backward_blocks<T, acc_t, false>(op, dx, group_sums);
       }
-    }
-    const acc_t* total = sum_partials<acc_t>(partials);
-    Scratch<acc_t> total_rows;
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (layout != BrgemmLayout::none && dims.n != 0) {
-        total_rows = Scratch<acc_t>(2 * dims.r * dims.d);
-        rows_from_column_blocks(total, dims.r, dims.d, total_rows.data());
-        total = total_rows.data();
-      }
+      sum_into_first(ups, rd);
+      sum_into_first(downs, rd);
+      up_sums = ups[0];
+      down_sums = downs[0];
     }
     const double* bias_total = sum_partials<double>(bias_partials);
-    const int64_t rd = dims.r * dims.d;
-    dw_up = gradient<acc_t>(total, dims.r, dims.d, /*transpose=*/true, dw_up_factor, w_up.scalar_type(), options);
-    dw_down = gradient<acc_t>(total + rd, dims.r, dims.d, false, 1, w_down.scalar_type(), options);
+    if (!dw_up.defined()) {
+      dw_up = up_by_rows ? gradient<acc_t>(up_sums, dims.d, dims.r, false, dw_up_factor, w_up.scalar_type(), options)
+                         : gradient<acc_t>(up_sums, dims.r, dims.d, true, dw_up_factor, w_up.scalar_type(), options);
+      dw_down = gradient<acc_t>(down_sums, dims.r, dims.d, false, 1, w_down.scalar_type(), options);
+    }
     db_up = gradient<double>(bias_total, 1, dims.d, false, 1, w_up.scalar_type(), options).view({dims.d});
     db_down = gradient<double>(bias_total + dims.d, 1, dims.r, false, 1, w_down.scalar_type(), options).view({dims.r});
   });

@@ -110,6 +110,10 @@ at::Tensor widened(const at::Tensor& w, bool transpose) {
 
 }  // namespace
 
+at::Tensor weight_in_x_dtype(const at::Tensor& w, at::ScalarType x_dtype) {
+  return w.to(x_dtype).contiguous();
+}
+
 at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose) {
   const at::ScalarType acc = accumulation_type(x_dtype);
   const at::ScalarType w_dtype = w.scalar_type();

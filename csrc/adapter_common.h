@@ -108,6 +108,19 @@ inline Kind kind_of(at::ScalarType dtype) {
 // w itself when it already is that; a copy by copy_matrix for w in x's dtype or fp32.
 at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose);
 
+// Rows up to which the block-kernel forward reads both weights as given, in x's dtype (project_nt for x Wd^T,
+// project_out on [r, kGivenPanelCols] panels of Wu^T widened and transposed as each is needed)
+// instead of converting both into transposed accumulation-type copies first. At a few rows those
+// copies are most of the call: at 8 rows, d = 1024, r = 64, fp32, the two 256 KiB transposes took
+// ~30 us of a ~100 us inference step whose products took ~20 us (perf, the Xeon). Beyond one block
+// the panels would be transposed again for every block.
+constexpr int64_t kGivenWeightMaxRows = kBlockRows;
+constexpr int64_t kGivenPanelCols = 64;
+
+// A weight in x's dtype with contiguous rows, as the forward reads the weights as given: itself,
+// or rounded to x's dtype (an fp32 weight of 16-bit x: the operand rounding of operand_weight).
+at::Tensor weight_in_x_dtype(const at::Tensor& w, at::ScalarType x_dtype);
+
 // A bias in the accumulation type, contiguous (biases are added to fp32 sums unrounded).
 std::optional<at::Tensor> operand_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype);
 

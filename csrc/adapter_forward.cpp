@@ -5,6 +5,8 @@
 // forward_block_rows), in parallel over blocks. Per block, x is read from
 // memory once (project_in) and y written once (project_out, with bias, dropout, scale and
 // residual applied to each tile as it leaves the registers), so no [N, d] temporary exists.
+// A call of up to kGivenWeightMaxRows rows with weights in x's dtype (forward_given) reads the
+// weights as given instead of converting both into transposed copies first.
 #include "adapter_ops.h"
 
 #include <vector>
@@ -23,6 +25,49 @@
 namespace adapterfast::cpu {
 namespace {
 
+// The epilogue of columns [col0, ...) of e's rows, for project_out on a panel of those columns.
+template <typename acc_t>
+OutputEpilogue<acc_t> from_column(OutputEpilogue<acc_t> e, int64_t col0) {
+  const auto advance = [col0](const void* p, Kind kind) {
+    return p == nullptr ? p : static_cast<const char*>(p) + col0 * kind_bytes(kind);
+  };
+  e.res = advance(e.res, e.res_kind);
+  e.out = const_cast<void*>(advance(e.out, e.out_kind));
+  if (e.bias != nullptr) e.bias += col0;
+  if (e.keep != nullptr) e.keep += col0;
+  return e;
+}
+
+// h += b_down, then a = act(h) rounded to x's dtype: m bottleneck rows.
+template <typename T, typename acc_t>
+void bottleneck_rows(const ForwardOperands& op, int64_t m, acc_t* h, acc_t* a) {
+  const int64_t r = op.dims.r;
+  if (op.b_down) {
+    const acc_t* b_down = op.b_down->data_ptr<acc_t>();
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < r; ++j) h[i * r + j] += b_down[j];
+    }
+  }
+  visit<acc_t>(op.activation, [&](auto f) {
+    for (int64_t idx = 0; idx < m * r; ++idx) a[idx] = f.value(h[idx]);
+  });
+  round_row_as<T>(a, acc_t(1), m * r);
+}
+
+// The residual of e for rows from row0: the separate residual, or x itself (xb, the rows as the
+// kernels read them, in cache).
+template <typename acc_t>
+void set_residual(const ForwardOperands& op, int64_t row0, const void* xb, Kind x_kind, int64_t ld_x,
+                  OutputEpilogue<acc_t>& e) {
+  if (op.residual) {
+    e.res = static_cast<const char*>(op.residual->data_ptr()) + row0 * op.residual->stride(0) * op.residual->element_size();
+  } else {
+    e.res = xb;
+    e.res_kind = x_kind;
+    e.ld_res = ld_x;
+  }
+}
+
 template <typename T, typename acc_t>
 void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
@@ -30,7 +75,6 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const RowReader<T, acc_t> x_rows(op.x);
   const acc_t* w_down_t = op.w_down_t.data_ptr<acc_t>();
   const acc_t* w_up_t = op.w_up_t.data_ptr<acc_t>();
-  const acc_t* b_down = op.b_down ? op.b_down->data_ptr<acc_t>() : nullptr;
   acc_t* h_data = h.data_ptr<acc_t>();
   T* y_data = y.data_ptr<T>();
   const bool dropout = op.dropout_p > 0.0;
@@ -54,37 +98,72 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
       Kind xb_kind = x_rows.kind();
       int64_t ld_x = x_rows.ld();
       acc_t* hb = h_data + row0 * r;
-      if (x_rows.as_stored()) {
-        kernels.project_in_stored(m, r, d, xb, xb_kind, ld_x, w_down_t, r, hb, r);
-      } else {
-        const acc_t* gathered = x_rows.gathered(row0, m, x_scratch.data());
+      if (!x_rows.as_stored()) {
+        xb = x_rows.gathered(row0, m, x_scratch.data());
+        xb_kind = kAccKind<acc_t>;
         ld_x = d;
-        kernels.project_in(m, r, d, gathered, ld_x, w_down_t, r, hb, r);
-        xb = gathered;
-        xb_kind = std::is_same_v<acc_t, double> ? Kind::f64 : Kind::f32;
       }
-      if (b_down != nullptr) {
-        for (int64_t i = 0; i < m; ++i) {
-          for (int64_t j = 0; j < r; ++j) hb[i * r + j] += b_down[j];
-        }
-      }
-      visit<acc_t>(op.activation, [&](auto f) {
-        for (int64_t idx = 0; idx < m * r; ++idx) a[idx] = f.value(hb[idx]);
-      });
-      round_row_as<T>(a.data(), acc_t(1), m * r);
+      kernels.project_in_stored(m, r, d, xb, xb_kind, ld_x, w_down_t, r, hb, r);
+      bottleneck_rows<T>(op, m, hb, a.data());
 
       if (dropout) kernels.dropout_keep(op.seed, threshold, row0, m, d, keep.data(), ld_keep);
       e.keep = dropout ? keep.data() : nullptr;
-      if (op.residual) {
-        e.res = static_cast<const char*>(op.residual->data_ptr()) +
-                row0 * op.residual->stride(0) * op.residual->element_size();
-      } else {
-        e.res = xb;
-        e.res_kind = xb_kind;
-        e.ld_res = ld_x;
-      }
+      set_residual(op, row0, xb, xb_kind, ld_x, e);
       e.out = y_data + row0 * d;
       kernels.project_out(m, r, d, a.data(), r, w_up_t, d, e);
+    }
+  });
+}
+
+// Products (FMAs) of a forward from which forward_given spreads each of its two products over the
+// threads: an OpenMP region costs a few microseconds to start, which a call of 8 rows, d = 1024,
+// r = 64 (0.5 M) does not earn back. TODO: measured value.
+constexpr int64_t kGivenSpreadFmas = int64_t(1) << 20;
+
+// The forward of a call of up to kGivenWeightMaxRows rows, one block, from the weights as given
+// (in x's dtype: weight_in_x_dtype): h's columns by project_nt from rows of Wd, then y's columns,
+// each kGivenPanelCols of them by project_out from a panel of Wu^T widened and transposed in L1
+// just before (the same products in the same order as from a transposed copy). Both go over
+// the threads by columns, which leaves every element's arithmetic as it is: bitwise the same
+// results for any thread count.
+template <typename T, typename acc_t>
+void forward_given(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
+  const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
+  const auto [n, d, r] = op.dims;
+  const RowReader<T, acc_t> x_rows(op.x);
+  const Kind w_kind = kind_of(op.w_down_given.scalar_type());
+  const int64_t w_bytes = kind_bytes(w_kind);
+  const char* w_down = static_cast<const char*>(op.w_down_given.data_ptr());
+  const char* w_up = static_cast<const char*>(op.w_up_given.data_ptr());
+  acc_t* h_data = h.data_ptr<acc_t>();
+  const bool spread = n * d * r >= kGivenSpreadFmas;
+
+  Scratch<acc_t> x_scratch(x_rows.as_stored() ? 0 : n * d);
+  const void* xb = x_rows.as_stored() ? static_cast<const void*>(x_rows.stored(0)) : x_rows.gathered(0, n, x_scratch.data());
+  const Kind x_kind = x_rows.as_stored() ? x_rows.kind() : kAccKind<acc_t>;
+  const int64_t ld_x = x_rows.as_stored() ? x_rows.ld() : d;
+
+  at::parallel_for(0, r, spread ? 1 : r, [&](int64_t j0, int64_t j1) {
+    kernels.project_nt(n, j1 - j0, d, xb, x_kind, ld_x, w_down + j0 * d * w_bytes, w_kind, d, h_data + j0, r);
+  });
+  Scratch<acc_t> a(n * r);
+  bottleneck_rows<T>(op, n, h_data, a.data());
+
+  OutputEpilogue<acc_t> e = forward_epilogue<acc_t>(op, y);
+  Scratch<uint8_t> keep(op.dropout_p > 0.0 ? n * e.ld_keep : 0);
+  if (op.dropout_p > 0.0) {
+    kernels.dropout_keep(op.seed, philox::threshold(op.dropout_p), 0, n, d, keep.data(), e.ld_keep);
+    e.keep = keep.data();
+  }
+  set_residual(op, 0, xb, x_kind, ld_x, e);
+  e.out = y.data_ptr();
+  const int64_t panels = (d + kGivenPanelCols - 1) / kGivenPanelCols;
+  at::parallel_for(0, panels, spread ? 1 : panels, [&](int64_t p0, int64_t p1) {
+    Scratch<acc_t> panel(r * kGivenPanelCols);
+    for (int64_t k0 = p0 * kGivenPanelCols; k0 < std::min(d, p1 * kGivenPanelCols); k0 += kGivenPanelCols) {
+      const int64_t kc = std::min(kGivenPanelCols, d - k0);
+      kernels.widen_transposed(kc, r, w_up + k0 * r * w_bytes, w_kind, r, panel.data());
+      kernels.project_out(n, r, kc, a.data(), r, panel.data(), kc, from_column(e, k0));
     }
   });
 }
@@ -103,7 +182,8 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
   const at::ScalarType acc = accumulation_type(dtype);
 
   const BrgemmLayout layout = brgemm_layout_for(dtype, dims, /*backward=*/false);
-  const bool given = packs_given_weights(layout, dtype, w_down, w_up, dims, /*backward=*/false);
+  const bool given = layout == BrgemmLayout::none ? dims.n <= kGivenWeightMaxRows
+                                                  : packs_given_weights(layout, dtype, w_down, w_up, dims, false);
   ForwardOperands op{dims,
                      x,
                      given ? at::Tensor() : operand_weight(w_down, dtype, /*transpose=*/true),
@@ -117,8 +197,8 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
                      static_cast<uint64_t>(seed),
                      training};
   if (given) {
-    op.w_down_given = w_down.contiguous();
-    op.w_up_given = w_up.contiguous();
+    op.w_down_given = weight_in_x_dtype(w_down, dtype);
+    op.w_up_given = weight_in_x_dtype(w_up, dtype);
   }
 
   at::Tensor y = empty_output({dims.n, dims.d}, x.options());
@@ -130,6 +210,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
     if constexpr (std::is_same_v<acc_t, float>) {
       if (layout != BrgemmLayout::none) return forward_blocks_brgemm<T>(op, layout, y, h);
     }
+    if (given) return forward_given<T, acc_t>(op, y, h);
     forward_blocks<T, acc_t>(op, y, h);
   });
   return {y, h};

@@ -25,8 +25,9 @@ struct ForwardOperands {
   uint64_t seed;
   // The forward of a training step (its y feeds a backward): see stream_output (adapter_common.h).
   bool training = false;
-  // The bf16 weights as given (contiguous), where the brgemm driver packs them itself
-  // (packs_given_weights, adapter_brgemm.h); w_down_t and w_up_t are then undefined.
+  // The weights as given (contiguous), where the brgemm driver packs them itself
+  // (packs_given_weights, adapter_brgemm.h) or the block kernels read them as they are
+  // (kGivenWeightMaxRows, in x's dtype); w_down_t and w_up_t are then undefined.
   at::Tensor w_down_given;  // [r, d]
   at::Tensor w_up_given;    // [d, r]
 };
@@ -75,7 +76,9 @@ struct BackwardOperands {
 // fp32's last bit for any N this op sees.
 template <typename acc_t>
 struct Partials {
-  acc_t* dw_up_t;   // [r, d]
+  // dw_up^T [r, d] where the driver reads g as its B operand (16-bit g, brgemm), dw_up [d, r]
+  // where the block kernels broadcast g's elements (g in the accumulation type: backward_blocks).
+  acc_t* dw_up;
   acc_t* dw_down;   // [r, d]
   double* db_up;    // [d]
   double* db_down;  // [r]
@@ -84,7 +87,9 @@ struct Partials {
   static int64_t bias_size(const Dims& dims) { return dims.d + dims.r; }
 
   Partials(acc_t* row, double* bias_row, const Dims& dims)
-      : dw_up_t(row), dw_down(row + dims.r * dims.d), db_up(bias_row), db_down(bias_row + dims.d) {}
+      : Partials(row, row + dims.r * dims.d, bias_row, dims) {}
+  Partials(acc_t* up, acc_t* down, double* bias_row, const Dims& dims)
+      : dw_up(up), dw_down(down), db_up(bias_row), db_down(bias_row + dims.d) {}
 };
 
 // Groups per backward: a power of two, at most 32 and the number of blocks, and small enough

@@ -15,6 +15,12 @@ namespace adapterfast::cpu {
 // Storage type of a tensor the kernels read or write element by element.
 enum class Kind : uint8_t { f32, bf16, f16, f64 };
 
+// The Kind of the accumulation type's own values (float or double).
+template <typename acc_t>
+constexpr Kind kAccKind = sizeof(acc_t) == 8 ? Kind::f64 : Kind::f32;
+
+constexpr int64_t kind_bytes(Kind kind) { return kind == Kind::f64 ? 8 : kind == Kind::f32 ? 4 : 2; }
+
 // What project_out does with each product u[i, k] = sum_j A[i, j] B[j, k]:
 //     out[i, k] = res[i, k] + factor[i, k] * (u[i, k] + bias[k])
 // factor is `scale` where keep[i, k] != 0 and 0 where it is 0 (multiplied, not selected, so a
@@ -86,13 +92,26 @@ struct BlockKernels {
   // order, in acc_t, from the same pass over B: a block's share of db_up (the sum over rows of g),
   // added by the caller to its running total (so the rounding error grows with the block's rows,
   // not with N), from the sweep over g that dw_up makes anyway instead of a pass of its own.
+  // Without accumulate, C = A^T B: a reduction group's first block writes its partial sums instead of
+  // adding them to zeroed ones (a memset and a read of C fewer; at 8 rows, d = 1024, r = 64 those
+  // two [r, d] partials were most of the backward's fixed cost).
   void (*accumulate_outer_stored)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda,
-                                  const void* B, Kind b_kind, int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums);
+                                  const void* B, Kind b_kind, int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums,
+                                  bool accumulate);
 
   // transpose with A in its storage type `a_kind`, widened exactly as it is loaded: a 16-bit
   // weight as the fp32 kernels' operand in one pass, where widening its rows and then transposing
   // them was two (together ~17% of a fp16 forward at 64 x 1024, r = 64).
   void (*widen_transposed)(int64_t M, int64_t K, const void* A, Kind a_kind, int64_t lda, acc_t* B);
+
+  // C[M, N] = A[M, K] B[N, K]^T, both operands in their storage types, as dot products along K:
+  // x Wd^T from the [r, d] weight as it is, for calls of a few rows (kGivenWeightMaxRows,
+  // adapter_common.h), where transposing the weight into project_in's [d, r] operand costs more
+  // than the product. Each dot product sums its K products in 16 lanes, not in order as
+  // project_in does, so h (and y) of a call of up to kGivenWeightMaxRows rows may differ in the
+  // last bits from the same rows' h in a larger call.
+  void (*project_nt)(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int64_t lda, const void* B,
+                     Kind b_kind, int64_t ldb, acc_t* C, int64_t ldc);
 };
 
 namespace generic {

@@ -15,6 +15,18 @@
 namespace adapterfast::cpu::avx512 {
 namespace {
 
+// Calls fn(p) with p the pointer of the 16-bit or float storage type the AVX-512 kernels load for
+// `kind` (float64 is not one of them).
+template <typename Fn>
+void with_stored(const void* p, Kind kind, Fn&& fn) {
+  switch (kind) {
+    case Kind::bf16: return fn(static_cast<const uint16_t*>(p));
+    case Kind::f16: return fn(static_cast<const HalfBits*>(p));
+    case Kind::f32: return fn(static_cast<const float*>(p));
+    case Kind::f64: break;
+  }
+}
+
 template <int kRows, int kVecs, typename Ta>
 void project_in_tiles(int64_t M, int64_t N, int64_t n0, int64_t K, const Ta* A, int64_t lda,
                       const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
@@ -57,19 +69,20 @@ void project_in_impl(int64_t M, int64_t N, int64_t K, const Ta* A, int64_t lda, 
     const int64_t kc = min64(kInChunk, K - k0);
     const Ta* a = A + k0;
     const float* b = B + k0 * ldb;
+    const bool add = k0 > 0;
     for (int64_t n0 = 0; n0 < N; n0 += 4 * kLanes) {
       switch ((min64(N - n0, 4 * kLanes) + kLanes - 1) / kLanes) {
         case 1: {
           // 16-row tiles, the last rows (fewer than 16) in 8-row ones: a tile computes all its
           // rows, so a one-row call in a 16-row tile would cost twice an 8-row one.
           const int64_t full = tall_r16 ? M / 16 * 16 : 0;
-          project_in_tiles<16, 1>(full, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0);
-          project_in_tiles<8, 1>(M - full, N, n0, kc, a + full * lda, lda, b, ldb, C + full * ldc, ldc, k0 > 0);
+          project_in_tiles<16, 1>(full, N, n0, kc, a, lda, b, ldb, C, ldc, add);
+          project_in_tiles<8, 1>(M - full, N, n0, kc, a + full * lda, lda, b, ldb, C + full * ldc, ldc, add);
           break;
         }
-        case 2: project_in_tiles<8, 2>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;
-        case 3: project_in_tiles<8, 3>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;
-        default: project_in_tiles<6, 4>(M, N, n0, kc, a, lda, b, ldb, C, ldc, k0 > 0); break;
+        case 2: project_in_tiles<8, 2>(M, N, n0, kc, a, lda, b, ldb, C, ldc, add); break;
+        case 3: project_in_tiles<8, 3>(M, N, n0, kc, a, lda, b, ldb, C, ldc, add); break;
+        default: project_in_tiles<6, 4>(M, N, n0, kc, a, lda, b, ldb, C, ldc, add); break;
       }
     }
   }
@@ -82,16 +95,12 @@ void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
 
 void project_in_stored(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int64_t lda, const float* B,
                        int64_t ldb, float* C, int64_t ldc) {
-  switch (a_kind) {
-    case Kind::bf16: return project_in_impl(M, N, K, static_cast<const uint16_t*>(A), lda, B, ldb, C, ldc);
-    case Kind::f16: return project_in_impl(M, N, K, static_cast<const HalfBits*>(A), lda, B, ldb, C, ldc);
-    case Kind::f32: return project_in_impl(M, N, K, static_cast<const float*>(A), lda, B, ldb, C, ldc);
-    case Kind::f64: break;
-  }
+  with_stored(A, a_kind, [&](auto a) { project_in_impl(M, N, K, a, lda, B, ldb, C, ldc); });
 }
 
 // 8 x 3 tiles over [r, K] (8 divides typical bottleneck widths): the M rows of A and B are summed
-// in registers, then added to C. A tile's missing rows repeat its last one and are not stored.
+// in registers, then added to C (stored, without accumulate). A tile's missing rows repeat its
+// last one and are not stored.
 // With sums, the first row tile of each column tile also sums B's rows.
 // B is float, or 16-bit storage (uint16_t: bf16, HalfBits: float16) widened as the tiles load it
 // (accumulate_outer_stored): each element is converted N / 8 times, and yet that measured as fast
@@ -99,7 +108,7 @@ void project_in_stored(int64_t M, int64_t N, int64_t K, const void* A, Kind a_ki
 // 1.2x faster at d = 4096, r = 16 (fp16 backward, N = 8192, 2 threads, on the Xeon).
 template <typename Tb>
 void accumulate_outer_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const Tb* B,
-                           int64_t ldb, float* C, int64_t ldc, float* sums) {
+                           int64_t ldb, float* C, int64_t ldc, float* sums, bool accumulate) {
   using T = Tile<8, 3>;
   for (int64_t k0 = 0; k0 < K; k0 += T::kCols) {
     const TileColumns<3> cols(K, k0);
@@ -119,27 +128,109 @@ void accumulate_outer_impl(int64_t M, int64_t N, int64_t K, const float* A, int6
       } else {
         rank_update(cols, M, a, lda, B + k0, ldb, prefetch_next, tile);
       }
-      add_tile(tile, cols, nj, C + j0 * ldc + k0, ldc);
+      if (accumulate) {
+        add_tile(tile, cols, nj, C + j0 * ldc + k0, ldc);
+      } else {
+        add_tile</*kStore=*/true>(tile, cols, nj, C + j0 * ldc + k0, ldc);
+      }
     }
   }
 }
 
 void accumulate_outer(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                       int64_t ldb, float* C, int64_t ldc) {
-  accumulate_outer_impl(M, N, K, A, lda, B, ldb, C, ldc, nullptr);
+  accumulate_outer_impl(M, N, K, A, lda, B, ldb, C, ldc, nullptr, /*accumulate=*/true);
 }
 
 void accumulate_outer_stored(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* B,
-                             Kind b_kind, int64_t ldb, float* C, int64_t ldc, float* sums) {
-  switch (b_kind) {
-    case Kind::bf16:
-      return accumulate_outer_impl(M, N, K, A, lda, static_cast<const uint16_t*>(B), ldb, C, ldc, sums);
-    case Kind::f16:
-      return accumulate_outer_impl(M, N, K, A, lda, static_cast<const HalfBits*>(B), ldb, C, ldc, sums);
-    case Kind::f32:
-      return accumulate_outer_impl(M, N, K, A, lda, static_cast<const float*>(B), ldb, C, ldc, sums);
-    case Kind::f64: break;
+                             Kind b_kind, int64_t ldb, float* C, int64_t ldc, float* sums, bool accumulate) {
+  with_stored(B, b_kind, [&](auto b) { accumulate_outer_impl(M, N, K, A, lda, b, ldb, C, ldc, sums, accumulate); });
+}
+
+// Lane t of the result is the sum of the 16 lanes of v[t]: pairs of vectors added interleaved
+// (unpack_ps), then pairs of pairs (unpack_pd), which leaves in 128-bit lane L of w[q] the sums
+// over lane L of v[4q..4q+3]; two rounds of 128-bit lane shuffles add each vector's four lanes.
+// 30 shuffles and 15 adds for 16 dot products.
+ALWAYS_INLINE __m512 sum_each_lanes(const __m512 (&v)[kLanes]) {
+  __m512 s[8];
+  for (int i = 0; i < 8; ++i) {
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
   }
+  __m512 w[4];
+  for (int q = 0; q < 4; ++q) {
+    const __m512d a = _mm512_castps_pd(s[2 * q]), b = _mm512_castps_pd(s[2 * q + 1]);
+    w[q] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xdd));
+}
+
+// acc[t * kCols + c] += a[t][k0 : k0 + 16] * b[c][k0 : k0 + 16], lanes m.
+template <int kRows, int kCols, typename Ta, typename Tb>
+ALWAYS_INLINE void dot_step(const Ta* const (&a)[kRows], const Tb* const (&b)[kCols], int64_t k0, __mmask16 m,
+                            __m512 (&acc)[kLanes]) {
+  __m512 vb[kCols];
+  for (int c = 0; c < kCols; ++c) vb[c] = load_as_float(b[c] + k0, m);
+  for (int t = 0; t < kRows; ++t) {
+    const __m512 va = load_as_float(a[t] + k0, m);
+    for (int c = 0; c < kCols; ++c) acc[t * kCols + c] = _mm512_fmadd_ps(va, vb[c], acc[t * kCols + c]);
+  }
+}
+
+// One tile of project_nt: kRows rows of A by kCols = 16 / kRows rows of B, 16 accumulators each
+// lane of which sums every 16th product of one dot product. K goes in runs of kSumRun products
+// per lane, each run's 16 dot products reduced (sum_each_lanes) and added to the running total,
+// so the rounding error grows as in project_in (with kSumRun + K / kSumRun). A tile's missing
+// columns repeat its last one and are not stored.
+template <int kRows, typename Ta, typename Tb>
+void project_nt_tile(int64_t nj, int64_t K, const Ta* const (&a)[kRows], const Tb* B, int64_t ldb, int64_t j0,
+                     float* C, int64_t ldc) {
+  constexpr int kCols = kLanes / kRows;
+  const Tb* b[kCols];
+  for (int c = 0; c < kCols; ++c) b[c] = B + (j0 + min64(c, nj - 1)) * ldb;
+  constexpr int64_t kRun = kSumRun * kLanes;
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t s0 = 0; s0 < K; s0 += kRun) {
+    const int64_t end = min64(K, s0 + kRun);
+    __m512 acc[kLanes];
+    for (auto& v : acc) v = _mm512_setzero_ps();
+    int64_t k = s0;
+    for (; k + kLanes <= end; k += kLanes) dot_step<kRows, kCols>(a, b, k, __mmask16(0xFFFF), acc);
+    if (k < end) dot_step<kRows, kCols>(a, b, k, lanes(end - k), acc);
+    total = _mm512_add_ps(total, sum_each_lanes(acc));
+  }
+  alignas(64) float sums[kLanes];
+  _mm512_store_ps(sums, total);
+  for (int t = 0; t < kRows; ++t) {
+    for (int64_t c = 0; c < nj; ++c) C[t * ldc + j0 + c] = sums[t * kCols + c];
+  }
+}
+
+// Rows in tiles of 4 (4 x 4 dot products: 8 loads per 16 FMAs), the last 1 to 3 in tiles of 2
+// and 1 (2 x 8, 1 x 16), so a one-row call (a decoding step) computes one row, not four.
+template <int kRows, typename Ta, typename Tb>
+void project_nt_rows(int64_t M, int64_t N, int64_t K, const Ta* A, int64_t lda, const Tb* B, int64_t ldb, float* C,
+                     int64_t ldc) {
+  constexpr int kCols = kLanes / kRows;
+  const int64_t own = M / kRows * kRows;
+  for (int64_t i0 = 0; i0 < own; i0 += kRows) {
+    const Ta* a[kRows];
+    for (int t = 0; t < kRows; ++t) a[t] = A + (i0 + t) * lda;
+    for (int64_t j0 = 0; j0 < N; j0 += kCols) {
+      project_nt_tile<kRows>(min64(kCols, N - j0), K, a, B, ldb, j0, C + i0 * ldc, ldc);
+    }
+  }
+  if constexpr (kRows > 1) {
+    if (own < M) project_nt_rows<kRows / 2>(M - own, N, K, A + own * lda, lda, B, ldb, C + own * ldc, ldc);
+  }
+}
+
+void project_nt(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int64_t lda, const void* B, Kind b_kind,
+                int64_t ldb, float* C, int64_t ldc) {
+  with_stored(A, a_kind, [&](auto a) {
+    with_stored(B, b_kind, [&](auto b) { project_nt_rows<4>(M, N, K, a, lda, b, ldb, C, ldc); });
+  });
 }
 
 // r[c] = column c of the 16 x 16 tile whose rows r held: pairs of rows interleaved (unpack_ps),
@@ -195,12 +286,7 @@ void transpose_impl(int64_t M, int64_t K, const Ta* A, int64_t lda, float* B) {
 void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B) { transpose_impl(M, K, A, lda, B); }
 
 void widen_transposed(int64_t M, int64_t K, const void* A, Kind a_kind, int64_t lda, float* B) {
-  switch (a_kind) {
-    case Kind::bf16: return transpose_impl(M, K, static_cast<const uint16_t*>(A), lda, B);
-    case Kind::f16: return transpose_impl(M, K, static_cast<const HalfBits*>(A), lda, B);
-    case Kind::f32: return transpose_impl(M, K, static_cast<const float*>(A), lda, B);
-    case Kind::f64: break;
-  }
+  with_stored(A, a_kind, [&](auto a) { transpose_impl(M, K, a, lda, B); });
 }
 
 }  // namespace
@@ -208,7 +294,7 @@ void widen_transposed(int64_t M, int64_t K, const void* A, Kind a_kind, int64_t 
 const BlockKernels<float>* kernels() {
   static const BlockKernels<float> table{"avx512", &project_in, &accumulate_outer, &detail::project_out,
                                          &transpose, &detail::dropout_keep, &project_in_stored,
-                                         &accumulate_outer_stored, &widen_transposed};
+                                         &accumulate_outer_stored, &widen_transposed, &project_nt};
   return &table;
 }
 

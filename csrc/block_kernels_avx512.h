@@ -213,7 +213,8 @@ ALWAYS_INLINE void rank_update(const TileColumns<kVecs>& cols, int64_t S, const 
 // C[t][0:kVecs * 16] += tile.acc[t] for the tile's first `rows` rows, C's rows ldc apart, masked to
 // the tile's columns (accumulate_outer's store of its [r, K] tiles). Unrolled, so that the
 // accumulators are only indexed by constants and stay in registers.
-template <int kRows, int kVecs>
+// With kStore, C = tile instead (a group's first block: no zeroed C to read).
+template <bool kStore = false, int kRows, int kVecs>
 ALWAYS_INLINE void add_tile(const Tile<kRows, kVecs>& tile, const TileColumns<kVecs>& cols, int64_t rows, float* C,
                             int64_t ldc) {
 #pragma GCC unroll 16
@@ -221,7 +222,9 @@ ALWAYS_INLINE void add_tile(const Tile<kRows, kVecs>& tile, const TileColumns<kV
     if (t >= rows) break;
     float* c = C + t * ldc;
     for (int v = 0; v < kVecs; ++v) {
-      if (cols.m[v] != 0) store(c + v * kLanes, _mm512_add_ps(load(c + v * kLanes, cols.m[v]), tile.acc[t][v]), cols.m[v]);
+      if (cols.m[v] == 0) continue;
+      const __m512 sum = kStore ? tile.acc[t][v] : _mm512_add_ps(load(c + v * kLanes, cols.m[v]), tile.acc[t][v]);
+      store(c + v * kLanes, sum, cols.m[v]);
     }
   }
 }

@@ -129,7 +129,10 @@ void project_in_stored(int64_t M, int64_t N, int64_t K, const void* A, Kind a_ki
 
 template <typename acc_t>
 void accumulate_outer_stored(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const void* B,
-                             Kind b_kind, int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums) {
+                             Kind b_kind, int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums, bool accumulate) {
+  if (!accumulate) {
+    for (int64_t j = 0; j < N; ++j) std::fill(C + j * ldc, C + j * ldc + K, acc_t(0));
+  }
   with_type(b_kind, [&](auto t) {
     using Tb = decltype(t);
     const Tb* b = static_cast<const Tb*>(B);
@@ -164,6 +167,26 @@ void widen_transposed(int64_t M, int64_t K, const void* A, Kind a_kind, int64_t 
   });
 }
 
+template <typename acc_t>
+void project_nt(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int64_t lda, const void* B, Kind b_kind,
+                int64_t ldb, acc_t* C, int64_t ldc) {
+  with_type(a_kind, [&](auto ta) {
+    using Ta = decltype(ta);
+    with_type(b_kind, [&](auto tb) {
+      using Tb = decltype(tb);
+      for (int64_t i = 0; i < M; ++i) {
+        const Ta* a = static_cast<const Ta*>(A) + i * lda;
+        for (int64_t j = 0; j < N; ++j) {
+          const Tb* b = static_cast<const Tb*>(B) + j * ldb;
+          acc_t sum = 0;
+          for (int64_t k = 0; k < K; ++k) sum += static_cast<acc_t>(a[k]) * static_cast<acc_t>(b[k]);
+          C[i * ldc + j] = sum;
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 template <typename acc_t>
@@ -171,7 +194,7 @@ const BlockKernels<acc_t>& kernels() {
   static const BlockKernels<acc_t> table{"generic", &project_in<acc_t>, &accumulate_outer<acc_t>,
                                          &project_out<acc_t>, &transpose<acc_t>, &dropout_keep,
                                          &project_in_stored<acc_t>, &accumulate_outer_stored<acc_t>,
-                                         &widen_transposed<acc_t>};
+                                         &widen_transposed<acc_t>, &project_nt<acc_t>};
   return table;
 }
 

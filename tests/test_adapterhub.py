@@ -227,7 +227,9 @@ def test_adapter_dropout_keeps_the_library_semantics(preset, calls):
         model.train()
         fused_train = layer(hidden, residual, None)
     assert calls[0] == 2
-    torch.testing.assert_close(fused_eval, library_eval, rtol=1e-5, atol=1e-6)
+    # atol 1e-5: outputs of size ~1 summed in another order than the library's GEMMs (a 10-row call
+    # takes dot products in 16 lanes) differ by a few ulps; both are within ~7e-6 of float64 here.
+    torch.testing.assert_close(fused_eval, library_eval, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(library_eval - hidden - residual, branch, rtol=1e-5, atol=1e-5)
     delta = fused_train - hidden - residual
     dropped = delta.abs() < 1e-5

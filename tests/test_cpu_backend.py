@@ -90,6 +90,28 @@ def test_fp32_every_row_count_up_to_two_tiles(r):
         check_against_reference(x, wd, wu, bd, bu, None, tol=1e-5, scale=0.5)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.float64, 1e-12)],
+                         ids=["fp32", "fp16", "fp64"])
+def test_small_calls_read_the_weights_as_given(dtype, tol):
+    """A call of up to 64 rows (kGivenWeightMaxRows, csrc/adapter_common.h) with weights in x's
+    dtype reads them as given: h = x Wd^T as dot products from the [r, d] weight (project_nt), y
+    from panels of Wu^T transposed as they are needed. d = 131 and r = 33 leave a partial run of
+    16 lanes, a partial tile of columns and, over 1 to 64 rows, 4-, 2- and 1-row tiles; a strided x,
+    a separate residual and dropout take the other operands of the route. Every result matches the
+    float64 reference, and a row's results do not depend on the rows called with it."""
+    torch.manual_seed(3)
+    d, r = 131, 33
+    x, wd, wu, bd, bu = (t.to(dtype) for t in adapter_inputs(64, d, r)[:5])
+    for n in (1, 2, 3, 5, 17, 64):
+        check_against_reference(x[:n], wd, wu, bd, bu, None, tol=tol, activation="gelu", scale=0.5)
+    wide = torch.randn(40, 2 * d).to(dtype)
+    check_against_reference(wide[:, ::2], wd, wu, bd, bu, torch.randn(40, d).to(dtype), tol=tol, p=0.3, seed=5)
+    y64, h64 = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
+    for n in (1, 7, 33):
+        y, h = cpu.forward(x[:n], wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
+        assert torch.equal(y, y64[:n]) and torch.equal(h, h64[:n])
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_each_activation(activation):
     x, wd, wu, bd, bu, _ = adapter_inputs(70, 123, 24)
@@ -289,9 +311,12 @@ import torch
 from adapterfast import cpu, reference
 assert {cpu.kernel_isa(t) for t in (torch.float32, torch.bfloat16, torch.float16)} == {"generic"}
 torch.manual_seed(0)
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    x = torch.randn(70, 131).to(dtype)
+for dtype, n in ((torch.float32, 70), (torch.bfloat16, 70), (torch.float16, 70), (torch.float32, 40),
+                 (torch.float16, 40)):
+    x = torch.randn(n, 131).to(dtype)
     wd, wu, bd, bu = torch.randn(9, 131) / 11, torch.randn(131, 9) / 3, torch.randn(9), torch.randn(131)
+    if n <= 64:  # weights in x's dtype: read as given (project_nt)
+        wd, wu, bd, bu = (t.to(dtype) for t in (wd, wu, bd, bu))
     y, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.3, 8, None)
     g = torch.randn_like(y)
     got = (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, "gelu", 0.5, 0.3, 8, True))
@@ -308,7 +333,8 @@ print("ok")
 
 
 def test_portable_kernels_in_a_subprocess():
-    """ATEN_CPU_CAPABILITY=avx2 selects the portable float kernels, which must agree as well."""
+    """ATEN_CPU_CAPABILITY=avx2 selects the portable float kernels, which must agree as well (at 40
+    rows with weights in x's dtype, on the route that reads them as given)."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
