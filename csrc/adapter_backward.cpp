@@ -110,6 +110,26 @@ void column_sums(int64_t m, int64_t d, const acc_t* __restrict rows, int64_t ld,
 template <typename T, typename acc_t>
 constexpr bool kUpByRows = std::is_same_v<T, acc_t>;
 
+// The shares of m rows in dw_up and db_up, columns [k0, k0 + kc) of d: gz the rows' g (kFold: as
+// stored, s folded into a) or their gz in scratch (ld_gz apart), a their [m, r] a.
+template <typename T, typename acc_t, bool kFold>
+void add_up_share(const BlockKernels<acc_t>& kernels, const Dims& dims, int64_t m, int64_t k0, int64_t kc,
+                  const void* gz, Kind gz_kind, int64_t ld_gz, const acc_t* a, acc_t factor, const Partials<acc_t>& sums,
+                  acc_t* block_sums, bool accumulate) {
+  const auto [n, d, r] = dims;
+  const char* gz_cols = static_cast<const char*>(gz) + k0 * kind_bytes(gz_kind);
+  if constexpr (kUpByRows<T, acc_t>) {
+    const acc_t* rows = reinterpret_cast<const acc_t*>(gz_cols);
+    kernels.accumulate_outer_stored(m, kc, r, rows, ld_gz, a, kAccKind<acc_t>, r, sums.dw_up + k0 * r, r, nullptr,
+                                    accumulate);
+    if constexpr (kFold) column_sums(m, kc, rows, ld_gz, block_sums + k0);
+  } else {
+    kernels.accumulate_outer_stored(m, r, kc, a, r, gz_cols, gz_kind, ld_gz, sums.dw_up + k0, d,
+                                    kFold ? block_sums + k0 : nullptr, accumulate);
+  }
+  if constexpr (kFold) add_scaled_sums(block_sums + k0, factor, kc, sums.db_up + k0);
+}
+
 // kFold: there is no dropout, so gz = s g with s folded into the [rows, r] operands, and g itself
 // serves as gz, read as stored by the kernels (16-bit values widened as their tiles load them).
 // db_up is then s times g's column sums, taken per block in the accumulation type and added in
@@ -134,7 +154,6 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, const std::vect
   const int64_t rows = backward_block_rows(n);
   const int64_t blocks = (n + rows - 1) / rows;
   const int64_t groups = static_cast<int64_t>(group_sums.size());
-  constexpr bool kUpRows = kUpByRows<T, acc_t>;
 
   const OutputEpilogue<acc_t> epilogue = dx_epilogue<acc_t>(op.grad_y, ld_g, dx);
 
@@ -184,22 +203,12 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, const std::vect
           }
         });
 
-        if constexpr (kUpRows) {
-          const acc_t* gz_rows = kFold ? g_rows : gz.data();
-          const int64_t ld_gz = kFold ? ld_g : d;
-          kernels.accumulate_outer_stored(m, d, r, gz_rows, ld_gz, a.data(), kAccKind<acc_t>, r, sums.dw_up, r,
-                                          nullptr, accumulate);
-          if constexpr (kFold) {
-            column_sums(m, d, g_rows, ld_g, block_sums.data());
-            add_scaled_sums(block_sums.data(), factor, d, sums.db_up);
-          }
-        } else if constexpr (kFold) {
-          kernels.accumulate_outer_stored(m, r, d, a.data(), r, g_rows, kind, ld_g, sums.dw_up, d, block_sums.data(),
-                                          accumulate);
-          add_scaled_sums(block_sums.data(), factor, d, sums.db_up);
+        if constexpr (kFold) {
+          add_up_share<T, acc_t, true>(kernels, op.dims, m, 0, d, g_rows, kind, ld_g, a.data(), factor, sums,
+                                       block_sums.data(), accumulate);
         } else {
-          kernels.accumulate_outer_stored(m, r, d, a.data(), r, gz.data(), kAccKind<acc_t>, d, sums.dw_up, d, nullptr,
-                                          accumulate);
+          add_up_share<T, acc_t, false>(kernels, op.dims, m, 0, d, gz.data(), kAccKind<acc_t>, d, a.data(), factor, sums,
+                                        nullptr, accumulate);
         }
         if (x_rows.as_stored()) {
           kernels.accumulate_outer_stored(m, r, d, dh.data(), r, x_rows.stored(row0), kind, x_rows.ld(), sums.dw_down,
@@ -215,6 +224,102 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, const std::vect
         kernels.project_out(m, r, d, dh.data(), r, w_down, d, e);
       }
     }
+  });
+}
+
+// The backward of a call of up to kGivenWeightMaxRows rows (one or two blocks of
+// backward_block_rows), in three phases that each go over the threads by columns, where
+// backward_blocks would give such a call one thread per block:
+//   1. da = gz Wu, by columns of da (r);
+//   2. dh, a and db_down, row by row ([n, r]);
+//   3. by columns of d: the blocks' shares of dw_up and db_up and of dw_down, added block after
+//      block, and dx.
+// block_sums has one entry per block, all with the same weight-gradient sums and each with its
+// own bias row (summed by the caller). The shares are added in block order, the bias sums kept
+// per block, and splitting by columns leaves each element's arithmetic as it is: bitwise the
+// results of backward_blocks with one group per block, for any thread count.
+template <typename T, typename acc_t, bool kFold>
+void backward_by_columns(const BackwardOperands& op, at::Tensor& dx, const std::vector<Partials<acc_t>>& block_sums) {
+  const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
+  const auto [n, d, r] = op.dims;
+  const RowReader<T, acc_t> x_rows(op.x);
+  const Kind kind = x_rows.kind();
+  const T* g_data = op.grad_y.data_ptr<T>();
+  const int64_t ld_g = op.grad_y.stride(0);
+  const acc_t* w_up = op.w_up.data_ptr<acc_t>();
+  const acc_t factor = static_cast<acc_t>(kFold ? op.scale : op.scale / (1.0 - op.dropout_p));
+  const int64_t rows = backward_block_rows(n);
+  const int64_t blocks = static_cast<int64_t>(block_sums.size());
+  const int64_t ld_keep = keep_row_bytes(d);
+  const bool spread = n * d * r >= kGivenSpreadFmas;
+  const int64_t panels = (d + kGivenPanelCols - 1) / kGivenPanelCols;
+  // Calls fn(k0, k1) for column ranges [k0, k1) of d, whole panels each, over the threads.
+  const auto by_panels = [&](auto&& fn) {
+    at::parallel_for(0, panels, spread ? 1 : panels, [&](int64_t p0, int64_t p1) {
+      fn(p0 * kGivenPanelCols, std::min(d, p1 * kGivenPanelCols));
+    });
+  };
+  for (const Partials<acc_t>& sums : block_sums) {
+    std::fill(sums.db_up, sums.db_up + d, 0.0);
+    std::fill(sums.db_down, sums.db_down + r, 0.0);
+  }
+
+  Scratch<acc_t> gz(kFold ? 0 : n * d);
+  if constexpr (!kFold) {
+    Scratch<uint8_t> keep(n * ld_keep);
+    kernels.dropout_keep(op.seed, philox::threshold(op.dropout_p), 0, n, d, keep.data(), ld_keep);
+    by_panels([&](int64_t k0, int64_t k1) {
+      for (int64_t i = 0; i < n; ++i) {
+        scale_row<T>(g_data + i * ld_g + k0, keep.data() + i * ld_keep + k0, factor, k1 - k0, gz.data() + i * d + k0,
+                     block_sums[i / rows].db_up + k0);
+      }
+    });
+  }
+
+  Scratch<acc_t> da(n * r);
+  at::parallel_for(0, r, spread ? 1 : r, [&](int64_t j0, int64_t j1) {
+    if constexpr (kFold) {
+      kernels.project_in_stored(n, j1 - j0, d, g_data, kind, ld_g, w_up + j0, r, da.data() + j0, r);
+    } else {
+      kernels.project_in(n, j1 - j0, d, gz.data(), d, w_up + j0, r, da.data() + j0, r);
+    }
+  });
+  Scratch<acc_t> a(n * r);
+  Scratch<acc_t> dh(n * r);
+  const acc_t* h_data = op.h.data_ptr<acc_t>();
+  visit<acc_t>(op.activation, [&](auto f) {
+    for (int64_t i = 0; i < n; ++i) {
+      activation_backward_row<T>(f, h_data + i * r, da.data() + i * r, kFold ? factor : acc_t(1), r, dh.data() + i * r,
+                                 a.data() + i * r, block_sums[i / rows].db_down);
+    }
+  });
+
+  Scratch<acc_t> x_scratch(x_rows.as_stored() ? 0 : n * d);
+  const void* x_data = x_rows.as_stored() ? static_cast<const void*>(x_rows.stored(0)) : x_rows.gathered(0, n, x_scratch.data());
+  const Kind x_kind = x_rows.as_stored() ? kind : kAccKind<acc_t>;
+  const int64_t ld_x = x_rows.as_stored() ? x_rows.ld() : d;
+  std::vector<acc_t> column_sums(kFold ? d : 0);
+  OutputEpilogue<acc_t> e = dx_epilogue<acc_t>(op.grad_y, ld_g, dx);
+  e.res = op.residual_is_x ? g_data : nullptr;
+  e.out = dx.data_ptr();
+  by_panels([&](int64_t k0, int64_t k1) {
+    const int64_t kc = k1 - k0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t row0 = block * rows;
+      const int64_t m = std::min(rows, n - row0);
+      const Partials<acc_t>& sums = block_sums[block];
+      if constexpr (kFold) {
+        add_up_share<T, acc_t, true>(kernels, op.dims, m, k0, kc, g_data + row0 * ld_g, kind, ld_g, a.data() + row0 * r,
+                                     factor, sums, column_sums.data(), block > 0);
+      } else {
+        add_up_share<T, acc_t, false>(kernels, op.dims, m, k0, kc, gz.data() + row0 * d, kAccKind<acc_t>, d,
+                                      a.data() + row0 * r, factor, sums, nullptr, block > 0);
+      }
+      const char* x_cols = static_cast<const char*>(x_data) + (row0 * ld_x + k0) * kind_bytes(x_kind);
+      kernels.accumulate_outer_stored(m, r, kc, dh.data() + row0 * r, r, x_cols, x_kind, ld_x, sums.dw_down + k0, d,
+                                      nullptr, block > 0);
+    }
+    kernels.project_out(n, r, kc, dh.data(), r, op.w_down.data_ptr<acc_t>() + k0, d, e.from_column(k0));
   });
 }
 
@@ -324,7 +429,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     const int64_t size = Partials<acc_t>::size(dims);
     // The brgemm driver walks blocks of kBlockRows; the block kernels backward_block_rows.
     const int64_t rows = layout != BrgemmLayout::none ? kBlockRows : backward_block_rows(dims.n);
-    const int64_t groups = dims.n == 0 ? 1 : reduction_groups(dims, (dims.n + rows - 1) / rows, size);
+    const int64_t blocks = (dims.n + rows - 1) / rows;
+    // A call of up to kGivenWeightMaxRows rows on the block kernels: backward_by_columns, with
+    // the bias sums of each block kept apart as those of a group.
+    const bool by_columns = layout == BrgemmLayout::none && dims.n > 0 && dims.n <= kGivenWeightMaxRows;
+    const int64_t groups = dims.n == 0 ? 1 : by_columns ? blocks : reduction_groups(dims, blocks, size);
     at::Tensor bias_partials = at::empty({groups, Partials<acc_t>::bias_size(dims)}, options.dtype(at::kDouble));
     double* bias_rows = bias_partials.data_ptr<double>();
     // The weight-gradient sums (dw_up as [d, r] or dw_up^T [r, d]: Partials) and the factor still
@@ -349,30 +458,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
       }
     } else {
       // Group 0 sums straight into the gradients where they are in the accumulation type, the
-      // other groups into rows of `partials`, added to group 0's at the end.
+      // other groups into rows of `partials`, added to group 0's at the end. backward_by_columns
+      // adds all its blocks into one set of sums.
       up_by_rows = kUpByRows<T, acc_t>;
       const bool direct = up_by_rows && w_up.scalar_type() == acc && w_down.scalar_type() == acc;
       if (direct) {
         dw_up = at::empty({dims.d, dims.r}, options.dtype(acc));
         dw_down = at::empty({dims.r, dims.d}, options.dtype(acc));
       }
-      partials = empty_output({direct ? groups - 1 : groups, size}, options.dtype(acc));
+      const int64_t sets = by_columns ? 1 : groups;
+      partials = empty_output({direct ? sets - 1 : sets, size}, options.dtype(acc));
       std::vector<Partials<acc_t>> group_sums;
       std::vector<acc_t*> ups, downs;
       for (int64_t group = 0; group < groups; ++group) {
-        double* bias_row = bias_rows + group * bias_partials.size(1);
-        if (direct && group == 0) {
-          group_sums.emplace_back(dw_up.data_ptr<acc_t>(), dw_down.data_ptr<acc_t>(), bias_row, dims);
-        } else {
-          group_sums.emplace_back(partials.data_ptr<acc_t>() + (group - direct) * size, bias_row, dims);
+        const int64_t set = by_columns ? 0 : group;
+        const bool own = direct && set == 0;
+        acc_t* row = own ? nullptr : partials.data_ptr<acc_t>() + (set - static_cast<int64_t>(direct)) * size;
+        acc_t* up = own ? dw_up.data_ptr<acc_t>() : row;
+        acc_t* down = own ? dw_down.data_ptr<acc_t>() : row + rd;
+        group_sums.emplace_back(up, down, bias_rows + group * bias_partials.size(1), dims);
+        if (set == group) {
+          ups.push_back(up);
+          downs.push_back(down);
         }
-        ups.push_back(group_sums.back().dw_up);
-        downs.push_back(group_sums.back().dw_down);
       }
       if (dims.n == 0) {
         std::fill(ups[0], ups[0] + rd, acc_t(0));
         std::fill(downs[0], downs[0] + rd, acc_t(0));
         bias_partials.zero_();
+      } else if (by_columns) {
+        if (dropout_p == 0.0) {
+          backward_by_columns<T, acc_t, true>(op, dx, group_sums);
+        } else {
+          backward_by_columns<T, acc_t, false>(op, dx, group_sums);
+        }
       } else if (dropout_p == 0.0) {
         backward_blocks<T, acc_t, true>(op, dx, group_sums);
       } else {

@@ -117,6 +117,14 @@ at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool tran
 constexpr int64_t kGivenWeightMaxRows = kBlockRows;
 constexpr int64_t kGivenPanelCols = 64;
 
+// Products (n d r FMAs per GEMM) from which the forward and backward of a call of up to
+// kGivenWeightMaxRows rows spread each GEMM over the threads by columns: an OpenMP region costs a
+// few microseconds to start. Forward, inference, 2 threads, median wall time of the module call,
+// spread from 1 product on against never (the Xeon, fp32, ad-hoc loop): d = 1024, r = 64: 2 rows
+// 26 / 26 us, 4 rows 28 / 30, 8 rows 32 / 41, 16 rows 44 / 71; d = 768, r = 16: 8 rows 20 / 17,
+// 16 rows 24 / 24.
+constexpr int64_t kGivenSpreadFmas = int64_t(1) << 18;
+
 // A weight in x's dtype with contiguous rows, as the forward reads the weights as given: itself,
 // or rounded to x's dtype (an fp32 weight of 16-bit x: the operand rounding of operand_weight).
 at::Tensor weight_in_x_dtype(const at::Tensor& w, at::ScalarType x_dtype);

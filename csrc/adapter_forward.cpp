@@ -25,19 +25,6 @@
 namespace adapterfast::cpu {
 namespace {
 
-// The epilogue of columns [col0, ...) of e's rows, for project_out on a panel of those columns.
-template <typename acc_t>
-OutputEpilogue<acc_t> from_column(OutputEpilogue<acc_t> e, int64_t col0) {
-  const auto advance = [col0](const void* p, Kind kind) {
-    return p == nullptr ? p : static_cast<const char*>(p) + col0 * kind_bytes(kind);
-  };
-  e.res = advance(e.res, e.res_kind);
-  e.out = const_cast<void*>(advance(e.out, e.out_kind));
-  if (e.bias != nullptr) e.bias += col0;
-  if (e.keep != nullptr) e.keep += col0;
-  return e;
-}
-
 // h += b_down, then a = act(h) rounded to x's dtype: m bottleneck rows.
 template <typename T, typename acc_t>
 void bottleneck_rows(const ForwardOperands& op, int64_t m, acc_t* h, acc_t* a) {
@@ -115,10 +102,6 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   });
 }
 
-// Products (FMAs) of a forward from which forward_given spreads each of its two products over the
-// threads: an OpenMP region costs a few microseconds to start, which a call of 8 rows, d = 1024,
-// r = 64 (0.5 M) does not earn back. TODO: measured value.
-constexpr int64_t kGivenSpreadFmas = int64_t(1) << 20;
 
 // The forward of a call of up to kGivenWeightMaxRows rows, one block, from the weights as given
 // (in x's dtype: weight_in_x_dtype): h's columns by project_nt from rows of Wd, then y's columns,
@@ -163,7 +146,7 @@ void forward_given(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
     for (int64_t k0 = p0 * kGivenPanelCols; k0 < std::min(d, p1 * kGivenPanelCols); k0 += kGivenPanelCols) {
       const int64_t kc = std::min(kGivenPanelCols, d - k0);
       kernels.widen_transposed(kc, r, w_up + k0 * r * w_bytes, w_kind, r, panel.data());
-      kernels.project_out(n, r, kc, a.data(), r, panel.data(), kc, from_column(e, k0));
+      kernels.project_out(n, r, kc, a.data(), r, panel.data(), kc, e.from_column(k0));
     }
   });
 }

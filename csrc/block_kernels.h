@@ -48,7 +48,20 @@ struct OutputEpilogue {
 
   int64_t res_row(int64_t i) const { return res_rows == nullptr ? i : res_rows[i]; }
   int64_t out_row(int64_t i) const { return out_rows == nullptr ? i : out_rows[i]; }
+
+  // The epilogue of columns [col0, ...) of the same rows, for a product of those columns alone.
+  OutputEpilogue from_column(int64_t col0) const;
 };
+
+template <typename acc_t>
+OutputEpilogue<acc_t> OutputEpilogue<acc_t>::from_column(int64_t col0) const {
+  OutputEpilogue e = *this;
+  if (res != nullptr) e.res = static_cast<const char*>(res) + col0 * kind_bytes(res_kind);
+  if (out != nullptr) e.out = static_cast<char*>(out) + col0 * kind_bytes(out_kind);
+  if (bias != nullptr) e.bias += col0;
+  if (keep != nullptr) e.keep += col0;
+  return e;
+}
 
 // Rows of the keep-mask buffer are padded to this many bytes, so vector code may read a whole
 // vector at a row's end.

@@ -127,30 +127,38 @@ void project_in_stored(int64_t M, int64_t N, int64_t K, const void* A, Kind a_ki
   });
 }
 
+// The M rows are summed from zero, then added to C (as by the AVX-512 kernels), so a sum over
+// blocks is the same whether the blocks were accumulated into one C or summed apart and added.
 template <typename acc_t>
 void accumulate_outer_stored(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const void* B,
                              Kind b_kind, int64_t ldb, acc_t* C, int64_t ldc, acc_t* sums, bool accumulate) {
-  if (!accumulate) {
-    for (int64_t j = 0; j < N; ++j) std::fill(C + j * ldc, C + j * ldc + K, acc_t(0));
-  }
+  std::vector<acc_t> block(accumulate ? N * K : 0);
+  acc_t* out = accumulate ? block.data() : C;
+  const int64_t ld_out = accumulate ? K : ldc;
+  for (int64_t j = 0; j < N; ++j) std::fill(out + j * ld_out, out + j * ld_out + K, acc_t(0));
   with_type(b_kind, [&](auto t) {
     using Tb = decltype(t);
     const Tb* b = static_cast<const Tb*>(B);
     if constexpr (std::is_same_v<Tb, acc_t>) {
-      accumulate_outer(M, N, K, A, lda, b, ldb, C, ldc);
+      accumulate_outer(M, N, K, A, lda, b, ldb, out, ld_out);
       if (sums != nullptr) sum_rows(M, K, b, ldb, sums);
     } else {
       std::vector<acc_t> row(static_cast<size_t>(K));
       if (sums != nullptr) std::fill(sums, sums + K, acc_t(0));
       for (int64_t i = 0; i < M; ++i) {
         for (int64_t k = 0; k < K; ++k) row[k] = static_cast<acc_t>(b[i * ldb + k]);
-        accumulate_outer(1, N, K, A + i * lda, lda, row.data(), K, C, ldc);
+        accumulate_outer(1, N, K, A + i * lda, lda, row.data(), K, out, ld_out);
         if (sums != nullptr) {
           for (int64_t k = 0; k < K; ++k) sums[k] += row[k];
         }
       }
     }
   });
+  if (accumulate) {
+    for (int64_t j = 0; j < N; ++j) {
+      for (int64_t k = 0; k < K; ++k) C[j * ldc + k] += block[j * K + k];
+    }
+  }
 }
 
 template <typename acc_t>
