@@ -102,23 +102,27 @@ void column_sums(int64_t m, int64_t d, const acc_t* __restrict rows, int64_t ld,
   }
 }
 
-// Whether dw_up is summed as [d, r] (Partials::dw_up): where g is in the accumulation type the
-// kernels broadcast its elements against a's rows, the same products in the same order per
-// element as summing dw_up^T [r, d] with g as the B operand, and no transposition at the end (a
-// pass over [r, d] that was ~10% of a backward at 8 rows, d = 1024, r = 64). 16-bit g stays the B
-// operand, widened as its tiles load it.
+// Whether backward_by_columns sums dw_up as [d, r] (Partials::dw_up): where g is in the
+// accumulation type the kernels can broadcast its elements against a's rows, the same products in
+// the same order per element as summing dw_up^T [r, d] with g as the B operand, and no
+// transposition at the end (a pass over [r, d] that was ~10% of a backward at 8 rows, d = 1024,
+// r = 64). Not in backward_blocks: over many rows the tiles' strided reads of g's columns made the
+// fp32 module step at N = 8192, r = 16 1.15x-1.25x slower than streaming g's rows as the B operand
+// (benchmarks/results/cpu_fp32_orientation_xeon.txt). 16-bit g stays the B operand everywhere.
 template <typename T, typename acc_t>
 constexpr bool kUpByRows = std::is_same_v<T, acc_t>;
 
 // The shares of m rows in dw_up and db_up, columns [k0, k0 + kc) of d: gz the rows' g (kFold: as
-// stored, s folded into a) or their gz in scratch (ld_gz apart), a their [m, r] a.
-template <typename T, typename acc_t, bool kFold>
+// stored, s folded into a) or their gz in scratch (ld_gz apart), a their [m, r] a; dw_up summed as
+// [d, r] with kByRows (kUpByRows), else as dw_up^T [r, d].
+template <typename T, typename acc_t, bool kFold, bool kByRows>
 void add_up_share(const BlockKernels<acc_t>& kernels, const Dims& dims, int64_t m, int64_t k0, int64_t kc,
                   const void* gz, Kind gz_kind, int64_t ld_gz, const acc_t* a, acc_t factor, const Partials<acc_t>& sums,
                   acc_t* block_sums, bool accumulate) {
   const auto [n, d, r] = dims;
   const char* gz_cols = static_cast<const char*>(gz) + k0 * kind_bytes(gz_kind);
-  if constexpr (kUpByRows<T, acc_t>) {
+  if constexpr (kByRows) {
+    static_assert(kUpByRows<T, acc_t>);
     const acc_t* rows = reinterpret_cast<const acc_t*>(gz_cols);
     kernels.accumulate_outer_stored(m, kc, r, rows, ld_gz, a, kAccKind<acc_t>, r, sums.dw_up + k0 * r, r, nullptr,
                                     accumulate);
@@ -204,11 +208,11 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, const std::vect
         });
 
         if constexpr (kFold) {
-          add_up_share<T, acc_t, true>(kernels, op.dims, m, 0, d, g_rows, kind, ld_g, a.data(), factor, sums,
-                                       block_sums.data(), accumulate);
+          add_up_share<T, acc_t, true, false>(kernels, op.dims, m, 0, d, g_rows, kind, ld_g, a.data(), factor, sums,
+                                              block_sums.data(), accumulate);
         } else {
-          add_up_share<T, acc_t, false>(kernels, op.dims, m, 0, d, gz.data(), kAccKind<acc_t>, d, a.data(), factor, sums,
-                                        nullptr, accumulate);
+          add_up_share<T, acc_t, false, false>(kernels, op.dims, m, 0, d, gz.data(), kAccKind<acc_t>, d, a.data(),
+                                               factor, sums, nullptr, accumulate);
         }
         if (x_rows.as_stored()) {
           kernels.accumulate_outer_stored(m, r, d, dh.data(), r, x_rows.stored(row0), kind, x_rows.ld(), sums.dw_down,
@@ -309,11 +313,12 @@ void backward_by_columns(const BackwardOperands& op, at::Tensor& dx, const std::
       const int64_t m = std::min(rows, n - row0);
       const Partials<acc_t>& sums = block_sums[block];
       if constexpr (kFold) {
-        add_up_share<T, acc_t, true>(kernels, op.dims, m, k0, kc, g_data + row0 * ld_g, kind, ld_g, a.data() + row0 * r,
-                                     factor, sums, column_sums.data(), block > 0);
+        add_up_share<T, acc_t, true, kUpByRows<T, acc_t>>(kernels, op.dims, m, k0, kc, g_data + row0 * ld_g, kind, ld_g,
+                                                          a.data() + row0 * r, factor, sums, column_sums.data(), block > 0);
       } else {
-        add_up_share<T, acc_t, false>(kernels, op.dims, m, k0, kc, gz.data() + row0 * d, kAccKind<acc_t>, d,
-                                      a.data() + row0 * r, factor, sums, nullptr, block > 0);
+        add_up_share<T, acc_t, false, kUpByRows<T, acc_t>>(kernels, op.dims, m, k0, kc, gz.data() + row0 * d,
+                                                           kAccKind<acc_t>, d, a.data() + row0 * r, factor, sums, nullptr,
+                                                           block > 0);
       }
       const char* x_cols = static_cast<const char*>(x_data) + (row0 * ld_x + k0) * kind_bytes(x_kind);
       kernels.accumulate_outer_stored(m, r, kc, dh.data() + row0 * r, r, x_cols, x_kind, ld_x, sums.dw_down + k0, d,
@@ -457,25 +462,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
         down_sums = up_sums + rd;
       }
     } else {
-      // Group 0 sums straight into the gradients where they are in the accumulation type, the
-      // other groups into rows of `partials`, added to group 0's at the end. backward_by_columns
-      // adds all its blocks into one set of sums.
-      up_by_rows = kUpByRows<T, acc_t>;
-      const bool direct = up_by_rows && w_up.scalar_type() == acc && w_down.scalar_type() == acc;
-      if (direct) {
-        dw_up = at::empty({dims.d, dims.r}, options.dtype(acc));
-        dw_down = at::empty({dims.r, dims.d}, options.dtype(acc));
-      }
+      // Group 0 sums straight into the gradients that are in the accumulation type and in the
+      // layout it sums them in (dw_down, and dw_up where summed as [d, r]), the other groups into
+      // rows of `partials`, added to group 0's at the end. backward_by_columns adds all its blocks
+      // into one set of sums.
+      up_by_rows = by_columns && kUpByRows<T, acc_t>;
+      const bool direct_up = up_by_rows && w_up.scalar_type() == acc;
+      const bool direct_down = kUpByRows<T, acc_t> && w_down.scalar_type() == acc;
+      if (direct_up) dw_up = at::empty({dims.d, dims.r}, options.dtype(acc));
+      if (direct_down) dw_down = at::empty({dims.r, dims.d}, options.dtype(acc));
+      // Whether the first set of sums needs a row of `partials` (a gradient not summed directly).
+      const int64_t first_row = direct_up && direct_down ? 0 : 1;
       const int64_t sets = by_columns ? 1 : groups;
-      partials = empty_output({direct ? sets - 1 : sets, size}, options.dtype(acc));
+      partials = empty_output({sets - 1 + first_row, size}, options.dtype(acc));
       std::vector<Partials<acc_t>> group_sums;
       std::vector<acc_t*> ups, downs;
       for (int64_t group = 0; group < groups; ++group) {
         const int64_t set = by_columns ? 0 : group;
-        const bool own = direct && set == 0;
-        acc_t* row = own ? nullptr : partials.data_ptr<acc_t>() + (set - static_cast<int64_t>(direct)) * size;
-        acc_t* up = own ? dw_up.data_ptr<acc_t>() : row;
-        acc_t* down = own ? dw_down.data_ptr<acc_t>() : row + rd;
+        acc_t* row = set == 0 && first_row == 0 ? nullptr : partials.data_ptr<acc_t>() + (set - 1 + first_row) * size;
+        acc_t* up = set == 0 && direct_up ? dw_up.data_ptr<acc_t>() : row;
+        acc_t* down = set == 0 && direct_down ? dw_down.data_ptr<acc_t>() : row + rd;
         group_sums.emplace_back(up, down, bias_rows + group * bias_partials.size(1), dims);
         if (set == group) {
           ups.push_back(up);
@@ -506,8 +512,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     if (!dw_up.defined()) {
       dw_up = up_by_rows ? gradient<acc_t>(up_sums, dims.d, dims.r, false, dw_up_factor, w_up.scalar_type(), options)
                          : gradient<acc_t>(up_sums, dims.r, dims.d, true, dw_up_factor, w_up.scalar_type(), options);
-      dw_down = gradient<acc_t>(down_sums, dims.r, dims.d, false, 1, w_down.scalar_type(), options);
     }
+    if (!dw_down.defined()) dw_down = gradient<acc_t>(down_sums, dims.r, dims.d, false, 1, w_down.scalar_type(), options);
     db_up = gradient<double>(bias_total, 1, dims.d, false, 1, w_up.scalar_type(), options).view({dims.d});
     db_down = gradient<double>(bias_total + dims.d, 1, dims.r, false, 1, w_down.scalar_type(), options).view({dims.r});
   });
