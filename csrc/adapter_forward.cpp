@@ -5,8 +5,8 @@
 // forward_block_rows), in parallel over blocks. Per block, x is read from
 // memory once (project_in) and y written once (project_out, with bias, dropout, scale and
 // residual applied to each tile as it leaves the registers), so no [N, d] temporary exists.
-// A call of up to kGivenWeightMaxRows rows with weights in x's dtype (forward_given) reads the
-// weights as given instead of converting both into transposed copies first.
+// A call of up to kGivenWeightMaxRows rows (forward_given) reads the weights as given (in x's
+// dtype) instead of converting both into transposed copies first.
 #include "adapter_ops.h"
 
 #include <vector>
@@ -101,7 +101,6 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
     }
   });
 }
-
 
 // The forward of a call of up to kGivenWeightMaxRows rows, one block, from the weights as given
 // (in x's dtype: weight_in_x_dtype): h's columns by project_nt from rows of Wd, then y's columns,
