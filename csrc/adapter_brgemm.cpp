@@ -16,7 +16,7 @@
 //             (ColumnBlocked), so brgemm's C rows are kOutCols floats apart rather than d
 //             (d = 1024 put every C tile row on one 4 KiB-aliased cache set: the dW products ran
 //             at under half the rate of the others); the groups are summed in that layout and
-//             the total put back in row order once (rows_from_column_blocks). On AVX512-BF16
+//             the gradients written from it (adapter_backward.cpp). On AVX512-BF16
 //             without AMX, the d-wide B operands
 //             (packed weights, repacked rows) have rows padded by 16 columns where d % 512 == 0
 //             (b_stride: otherwise their loads along K fall on one or two L1 sets).
@@ -55,8 +55,6 @@ namespace {
 using at::native::cpublas::brgemm;
 using at::native::cpublas::brgemm_release;
 
-// Output columns per brgemm call: a [64, 256] fp32 product (64 KiB) stays in L2 for its epilogue.
-constexpr int64_t kOutCols = 256;
 // Rows per weight-gradient brgemm call (a multiple of kBlockRows). 128 rather than 256: the run's
 // repacked gz and x panels (2 x 128 x d bf16: 512 KiB at d = 1024) then stay in a 2 MiB L2 next to
 // the [r, d] fp32 sums (512 KiB at r = 64) and the packed weights. Measured once, with the row
@@ -145,15 +143,6 @@ struct ColumnBlocked {
   int64_t rows, d;
   F* data;
   F* chunk(int64_t n0) const { return data + rows * n0; }
-
-  // dst[i * d + n0 + k] = this (i, n0 + k): back to row-major.
-  void copy_to(float* dst) const {
-    for (int64_t n0 = 0; n0 < d; n0 += kOutCols) {
-      const int64_t nc = std::min(kOutCols, d - n0);
-      const F* src = chunk(n0);
-      for (int64_t i = 0; i < rows; ++i) std::copy(src + i * nc, src + (i + 1) * nc, dst + i * d + n0);
-    }
-  }
 };
 
 // The two [r, d] weight-gradient sums at the start of a partials row (Partials: dw_up^T, then
@@ -614,13 +603,6 @@ void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at:
     }
   }
   backward_impl<T, T>(op, layout, dx, partials, bias_partials);
-}
-
-void rows_from_column_blocks(const float* sums, int64_t r, int64_t d, float* out) {
-  for (const ColumnBlocked<const float>& blocked : blocked_sums(sums, r, d)) {
-    blocked.copy_to(out);
-    out += r * d;
-  }
 }
 
 template void forward_blocks_brgemm<c10::BFloat16>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);

@@ -41,16 +41,16 @@ inline bool packs_given_weights(BrgemmLayout layout, at::ScalarType x_dtype, con
 template <typename T>
 void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h);
 
+// Output columns per brgemm call: a [64, 256] fp32 product (64 KiB) stays in L2 for its epilogue.
+constexpr int64_t kOutCols = 256;
+
 // backward_blocks of adapter_backward.cpp on brgemm, one row group per row of `partials`. With
 // dropout it sums dw_up = gz^T a; without, g^T a, which the caller multiplies by the scale. The
-// two [r, d] sums of each row are left blocked by column chunk (the layout brgemm accumulates
-// them in): rows_from_column_blocks puts the groups' total back in row order.
+// two [r, d] sums of each row (dw_up^T, then dw_down, as Partials lays them out) are left blocked
+// by column chunk, the layout brgemm accumulates them in: chunks of kOutCols columns, each a dense
+// [r, nc] matrix, which the caller sums over the groups and writes the gradients from.
 template <typename T>
 void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx,
                             at::Tensor& partials, at::Tensor& bias_partials);
-
-// out[0, 2 r d) = the two [r, d] sums of a partials row of backward_blocks_brgemm, row-major
-// (dw_up^T, then dw_down, as Partials lays them out).
-void rows_from_column_blocks(const float* sums, int64_t r, int64_t d, float* out);
 
 }  // namespace adapterfast::cpu

@@ -109,26 +109,31 @@ def test_16bit_weights_in_x_dtype(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n, d, r", [(37, 130, 7), (1, 768, 16), (9, 1024, 16), (300, 256, 64), (257, 129, 33)])
-def test_16bit_weights_give_the_rounded_fp32_weight_gradients(dtype, n, d, r):
+@pytest.mark.parametrize("n, d, r", [(37, 130, 7), (1, 768, 16), (9, 1024, 16), (300, 256, 64), (257, 129, 33),
+                                     (70, 600, 24)])
+@pytest.mark.parametrize("scale", [0.7, 1.0])
+def test_16bit_weights_give_the_rounded_fp32_weight_gradients(dtype, n, d, r, scale):
     """Weights in x's 16-bit dtype are widened (or, bf16 on brgemm and float16 split into bf16,
     packed as given: packs_given_weights), and their gradients rounded, 8 values at a time
     (widen_row, narrow_row): the same operands as float32 weights holding the same values, so y, h
     and dx are bitwise the float32 weights' and each weight gradient is exactly theirs rounded to
     the dtype (to nearest even). The shapes take the given-weight packing's three routes: 32-bit
     word transposes (even widths), the element loop (odd r or d), and padded B rows (d = 1024 on
-    AVX512-BF16); 256 rows or more and r >= 32 take float16's split forward where the CPU has AMX-BF16."""
+    AVX512-BF16); 256 rows or more and r >= 32 take float16's split forward where the CPU has AMX-BF16.
+    On brgemm the [r, d] sums are column-blocked (kOutCols = 256 columns a chunk) and each gradient
+    is written from them in one pass: d = 600 has a narrower last chunk, and scale 1.0 writes the
+    float32 weights' dw_up with the transpose kernel, scale 0.7 with the scaling loop."""
     torch.manual_seed(n)
     x, g = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
     wd, wu = (torch.randn(r, d) / d**0.5).to(dtype), (torch.randn(d, r) / r**0.5).to(dtype)
     bd, bu = torch.randn(r).to(dtype), torch.randn(d).to(dtype)
     low = [wd, wu, bd, bu]
     wide = [t.float() for t in low]
-    y16, h16 = cpu.forward(x, *low[:2], *low[2:], "gelu", 0.7, 0.0, 0, None)
-    y32, h32 = cpu.forward(x, *wide[:2], *wide[2:], "gelu", 0.7, 0.0, 0, None)
+    y16, h16 = cpu.forward(x, *low[:2], *low[2:], "gelu", scale, 0.0, 0, None)
+    y32, h32 = cpu.forward(x, *wide[:2], *wide[2:], "gelu", scale, 0.0, 0, None)
     assert torch.equal(y16, y32) and torch.equal(h16, h32)
-    g16 = cpu.backward(g, x, *low[:2], *low[2:], h16, "gelu", 0.7, 0.0, 0, True)
-    g32 = cpu.backward(g, x, *wide[:2], *wide[2:], h32, "gelu", 0.7, 0.0, 0, True)
+    g16 = cpu.backward(g, x, *low[:2], *low[2:], h16, "gelu", scale, 0.0, 0, True)
+    g32 = cpu.backward(g, x, *wide[:2], *wide[2:], h32, "gelu", scale, 0.0, 0, True)
     assert torch.equal(g16[0], g32[0])
     for ours, wide_grad in zip(g16[1:], g32[1:]):
         assert ours.dtype == dtype and torch.equal(ours, wide_grad.to(dtype))
