@@ -108,6 +108,12 @@ at::Tensor widened(const at::Tensor& w, bool transpose) {
   return out;
 }
 
+// Whether operand_weight(w, x_dtype, transpose) is w itself.
+bool operand_is_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose) {
+  const at::ScalarType w_dtype = w.scalar_type();
+  return !transpose && w_dtype == x_dtype && w_dtype == accumulation_type(x_dtype) && w.is_contiguous();
+}
+
 }  // namespace
 
 at::Tensor weight_in_x_dtype(const at::Tensor& w, at::ScalarType x_dtype) {
@@ -117,7 +123,7 @@ at::Tensor weight_in_x_dtype(const at::Tensor& w, at::ScalarType x_dtype) {
 at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose) {
   const at::ScalarType acc = accumulation_type(x_dtype);
   const at::ScalarType w_dtype = w.scalar_type();
-  if (!transpose && w_dtype == x_dtype && w_dtype == acc && w.is_contiguous()) return w;
+  if (operand_is_weight(w, x_dtype, transpose)) return w;
   at::Tensor out;
   dispatch_dtype(x_dtype, [&](auto t, auto a) {
     using T = decltype(t);
@@ -149,6 +155,16 @@ at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool tran
   if (out.defined()) return out;
   const at::Tensor oriented = transpose ? w.t() : w;
   return oriented.to(x_dtype).to(acc).contiguous();
+}
+
+std::pair<at::Tensor, at::Tensor> operand_weights(const at::Tensor& w_down, const at::Tensor& w_up,
+                                                  at::ScalarType x_dtype, bool transpose) {
+  const bool copies = !operand_is_weight(w_down, x_dtype, transpose) && !operand_is_weight(w_up, x_dtype, transpose);
+  std::pair<at::Tensor, at::Tensor> out;
+  side_by_side(copies && std::min(w_down.numel(), w_up.numel()) >= kParallelWeightElements,
+               [&] { out.first = operand_weight(w_down, x_dtype, transpose); },
+               [&] { out.second = operand_weight(w_up, x_dtype, transpose); });
+  return out;
 }
 
 std::optional<at::Tensor> operand_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype) {

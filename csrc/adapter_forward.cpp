@@ -166,10 +166,12 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
   const BrgemmLayout layout = brgemm_layout_for(dtype, dims, /*backward=*/false);
   const bool given = layout == BrgemmLayout::none ? dims.n <= kGivenWeightMaxRows
                                                   : packs_given_weights(layout, dtype, w_down, w_up, dims, false);
+  const auto [w_down_t, w_up_t] =
+      given ? std::pair<at::Tensor, at::Tensor>() : operand_weights(w_down, w_up, dtype, /*transpose=*/true);
   ForwardOperands op{dims,
                      x,
-                     given ? at::Tensor() : operand_weight(w_down, dtype, /*transpose=*/true),
-                     given ? at::Tensor() : operand_weight(w_up, dtype, /*transpose=*/true),
+                     w_down_t,
+                     w_up_t,
                      operand_bias(b_down, dtype),
                      operand_bias(b_up, dtype),
                      residual_operand(kOp, residual, dims, acc),
