@@ -301,10 +301,8 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
   const int64_t rp = even(r);
   const int64_t dp = even(d);
   const int64_t ldb = split ? d : b_stride(layout, d);
-  Scratch<U> w_down_b, w_up_b;
-  side_by_side(r * d >= kParallelWeightElements,
-               [&] { w_down_b = weight_operand<T, U>(layout, op.w_down_t, op.w_down_given, true, d, r, r); },
-               [&] { w_up_b = weight_operand<T, U>(layout, op.w_up_t, op.w_up_given, true, r, d, ldb); });
+  const Scratch<U> w_down_b = weight_operand<T, U>(layout, op.w_down_t, op.w_down_given, true, d, r, r);
+  const Scratch<U> w_up_b = weight_operand<T, U>(layout, op.w_up_t, op.w_up_given, true, r, d, ldb);
   const T* x_data = op.x.data_ptr<T>();
   const int64_t x_row_stride = op.x.stride(0);
   const int64_t x_col_stride = d == 1 ? 1 : op.x.stride(1);
@@ -394,10 +392,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
   const int64_t rp = even(r);
   const int64_t groups = partials.size(0);
   const int64_t ldb = split ? d : b_stride(layout, d);
-  Scratch<U> w_up_b, w_down_b;
-  side_by_side(r * d >= kParallelWeightElements,
-               [&] { w_up_b = weight_operand<T, U>(layout, op.w_up, op.w_up_given, false, d, r, r); },
-               [&] { w_down_b = weight_operand<T, U>(layout, op.w_down, op.w_down_given, false, r, d, ldb); });
+  const Scratch<U> w_up_b = weight_operand<T, U>(layout, op.w_up, op.w_up_given, false, d, r, r);
+  const Scratch<U> w_down_b = weight_operand<T, U>(layout, op.w_down, op.w_down_given, false, r, d, ldb);
   const T* g_data = op.grad_y.data_ptr<T>();
   const int64_t ld_g = op.grad_y.stride(0);
   const T* x_data = op.x.data_ptr<T>();

@@ -158,10 +158,10 @@ at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool tran
 }
 
 std::pair<at::Tensor, at::Tensor> operand_weights(const at::Tensor& w_down, const at::Tensor& w_up,
-                                                  at::ScalarType x_dtype, bool transpose) {
+                                                  at::ScalarType x_dtype, bool transpose, bool parallel) {
   const bool copies = !operand_is_weight(w_down, x_dtype, transpose) && !operand_is_weight(w_up, x_dtype, transpose);
   std::pair<at::Tensor, at::Tensor> out;
-  side_by_side(copies && std::min(w_down.numel(), w_up.numel()) >= kParallelWeightElements,
+  side_by_side(parallel && copies,
                [&] { out.first = operand_weight(w_down, x_dtype, transpose); },
                [&] { out.second = operand_weight(w_up, x_dtype, transpose); });
   return out;

@@ -110,9 +110,20 @@ inline Kind kind_of(at::ScalarType dtype) {
 // w itself when it already is that; a copy by copy_matrix for w in x's dtype or fp32.
 at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose);
 
-// Elements per weight from which the per-call copies of the two weights (operand_weights, and
-// the brgemm drivers' packed B operands) are made side by side.
+// Elements per weight from which operand_weights makes the two copies side by side.
 constexpr int64_t kParallelWeightElements = int64_t(1) << 15;
+
+// Whether a call makes its two operand_weights copies side by side (side_by_side): weights of at
+// least kParallelWeightElements elements, and more than one row block, so that the call has a
+// parallel region of its own whose threads would otherwise wait. Side by side they took float16
+// inference at N = 128, d = 1024, r = 64 on two threads from 0.77x-0.81x the eager adapter to
+// 0.93x-0.95x, and training at N = 320 from 0.96x-0.97x to 1.01x-1.03x (overhead grid, the Xeon).
+// A call of one block would wake the threads for the copies alone (bf16 inference at N = 1-64
+// went from 23-43 us to 54-68 us when its brgemm packing was made so; the brgemm drivers' own
+// packing, an interleave of 16-bit words, stays on the calling thread).
+inline bool weight_copies_side_by_side(const Dims& dims) {
+  return dims.n > kBlockRows && dims.r * dims.d >= kParallelWeightElements;
+}
 
 // first() and second() side by side on two threads where `parallel` and more than one thread is
 // free (not inside a parallel region), else one after the other: the per-call copies of the two
@@ -137,10 +148,10 @@ void side_by_side(bool parallel, F0&& first, F1&& second) {
   });
 }
 
-// operand_weight of w_down and of w_up, side by side where both are copies of at least
-// kParallelWeightElements elements.
+// operand_weight of w_down and of w_up, side by side where `parallel` (weight_copies_side_by_side)
+// and both are copies.
 std::pair<at::Tensor, at::Tensor> operand_weights(const at::Tensor& w_down, const at::Tensor& w_up,
-                                                  at::ScalarType x_dtype, bool transpose);
+                                                  at::ScalarType x_dtype, bool transpose, bool parallel);
 
 // Rows up to which the block-kernel forward reads both weights as given, in x's dtype (project_nt for x Wd^T,
 // project_out on [r, kGivenPanelCols] panels of Wu^T widened and transposed as each is needed)
