@@ -162,6 +162,21 @@ std::pair<at::Tensor, at::Tensor> operand_weights(const at::Tensor& w_down, cons
 constexpr int64_t kGivenWeightMaxRows = kBlockRows;
 constexpr int64_t kGivenPanelCols = 64;
 
+// Rows up to which the forward of x in the accumulation type (fp32, float64) reads the weights as
+// given; 16-bit x stops at kGivenWeightMaxRows. From 65 to 128 rows the block route gave each of
+// two threads one or two blocks after making both transposed copies. Measured on the Xeon
+// (`python -m benchmarks.overhead --dtype fp32 --n 65 96 128`, two runs, that route / as given,
+// eager over adapterfast):
+//   inference, two threads: d = 1024, r = 64: 0.59x-0.84x / 1.24x-1.29x; d = 768, r = 16:
+//     0.83x-1.22x / 1.70x-1.86x;
+//   training, two threads: d = 1024, r = 64: 0.75x-1.01x / 0.95x-1.10x; d = 768, r = 16:
+//     1.16x-1.73x / 1.40x-1.54x (lower at 128 rows, 1.72x -> 1.53x, still above eager);
+//   one thread: within a few percent, or better as given.
+// float16 on one thread lost (inference at N = 128, d = 1024, r = 64: 1.17x -> 0.96x-1.00x:
+// project_nt widens both 16-bit operands in every tile), and past 128 rows fp32 training on two
+// threads lost (d = 768, r = 16, N = 192-256: 1.60x-1.83x -> 1.35x-1.50x).
+constexpr int64_t kGivenForwardMaxRows = 2 * kBlockRows;
+
 // Products (n d r FMAs per GEMM) from which the forward and backward of a call of up to
 // kGivenWeightMaxRows rows spread each GEMM over the threads by columns: an OpenMP region costs a
 // few microseconds to start. Forward, inference, 2 threads, median wall time of the module call,

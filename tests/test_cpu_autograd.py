@@ -91,8 +91,8 @@ def test_training_step_outputs_streamed_from_2_mib(d, dtype, n, tol):
     forward and dx with non-temporal stores from 2 MiB on, y of an inference forward from 6 MiB
     (stream_output in csrc/adapter_common.h). At 2.7 MiB the training step streams both and an
     inference call does not: the training y equals the inference y bitwise, dx's first and last
-    rows equal a 65-row call's (which streams nothing; rows are independent in y and dx among calls
-    of more than 64 rows, which take the same route: kGivenWeightMaxRows), and
+    rows equal a 129-row call's (which streams nothing; rows are independent in y and dx among
+    calls of more than 128 rows, which take the same route: kGivenForwardMaxRows), and
     everything matches the float64 reference. d = 1000 leaves a ragged last tile per row, written
     with plain stores."""
     r = 16
@@ -110,7 +110,7 @@ def test_training_step_outputs_streamed_from_2_mib(d, dtype, n, tol):
         y_infer = dispatch.kernels("cpu").differentiable(x, wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
     assert torch.equal(y.detach(), y_infer)
     dx = leaves[0].grad
-    for rows in (slice(0, 65), slice(n - 65, n)):
+    for rows in (slice(0, 129), slice(n - 129, n)):
         h_small = cpu.forward(x[rows], wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)[1]
         dx_small = cpu.backward(g[rows], x[rows], wd, wu, bd, bu, h_small, "gelu", 0.5, 0.0, 0, True)[0]
         assert torch.equal(dx[rows], dx_small)
