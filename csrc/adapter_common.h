@@ -153,32 +153,35 @@ void side_by_side(bool parallel, F0&& first, F1&& second) {
 std::pair<at::Tensor, at::Tensor> operand_weights(const at::Tensor& w_down, const at::Tensor& w_up,
                                                   at::ScalarType x_dtype, bool transpose, bool parallel);
 
-// Rows up to which the block-kernel forward reads both weights as given, in x's dtype (project_nt for x Wd^T,
-// project_out on [r, kGivenPanelCols] panels of Wu^T widened and transposed as each is needed)
-// instead of converting both into transposed accumulation-type copies first. At a few rows those
-// copies are most of the call: at 8 rows, d = 1024, r = 64, fp32, the two 256 KiB transposes took
-// ~30 us of a ~100 us inference step whose products took ~20 us (perf, the Xeon). Beyond one block
-// the panels would be transposed again for every block.
+// Rows up to which the block-kernel backward reads the weights as given and splits its GEMMs by
+// columns (backward_by_columns), and up to which the forward first did (now kGivenForwardMaxRows):
+// reading the weights in x's dtype (project_nt for x Wd^T, project_out on [r, kGivenPanelCols]
+// panels of Wu^T widened and transposed as each is needed) instead of converting both into
+// transposed accumulation-type copies first. At a few rows those copies are most of the call: at
+// 8 rows, d = 1024, r = 64, fp32, the two 256 KiB transposes took ~30 us of a ~100 us inference
+// step whose products took ~20 us (perf, the Xeon).
 constexpr int64_t kGivenWeightMaxRows = kBlockRows;
 constexpr int64_t kGivenPanelCols = 64;
 
-// Rows up to which the forward of x in the accumulation type (fp32, float64) reads the weights as
-// given; 16-bit x stops at kGivenWeightMaxRows. From 65 to 128 rows the block route gave each of
-// two threads one or two blocks after making both transposed copies. Measured on the Xeon
-// (`python -m benchmarks.overhead --dtype fp32 --n 65 96 128`, two runs, that route / as given,
-// eager over adapterfast):
-//   inference, two threads: d = 1024, r = 64: 0.59x-0.84x / 1.24x-1.29x; d = 768, r = 16:
+// Rows up to which the block-kernel forward reads both weights as given (forward_given); the
+// backward's column-split route (backward_by_columns) stops at kGivenWeightMaxRows. From 65 to
+// 128 rows the block route gave each of two threads one or two blocks after making both
+// transposed copies. Measured on the Xeon (`python -m benchmarks.overhead --n 65 96 128`, two
+// runs each, that route / as given, eager over adapterfast; printed, not saved):
+//   fp32 inference, two threads: d = 1024, r = 64: 0.59x-0.84x / 1.24x-1.29x; d = 768, r = 16:
 //     0.83x-1.22x / 1.70x-1.86x;
-//   training, two threads: d = 1024, r = 64: 0.75x-1.01x / 0.95x-1.10x; d = 768, r = 16:
+//   fp32 training, two threads: d = 1024, r = 64: 0.75x-1.01x / 0.95x-1.10x; d = 768, r = 16:
 //     1.16x-1.73x / 1.40x-1.54x (lower at 128 rows, 1.72x -> 1.53x, still above eager);
-//   one thread: within a few percent, or better as given.
-// float16 on one thread lost (inference at N = 128, d = 1024, r = 64: 1.17x -> 0.96x-1.00x:
-// project_nt widens both 16-bit operands in every tile), and past 128 rows fp32 training on two
-// threads lost (d = 768, r = 16, N = 192-256: 1.60x-1.83x -> 1.35x-1.50x).
+//   float16 (d = 1024, r = 64), two threads: inference 0.77x-0.96x / 1.14x-1.36x, training
+//     0.85x-1.05x / 1.00x-1.10x; one thread: inference 1.15x-1.24x / 0.97x-1.15x (project_nt
+//     widens both 16-bit operands in every tile; 0.97x-1.00x at 128 rows), training unchanged;
+//   d = 768, r = 16: float16 on two threads 1.14x-1.42x / 1.98x-2.57x inference, the rest within
+//     a few percent.
+// Past 128 rows fp32 training on two threads lost (d = 768, r = 16, N = 192-256: 1.60x-1.83x ->
+// 1.35x-1.50x), so the block route stays there.
 constexpr int64_t kGivenForwardMaxRows = 2 * kBlockRows;
 
-// Products (n d r FMAs per GEMM) from which the forward and backward of a call of up to
-// kGivenWeightMaxRows rows spread each GEMM over the threads by columns: an OpenMP region costs a
+// Products (n d r FMAs per GEMM) from which forward_given and backward_by_columns spread each GEMM over the threads by columns: an OpenMP region costs a
 // few microseconds to start. Forward, inference, 2 threads, median wall time of the module call,
 // spread from 1 product on against never (the Xeon, fp32, ad-hoc loop): d = 1024, r = 64: 2 rows
 // 26 / 26 us, 4 rows 28 / 30, 8 rows 32 / 41, 16 rows 44 / 71; d = 768, r = 16: 8 rows 20 / 17,

@@ -27,7 +27,7 @@ struct ForwardOperands {
   bool training = false;
   // The weights as given (contiguous), where the brgemm driver packs them itself
   // (packs_given_weights, adapter_brgemm.h) or the block kernels read them as they are
-  // (reads_weights_as_given in adapter_forward.cpp, in x's dtype); w_down_t and w_up_t are then
+  // (kGivenForwardMaxRows, in x's dtype); w_down_t and w_up_t are then
   // undefined.
   at::Tensor w_down_given;  // [r, d]
   at::Tensor w_up_given;    // [d, r]

@@ -118,9 +118,9 @@ struct BlockKernels {
   void (*widen_transposed)(int64_t M, int64_t K, const void* A, Kind a_kind, int64_t lda, acc_t* B);
 
   // C[M, N] = A[M, K] B[N, K]^T, both operands in their storage types, as dot products along K:
-  // x Wd^T from the [r, d] weight as it is, for calls of a few rows (kGivenWeightMaxRows and
-  // kGivenForwardMaxRows, adapter_common.h), where transposing the weight into project_in's [d, r]
-  // operand costs more than the product. Each dot product sums its K products in 16 lanes, not in order as
+  // x Wd^T from the [r, d] weight as it is, for calls of a few rows (kGivenForwardMaxRows,
+  // adapter_common.h), where transposing the weight into project_in's [d, r] operand costs more
+  // than the product. Each dot product sums its K products in 16 lanes, not in order as
   // project_in does, so h (and y) of a call that reads the weights as given may differ in the
   // last bits from the same rows' h in a larger call.
   void (*project_nt)(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int64_t lda, const void* B,

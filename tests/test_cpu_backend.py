@@ -93,28 +93,24 @@ def test_fp32_every_row_count_up_to_two_tiles(r):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.float64, 1e-12)],
                          ids=["fp32", "fp16", "fp64"])
 def test_small_calls_read_the_weights_as_given(dtype, tol):
-    """A call of up to 64 rows (kGivenWeightMaxRows, csrc/adapter_common.h; fp32 and float64 x up
-    to 128, kGivenForwardMaxRows) with weights in x's dtype reads them as given: h = x Wd^T as dot
+    """A call of up to 128 rows (kGivenForwardMaxRows, csrc/adapter_common.h) with weights in x's
+    dtype reads them as given: h = x Wd^T as dot
     products from the [r, d] weight (project_nt), y from panels of Wu^T transposed as they are
     needed. d = 131 and r = 33 leave a partial run of 16 lanes, a partial tile of columns and,
     over 1 to 128 rows, 4-, 2- and 1-row tiles; a strided x, a separate residual and dropout take
     the other operands of the route. Every result matches the float64 reference, and a row's
-    results do not depend on the rows called with it (among calls on the same route)."""
+    results do not depend on the rows called with it."""
     torch.manual_seed(3)
     d, r = 131, 33
-    given_rows = 64 if dtype == torch.float16 else 128
-    x, wd, wu, bd, bu = (t.to(dtype) for t in adapter_inputs(given_rows, d, r)[:5])
+    x, wd, wu, bd, bu = (t.to(dtype) for t in adapter_inputs(128, d, r)[:5])
     for n in (1, 2, 3, 5, 17, 64, 65, 100, 128):
         check_against_reference(x[:n], wd, wu, bd, bu, None, tol=tol, activation="gelu", scale=0.5)
     wide = torch.randn(40, 2 * d).to(dtype)
     check_against_reference(wide[:, ::2], wd, wu, bd, bu, torch.randn(40, d).to(dtype), tol=tol, p=0.3, seed=5)
-    if given_rows > 64:
-        wide = torch.randn(100, 2 * d).to(dtype)
-        check_against_reference(wide[:, ::2], wd, wu, bd, bu, torch.randn(100, d).to(dtype), tol=tol, p=0.3, seed=5)
+    wide = torch.randn(100, 2 * d).to(dtype)
+    check_against_reference(wide[:, ::2], wd, wu, bd, bu, torch.randn(100, d).to(dtype), tol=tol, p=0.3, seed=5)
     y_all, h_all = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
     for n in (1, 7, 33, 65, 127):
-        if n > given_rows:
-            continue
         y, h = cpu.forward(x[:n], wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
         assert torch.equal(y, y_all[:n]) and torch.equal(h, h_all[:n])
 
@@ -267,7 +263,7 @@ def _run_all(x, wd, wu, bd, bu, g, **kw):
 # 320 rows: forward blocks of 64 rows on one thread, of 32 or 40 on two (forward_block_rows); r = 64
 # takes float16's split forward where the CPU has AMX-BF16. 48 rows: the small-call routes
 # (forward_given, backward_by_columns: two blocks) spread over the threads by columns. 100 rows:
-# fp32's forward_given (kGivenForwardMaxRows) with the block backward.
+# forward_given (kGivenForwardMaxRows) with the block backward.
 @pytest.mark.parametrize("n, r", [(3000, 24), (1024, 24), (320, 64), (48, 64), (100, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_bitwise_identical_across_threads_and_runs(dtype, n, r):

@@ -217,9 +217,10 @@ print(json.dumps(report))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_streamed_outputs_match_unstreamed_rows(dtype):
     """y and dx this large (16 MiB) are written with non-temporal stores (stream_output): their
-    first and last 65 rows equal what a 65-row call, which does not stream, writes for the same rows
-    (rows are independent in y and dx without dropout, among calls of more than 64 rows: a smaller
-    call reads the weights as given, kGivenWeightMaxRows, and sums h in another order)."""
+    first and last 129 rows equal what a 129-row call, which does not stream, writes for the same
+    rows (rows are independent in y and dx without dropout, among calls of more than 128 rows: a
+    smaller call on the block kernels reads the weights as given, kGivenForwardMaxRows, and sums h
+    in another order)."""
     n, d, r = 8192, 1024, 16
     torch.manual_seed(0)
     x, g = torch.randn(n, d).to(dtype), torch.randn(n, d).to(dtype)
@@ -227,7 +228,7 @@ def test_16bit_streamed_outputs_match_unstreamed_rows(dtype):
     bd, bu = torch.randn(r) * 0.1, torch.randn(d) * 0.1
     y, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
     dx = cpu.backward(g, x, wd, wu, bd, bu, h, "gelu", 0.5, 0.0, 0, True)[0]
-    for rows in (slice(0, 65), slice(n - 65, n)):
+    for rows in (slice(0, 129), slice(n - 129, n)):
         y_small, h_small = cpu.forward(x[rows], wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
         dx_small = cpu.backward(g[rows], x[rows], wd, wu, bd, bu, h_small, "gelu", 0.5, 0.0, 0, True)[0]
         assert torch.equal(y[rows], y_small)
