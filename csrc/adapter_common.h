@@ -181,8 +181,8 @@ constexpr int64_t kGivenPanelCols = 64;
 // 1.35x-1.50x), so the block route stays there.
 constexpr int64_t kGivenForwardMaxRows = 2 * kBlockRows;
 
-// Products (n d r FMAs per GEMM) from which forward_given and backward_by_columns spread each GEMM over the threads by columns: an OpenMP region costs a
-// few microseconds to start. Forward, inference, 2 threads, median wall time of the module call,
+// Products (n d r FMAs per GEMM) from which forward_given and backward_by_columns spread each
+// GEMM over the threads by columns: an OpenMP region costs a few microseconds to start. Forward, inference, 2 threads, median wall time of the module call,
 // spread from 1 product on against never (the Xeon, fp32, ad-hoc loop): d = 1024, r = 64: 2 rows
 // 26 / 26 us, 4 rows 28 / 30, 8 rows 32 / 41, 16 rows 44 / 71; d = 768, r = 16: 8 rows 20 / 17,
 // 16 rows 24 / 24.
