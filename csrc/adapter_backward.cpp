@@ -454,8 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
   const BrgemmLayout layout = dims.n == 0 ? BrgemmLayout::none : brgemm_layout_for(dtype, dims, /*backward=*/true);
   const bool given = packs_given_weights(layout, dtype, w_down, w_up, dims, /*backward=*/true);
   const auto [w_down_operand, w_up_operand] =
-      given ? std::pair<at::Tensor, at::Tensor>()
-            : operand_weights(w_down, w_up, dtype, /*transpose=*/false, weight_copies_side_by_side(dims));
+      given ? std::pair<at::Tensor, at::Tensor>() : operand_weights(w_down, w_up, dtype, /*transpose=*/false, dims);
   BackwardOperands op{dims,
                       with_unit_column_stride(grad_y),
                       x,

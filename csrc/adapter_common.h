@@ -8,7 +8,6 @@
 #include <optional>
 #include <utility>
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -110,48 +109,19 @@ inline Kind kind_of(at::ScalarType dtype) {
 // w itself when it already is that; a copy by copy_matrix for w in x's dtype or fp32.
 at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose);
 
-// Elements per weight from which operand_weights makes the two copies side by side.
 constexpr int64_t kParallelWeightElements = int64_t(1) << 15;
 
-// Whether a call makes its two operand_weights copies side by side (side_by_side): weights of at
-// least kParallelWeightElements elements, and more than one row block, so that the call has a
-// parallel region of its own whose threads would otherwise wait. Side by side they took float16
-// inference at N = 128, d = 1024, r = 64 on two threads from 0.77x-0.81x the eager adapter to
-// 0.93x-0.95x, and training at N = 320 from 0.96x-0.97x to 1.01x-1.03x (overhead grid, the Xeon).
-// A call of one block would wake the threads for the copies alone (bf16 inference at N = 1-64
-// went from 23-43 us to 54-68 us when its brgemm packing was made so; the brgemm drivers' own
-// packing, an interleave of 16-bit words, stays on the calling thread).
-inline bool weight_copies_side_by_side(const Dims& dims) {
-  return dims.n > kBlockRows && dims.r * dims.d >= kParallelWeightElements;
-}
-
-// first() and second() side by side on two threads where `parallel` and more than one thread is
-// free (not inside a parallel region), else one after the other: the per-call copies of the two
-// weights, which come before the row blocks' parallel region. One after the other, the other
-// threads waiting, the two widening transposes were ~18% of the samples of a float16 inference
-// call at N = 128, d = 1024, r = 64 (perf, the Xeon).
-template <typename F0, typename F1>
-void side_by_side(bool parallel, F0&& first, F1&& second) {
-  if (!parallel || at::get_num_threads() < 2 || at::in_parallel_region()) {
-    first();
-    second();
-    return;
-  }
-  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if (i == 0) {
-        first();
-      } else {
-        second();
-      }
-    }
-  });
-}
-
-// operand_weight of w_down and of w_up, side by side where `parallel` (weight_copies_side_by_side)
-// and both are copies.
+// operand_weight of w_down and of w_up. The two copies run side by side on two threads where the
+// call has more than one row block (so a parallel region of its own, whose threads would otherwise
+// wait for them) and weights of at least kParallelWeightElements elements each. Side by side they
+// took float16 inference at N = 128, d = 1024, r = 64 on two threads from 0.77x-0.81x the eager
+// adapter to 0.93x-0.95x, and training at N = 320 from 0.96x-0.97x to 1.01x-1.03x (overhead grid,
+// the Xeon; one after the other the two widening transposes were ~18% of the samples of that
+// inference call). A call of one block would wake the threads for the copies alone: bf16
+// inference at N = 1-64 went from 23-43 us to 54-68 us when the brgemm drivers' packing was made
+// side by side, which therefore stays on the calling thread.
 std::pair<at::Tensor, at::Tensor> operand_weights(const at::Tensor& w_down, const at::Tensor& w_up,
-                                                  at::ScalarType x_dtype, bool transpose, bool parallel);
+                                                  at::ScalarType x_dtype, bool transpose, const Dims& dims);
 
 // Rows up to which the block-kernel backward reads the weights as given and splits its GEMMs by
 // columns (backward_by_columns), and up to which the forward first did (now kGivenForwardMaxRows):
@@ -182,10 +152,10 @@ constexpr int64_t kGivenPanelCols = 64;
 constexpr int64_t kGivenForwardMaxRows = 2 * kBlockRows;
 
 // Products (n d r FMAs per GEMM) from which forward_given and backward_by_columns spread each
-// GEMM over the threads by columns: an OpenMP region costs a few microseconds to start. Forward, inference, 2 threads, median wall time of the module call,
-// spread from 1 product on against never (the Xeon, fp32, ad-hoc loop): d = 1024, r = 64: 2 rows
-// 26 / 26 us, 4 rows 28 / 30, 8 rows 32 / 41, 16 rows 44 / 71; d = 768, r = 16: 8 rows 20 / 17,
-// 16 rows 24 / 24.
+// GEMM over the threads by columns: an OpenMP region costs a few microseconds to start. Forward,
+// inference, 2 threads, median wall time of the module call, spread from 1 product on against
+// never (the Xeon, fp32, ad-hoc loop): d = 1024, r = 64: 2 rows 26 / 26 us, 4 rows 28 / 30, 8 rows
+// 32 / 41, 16 rows 44 / 71; d = 768, r = 16: 8 rows 20 / 17, 16 rows 24 / 24.
 constexpr int64_t kGivenSpreadFmas = int64_t(1) << 18;
 
 // A weight in x's dtype with contiguous rows, as the forward reads the weights as given: itself,

@@ -167,8 +167,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
   const bool given = layout == BrgemmLayout::none ? dims.n <= kGivenForwardMaxRows
                                                   : packs_given_weights(layout, dtype, w_down, w_up, dims, false);
   const auto [w_down_t, w_up_t] =
-      given ? std::pair<at::Tensor, at::Tensor>()
-            : operand_weights(w_down, w_up, dtype, /*transpose=*/true, weight_copies_side_by_side(dims));
+      given ? std::pair<at::Tensor, at::Tensor>() : operand_weights(w_down, w_up, dtype, /*transpose=*/true, dims);
   ForwardOperands op{dims,
                      x,
                      w_down_t,
