@@ -88,9 +88,15 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
   round_row_as<T>(a, fold, r);
 }
 
-// Rows per block: kBlockRows, or half of it below 2 kBlockRows rows, so that a call of 33 to 127
-// rows has two blocks (two reduction groups, two threads). A function of n only.
-int64_t backward_block_rows(int64_t n) { return n < 2 * kBlockRows ? kBlockRows / 2 : kBlockRows; }
+// Rows per block: kBlockRows; below 2 kBlockRows rows two blocks, so that a call of 33 to 127 rows
+// keeps two threads busy (two reduction groups, or backward_by_columns' two bias sums): of half
+// kBlockRows up to kBlockRows rows, above it half the rows each (rounded up), where blocks of half
+// kBlockRows gave 65 rows a third block of one row and 96 rows a third of 32, both left to one
+// thread. A function of n only.
+int64_t backward_block_rows(int64_t n) {
+  if (n >= 2 * kBlockRows) return kBlockRows;
+  return n > kBlockRows ? (n + 1) / 2 : kBlockRows / 2;
+}
 
 // sums[k] = rows[0][k] + rows[1][k] + ... in row order, in acc_t: a block's column sums of g where
 // accumulate_outer_stored does not read g as its B operand (and so cannot sum it on the way).
@@ -231,8 +237,29 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, const std::vect
   });
 }
 
-// The backward of a call of up to kGivenWeightMaxRows rows (one or two blocks of
-// backward_block_rows), in three phases that each go over the threads by columns, where
+// Whether the block-kernel backward runs backward_by_columns: up to kGivenWeightMaxRows rows, and
+// below 2 kBlockRows where r >= kByColumnsMinRank. There its one set of weight-gradient sums, where
+// backward_blocks keeps one per block, pays off. fp32 training, eager adapter over adapterfast at
+// N = 65 / 96 / 120, one thread and two, two blocks of backward_blocks -> backward_by_columns (the
+// Xeon, `python -m benchmarks.overhead --n 65 96 120`, a temporary switch, two runs each; printed,
+// not saved): d = 1024, r = 64: 0.94x-0.99x / 0.95x-0.96x, 0.98x-1.01x / 1.03x-1.05x,
+// 1.00x-1.03x / 1.02x-1.11x -> 1.06x / 1.01x-1.18x, 1.06x / 1.00x-1.09x, 1.04x-1.05x /
+// 1.08x-1.13x; d = 768, r = 64: 0.97x / 1.02x-1.03x, 1.02x-1.05x / 1.08x-1.10x, 1.02x-1.05x /
+// 1.13x-1.14x -> 1.05x-1.07x / 1.14x-1.16x, 1.07x-1.08x / 1.12x-1.20x, 1.06x / 1.05x-1.22x.
+// At r = 32 the columns route was faster on one thread and slower on two (d = 768 and 1024:
+// 1.09x-1.16x / 1.13x-1.33x -> 1.16x-1.24x / 0.98x-1.20x), at r = 16 slower on two (d = 768:
+// 1.43x-1.56x -> 1.12x-1.21x, d = 4096: 1.14x-1.30x -> 0.88x-0.94x): its first phase splits da's
+// r columns over the threads. float16 at d = 1024, r = 64 was within the runs' spread (0.99x-1.11x
+// either way). At d = 4096, r = 64 both routes stay under the eager adapter at 65 rows (0.87x-1.00x).
+constexpr int64_t kByColumnsMinRank = 64;
+
+bool takes_backward_by_columns(const Dims& dims) {
+  if (dims.n <= 0) return false;
+  return dims.n <= kGivenWeightMaxRows || (dims.n < 2 * kBlockRows && dims.r >= kByColumnsMinRank);
+}
+
+// The backward of a call that takes_backward_by_columns (two blocks of backward_block_rows, or
+// one), in three phases that each go over the threads by columns, where
 // backward_blocks would give such a call one thread per block:
 //   1. da = gz Wu, by columns of da (r);
 //   2. dh, a and db_down, row by row ([n, r]);
@@ -482,9 +509,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     // The brgemm driver walks blocks of kBlockRows; the block kernels backward_block_rows.
     const int64_t rows = layout != BrgemmLayout::none ? kBlockRows : backward_block_rows(dims.n);
     const int64_t blocks = (dims.n + rows - 1) / rows;
-    // A call of up to kGivenWeightMaxRows rows on the block kernels: backward_by_columns, with
+    // A call that takes_backward_by_columns on the block kernels: backward_by_columns, with
     // the bias sums of each block kept apart as those of a group.
-    const bool by_columns = layout == BrgemmLayout::none && dims.n > 0 && dims.n <= kGivenWeightMaxRows;
+    const bool by_columns = layout == BrgemmLayout::none && takes_backward_by_columns(dims);
     const int64_t groups = dims.n == 0 ? 1 : by_columns ? blocks : reduction_groups(dims, blocks, size);
     at::Tensor bias_partials = at::empty({groups, Partials<acc_t>::bias_size(dims)}, options.dtype(at::kDouble));
     double* bias_rows = bias_partials.data_ptr<double>();

@@ -124,7 +124,8 @@ std::pair<at::Tensor, at::Tensor> operand_weights(const at::Tensor& w_down, cons
                                                   at::ScalarType x_dtype, bool transpose, const Dims& dims);
 
 // Rows up to which the block-kernel backward reads the weights as given and splits its GEMMs by
-// columns (backward_by_columns), and up to which the forward first did (now kGivenForwardMaxRows):
+// columns (backward_by_columns; up to 127 rows at r >= 64: takes_backward_by_columns in
+// adapter_backward.cpp), and up to which the forward first did (now kGivenForwardMaxRows):
 // reading the weights in x's dtype (project_nt for x Wd^T, project_out on [r, kGivenPanelCols]
 // panels of Wu^T widened and transposed as each is needed) instead of converting both into
 // transposed accumulation-type copies first. At a few rows those copies are most of the call: at

@@ -263,8 +263,9 @@ def _run_all(x, wd, wu, bd, bu, g, **kw):
 # 320 rows: forward blocks of 64 rows on one thread, of 32 or 40 on two (forward_block_rows); r = 64
 # takes float16's split forward where the CPU has AMX-BF16. 48 rows: the small-call routes
 # (forward_given, backward_by_columns: two blocks) spread over the threads by columns. 100 rows:
-# forward_given (kGivenForwardMaxRows) with the block backward.
-@pytest.mark.parametrize("n, r", [(3000, 24), (1024, 24), (320, 64), (48, 64), (100, 64)])
+# forward_given (kGivenForwardMaxRows) with backward_by_columns at r = 64 (takes_backward_by_columns)
+# and the block backward at r = 24, two blocks of 50 rows each.
+@pytest.mark.parametrize("n, r", [(3000, 24), (1024, 24), (320, 64), (48, 64), (100, 64), (100, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_bitwise_identical_across_threads_and_runs(dtype, n, r):
     x, wd, wu, bd, bu, _ = adapter_inputs(n, 200, r)
