@@ -294,6 +294,26 @@ Scratch<U> weight_operand(BrgemmLayout layout, const at::Tensor& acc, const at::
   return weight_b<T, U>(layout, K, N, acc.data_ptr<float>(), N, ldb);
 }
 
+// Weight elements (r d each) from which the drivers pack their two weights side by side
+// (side_by_side), in a call of one block of kBlockRows rows; half as many in a call of more,
+// whose blocks start only after both packs. A one-block call wakes the threads for the packs
+// alone: at d = 1024, r = 64 (2^16) that slowed bf16 inference at N = 1-64 on two threads from
+// 23-43 to 54-68 us and did not clearly help at N = 128 (commit c2c8b19). bf16 on the Xeon, two
+// threads, eager adapter over adapterfast, training / inference, packs on the calling thread ->
+// side by side (`python -m benchmarks.overhead --dtype bf16 --r 64 --threads 2`, a temporary
+// switch, two runs each; printed, not saved):
+//   d = 4096, r = 64 (2^18): N = 1 0.82x-0.85x / 0.71x-0.84x -> 0.88x-0.89x / 0.85x-0.87x; N = 8
+//     0.74x-0.75x / 0.65x-0.76x -> 0.80x / 0.86x-0.87x; N = 64 0.77x-0.78x / 0.72x-0.82x -> 0.83x
+//     / 0.91x-1.04x; N = 128 0.92x / 1.25x-1.32x -> 0.98x-1.01x / 1.59x-1.63x;
+//   d = 2048, r = 64 (2^17): N = 1-64 within the runs' spread (training 0.94x-1.02x -> 0.91x-1.00x,
+//     inference 1.00x-1.25x -> 1.01x-1.30x); N = 128 1.01x-1.03x / 1.38x-1.43x -> 1.08x / 1.63x-1.64x.
+constexpr int64_t kSideBySidePackElements = int64_t(1) << 18;
+
+bool packs_side_by_side(const Dims& dims) {
+  const int64_t bound = dims.n > kBlockRows ? kSideBySidePackElements / 2 : kSideBySidePackElements;
+  return dims.r * dims.d >= bound;
+}
+
 template <typename T, typename U>
 void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h) {
   constexpr bool split = kSplit<T, U>;
@@ -301,8 +321,10 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
   const int64_t rp = even(r);
   const int64_t dp = even(d);
   const int64_t ldb = split ? d : b_stride(layout, d);
-  const Scratch<U> w_down_b = weight_operand<T, U>(layout, op.w_down_t, op.w_down_given, true, d, r, r);
-  const Scratch<U> w_up_b = weight_operand<T, U>(layout, op.w_up_t, op.w_up_given, true, r, d, ldb);
+  Scratch<U> w_down_b, w_up_b;
+  side_by_side(packs_side_by_side(op.dims),
+               [&] { w_down_b = weight_operand<T, U>(layout, op.w_down_t, op.w_down_given, true, d, r, r); },
+               [&] { w_up_b = weight_operand<T, U>(layout, op.w_up_t, op.w_up_given, true, r, d, ldb); });
   const T* x_data = op.x.data_ptr<T>();
   const int64_t x_row_stride = op.x.stride(0);
   const int64_t x_col_stride = d == 1 ? 1 : op.x.stride(1);
@@ -392,8 +414,10 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
   const int64_t rp = even(r);
   const int64_t groups = partials.size(0);
   const int64_t ldb = split ? d : b_stride(layout, d);
-  const Scratch<U> w_up_b = weight_operand<T, U>(layout, op.w_up, op.w_up_given, false, d, r, r);
-  const Scratch<U> w_down_b = weight_operand<T, U>(layout, op.w_down, op.w_down_given, false, r, d, ldb);
+  Scratch<U> w_up_b, w_down_b;
+  side_by_side(packs_side_by_side(op.dims),
+               [&] { w_up_b = weight_operand<T, U>(layout, op.w_up, op.w_up_given, false, d, r, r); },
+               [&] { w_down_b = weight_operand<T, U>(layout, op.w_down, op.w_down_given, false, r, d, ldb); });
   const T* g_data = op.grad_y.data_ptr<T>();
   const int64_t ld_g = op.grad_y.stride(0);
   const T* x_data = op.x.data_ptr<T>();

@@ -160,14 +160,11 @@ at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool tran
 std::pair<at::Tensor, at::Tensor> operand_weights(const at::Tensor& w_down, const at::Tensor& w_up,
                                                   at::ScalarType x_dtype, bool transpose, const Dims& dims) {
   const bool copies = !operand_is_weight(w_down, x_dtype, transpose) && !operand_is_weight(w_up, x_dtype, transpose);
-  const bool side_by_side = copies && dims.n > kBlockRows && dims.r * dims.d >= kParallelWeightElements &&
-                            at::get_num_threads() > 1 && !at::in_parallel_region();
-  if (!side_by_side) return {operand_weight(w_down, x_dtype, transpose), operand_weight(w_up, x_dtype, transpose)};
-  std::array<at::Tensor, 2> out;
-  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = operand_weight(i == 0 ? w_down : w_up, x_dtype, transpose);
-  });
-  return {out[0], out[1]};
+  std::pair<at::Tensor, at::Tensor> out;
+  side_by_side(copies && dims.n > kBlockRows && dims.r * dims.d >= kParallelWeightElements,
+               [&] { out.first = operand_weight(w_down, x_dtype, transpose); },
+               [&] { out.second = operand_weight(w_up, x_dtype, transpose); });
+  return out;
 }
 
 std::optional<at::Tensor> operand_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype) {

@@ -8,6 +8,7 @@
 #include <optional>
 #include <utility>
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -110,6 +111,21 @@ inline Kind kind_of(at::ScalarType dtype) {
 at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool transpose);
 
 constexpr int64_t kParallelWeightElements = int64_t(1) << 15;
+
+// f0() and f1(): side by side on two threads of a parallel region of their own where `parallel`
+// and there are two threads to spare (not already inside a parallel region), else one after the
+// other on the calling thread.
+template <typename F0, typename F1>
+void side_by_side(bool parallel, F0&& f0, F1&& f1) {
+  if (!parallel || at::get_num_threads() < 2 || at::in_parallel_region()) {
+    f0();
+    f1();
+    return;
+  }
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) i == 0 ? f0() : f1();
+  });
+}
 
 // operand_weight of w_down and of w_up. The two copies run side by side on two threads where the
 // call has more than one row block (so a parallel region of its own, whose threads would otherwise

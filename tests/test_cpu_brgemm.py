@@ -82,6 +82,9 @@ CASES = [
     # (b_stride in adapter_brgemm.cpp), with and without dropout, odd row counts
     (131, 1024, 16, True, False, 0.0, "gelu", False),
     (197, 512, 8, False, True, 0.2, "silu", False),
+    # weights of 2^18 and 2^17 elements: packed side by side (packs_side_by_side in adapter_brgemm.cpp)
+    (8, 4096, 64, True, False, 0.0, "gelu", False),
+    (100, 2048, 64, False, False, 0.1, "silu", False),
 ]
 
 
@@ -97,6 +100,32 @@ def test_16bit_within_twice_eager_error(dtype, case):
     res = None if res is None else res.to(dtype)
     ours, theirs = errors(x, wd, wu, bd, bu, res, activation=activation, scale=0.7, p=p, seed=123)
     assert_close(ours, theirs, versus_eager=n * r >= 64)
+
+
+@pytest.mark.parametrize("n, d", [(8, 4096), (100, 2048)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_packed_side_by_side_give_the_one_thread_results(dtype, n, d):
+    """Weights this large are packed on two threads at once where there are two
+    (packs_side_by_side): forward and backward are bitwise those of one thread."""
+    torch.manual_seed(d)
+    x, wd, wu, bd, bu, _ = adapter_inputs(n, d, 64)
+    x, g = x.to(dtype), torch.randn(n, d).to(dtype)
+    wd, wu, bd, bu = (t.to(dtype) for t in (wd, wu, bd, bu))
+
+    def run():
+        y, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
+        return (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, "gelu", 0.5, 0.0, 0, True))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(NAMES, one, two):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
