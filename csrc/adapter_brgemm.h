@@ -10,11 +10,40 @@
 
 namespace adapterfast::cpu {
 
+// Rows up to which a bf16 forward runs on the block kernels, which read the weights as given
+// (forward_given), instead of on brgemm, which first packs both weights into its B layout: at a
+// few rows the packing is most of the call. kBf16GivenForwardMaxRows, and twice as many for weights
+// of kBf16GivenForwardLargeWeight elements or more. bf16 inference, eager adapter over adapterfast,
+// one / two threads, brgemm -> block kernels (the Xeon, `python -m benchmarks.overhead --dtype bf16
+// --n ...` with ADAPTERFAST_CPU_BRGEMM=1 and =0, one run each; printed, not saved; brgemm packing
+// on the calling thread in the first list, side by side, packs_side_by_side, in the second):
+//   d = 1024, r = 64: N = 1 1.78x / 2.38x -> 2.91x / 2.77x, N = 4 1.83x / 2.39x -> 2.17x / 2.68x,
+//     N = 8 1.87x / 2.36x -> 1.64x / 2.25x;
+//   d = 768, r = 16: N = 1 3.40x / 3.59x -> 3.97x / 3.96x, N = 4 3.36x / 3.51x -> 3.61x / 3.73x,
+//     N = 8 3.27x / 3.38x -> 3.15x / 3.48x;
+//   d = 4096, r = 16: N = 1 2.16x / 2.50x -> 2.76x / 2.70x, N = 4 2.15x / 2.67x -> 2.39x / 3.08x;
+//   d = 4096, r = 64: N = 1 0.81x / 0.92x -> 2.26x / 2.75x, N = 4 1.18x / 0.55x -> 1.50x / 1.71x;
+//   r d >= 2^17, N = 8 / 12 / 16: d = 4096, r = 64: 0.88x / 0.83x, 0.85x / 0.90x, 1.01x / 0.80x ->
+//     1.09x / 1.22x, 0.98x / 1.03x, 0.87x / 1.00x; d = 2048, r = 64: 1.07x / 1.25x, 1.27x / 1.34x,
+//     1.37x / 1.15x -> 1.31x / 1.85x, 1.12x / 1.49x, 0.93x / 1.44x; d = 4096, r = 32: 1.44x / 1.18x,
+//     1.25x / 1.00x, 1.34x / 1.01x -> 1.41x / 1.91x, 1.22x / 1.67x, 1.14x / 1.47x.
+// From 8 rows brgemm wins at d = 1024 on one thread and the two are close at d = 768; with larger
+// weights the block kernels win at 8 rows and lose on one thread from 12.
+constexpr int64_t kBf16GivenForwardMaxRows = 4;
+constexpr int64_t kBf16GivenForwardLargeWeight = int64_t(1) << 17;
+
+inline bool bf16_forward_on_block_kernels(const Dims& dims) {
+  const int64_t bound = dims.r * dims.d >= kBf16GivenForwardLargeWeight ? 2 * kBf16GivenForwardMaxRows
+                                                                         : kBf16GivenForwardMaxRows;
+  return dims.n <= bound;
+}
+
 // The layout the 16-bit drivers run the forward (backward = false) or backward in for x of this
 // dtype, or none (then the fp32 block kernels run, with operands converted to fp32). float16 takes
 // the layout of its route (fp16_route): bf16's where it is split into bf16, its own where oneDNN's
 // float16 kernel runs.
 inline BrgemmLayout brgemm_layout_for(at::ScalarType dtype, const Dims& dims, bool backward) {
+  if (dtype == at::kBFloat16 && !backward && bf16_forward_on_block_kernels(dims)) return BrgemmLayout::none;
   if (dtype != at::kHalf) return brgemm_layout(dtype);
   switch (fp16_route(backward, dims.n, dims.r)) {
     case Fp16Route::bf16x3: return brgemm_layout(at::kBFloat16);

@@ -337,6 +337,42 @@ def test_path_with_brgemm_off():
     assert report["torch.bfloat16"] in ("avx512", "generic") and report["torch.float16"] == report["torch.float32"], report
 
 
+_FEW_ROWS = """
+import sys, torch
+from adapterfast import cpu
+torch.manual_seed(4)
+out = []
+for d, r, rows in ((131, 33, 5), (2048, 64, 9)):
+    x = torch.randn(rows, d).bfloat16()
+    wd, wu = (torch.randn(r, d) / d**0.5).bfloat16(), (torch.randn(d, r) / r**0.5).bfloat16()
+    bd, bu = torch.randn(r).bfloat16(), torch.randn(d).bfloat16()
+    out.append([cpu.forward(x[:n], wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None) for n in range(1, rows + 1)])
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_bf16_forwards_of_a_few_rows_run_on_the_block_kernels(tmp_path):
+    """A bf16 forward of up to 4 rows, 8 with weights of 2^17 elements or more
+    (bf16_forward_on_block_kernels, csrc/adapter_brgemm.h), runs on the block kernels, which read
+    the weights as given, where brgemm would first pack both: its y and h are bitwise those of the
+    same call with brgemm off (ADAPTERFAST_CPU_BRGEMM=0). One row more runs on brgemm where bf16
+    has it, and its h (fp32, summed in another order) differs."""
+    outputs = {}
+    for name, env in (("default", {}), ("off", {"ADAPTERFAST_CPU_BRGEMM": "0"})):
+        path = str(tmp_path / f"{name}.pt")
+        done = subprocess.run([sys.executable, "-c", _FEW_ROWS, path], env=dict(os.environ, **env),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[name] = torch.load(path)
+    brgemm = cpu.kernel_isa(torch.bfloat16).startswith("brgemm")
+    for bound, calls, calls_off in zip((4, 8), outputs["default"], outputs["off"]):
+        for n, ((y, h), (y_off, h_off)) in enumerate(zip(calls, calls_off), start=1):
+            if n <= bound:
+                assert torch.equal(y, y_off) and torch.equal(h, h_off), (bound, n)
+            elif brgemm:
+                assert not torch.equal(h, h_off), (bound, n)
+
+
 def test_portable_path():
     report = run_forced({"ATEN_CPU_CAPABILITY": "avx2"})
     assert set(report[k] for k in ("torch.float32", "torch.bfloat16", "torch.float16")) == {"generic"}, report
