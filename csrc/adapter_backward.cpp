@@ -581,16 +581,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
       down_sums = downs[0];
     }
     const double* bias_total = sum_partials<double>(bias_partials);
-    if (!dw_up.defined()) {
-      dw_up = up_by_rows ? gradient(SumChunks<acc_t>::row_major(up_sums, dims.d, dims.r), false, dw_up_factor,
-                                    w_up.scalar_type(), options)
-                         : gradient(SumChunks<acc_t>{up_sums, dims.r, dims.d, sums_chunk}, true, dw_up_factor,
-                                    w_up.scalar_type(), options);
-    }
-    if (!dw_down.defined()) {
-      dw_down = gradient(SumChunks<acc_t>{down_sums, dims.r, dims.d, sums_chunk}, false, acc_t(1), w_down.scalar_type(),
-                         options);
-    }
+    side_by_side(
+        !dw_up.defined() && !dw_down.defined() && rd >= kSideBySideWeightElements,
+        [&] {
+          if (dw_up.defined()) return;
+          dw_up = up_by_rows ? gradient(SumChunks<acc_t>::row_major(up_sums, dims.d, dims.r), false, dw_up_factor,
+                                        w_up.scalar_type(), options)
+                             : gradient(SumChunks<acc_t>{up_sums, dims.r, dims.d, sums_chunk}, true, dw_up_factor,
+                                        w_up.scalar_type(), options);
+        },
+        [&] {
+          if (dw_down.defined()) return;
+          dw_down = gradient(SumChunks<acc_t>{down_sums, dims.r, dims.d, sums_chunk}, false, acc_t(1),
+                             w_down.scalar_type(), options);
+        });
     db_up = gradient(SumChunks<double>::row_major(bias_total, 1, dims.d), false, 1.0, w_up.scalar_type(), options)
                 .view({dims.d});
     db_down = gradient(SumChunks<double>::row_major(bias_total + dims.d, 1, dims.r), false, 1.0, w_down.scalar_type(),

@@ -294,9 +294,9 @@ Scratch<U> weight_operand(BrgemmLayout layout, const at::Tensor& acc, const at::
   return weight_b<T, U>(layout, K, N, acc.data_ptr<float>(), N, ldb);
 }
 
-// Weight elements (r d each) from which the drivers pack their two weights side by side
-// (side_by_side), in a call of one block of kBlockRows rows; half as many in a call of more,
-// whose blocks start only after both packs. A one-block call wakes the threads for the packs
+// Whether the drivers pack their two weights side by side (side_by_side): from
+// kSideBySideWeightElements elements each in a call of one block of kBlockRows rows, half as many
+// in a call of more, whose blocks start only after both packs. A one-block call wakes the threads for the packs
 // alone: at d = 1024, r = 64 (2^16) that slowed bf16 inference at N = 1-64 on two threads from
 // 23-43 to 54-68 us and did not clearly help at N = 128 (commit c2c8b19). bf16 on the Xeon, two
 // threads, eager adapter over adapterfast, training / inference, packs on the calling thread ->
@@ -307,10 +307,8 @@ Scratch<U> weight_operand(BrgemmLayout layout, const at::Tensor& acc, const at::
 //     / 0.91x-1.04x; N = 128 0.92x / 1.25x-1.32x -> 0.98x-1.01x / 1.59x-1.63x;
 //   d = 2048, r = 64 (2^17): N = 1-64 within the runs' spread (training 0.94x-1.02x -> 0.91x-1.00x,
 //     inference 1.00x-1.25x -> 1.01x-1.30x); N = 128 1.01x-1.03x / 1.38x-1.43x -> 1.08x / 1.63x-1.64x.
-constexpr int64_t kSideBySidePackElements = int64_t(1) << 18;
-
 bool packs_side_by_side(const Dims& dims) {
-  const int64_t bound = dims.n > kBlockRows ? kSideBySidePackElements / 2 : kSideBySidePackElements;
+  const int64_t bound = dims.n > kBlockRows ? kSideBySideWeightElements / 2 : kSideBySideWeightElements;
   return dims.r * dims.d >= bound;
 }
 

@@ -161,7 +161,8 @@ std::pair<at::Tensor, at::Tensor> operand_weights(const at::Tensor& w_down, cons
                                                   at::ScalarType x_dtype, bool transpose, const Dims& dims) {
   const bool copies = !operand_is_weight(w_down, x_dtype, transpose) && !operand_is_weight(w_up, x_dtype, transpose);
   std::pair<at::Tensor, at::Tensor> out;
-  side_by_side(copies && dims.n > kBlockRows && dims.r * dims.d >= kParallelWeightElements,
+  const int64_t bound = dims.n > kBlockRows ? kParallelWeightElements : kSideBySideWeightElements;
+  side_by_side(copies && dims.r * dims.d >= bound,
                [&] { out.first = operand_weight(w_down, x_dtype, transpose); },
                [&] { out.second = operand_weight(w_up, x_dtype, transpose); });
   return out;

@@ -112,6 +112,18 @@ at::Tensor operand_weight(const at::Tensor& w, at::ScalarType x_dtype, bool tran
 
 constexpr int64_t kParallelWeightElements = int64_t(1) << 15;
 
+// Weight elements (r d each) from which a call's two per-weight passes run side by side on two
+// threads even in a call of one row block, whose other thread would otherwise wait for them:
+// operand_weights' copies, the brgemm drivers' packs (packs_side_by_side, adapter_brgemm.cpp, with
+// the measurements) and the weight gradients written from the sums (adapter_backward.cpp). At
+// d = 4096, r = 64 (2^18) each pass reads or writes 0.5-1 MiB. Training on two threads there,
+// eager adapter over adapterfast at N = 1 / 8 / 64, the packs alone side by side -> the copies and
+// gradients as well (the Xeon, `python -m benchmarks.overhead --r 64 --d 4096 --threads 2`, the two
+// builds alternately, two runs each; printed, not saved): float16 0.59x-0.62x / 0.82x / 0.80x-0.81x
+// -> 0.75x / 1.02x-1.04x / 0.95x-0.97x; bf16 0.97x-1.00x / 0.82x-0.84x / 0.82x-0.83x ->
+// 1.12x-1.15x / 0.96x-0.97x / 0.91x-0.92x; fp32 (no copies, gradients summed in place) unchanged.
+constexpr int64_t kSideBySideWeightElements = int64_t(1) << 18;
+
 // f0() and f1(): side by side on two threads of a parallel region of their own where `parallel`
 // and there are two threads to spare (not already inside a parallel region), else one after the
 // other on the calling thread.
@@ -129,7 +141,8 @@ void side_by_side(bool parallel, F0&& f0, F1&& f1) {
 
 // operand_weight of w_down and of w_up. The two copies run side by side on two threads where the
 // call has more than one row block (so a parallel region of its own, whose threads would otherwise
-// wait for them) and weights of at least kParallelWeightElements elements each. Side by side they
+// wait for them) and weights of at least kParallelWeightElements elements each, or one block and
+// kSideBySideWeightElements. Side by side they
 // took float16 inference at N = 128, d = 1024, r = 64 on two threads from 0.77x-0.81x the eager
 // adapter to 0.93x-0.95x, and training at N = 320 from 0.96x-0.97x to 1.01x-1.03x (overhead grid,
 // the Xeon; one after the other the two widening transposes were ~18% of the samples of that

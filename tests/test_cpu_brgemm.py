@@ -105,8 +105,10 @@ def test_16bit_within_twice_eager_error(dtype, case):
 @pytest.mark.parametrize("n, d", [(8, 4096), (100, 2048)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_weights_packed_side_by_side_give_the_one_thread_results(dtype, n, d):
-    """Weights this large are packed on two threads at once where there are two
-    (packs_side_by_side): forward and backward are bitwise those of one thread."""
+    """Weights this large have their two per-call passes run on two threads at once where there are
+    two (kSideBySideWeightElements, csrc/adapter_common.h): brgemm's packs (packs_side_by_side),
+    the fp32 kernels' widened copies (operand_weights; float16 below 256 rows) and the weight
+    gradients written from the sums. Forward and backward are bitwise those of one thread."""
     torch.manual_seed(d)
     x, wd, wu, bd, bu, _ = adapter_inputs(n, d, 64)
     x, g = x.to(dtype), torch.randn(n, d).to(dtype)
