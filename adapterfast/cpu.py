@@ -86,7 +86,9 @@ def kernel_isa(dtype: torch.dtype = torch.float32) -> str:
     """What runs the single-adapter op's GEMMs for inputs of ``dtype`` here: ``"brgemm-amx"``,
     ``"brgemm-avx512"``, ``"brgemm-amx-bf16x3"`` / ``"brgemm-avx512-bf16x3"`` (float16 split into
     bf16 in both passes; with ``-fwd`` in the forward only, at the ranks and rows it is split),
-    ``"avx512"`` or ``"generic"`` (see the module docstring)."""
+    ``"avx512"`` or ``"generic"`` (see the module docstring). Calls of a few rows may take the
+    fp32 kernels even where this names brgemm: bf16 forwards of up to 4 rows (8 with weights of
+    2^17 elements or more) read the weights as given there instead of packing them."""
     _require()
     return torch.ops.adapterfast_cpu.kernel_isa(dtype)
 
