@@ -181,6 +181,22 @@ constexpr int64_t kGivenPanelCols = 64;
 // 1.35x-1.50x), so the block route stays there.
 constexpr int64_t kGivenForwardMaxRows = 2 * kBlockRows;
 
+// Rows up to which the block-kernel forward reads the weights as given: kGivenForwardMaxRows, and
+// twice as many for weights of kSideBySideWeightElements or more, whose two transposed copies
+// (1 MiB each in fp32 at d = 4096, r = 64) cost the block route more. d = 4096, r = 64, the Xeon,
+// eager over adapterfast, training 1T / 2T, inference 1T / 2T, block route -> as given up to 512
+// rows (`python -m benchmarks.overhead --r 64 --d 4096 --n 192 256 320 512`, a temporary switch,
+// two runs each; printed, not saved):
+//   fp32: N = 192 0.95x / 0.87x-0.88x / 1.00x / 0.89x-0.91x -> 0.97x-0.98x / 0.93x-0.94x /
+//     1.06x-1.08x / 1.14x-1.15x; N = 256 0.96x-0.97x / 1.03x-1.05x / 1.00x-1.02x / 0.90x-0.92x ->
+//     0.97x-0.98x / 1.09x-1.10x / 1.03x-1.04x / 1.06x-1.09x; N = 320 within the spread; N = 512
+//     inference 1.02x / 1.06x -> 0.93x-0.96x / 0.98x-0.99x;
+//   float16 at N = 192 (from 256 rows it takes the split forward): inference 0.93x-0.95x / 0.83x
+//     -> 0.88x-0.89x / 0.97x-1.00x, training within the spread.
+inline int64_t given_forward_max_rows(const Dims& dims) {
+  return dims.r * dims.d >= kSideBySideWeightElements ? 2 * kGivenForwardMaxRows : kGivenForwardMaxRows;
+}
+
 // Products (n d r FMAs per GEMM) from which forward_given and backward_by_columns spread each
 // GEMM over the threads by columns: an OpenMP region costs a few microseconds to start. Forward,
 // inference, 2 threads, median wall time of the module call, spread from 1 product on against

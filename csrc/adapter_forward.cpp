@@ -5,7 +5,7 @@
 // forward_block_rows), in parallel over blocks. Per block, x is read from
 // memory once (project_in) and y written once (project_out, with bias, dropout, scale and
 // residual applied to each tile as it leaves the registers), so no [N, d] temporary exists.
-// A call of up to kGivenForwardMaxRows rows (forward_given) reads the weights as given (in x's
+// A call of up to given_forward_max_rows rows (forward_given) reads the weights as given (in x's
 // dtype) instead of converting both into transposed copies first.
 #include "adapter_ops.h"
 
@@ -102,7 +102,7 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   });
 }
 
-// The forward of a call of up to kGivenForwardMaxRows rows, one block, from the weights as given
+// The forward of a call of up to given_forward_max_rows rows, one block, from the weights as given
 // (in x's dtype: weight_in_x_dtype): h's columns by project_nt from rows of Wd, then y's columns,
 // each kGivenPanelCols of them by project_out from a panel of Wu^T widened and transposed in L1
 // just before (the same products in the same order as from a transposed copy). Both go over
@@ -164,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
   const at::ScalarType acc = accumulation_type(dtype);
 
   const BrgemmLayout layout = brgemm_layout_for(dtype, dims, /*backward=*/false);
-  const bool given = layout == BrgemmLayout::none ? dims.n <= kGivenForwardMaxRows
+  const bool given = layout == BrgemmLayout::none ? dims.n <= given_forward_max_rows(dims)
                                                   : packs_given_weights(layout, dtype, w_down, w_up, dims, false);
   const auto [w_down_t, w_up_t] =
       given ? std::pair<at::Tensor, at::Tensor>() : operand_weights(w_down, w_up, dtype, /*transpose=*/true, dims);

@@ -27,7 +27,7 @@ struct ForwardOperands {
   bool training = false;
   // The weights as given (contiguous), where the brgemm driver packs them itself
   // (packs_given_weights, adapter_brgemm.h) or the block kernels read them as they are
-  // (kGivenForwardMaxRows, in x's dtype); w_down_t and w_up_t are then
+  // (given_forward_max_rows, in x's dtype); w_down_t and w_up_t are then
   // undefined.
   at::Tensor w_down_given;  // [r, d]
   at::Tensor w_up_given;    // [d, r]

@@ -118,7 +118,7 @@ struct BlockKernels {
   void (*widen_transposed)(int64_t M, int64_t K, const void* A, Kind a_kind, int64_t lda, acc_t* B);
 
   // C[M, N] = A[M, K] B[N, K]^T, both operands in their storage types, as dot products along K:
-  // x Wd^T from the [r, d] weight as it is, for calls of a few rows (kGivenForwardMaxRows,
+  // x Wd^T from the [r, d] weight as it is, for calls of a few rows (given_forward_max_rows,
   // adapter_common.h), where transposing the weight into project_in's [d, r] operand costs more
   // than the product. Each dot product sums its K products in 16 lanes, not in order as
   // project_in does, so h (and y) of a call that reads the weights as given may differ in the

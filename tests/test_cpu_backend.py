@@ -115,6 +115,25 @@ def test_small_calls_read_the_weights_as_given(dtype, tol):
         assert torch.equal(y, y_all[:n]) and torch.equal(h, h_all[:n])
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)], ids=["fp32", "fp16"])
+def test_large_weights_are_read_as_given_up_to_256_rows(dtype, tol):
+    """Weights of 2^18 elements or more are read as given up to 256 rows (given_forward_max_rows,
+    csrc/adapter_common.h): rows of a 200-row call are bitwise those of a 256-row call (255 in
+    float16, which takes its split forward from 256 rows where the CPU has AMX-BF16), and match the
+    float64 reference; a 257-row fp32 call takes the block route, which sums h in another order."""
+    torch.manual_seed(6)
+    d, r = 4096, 64
+    top = 256 if dtype == torch.float32 else 255
+    x, wd, wu, bd, bu = (t.to(dtype) for t in adapter_inputs(257, d, r)[:5])
+    check_against_reference(x[:200], wd, wu, bd, bu, None, tol=tol, scale=0.5)
+    y_top, h_top = cpu.forward(x[:top], wd, wu, bd, bu, "relu", 0.5, 0.0, 0, None)
+    y_200, h_200 = cpu.forward(x[:200], wd, wu, bd, bu, "relu", 0.5, 0.0, 0, None)
+    assert torch.equal(y_200, y_top[:200]) and torch.equal(h_200, h_top[:200])
+    if dtype == torch.float32:
+        _, h_257 = cpu.forward(x, wd, wu, bd, bu, "relu", 0.5, 0.0, 0, None)
+        assert not torch.equal(h_257[:top], h_top)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_each_activation(activation):
     x, wd, wu, bd, bu, _ = adapter_inputs(70, 123, 24)
