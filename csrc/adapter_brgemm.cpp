@@ -296,9 +296,9 @@ Scratch<U> weight_operand(BrgemmLayout layout, const at::Tensor& acc, const at::
 
 // Whether the drivers pack their two weights side by side (side_by_side): from
 // kSideBySideWeightElements elements each in a call of one block of kBlockRows rows, half as many
-// in a call of more, whose blocks start only after both packs. A one-block call wakes the threads for the packs
-// alone: at d = 1024, r = 64 (2^16) that slowed bf16 inference at N = 1-64 on two threads from
-// 23-43 to 54-68 us and did not clearly help at N = 128 (commit c2c8b19). bf16 on the Xeon, two
+// in a call of more, whose blocks start only after both packs. A one-block call wakes the threads
+// for the packs alone: at d = 1024, r = 64 (2^16) that slowed bf16 inference at N = 1-64 on two
+// threads from 23-43 to 54-68 us and did not clearly help at N = 128 (commit c2c8b19). bf16 on the Xeon, two
 // threads, eager adapter over adapterfast, training / inference, packs on the calling thread ->
 // side by side (`python -m benchmarks.overhead --dtype bf16 --r 64 --threads 2`, a temporary
 // switch, two runs each; printed, not saved):

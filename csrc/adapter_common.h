@@ -142,13 +142,13 @@ void side_by_side(bool parallel, F0&& f0, F1&& f1) {
 // operand_weight of w_down and of w_up. The two copies run side by side on two threads where the
 // call has more than one row block (so a parallel region of its own, whose threads would otherwise
 // wait for them) and weights of at least kParallelWeightElements elements each, or one block and
-// kSideBySideWeightElements. Side by side they
-// took float16 inference at N = 128, d = 1024, r = 64 on two threads from 0.77x-0.81x the eager
-// adapter to 0.93x-0.95x, and training at N = 320 from 0.96x-0.97x to 1.01x-1.03x (overhead grid,
-// the Xeon; one after the other the two widening transposes were ~18% of the samples of that
-// inference call). A call of one block would wake the threads for the copies alone: bf16
-// inference at N = 1-64 went from 23-43 us to 54-68 us when the brgemm drivers' packing was made
-// side by side, which therefore stays on the calling thread.
+// weights of kSideBySideWeightElements. Side by side they took float16 inference at N = 128,
+// d = 1024, r = 64 on two threads from 0.77x-0.81x the eager adapter to 0.93x-0.95x, and training
+// at N = 320 from 0.96x-0.97x to 1.01x-1.03x (overhead grid, the Xeon; one after the other the two
+// widening transposes were ~18% of the samples of that inference call). A call of one block with
+// smaller weights would wake the threads for the copies alone: bf16 inference at N = 1-64,
+// d = 1024, r = 64 went from 23-43 us to 54-68 us when the brgemm drivers' packing was made side
+// by side for every size (a one-block call now packs side by side only from that bound too).
 std::pair<at::Tensor, at::Tensor> operand_weights(const at::Tensor& w_down, const at::Tensor& w_up,
                                                   at::ScalarType x_dtype, bool transpose, const Dims& dims);
 
