@@ -73,8 +73,10 @@ def check_against_reference(x, wd, wu, bd, bu, res, *, tol, activation="relu", s
 
 # (150, 768, 16) runs project_in's 16-row r <= 16 tiles; (150, 512, 16) and (70, 1536, 13), rows a
 # multiple of 2 KiB apart, its 8-row ones (rows_share_l1_sets in block_kernels_avx512.cpp).
+# (192, 256, 24) and (331, 96, 64) run the backward in blocks of 48 and 56 rows (backward_block_rows:
+# two reduction groups of equal rows), the last block of the second partial.
 @pytest.mark.parametrize("n,d,r", [(37, 1, 1), (64, 123, 5), (130, 431, 24), (65, 1000, 100), (9, 123, 300), (200, 64, 16),
-                                   (150, 768, 16), (150, 512, 16), (70, 1536, 13)])
+                                   (150, 768, 16), (150, 512, 16), (70, 1536, 13), (192, 256, 24), (331, 96, 64)])
 def test_fp32_matches_reference(n, d, r):
     x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
     check_against_reference(x, wd, wu, bd, bu, None, tol=1e-5, scale=0.5)
@@ -279,12 +281,13 @@ def _run_all(x, wd, wu, bd, bu, g, **kw):
     return (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, kw["activation"], 0.9, kw["p"], 77, True))
 
 
-# 320 rows: forward blocks of 64 rows on one thread, of 32 or 40 on two (forward_block_rows); r = 64
-# takes float16's split forward where the CPU has AMX-BF16. 48 rows: the small-call routes
+# 320 rows: forward blocks of 64 rows on one thread, of 32 or 40 on two (forward_block_rows), and
+# backward blocks of 56 rows on the block kernels (backward_block_rows); r = 64 takes float16's
+# split forward where the CPU has AMX-BF16. 192 rows: backward blocks of 48. 48 rows: the small-call routes
 # (forward_given, backward_by_columns: two blocks) spread over the threads by columns. 100 rows:
 # forward_given (kGivenForwardMaxRows) with backward_by_columns at r = 64 (takes_backward_by_columns)
 # and the block backward at r = 24, two blocks of 50 rows each.
-@pytest.mark.parametrize("n, r", [(3000, 24), (1024, 24), (320, 64), (48, 64), (100, 64), (100, 24)])
+@pytest.mark.parametrize("n, r", [(3000, 24), (1024, 24), (320, 64), (192, 24), (48, 64), (100, 64), (100, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_bitwise_identical_across_threads_and_runs(dtype, n, r):
     x, wd, wu, bd, bu, _ = adapter_inputs(n, 200, r)
