@@ -153,25 +153,129 @@ constexpr bool kUpByRows = std::is_same_v<T, acc_t>;
 
 // The shares of m rows in dw_up and db_up, columns [k0, k0 + kc) of d: gz the rows' g (kFold: as
 // stored, s folded into a) or their gz in scratch (ld_gz apart), a their [m, r] a; dw_up summed as
-// [d, r] with kByRows (kUpByRows), else as dw_up^T [r, d].
+// [d, r] with kByRows (kUpByRows), else as dw_up^T [r, d]. up: where the share of column k0 goes
+// (row k0 of [d, r] sums, or column k0 of [r, d] sums whose rows are ld_up apart).
 template <typename T, typename acc_t, bool kFold, bool kByRows>
 void add_up_share(const BlockKernels<acc_t>& kernels, const Dims& dims, int64_t m, int64_t k0, int64_t kc,
-                  const void* gz, Kind gz_kind, int64_t ld_gz, const acc_t* a, acc_t factor, const Partials<acc_t>& sums,
-                  acc_t* block_sums, bool accumulate) {
-  const auto [n, d, r] = dims;
+                  const void* gz, Kind gz_kind, int64_t ld_gz, const acc_t* a, acc_t factor, acc_t* up, int64_t ld_up,
+                  double* db_up, acc_t* block_sums, bool accumulate) {
+  const int64_t r = dims.r;
   const char* gz_cols = static_cast<const char*>(gz) + k0 * kind_bytes(gz_kind);
   if constexpr (kByRows) {
     static_assert(kUpByRows<T, acc_t>);
     const acc_t* rows = reinterpret_cast<const acc_t*>(gz_cols);
-    kernels.accumulate_outer_stored(m, kc, r, rows, ld_gz, a, kAccKind<acc_t>, r, sums.dw_up + k0 * r, r, nullptr,
-                                    accumulate);
+    kernels.accumulate_outer_stored(m, kc, r, rows, ld_gz, a, kAccKind<acc_t>, r, up, r, nullptr, accumulate);
     if constexpr (kFold) column_sums(m, kc, rows, ld_gz, block_sums + k0);
   } else {
-    kernels.accumulate_outer_stored(m, r, kc, a, r, gz_cols, gz_kind, ld_gz, sums.dw_up + k0, d,
+    kernels.accumulate_outer_stored(m, r, kc, a, r, gz_cols, gz_kind, ld_gz, up, ld_up,
                                     kFold ? block_sums + k0 : nullptr, accumulate);
   }
-  if constexpr (kFold) add_scaled_sums(block_sums + k0, factor, kc, sums.db_up + k0);
+  if constexpr (kFold) add_scaled_sums(block_sums + k0, factor, kc, db_up + k0);
 }
+
+// Weight- or bias-gradient sums as the drivers leave them: consecutive chunks of `chunk` columns,
+// each a dense [rows, nc] matrix (nc = min(chunk, cols - c0) for the chunk from column c0). The
+// brgemm driver's are column-blocked (kOutCols); the block kernels' row-major (chunk = cols).
+template <typename acc_t>
+struct SumChunks {
+  const acc_t* data;
+  int64_t rows, cols, chunk;
+
+  static SumChunks row_major(const acc_t* data, int64_t rows, int64_t cols) { return {data, rows, cols, cols}; }
+
+  // fn(src, c0, nc) for each chunk, src its [rows, nc] sums.
+  template <typename Fn>
+  void each(Fn&& fn) const {
+    for (int64_t c0 = 0; c0 < cols; c0 += chunk) fn(data + rows * c0, c0, std::min(chunk, cols - c0));
+  }
+};
+
+// Columns of fp32 sums transposed at a time on their way to a 16-bit gradient: a 32 KiB panel,
+// transposed in L1 and rounded from there.
+constexpr int64_t kNarrowPanelFloats = 8192;
+
+// The [rows, cols] sums (transposed with `transpose`), each multiplied by `factor` in the sums'
+// type first, written in out's dtype into out from its column col0 (with `transpose`, from its row
+// col0): the whole of a gradient (gradient) or a panel of one (backward_by_columns). One pass over
+// the sums: no row-major or transposed fp32 copy first (the column-blocked sums' copy into row
+// order, the [d, r] transposition and the rounding were three passes over 256 KiB each, together
+// ~17% of the bf16 training step at N = 1, d = 1024, r = 64 under perf on the Xeon).
+template <typename acc_t>
+void write_gradient(const SumChunks<acc_t>& sums, bool transpose, acc_t factor, at::Tensor& out, int64_t col0) {
+  const int64_t rows = sums.rows;
+  const int64_t ld = out.size(1);
+  const at::ScalarType dtype = out.scalar_type();
+  const int64_t offset = transpose ? col0 * ld : col0;
+  if (transpose && dtype == c10::CppTypeToScalarType<acc_t>::value && factor == acc_t(1)) {
+    acc_t* dst = out.data_ptr<acc_t>() + offset;
+    sums.each([&](const acc_t* src, int64_t c0, int64_t nc) {
+      block_kernels<acc_t>().transpose(rows, nc, src, nc, dst + c0 * rows);
+    });
+    return;
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (dtype == at::kHalf || dtype == at::kBFloat16) {  // rounded 8 at a time (narrow_row)
+      const auto narrow = [&](auto* dst) {
+        if (!transpose) {
+          sums.each([&](const float* src, int64_t c0, int64_t nc) {
+            for (int64_t i = 0; i < rows; ++i) narrow_row(src + i * nc, factor, dst + i * ld + c0, nc);
+          });
+          return;
+        }
+        const int64_t panel = std::max<int64_t>(16, kNarrowPanelFloats / std::max<int64_t>(rows, 1));
+        Scratch<float> t(panel * rows);
+        sums.each([&](const float* src, int64_t c0, int64_t nc) {
+          for (int64_t p0 = 0; p0 < nc; p0 += panel) {
+            const int64_t pc = std::min(panel, nc - p0);
+            block_kernels<float>().transpose(rows, pc, src + p0, nc, t.data());
+            for (int64_t k = 0; k < pc; ++k) narrow_row(t.data() + k * rows, factor, dst + (c0 + p0 + k) * rows, rows);
+          }
+        });
+      };
+      if (dtype == at::kHalf) {
+        narrow(out.data_ptr<c10::Half>() + offset);
+      } else {
+        narrow(out.data_ptr<c10::BFloat16>() + offset);
+      }
+      return;
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "adapterfast_cpu_gradient", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>() + offset;
+    const auto convert = [factor](acc_t v) { return static_cast<scalar_t>(v * factor); };
+    sums.each([&](const acc_t* src, int64_t c0, int64_t nc) {
+      if (transpose) {
+        copy_matrix(src, nc, 1, rows, nc, true, dst + c0 * rows, convert);
+      } else {
+        for (int64_t i = 0; i < rows; ++i) copy_matrix(src + i * nc, nc, 1, 1, nc, false, dst + i * ld + c0, convert);
+      }
+    });
+  });
+}
+
+// A weight or bias gradient in dtype from the [rows, cols] sums (write_gradient).
+template <typename acc_t>
+at::Tensor gradient(const SumChunks<acc_t>& sums, bool transpose, acc_t factor, at::ScalarType dtype,
+                    const at::TensorOptions& options) {
+  const std::array<int64_t, 2> sizes =
+      transpose ? std::array<int64_t, 2>{sums.cols, sums.rows} : std::array<int64_t, 2>{sums.rows, sums.cols};
+  at::Tensor out = at::empty(sizes, options.dtype(dtype));
+  write_gradient(sums, transpose, factor, out, 0);
+  return out;
+}
+
+// The two weight gradients backward_by_columns writes panel by panel (panel_gradients), in the
+// weights' dtypes: dw_down [r, d] and dw_up [d, r], each panel from its [r, nc] sums (dw_up's as
+// dw_up^T).
+struct WeightGradients {
+  at::Tensor dw_down, dw_up;
+
+  void write(const float* up, const float* down, int64_t c0, int64_t nc) {
+    const int64_t r = dw_down.size(0);
+    write_gradient(SumChunks<float>::row_major(down, r, nc), false, 1.0f, dw_down, c0);
+    write_gradient(SumChunks<float>::row_major(up, r, nc), true, 1.0f, dw_up, c0);
+  }
+};
 
 // kFold: there is no dropout, so gz = s g with s folded into the [rows, r] operands, and g itself
 // serves as gz, read as stored by the kernels (16-bit values widened as their tiles load them).
@@ -247,11 +351,11 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, const std::vect
         });
 
         if constexpr (kFold) {
-          add_up_share<T, acc_t, true, false>(kernels, op.dims, m, 0, d, g_rows, kind, ld_g, a.data(), factor, sums,
-                                              block_sums.data(), accumulate);
+          add_up_share<T, acc_t, true, false>(kernels, op.dims, m, 0, d, g_rows, kind, ld_g, a.data(), factor,
+                                              sums.dw_up, d, sums.db_up, block_sums.data(), accumulate);
         } else {
           add_up_share<T, acc_t, false, false>(kernels, op.dims, m, 0, d, gz.data(), kAccKind<acc_t>, d, a.data(),
-                                               factor, sums, nullptr, accumulate);
+                                               factor, sums.dw_up, d, sums.db_up, nullptr, accumulate);
         }
         if (x_rows.as_stored()) {
           kernels.accumulate_outer_stored(m, r, d, dh.data(), r, x_rows.stored(row0), kind, x_rows.ld(), sums.dw_down,
@@ -302,8 +406,22 @@ bool takes_backward_by_columns(const Dims& dims) {
 // own bias row (summed by the caller). The shares are added in block order, the bias sums kept
 // per block, and splitting by columns leaves each element's arithmetic as it is: bitwise the
 // results of backward_blocks with one group per block, for any thread count.
+// With `gradients` (16-bit x: panel_gradients), phase 3 goes by panels of kGradientPanelCols
+// columns, each summed into a scratch that stays in cache and written to the gradients in their
+// dtypes as soon as it is complete, and Wd is read as given (op.w_down_given, in x's dtype), each
+// panel widened just before its dx product; block_sums then carry only the bias rows.
+// Columns per panel of backward_by_columns' gradients: four of accumulate_outer's 48-column tiles
+// (64 left a 16-column tile per panel); at r = 64 its three [r, 192] fp32 buffers take 144 KiB.
+// float16 training at d = 4096, r = 64, wall time of `python -m benchmarks.overhead --n 1 64 100`
+// per panel width, one thread / two, two runs (the Xeon; printed, not saved): N = 64: 64 columns
+// 2.06-2.07 / 1.23-1.40 ms, 96 1.90-1.91 / 1.16-1.32, 192 1.82-1.87 / 1.25-1.27, 384 1.81-1.85 /
+// 1.19-1.27; N = 100: 2.91-2.93 / 1.70-1.72, 2.68-2.71 / 1.59-1.79, 2.58-2.59 / 1.50-1.64,
+// 2.58 / 1.52-1.67; N = 1 within 461-491 / 381-389 us at every width.
+constexpr int64_t kGradientPanelCols = 192;
+
 template <typename T, typename acc_t, bool kFold>
-void backward_by_columns(const BackwardOperands& op, at::Tensor& dx, const std::vector<Partials<acc_t>>& block_sums) {
+void backward_by_columns(const BackwardOperands& op, at::Tensor& dx, const std::vector<Partials<acc_t>>& block_sums,
+                         WeightGradients* gradients) {
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
   const auto [n, d, r] = op.dims;
   const RowReader<T, acc_t> x_rows(op.x);
@@ -366,25 +484,45 @@ void backward_by_columns(const BackwardOperands& op, at::Tensor& dx, const std::
   OutputEpilogue<acc_t> e = dx_epilogue<acc_t>(op.grad_y, ld_g, dx);
   e.res = op.residual_is_x ? g_data : nullptr;
   e.out = dx.data_ptr();
-  by_panels([&](int64_t k0, int64_t k1) {
-    const int64_t kc = k1 - k0;
+  // The blocks' shares of columns [k0, k0 + kc): dw_up's into `up` (row k0 of [d, r] sums, or
+  // column k0 of [r, d] sums with rows ld apart), dw_down's into `down` (column k0, rows ld apart).
+  const auto add_shares = [&](int64_t k0, int64_t kc, acc_t* up, acc_t* down, int64_t ld) {
     for (int64_t block = 0; block < blocks; ++block) {
       const int64_t row0 = block * rows;
       const int64_t m = std::min(rows, n - row0);
-      const Partials<acc_t>& sums = block_sums[block];
+      double* db_up = block_sums[block].db_up;
       if constexpr (kFold) {
         add_up_share<T, acc_t, true, kUpByRows<T, acc_t>>(kernels, op.dims, m, k0, kc, g_data + row0 * ld_g, kind, ld_g,
-                                                          a.data() + row0 * r, factor, sums, column_sums.data(), block > 0);
+                                                          a.data() + row0 * r, factor, up, ld, db_up,
+                                                          column_sums.data(), block > 0);
       } else {
         add_up_share<T, acc_t, false, kUpByRows<T, acc_t>>(kernels, op.dims, m, k0, kc, gz.data() + row0 * d,
-                                                           kAccKind<acc_t>, d, a.data() + row0 * r, factor, sums, nullptr,
-                                                           block > 0);
+                                                           kAccKind<acc_t>, d, a.data() + row0 * r, factor, up, ld,
+                                                           db_up, nullptr, block > 0);
       }
       const char* x_cols = static_cast<const char*>(x_data) + (row0 * ld_x + k0) * kind_bytes(x_kind);
-      kernels.accumulate_outer_stored(m, r, kc, dh.data() + row0 * r, r, x_cols, x_kind, ld_x, sums.dw_down + k0, d,
-                                      nullptr, block > 0);
+      kernels.accumulate_outer_stored(m, r, kc, dh.data() + row0 * r, r, x_cols, x_kind, ld_x, down, ld, nullptr,
+                                      block > 0);
     }
-    kernels.project_out(n, r, kc, dh.data(), r, op.w_down.data_ptr<acc_t>() + k0, d, e.from_column(k0));
+  };
+  by_panels([&](int64_t k0, int64_t k1) {
+    if (gradients == nullptr) {
+      const Partials<acc_t>& sums = block_sums[0];
+      add_shares(k0, k1 - k0, kUpByRows<T, acc_t> ? sums.dw_up + k0 * r : sums.dw_up + k0, sums.dw_down + k0, d);
+      kernels.project_out(n, r, k1 - k0, dh.data(), r, op.w_down.data_ptr<acc_t>() + k0, d, e.from_column(k0));
+      return;
+    }
+    if constexpr (!kUpByRows<T, acc_t>) {
+      const T* w_down = op.w_down_given.data_ptr<T>();
+      Scratch<acc_t> up(r * kGradientPanelCols), down(r * kGradientPanelCols), w_panel(r * kGradientPanelCols);
+      for (int64_t c0 = k0; c0 < k1; c0 += kGradientPanelCols) {
+        const int64_t cc = std::min(kGradientPanelCols, k1 - c0);
+        add_shares(c0, cc, up.data(), down.data(), cc);
+        gradients->write(up.data(), down.data(), c0, cc);
+        for (int64_t j = 0; j < r; ++j) widen_row(w_down + j * d + c0, w_panel.data() + j * cc, cc);
+        kernels.project_out(n, r, cc, dh.data(), r, w_panel.data(), cc, e.from_column(c0));
+      }
+    }
   });
 }
 
@@ -413,87 +551,6 @@ const acc_t* sum_partials(at::Tensor& partials) {
   return rows[0];
 }
 
-// Weight- or bias-gradient sums as the drivers leave them: consecutive chunks of `chunk` columns,
-// each a dense [rows, nc] matrix (nc = min(chunk, cols - c0) for the chunk from column c0). The
-// brgemm driver's are column-blocked (kOutCols); the block kernels' row-major (chunk = cols).
-template <typename acc_t>
-struct SumChunks {
-  const acc_t* data;
-  int64_t rows, cols, chunk;
-
-  static SumChunks row_major(const acc_t* data, int64_t rows, int64_t cols) { return {data, rows, cols, cols}; }
-
-  // fn(src, c0, nc) for each chunk, src its [rows, nc] sums.
-  template <typename Fn>
-  void each(Fn&& fn) const {
-    for (int64_t c0 = 0; c0 < cols; c0 += chunk) fn(data + rows * c0, c0, std::min(chunk, cols - c0));
-  }
-};
-
-// Columns of fp32 sums transposed at a time on their way to a 16-bit gradient: a 32 KiB panel,
-// transposed in L1 and rounded from there.
-constexpr int64_t kNarrowPanelFloats = 8192;
-
-// A weight or bias gradient in dtype from the [rows, cols] sums (transposed with `transpose`),
-// each sum multiplied by `factor` in the sums' type first, in one pass over the sums: no row-major
-// or transposed fp32 copy first (the column-blocked sums' copy into row order, the [d, r]
-// transposition and the rounding were three passes over 256 KiB each, together ~17% of the bf16
-// training step at N = 1, d = 1024, r = 64 under perf on the Xeon).
-template <typename acc_t>
-at::Tensor gradient(const SumChunks<acc_t>& sums, bool transpose, acc_t factor, at::ScalarType dtype,
-                    const at::TensorOptions& options) {
-  const int64_t rows = sums.rows;
-  const int64_t cols = sums.cols;
-  const std::array<int64_t, 2> sizes = transpose ? std::array<int64_t, 2>{cols, rows} : std::array<int64_t, 2>{rows, cols};
-  at::Tensor out = at::empty(sizes, options.dtype(dtype));
-  if (transpose && dtype == c10::CppTypeToScalarType<acc_t>::value && factor == acc_t(1)) {
-    acc_t* dst = out.data_ptr<acc_t>();
-    sums.each([&](const acc_t* src, int64_t c0, int64_t nc) {
-      block_kernels<acc_t>().transpose(rows, nc, src, nc, dst + c0 * rows);
-    });
-    return out;
-  }
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (dtype == at::kHalf || dtype == at::kBFloat16) {  // rounded 8 at a time (narrow_row)
-      const auto narrow = [&](auto* dst) {
-        if (!transpose) {
-          sums.each([&](const float* src, int64_t c0, int64_t nc) {
-            for (int64_t i = 0; i < rows; ++i) narrow_row(src + i * nc, factor, dst + i * cols + c0, nc);
-          });
-          return;
-        }
-        const int64_t panel = std::max<int64_t>(16, kNarrowPanelFloats / std::max<int64_t>(rows, 1));
-        Scratch<float> t(panel * rows);
-        sums.each([&](const float* src, int64_t c0, int64_t nc) {
-          for (int64_t p0 = 0; p0 < nc; p0 += panel) {
-            const int64_t pc = std::min(panel, nc - p0);
-            block_kernels<float>().transpose(rows, pc, src + p0, nc, t.data());
-            for (int64_t k = 0; k < pc; ++k) narrow_row(t.data() + k * rows, factor, dst + (c0 + p0 + k) * rows, rows);
-          }
-        });
-      };
-      if (dtype == at::kHalf) {
-        narrow(out.data_ptr<c10::Half>());
-      } else {
-        narrow(out.data_ptr<c10::BFloat16>());
-      }
-      return out;
-    }
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "adapterfast_cpu_gradient", [&] {
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    const auto convert = [factor](acc_t v) { return static_cast<scalar_t>(v * factor); };
-    sums.each([&](const acc_t* src, int64_t c0, int64_t nc) {
-      if (transpose) {
-        copy_matrix(src, nc, 1, rows, nc, true, dst + c0 * rows, convert);
-      } else {
-        for (int64_t i = 0; i < rows; ++i) copy_matrix(src + i * nc, nc, 1, 1, nc, false, dst + i * cols + c0, convert);
-      }
-    });
-  });
-  return out;
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
@@ -513,8 +570,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
 
   const BrgemmLayout layout = dims.n == 0 ? BrgemmLayout::none : brgemm_layout_for(dtype, dims, /*backward=*/true);
   const bool given = packs_given_weights(layout, dtype, w_down, w_up, dims, /*backward=*/true);
+  // A call on the block kernels' column route with 16-bit x: Wd read as given and the weight
+  // gradients written panel by panel (backward_by_columns), where before both weights were widened
+  // into fp32 copies and both gradients summed into fp32 [r, d] partials, rounded in another pass
+  // (under perf at N = 1, d = 4096, r = 64, float16: the widening, rounding and transposing took
+  // 27% of the backward's samples, its products 20%). The same bits; float16 training, eager
+  // adapter over adapterfast, one thread / two, before -> after (the Xeon, `python -m
+  // benchmarks.overhead --dtype fp16 --r 64 --d 4096 1024 --n 1 8 16 64 100`, the two builds
+  // alternately, two runs each; printed, not saved): d = 4096: N = 1 0.73x-0.74x / 0.78x-0.79x ->
+  // 0.98x-1.02x / 0.90x-0.95x, N = 16 0.86x / 1.09x-1.10x -> 1.02x-1.03x / 1.15x-1.20x, N = 64
+  // 0.85x-0.86x / 0.83x-0.87x -> 0.94x-0.95x / 0.89x-1.01x, N = 100 0.87x-0.88x / 0.83x-0.90x ->
+  // 0.94x-0.95x / 0.82x-0.99x; d = 1024: N = 1 1.10x-1.13x / 1.01x-1.04x -> 1.53x-1.65x /
+  // 1.37x-1.44x, N = 8 1.31x-1.33x / 1.19x-1.20x -> 1.51x-1.59x / 1.86x, N = 100 1.09x / 0.99x-1.02x
+  // -> 1.12x-1.14x / 1.10x-1.19x.
+  const bool panel_gradients = layout == BrgemmLayout::none && acc != dtype && takes_backward_by_columns(dims);
   const auto [w_down_operand, w_up_operand] =
-      given ? std::pair<at::Tensor, at::Tensor>() : operand_weights(w_down, w_up, dtype, /*transpose=*/false, dims);
+      given             ? std::pair<at::Tensor, at::Tensor>()
+      : panel_gradients ? std::pair<at::Tensor, at::Tensor>(at::Tensor(), operand_weight(w_up, dtype, /*transpose=*/false))
+                        : operand_weights(w_down, w_up, dtype, /*transpose=*/false, dims);
   BackwardOperands op{dims,
                       with_unit_column_stride(grad_y),
                       x,
@@ -530,6 +603,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     op.w_down_given = w_down.contiguous();
     op.w_up_given = w_up.contiguous();
   }
+  if (panel_gradients) op.w_down_given = weight_in_x_dtype(w_down, dtype);
 
   at::Tensor dx = empty_output({dims.n, dims.d}, x.options());
   at::Tensor dw_down, db_down, dw_up, db_up;
@@ -566,6 +640,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
         down_sums = up_sums + rd;
         sums_chunk = kOutCols;
       }
+    } else if (panel_gradients) {
+      if constexpr (!kUpByRows<T, acc_t>) {
+        WeightGradients gradients{at::empty({dims.r, dims.d}, options.dtype(w_down.scalar_type())),
+                               at::empty({dims.d, dims.r}, options.dtype(w_up.scalar_type()))};
+        std::vector<Partials<acc_t>> block_sums;
+        for (int64_t block = 0; block < blocks; ++block) {
+          block_sums.emplace_back(nullptr, nullptr, bias_rows + block * bias_partials.size(1), dims);
+        }
+        if (dropout_p == 0.0) {
+          backward_by_columns<T, acc_t, true>(op, dx, block_sums, &gradients);
+        } else {
+          backward_by_columns<T, acc_t, false>(op, dx, block_sums, &gradients);
+        }
+        dw_down = gradients.dw_down;
+        dw_up = gradients.dw_up;
+      }
     } else {
       // Group 0 sums straight into the gradients that are in the accumulation type and in the
       // layout it sums them in (dw_down, and dw_up where summed as [d, r]), the other groups into
@@ -599,9 +689,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
         bias_partials.zero_();
       } else if (by_columns) {
         if (dropout_p == 0.0) {
-          backward_by_columns<T, acc_t, true>(op, dx, group_sums);
+          backward_by_columns<T, acc_t, true>(op, dx, group_sums, nullptr);
         } else {
-          backward_by_columns<T, acc_t, false>(op, dx, group_sums);
+          backward_by_columns<T, acc_t, false>(op, dx, group_sums, nullptr);
         }
       } else if (dropout_p == 0.0) {
         backward_blocks<T, acc_t, true>(op, dx, group_sums);

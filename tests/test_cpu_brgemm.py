@@ -130,6 +130,22 @@ def test_weights_packed_side_by_side_give_the_one_thread_results(dtype, n, d):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("weights", ["x", "fp32"])
+@pytest.mark.parametrize("n, d, r, p", [(1, 700, 64, 0.0), (40, 700, 64, 0.2), (100, 450, 64, 0.0), (64, 200, 24, 0.1)])
+def test_fp16_column_route_writes_gradients_by_panel(n, d, r, p, weights):
+    """float16 calls of up to 127 rows at r >= 64 (64 rows at smaller r) on the fp32 kernels take
+    the column route (backward_by_columns), which reads Wd as given and writes both weight
+    gradients in the weights' dtype panel by panel of 192 columns (panel_gradients,
+    csrc/adapter_backward.cpp): d = 700 and 450 end in a partial panel, as does each thread's range
+    of columns on two threads. Within 2x eager's error, weights in float16 and in fp32."""
+    torch.manual_seed(n + d)
+    x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
+    if weights == "x":
+        wd, wu, bd, bu = (t.half() for t in (wd, wu, bd, bu))
+    ours, theirs = errors(x.half(), wd, wu, bd, bu, None, activation="gelu", scale=0.7, p=p, seed=5)
+    assert_close(ours, theirs, versus_eager=n * r >= 64)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_weights_in_x_dtype(dtype):
     x, wd, wu, bd, bu, _ = adapter_inputs(200, 256, 32)
