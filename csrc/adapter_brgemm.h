@@ -38,12 +38,34 @@ inline bool bf16_forward_on_block_kernels(const Dims& dims) {
   return dims.n <= bound;
 }
 
+// Rows up to which a bf16 backward with weights of kSideBySideWeightElements (2^18) elements or
+// more runs on the block kernels' column route (backward_by_columns: bf16 rows read as stored, Wd
+// as given, the weight gradients written by panel) instead of on brgemm, which packs both weights,
+// sums both gradients into fp32 [r, d] partials and rounds them in another pass. bf16 training,
+// wall time of the module step, brgemm -> block kernels, one thread / two (the Xeon, `python -m
+// benchmarks.overhead --dtype bf16 --r R --d 4096 --n 1 4 8 16`, the two builds alternately, two
+// runs each; printed, not saved):
+//   d = 4096, r = 64: N = 1 547-548 / 422-426 us -> 501-505 / 380-387, N = 4 573-574 / 436-458 ->
+//     559-563 / 400, N = 8 597-641 / 456-492 -> 636-640 / 458-485, N = 16 647-724 / 551-554 ->
+//     776-793 / 611-634;
+//   d = 4096, r = 16 (2^16): N = 1 147-148 / 155-157 -> 150 / 154-155, N = 8 192-194 / 206-207 ->
+//     204-209 / 201-205, N = 16 250-253 / 250-252 -> 260 / 266-267.
+// The backward alone (`python -m benchmarks.cpu_paths --dtype bf16 --weights x --paths
+// default,brgemm-off`) had the block kernels ahead at d = 4096 up to 16 rows on two threads (0.44
+// -> 0.35 ms at r = 64, N = 16); in the module step they are from 8 rows not.
+constexpr int64_t kBf16BlockBackwardMaxRows = 4;
+
+inline bool bf16_backward_on_block_kernels(const Dims& dims) {
+  return dims.r * dims.d >= kSideBySideWeightElements && dims.n <= kBf16BlockBackwardMaxRows;
+}
+
 // The layout the 16-bit drivers run the forward (backward = false) or backward in for x of this
 // dtype, or none (then the fp32 block kernels run, with operands converted to fp32). float16 takes
 // the layout of its route (fp16_route): bf16's where it is split into bf16, its own where oneDNN's
 // float16 kernel runs.
 inline BrgemmLayout brgemm_layout_for(at::ScalarType dtype, const Dims& dims, bool backward) {
   if (dtype == at::kBFloat16 && !backward && bf16_forward_on_block_kernels(dims)) return BrgemmLayout::none;
+  if (dtype == at::kBFloat16 && backward && bf16_backward_on_block_kernels(dims)) return BrgemmLayout::none;
   if (dtype != at::kHalf) return brgemm_layout(dtype);
   switch (fp16_route(backward, dims.n, dims.r)) {
     case Fp16Route::bf16x3: return brgemm_layout(at::kBFloat16);

@@ -391,6 +391,44 @@ def test_bf16_forwards_of_a_few_rows_run_on_the_block_kernels(tmp_path):
                 assert not torch.equal(h, h_off), (bound, n)
 
 
+_FEW_ROWS_BACKWARD = """
+import sys, torch
+from adapterfast import cpu
+torch.manual_seed(5)
+out = []
+for d, r, rows in ((4096, 64, 5), (2048, 64, 2)):
+    x, g, h = torch.randn(rows, d).bfloat16(), torch.randn(rows, d).bfloat16(), torch.randn(rows, r)
+    wd, wu = torch.randn(r, d) / d**0.5, torch.randn(d, r) / r**0.5
+    bd, bu = torch.randn(r), torch.randn(d)
+    out.append([cpu.backward(g[:n], x[:n], wd, wu, bd, bu, h[:n], "gelu", 0.5, 0.0, 0, True) for n in range(1, rows + 1)])
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_bf16_backwards_of_a_few_rows_with_large_weights_run_on_the_block_kernels(tmp_path):
+    """A bf16 backward of up to 4 rows with weights of 2^18 elements or more
+    (bf16_backward_on_block_kernels, csrc/adapter_brgemm.h) runs on the block kernels' column route,
+    which reads the weights as given and writes the gradients by panel, where brgemm would pack both
+    weights and round fp32 partials in another pass: its gradients are bitwise those of the same call
+    with brgemm off (ADAPTERFAST_CPU_BRGEMM=0). 5 rows, and weights of 2^17 elements, run on brgemm
+    where bf16 has it, whose fp32 weight gradients (fp32 weights; summed in another order) differ."""
+    outputs = {}
+    for name, env in (("default", {}), ("off", {"ADAPTERFAST_CPU_BRGEMM": "0"})):
+        path = str(tmp_path / f"{name}.pt")
+        done = subprocess.run([sys.executable, "-c", _FEW_ROWS_BACKWARD, path], env=dict(os.environ, **env),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[name] = torch.load(path)
+    brgemm = cpu.kernel_isa(torch.bfloat16).startswith("brgemm")
+    for bound, calls, calls_off in zip((4, 0), outputs["default"], outputs["off"]):
+        for n, (grads, grads_off) in enumerate(zip(calls, calls_off), start=1):
+            same = [torch.equal(a, b) for a, b in zip(grads, grads_off)]
+            if n <= bound:
+                assert all(same), (bound, n, same)
+            elif brgemm:
+                assert not all(same), (bound, n)
+
+
 def test_portable_path():
     report = run_forced({"ATEN_CPU_CAPABILITY": "avx2"})
     assert set(report[k] for k in ("torch.float32", "torch.bfloat16", "torch.float16")) == {"generic"}, report
