@@ -369,19 +369,26 @@ torch.save(out, sys.argv[1])
 """
 
 
+def default_and_brgemm_off(script, tmp_path):
+    """What `script` saves to the path it is given, run in a subprocess as the default build runs
+    and with brgemm off (ADAPTERFAST_CPU_BRGEMM=0): {"default": ..., "off": ...}."""
+    outputs = {}
+    for name, env in (("default", {}), ("off", {"ADAPTERFAST_CPU_BRGEMM": "0"})):
+        path = str(tmp_path / f"{name}.pt")
+        done = subprocess.run([sys.executable, "-c", script, path], env=dict(os.environ, **env),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[name] = torch.load(path)
+    return outputs
+
+
 def test_bf16_forwards_of_a_few_rows_run_on_the_block_kernels(tmp_path):
     """A bf16 forward of up to 4 rows, 8 with weights of 2^17 elements or more
     (bf16_forward_on_block_kernels, csrc/adapter_brgemm.h), runs on the block kernels, which read
     the weights as given, where brgemm would first pack both: its y and h are bitwise those of the
     same call with brgemm off (ADAPTERFAST_CPU_BRGEMM=0). One row more runs on brgemm where bf16
     has it, and its h (fp32, summed in another order) differs."""
-    outputs = {}
-    for name, env in (("default", {}), ("off", {"ADAPTERFAST_CPU_BRGEMM": "0"})):
-        path = str(tmp_path / f"{name}.pt")
-        done = subprocess.run([sys.executable, "-c", _FEW_ROWS, path], env=dict(os.environ, **env),
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs[name] = torch.load(path)
+    outputs = default_and_brgemm_off(_FEW_ROWS, tmp_path)
     brgemm = cpu.kernel_isa(torch.bfloat16).startswith("brgemm")
     for bound, calls, calls_off in zip((4, 8), outputs["default"], outputs["off"]):
         for n, ((y, h), (y_off, h_off)) in enumerate(zip(calls, calls_off), start=1):
@@ -412,13 +419,7 @@ def test_bf16_backwards_of_a_few_rows_with_large_weights_run_on_the_block_kernel
     weights and round fp32 partials in another pass: its gradients are bitwise those of the same call
     with brgemm off (ADAPTERFAST_CPU_BRGEMM=0). 5 rows, and weights of 2^17 elements, run on brgemm
     where bf16 has it, whose fp32 weight gradients (fp32 weights; summed in another order) differ."""
-    outputs = {}
-    for name, env in (("default", {}), ("off", {"ADAPTERFAST_CPU_BRGEMM": "0"})):
-        path = str(tmp_path / f"{name}.pt")
-        done = subprocess.run([sys.executable, "-c", _FEW_ROWS_BACKWARD, path], env=dict(os.environ, **env),
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs[name] = torch.load(path)
+    outputs = default_and_brgemm_off(_FEW_ROWS_BACKWARD, tmp_path)
     brgemm = cpu.kernel_isa(torch.bfloat16).startswith("brgemm")
     for bound, calls, calls_off in zip((4, 0), outputs["default"], outputs["off"]):
         for n, (grads, grads_off) in enumerate(zip(calls, calls_off), start=1):
