@@ -107,7 +107,10 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
 // A floor of 40 rows (320 rows in 8 blocks of 40, not 6 of 56) made one thread at N = 320,
 // d = 4096 0.99x-1.01x -> 0.92x-0.94x. The brgemm driver keeps blocks of kBlockRows: the same
 // balancing there (its runs of kSumRows rows cut short) measured within the runs' spread for bf16
-// on two threads (d = 4096 and 1024, N = 192 and 448, three runs each).
+// on two threads (d = 4096 and 1024, N = 192 and 448, three runs each), and two blocks of half the
+// rows from 33 to 127 rows, as here, made its bf16 training step slower on one thread (d = 4096,
+// r = 64, N = 40 / 64: 803-843 / 967-1070 us -> 1060-1170 / 1160-1190 us; d = 1024, N = 40:
+// 230-242 -> 289 us) and gained nothing beyond the spread on two (N = 65: 923-953 -> 906-950 us).
 constexpr int64_t kMinBalancedBlockRows = 48;
 
 int64_t backward_block_rows(const Dims& dims) {
