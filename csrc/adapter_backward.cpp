@@ -398,6 +398,15 @@ bool takes_backward_by_columns(const Dims& dims) {
   return dims.n <= kGivenWeightMaxRows || (dims.n < 2 * kBlockRows && dims.r >= kByColumnsMinRank);
 }
 
+// Columns per panel of backward_by_columns' gradients: four of accumulate_outer's 48-column tiles
+// (64 left a 16-column tile per panel); at r = 64 its three [r, 192] fp32 buffers take 144 KiB.
+// float16 training at d = 4096, r = 64, wall time of `python -m benchmarks.overhead --n 1 64 100`
+// per panel width, one thread / two, two runs (the Xeon; printed, not saved): N = 64: 64 columns
+// 2.06-2.07 / 1.23-1.40 ms, 96 1.90-1.91 / 1.16-1.32, 192 1.82-1.87 / 1.25-1.27, 384 1.81-1.85 /
+// 1.19-1.27; N = 100: 2.91-2.93 / 1.70-1.72, 2.68-2.71 / 1.59-1.79, 2.58-2.59 / 1.50-1.64,
+// 2.58 / 1.52-1.67; N = 1 within 461-491 / 381-389 us at every width.
+constexpr int64_t kGradientPanelCols = 192;
+
 // The backward of a call that takes_backward_by_columns (two blocks of backward_block_rows, or
 // one), in three phases that each go over the threads by columns, where
 // backward_blocks would give such a call one thread per block:
@@ -413,15 +422,6 @@ bool takes_backward_by_columns(const Dims& dims) {
 // columns, each summed into a scratch that stays in cache and written to the gradients in their
 // dtypes as soon as it is complete, and Wd is read as given (op.w_down_given, in x's dtype), each
 // panel widened just before its dx product; block_sums then carry only the bias rows.
-// Columns per panel of backward_by_columns' gradients: four of accumulate_outer's 48-column tiles
-// (64 left a 16-column tile per panel); at r = 64 its three [r, 192] fp32 buffers take 144 KiB.
-// float16 training at d = 4096, r = 64, wall time of `python -m benchmarks.overhead --n 1 64 100`
-// per panel width, one thread / two, two runs (the Xeon; printed, not saved): N = 64: 64 columns
-// 2.06-2.07 / 1.23-1.40 ms, 96 1.90-1.91 / 1.16-1.32, 192 1.82-1.87 / 1.25-1.27, 384 1.81-1.85 /
-// 1.19-1.27; N = 100: 2.91-2.93 / 1.70-1.72, 2.68-2.71 / 1.59-1.79, 2.58-2.59 / 1.50-1.64,
-// 2.58 / 1.52-1.67; N = 1 within 461-491 / 381-389 us at every width.
-constexpr int64_t kGradientPanelCols = 192;
-
 template <typename T, typename acc_t, bool kFold>
 void backward_by_columns(const BackwardOperands& op, at::Tensor& dx, const std::vector<Partials<acc_t>>& block_sums,
                          WeightGradients* gradients) {
@@ -633,6 +633,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     int64_t sums_chunk = dims.d;  // the [r, d] sums' column chunks (SumChunks)
     acc_t dw_up_factor = 1;
     at::Tensor partials;
+    const auto run_by_columns = [&](const std::vector<Partials<acc_t>>& sums, WeightGradients* gradients) {
+      if (dropout_p == 0.0) {
+        backward_by_columns<T, acc_t, true>(op, dx, sums, gradients);
+      } else {
+        backward_by_columns<T, acc_t, false>(op, dx, sums, gradients);
+      }
+    };
     if (layout != BrgemmLayout::none) {
       if constexpr (std::is_same_v<acc_t, float>) {
         partials = empty_output({groups, size}, options.dtype(acc));
@@ -646,16 +653,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     } else if (panel_gradients) {
       if constexpr (!kUpByRows<T, acc_t>) {
         WeightGradients gradients{at::empty({dims.r, dims.d}, options.dtype(w_down.scalar_type())),
-                               at::empty({dims.d, dims.r}, options.dtype(w_up.scalar_type()))};
+                                  at::empty({dims.d, dims.r}, options.dtype(w_up.scalar_type()))};
         std::vector<Partials<acc_t>> block_sums;
         for (int64_t block = 0; block < blocks; ++block) {
           block_sums.emplace_back(nullptr, nullptr, bias_rows + block * bias_partials.size(1), dims);
         }
-        if (dropout_p == 0.0) {
-          backward_by_columns<T, acc_t, true>(op, dx, block_sums, &gradients);
-        } else {
-          backward_by_columns<T, acc_t, false>(op, dx, block_sums, &gradients);
-        }
+        run_by_columns(block_sums, &gradients);
         dw_down = gradients.dw_down;
         dw_up = gradients.dw_up;
       }
@@ -691,11 +694,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
         std::fill(downs[0], downs[0] + rd, acc_t(0));
         bias_partials.zero_();
       } else if (by_columns) {
-        if (dropout_p == 0.0) {
-          backward_by_columns<T, acc_t, true>(op, dx, group_sums, nullptr);
-        } else {
-          backward_by_columns<T, acc_t, false>(op, dx, group_sums, nullptr);
-        }
+        run_by_columns(group_sums, nullptr);
       } else if (dropout_p == 0.0) {
         backward_blocks<T, acc_t, true>(op, dx, group_sums);
       } else {
