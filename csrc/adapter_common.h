@@ -197,6 +197,30 @@ inline int64_t given_forward_max_rows(const Dims& dims) {
   return dims.r * dims.d >= kSideBySideWeightElements ? 2 * kGivenForwardMaxRows : kGivenForwardMaxRows;
 }
 
+// Rows up to which forward_given computes y's columns by project_out_nt, dot products along r
+// with the rows of Wu as given, instead of widening and transposing each panel of Wu for
+// project_out: kGivenOutNtMaxRows, and twice as many at r >= kGivenOutNtLongRank, where each dot
+// product is four or more vectors long. At one row, d = 4096, r = 64, fp32, the transposes took
+// 46% of an inference call's samples and project_out 7% (perf, the AMD EPYC). Eager adapter over
+// adapterfast, one thread / two, transposed panels -> dot products (the AMD EPYC, in one process
+// alternating the two per round, five rounds; printed, not saved):
+//   fp32 inference: d = 4096, r = 64: N = 1 0.70x / 1.16x -> 1.15x / 1.74x, N = 4 1.29x / 2.13x ->
+//     1.78x / 2.82x, N = 8 1.21x / 1.99x -> 1.42x / 2.65x, N = 16 1.19x / 1.84x -> 1.08x / 1.64x;
+//     d = 1024, r = 64: N = 1 0.99x / 0.81x -> 1.36x / 1.37x, N = 8 1.46x / 1.91x -> 1.55x /
+//     2.12x; d = 768, r = 16: N = 1 1.47x / 1.44x -> 1.60x / 1.61x, N = 4 within 0.05x, N = 8
+//     1.48x / 1.65x -> 1.20x / 1.37x;
+//   fp32 training, d = 4096, r = 64: N = 1 0.78x / 1.56x -> 0.93x / 1.72x;
+//   bf16 inference, d = 4096, r = 64 (on the block kernels up to 8 rows): N = 1 1.52x / 2.19x ->
+//     2.24x / 3.14x, N = 8 0.93x / 1.31x -> 0.98x / 1.51x; d = 1024, r = 64: N = 1 2.39x / 3.02x ->
+//     3.09x-3.29x / 4.34x-4.41x.
+// From 16 rows the transposed panels win at every shape measured.
+constexpr int64_t kGivenOutNtMaxRows = 4;
+constexpr int64_t kGivenOutNtLongRank = 64;
+
+inline bool forward_out_by_dots(const Dims& dims) {
+  return dims.n <= (dims.r >= kGivenOutNtLongRank ? 2 * kGivenOutNtMaxRows : kGivenOutNtMaxRows);
+}
+
 // Products (n d r FMAs per GEMM) from which forward_given and backward_by_columns spread each
 // GEMM over the threads by columns: an OpenMP region costs a few microseconds to start. Forward,
 // inference, 2 threads, median wall time of the module call, spread from 1 product on against

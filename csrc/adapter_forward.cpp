@@ -105,9 +105,10 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
 // The forward of a call of up to given_forward_max_rows rows, one block, from the weights as given
 // (in x's dtype: weight_in_x_dtype): h's columns by project_nt from rows of Wd, then y's columns,
 // each kGivenPanelCols of them by project_out from a panel of Wu^T widened and transposed in L1
-// just before (the same products in the same order as from a transposed copy). Both go over
-// the threads by columns, which leaves every element's arithmetic as it is: bitwise the same
-// results for any thread count.
+// just before (the same products in the same order as from a transposed copy), or, in a call of
+// a few rows (forward_out_by_dots), by project_out_nt from the panel's rows of Wu as they are.
+// Both go over the threads by columns, which leaves every element's arithmetic as it is: bitwise
+// the same results for any thread count.
 template <typename T, typename acc_t>
 void forward_given(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();
@@ -140,12 +141,17 @@ void forward_given(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   set_residual(op, 0, xb, x_kind, ld_x, e);
   e.out = y.data_ptr();
   const int64_t panels = (d + kGivenPanelCols - 1) / kGivenPanelCols;
+  const bool by_dots = forward_out_by_dots(op.dims);
   at::parallel_for(0, panels, spread ? 1 : panels, [&](int64_t p0, int64_t p1) {
-    Scratch<acc_t> panel(r * kGivenPanelCols);
+    Scratch<acc_t> panel(by_dots ? 0 : r * kGivenPanelCols);
     for (int64_t k0 = p0 * kGivenPanelCols; k0 < std::min(d, p1 * kGivenPanelCols); k0 += kGivenPanelCols) {
       const int64_t kc = std::min(kGivenPanelCols, d - k0);
-      kernels.widen_transposed(kc, r, w_up + k0 * r * w_bytes, w_kind, r, panel.data());
-      kernels.project_out(n, r, kc, a.data(), r, panel.data(), kc, e.from_column(k0));
+      if (by_dots) {
+        kernels.project_out_nt(n, r, kc, a.data(), r, w_up + k0 * r * w_bytes, w_kind, r, e.from_column(k0));
+      } else {
+        kernels.widen_transposed(kc, r, w_up + k0 * r * w_bytes, w_kind, r, panel.data());
+        kernels.project_out(n, r, kc, a.data(), r, panel.data(), kc, e.from_column(k0));
+      }
     }
   });
 }

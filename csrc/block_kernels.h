@@ -51,6 +51,8 @@ struct OutputEpilogue {
 
   // The epilogue of columns [col0, ...) of the same rows, for a product of those columns alone.
   OutputEpilogue from_column(int64_t col0) const;
+  // The epilogue of rows [row0, ...) of the same columns, for a product of those rows alone.
+  OutputEpilogue from_row(int64_t row0) const;
 };
 
 template <typename acc_t>
@@ -60,6 +62,23 @@ OutputEpilogue<acc_t> OutputEpilogue<acc_t>::from_column(int64_t col0) const {
   if (out != nullptr) e.out = static_cast<char*>(out) + col0 * kind_bytes(out_kind);
   if (bias != nullptr) e.bias += col0;
   if (keep != nullptr) e.keep += col0;
+  return e;
+}
+
+template <typename acc_t>
+OutputEpilogue<acc_t> OutputEpilogue<acc_t>::from_row(int64_t row0) const {
+  OutputEpilogue e = *this;
+  if (res_rows != nullptr) {
+    e.res_rows += row0;
+  } else if (res != nullptr) {
+    e.res = static_cast<const char*>(res) + row0 * ld_res * kind_bytes(res_kind);
+  }
+  if (out_rows != nullptr) {
+    e.out_rows += row0;
+  } else if (out != nullptr) {
+    e.out = static_cast<char*>(out) + row0 * ld_out * kind_bytes(out_kind);
+  }
+  if (keep != nullptr) e.keep += row0 * ld_keep;
   return e;
 }
 
@@ -125,6 +144,14 @@ struct BlockKernels {
   // last bits from the same rows' h in a larger call.
   void (*project_nt)(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int64_t lda, const void* B,
                      Kind b_kind, int64_t ldb, acc_t* C, int64_t ldc);
+
+  // out[M, K] = epilogue(A[M, N] B[K, N]^T), B in its storage type `b_kind`: project_out from the
+  // [d, r] weight Wu as it is, as project_nt's dot products along N, for calls of a few rows
+  // (kGivenOutNtMaxRows, adapter_common.h), where widening and transposing Wu into project_out's
+  // [r, d] operand costs more than the product. Sums in lanes as project_nt does, so y of such a
+  // call may differ in the last bits from the same rows' y in a larger call.
+  void (*project_out_nt)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const void* B,
+                         Kind b_kind, int64_t ldb, const OutputEpilogue<acc_t>& epilogue);
 };
 
 namespace generic {

@@ -233,6 +233,27 @@ void project_nt(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int
   });
 }
 
+// project_nt into a stack tile of kNtOutRows rows by kNtOutCols columns at a time, each finished
+// (finish_rows) while it is in L1.
+constexpr int64_t kNtOutRows = 16;
+constexpr int64_t kNtOutCols = 64;
+
+void project_out_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const void* B, Kind b_kind,
+                    int64_t ldb, const OutputEpilogue<float>& e) {
+  alignas(64) float u[kNtOutRows * kNtOutCols];
+  with_stored(B, b_kind, [&](auto b) {
+    for (int64_t i0 = 0; i0 < M; i0 += kNtOutRows) {
+      const int64_t mi = min64(kNtOutRows, M - i0);
+      const OutputEpilogue<float> rows = e.from_row(i0);
+      for (int64_t k0 = 0; k0 < K; k0 += kNtOutCols) {
+        const int64_t kc = min64(kNtOutCols, K - k0);
+        project_nt_rows<4>(mi, kc, N, A + i0 * lda, lda, b + k0 * ldb, ldb, u, kNtOutCols);
+        finish_rows(mi, kc, u, kNtOutCols, k0, rows);
+      }
+    }
+  });
+}
+
 // r[c] = column c of the 16 x 16 tile whose rows r held: pairs of rows interleaved (unpack_ps),
 // then pairs of pairs (unpack_pd), which leaves in 128-bit lane L of u[4 q + c] rows 4q..4q+3 of
 // column 4L + c; two rounds of 128-bit lane shuffles gather each column's four lanes.
@@ -312,7 +333,8 @@ void widen_transposed(int64_t M, int64_t K, const void* A, Kind a_kind, int64_t 
 const BlockKernels<float>* kernels() {
   static const BlockKernels<float> table{"avx512", &project_in, &accumulate_outer, &detail::project_out,
                                          &transpose, &detail::dropout_keep, &project_in_stored,
-                                         &accumulate_outer_stored, &widen_transposed, &project_nt};
+                                         &accumulate_outer_stored, &widen_transposed, &project_nt,
+                                         &project_out_nt};
   return &table;
 }
 

@@ -64,27 +64,33 @@ void epilogue_row(const acc_t* u, int64_t K, const Res* res, const acc_t* bias, 
   }
 }
 
+// Row i of an output: out row i = epilogue(u), u the row's K products.
 template <typename acc_t>
-void project_out(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
-                 int64_t ldb, const OutputEpilogue<acc_t>& e) {
-  std::vector<acc_t> u(K);
+void finish_row(int64_t i, const acc_t* u, int64_t K, const OutputEpilogue<acc_t>& e) {
   with_type(e.out_kind, [&](auto out_tag) {
     using Out = decltype(out_tag);
     with_type(e.res_kind, [&](auto res_tag) {
       using Res = decltype(res_tag);
-      for (int64_t i = 0; i < M; ++i) {
-        std::fill(u.begin(), u.end(), acc_t(0));
-        for (int64_t j = 0; j < N; ++j) {
-          const acc_t a = A[i * lda + j];
-          const acc_t* b = B + j * ldb;
-          for (int64_t k = 0; k < K; ++k) u[k] += a * b[k];
-        }
-        const Res* res = e.res == nullptr ? nullptr : static_cast<const Res*>(e.res) + e.res_row(i) * e.ld_res;
-        const uint8_t* keep = e.keep == nullptr ? nullptr : e.keep + i * e.ld_keep;
-        epilogue_row(u.data(), K, res, e.bias, e.scale, keep, static_cast<Out*>(e.out) + e.out_row(i) * e.ld_out);
-      }
+      const Res* res = e.res == nullptr ? nullptr : static_cast<const Res*>(e.res) + e.res_row(i) * e.ld_res;
+      const uint8_t* keep = e.keep == nullptr ? nullptr : e.keep + i * e.ld_keep;
+      epilogue_row(u, K, res, e.bias, e.scale, keep, static_cast<Out*>(e.out) + e.out_row(i) * e.ld_out);
     });
   });
+}
+
+template <typename acc_t>
+void project_out(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B,
+                 int64_t ldb, const OutputEpilogue<acc_t>& e) {
+  std::vector<acc_t> u(K);
+  for (int64_t i = 0; i < M; ++i) {
+    std::fill(u.begin(), u.end(), acc_t(0));
+    for (int64_t j = 0; j < N; ++j) {
+      const acc_t a = A[i * lda + j];
+      const acc_t* b = B + j * ldb;
+      for (int64_t k = 0; k < K; ++k) u[k] += a * b[k];
+    }
+    finish_row(i, u.data(), K, e);
+  }
 }
 
 void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, int64_t d,
@@ -195,6 +201,16 @@ void project_nt(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int
   });
 }
 
+template <typename acc_t>
+void project_out_nt(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const void* B, Kind b_kind,
+                    int64_t ldb, const OutputEpilogue<acc_t>& e) {
+  std::vector<acc_t> u(K);
+  for (int64_t i = 0; i < M; ++i) {
+    project_nt<acc_t>(1, K, N, A + i * lda, kAccKind<acc_t>, lda, B, b_kind, ldb, u.data(), K);
+    finish_row(i, u.data(), K, e);
+  }
+}
+
 }  // namespace
 
 template <typename acc_t>
@@ -202,7 +218,8 @@ const BlockKernels<acc_t>& kernels() {
   static const BlockKernels<acc_t> table{"generic", &project_in<acc_t>, &accumulate_outer<acc_t>,
                                          &project_out<acc_t>, &transpose<acc_t>, &dropout_keep,
                                          &project_in_stored<acc_t>, &accumulate_outer_stored<acc_t>,
-                                         &widen_transposed<acc_t>, &project_nt<acc_t>};
+                                         &widen_transposed<acc_t>, &project_nt<acc_t>,
+                                         &project_out_nt<acc_t>};
   return table;
 }
 

@@ -101,7 +101,8 @@ def test_small_calls_read_the_weights_as_given(dtype, tol):
     needed. d = 131 and r = 33 leave a partial run of 16 lanes, a partial tile of columns and,
     over 1 to 128 rows, 4-, 2- and 1-row tiles; a strided x, a separate residual and dropout take
     the other operands of the route. Every result matches the float64 reference, and a row's
-    results do not depend on the rows called with it."""
+    results do not depend on the rows called with it on the same route (calls of up to 4 rows at
+    this r compute y by dot products instead: forward_out_by_dots)."""
     torch.manual_seed(3)
     d, r = 131, 33
     x, wd, wu, bd, bu = (t.to(dtype) for t in adapter_inputs(128, d, r)[:5])
@@ -112,9 +113,37 @@ def test_small_calls_read_the_weights_as_given(dtype, tol):
     wide = torch.randn(100, 2 * d).to(dtype)
     check_against_reference(wide[:, ::2], wd, wu, bd, bu, torch.randn(100, d).to(dtype), tol=tol, p=0.3, seed=5)
     y_all, h_all = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
-    for n in (1, 7, 33, 65, 127):
+    y_4, h_4 = cpu.forward(x[:4], wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
+    for n, y_top, h_top in ((1, y_4, h_4), (3, y_4, h_4), (5, y_all, h_all), (7, y_all, h_all),
+                            (33, y_all, h_all), (65, y_all, h_all), (127, y_all, h_all)):
         y, h = cpu.forward(x[:n], wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
-        assert torch.equal(y, y_all[:n]) and torch.equal(h, h_all[:n])
+        assert torch.equal(y, y_top[:n]) and torch.equal(h, h_top[:n])
+    assert torch.equal(h_4, h_all[:4])
+
+
+@pytest.mark.parametrize("r, rows", [(33, 4), (64, 8)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)],
+                         ids=["fp32", "bf16", "fp16"])
+def test_calls_of_a_few_rows_compute_y_by_dot_products(dtype, tol, r, rows):
+    """Up to 4 rows, and 8 at r >= 64 (forward_out_by_dots, csrc/adapter_common.h), y's columns are
+    dot products along r with Wu's rows as given (project_out_nt) instead of products with
+    transposed panels of Wu. d = 131 leaves a partial panel and a partial 16-column tile; r = 33 a
+    partial vector per dot product; every row count up to the bound and one past it, with a
+    separate residual, dropout and a strided x, with weights in x's dtype (read in it) and in fp32,
+    match the float64 reference in both passes. gelu, not relu: fp32 weights are rounded to x's
+    dtype as operands, which moves some h across 0, and a relu mask flipped there is an error the
+    reference (the unrounded weights) does not model."""
+    torch.manual_seed(11)
+    d = 131
+    x, wd, wu, bd, bu, _ = adapter_inputs(rows + 1, d, r)
+    x = x.to(dtype)
+    for weights in (lambda t: t.to(dtype), lambda t: t):
+        w = [weights(t) for t in (wd, wu, bd, bu)]
+        for n in range(1, rows + 2):
+            check_against_reference(x[:n], *w, None, tol=tol, activation="gelu", scale=0.5)
+            wide = torch.randn(n, 2 * d).to(dtype)
+            check_against_reference(wide[:, ::2], *w, torch.randn(n, d).to(dtype), tol=tol, activation="gelu", p=0.3,
+                                    seed=5)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)], ids=["fp32", "fp16"])
@@ -340,10 +369,10 @@ from adapterfast import cpu, reference
 assert {cpu.kernel_isa(t) for t in (torch.float32, torch.bfloat16, torch.float16)} == {"generic"}
 torch.manual_seed(0)
 for dtype, n in ((torch.float32, 70), (torch.bfloat16, 70), (torch.float16, 70), (torch.float32, 40),
-                 (torch.float16, 40)):
+                 (torch.float16, 40), (torch.float32, 3), (torch.bfloat16, 2)):
     x = torch.randn(n, 131).to(dtype)
     wd, wu, bd, bu = torch.randn(9, 131) / 11, torch.randn(131, 9) / 3, torch.randn(9), torch.randn(131)
-    if n <= 64:  # weights in x's dtype: read as given (project_nt)
+    if n <= 64:  # weights in x's dtype: read as given (project_nt; y by project_out_nt up to 4 rows)
         wd, wu, bd, bu = (t.to(dtype) for t in (wd, wu, bd, bu))
     y, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.3, 8, None)
     g = torch.randn_like(y)
