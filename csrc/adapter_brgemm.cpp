@@ -312,6 +312,26 @@ bool packs_side_by_side(const Dims& dims) {
   return dims.r * dims.d >= bound;
 }
 
+// Rows a brgemm forward thread needs before a second one pays (forward_block_rows): on AMX tiles
+// kMinForwardRowsPerThread, as for the fp32 kernels; where brgemm runs on AVX512-BF16 dot products,
+// several times slower per product, enough rows for kDotForwardThreadFmas products of each GEMM,
+// from a quarter of kMinForwardRowsPerThread (weights of 2^18 elements) up to it (2^16 and fewer).
+// bf16, two threads, eager adapter over adapterfast, inference / training, 64 rows a thread ->
+// this bound (the AMD EPYC, in one process alternating the two per round, five rounds; printed,
+// not saved): d = 4096, r = 64 (16 rows): N = 32 0.93x / 0.64x -> 1.14x / 0.67x, N = 48 0.78x /
+// 0.55x -> 0.95x / 0.62x, N = 64 0.78x / 0.88x -> 1.16x / 0.99x, N = 96 0.97x / 0.76x -> 1.22x /
+// 0.82x, N = 127 and 192 within 0.13x either way; d = 2048, r = 64 (32 rows): N = 64 0.88x ->
+// 1.00x, N = 96 0.97x -> 1.21x inference, training within 0.09x; one thread unchanged. Not
+// measured on AMX, which keeps the fp32 kernels' bound.
+constexpr int64_t kDotForwardThreadFmas = int64_t(1) << 22;
+
+int64_t forward_rows_per_thread(const Dims& dims) {
+  static const bool amx = brgemm_unit(at::kBFloat16) == "amx";
+  if (amx || dims.d * dims.r == 0) return kMinForwardRowsPerThread;
+  return std::clamp<int64_t>(kDotForwardThreadFmas / (dims.d * dims.r), kMinForwardRowsPerThread / 4,
+                             kMinForwardRowsPerThread);
+}
+
 template <typename T, typename U>
 void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y, at::Tensor& h) {
   constexpr bool split = kSplit<T, U>;
@@ -336,7 +356,7 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
 
   const OutputEpilogue<float> epilogue = forward_epilogue<float>(op, y);
 
-  const int64_t rows = forward_block_rows(n, /*granule=*/16);
+  const int64_t rows = forward_block_rows(n, /*granule=*/16, forward_rows_per_thread(op.dims));
   const int64_t blocks = (n + rows - 1) / rows;
   parallel_tasks(blocks, [&](TaskQueue& tasks) {
     Scratch<T> x_scratch(kBlockRows * dp);

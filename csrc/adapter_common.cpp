@@ -25,8 +25,8 @@ void check_tensor(const char* op, const char* name, const at::Tensor& t) {
 
 }  // namespace
 
-int64_t forward_block_rows(int64_t n, int64_t granule) {
-  const int64_t threads = std::clamp<int64_t>(n / kMinForwardRowsPerThread, 1, at::get_num_threads());
+int64_t forward_block_rows(int64_t n, int64_t granule, int64_t min_rows_per_thread) {
+  const int64_t threads = std::clamp<int64_t>(n / min_rows_per_thread, 1, at::get_num_threads());
   int64_t best = kBlockRows;
   int64_t best_rows_per_thread = n;
   for (int64_t rows = kBlockRows; rows >= std::max<int64_t>(16, granule); rows -= granule) {

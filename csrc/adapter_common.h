@@ -26,12 +26,13 @@ constexpr int64_t kBlockRows = 64;
 
 // Rows per forward block: the multiple of `granule` (the rows of the kernels' tiles: 8 for the
 // block kernels, 16 for AMX) from kBlockRows down to 16 that gives the thread with the most blocks
-// the fewest rows, the largest such, over at most one thread per kMinForwardRowsPerThread rows. A
+// the fewest rows, the largest such, over at most one thread per min_rows_per_thread rows
+// (kMinForwardRowsPerThread; fewer for bf16 on AVX-512 dot products: adapter_brgemm.cpp). A
 // call with few blocks per thread then has no thread waiting a whole block for another: 320 rows
 // were 5 blocks of 64 over 2 threads (3 : 2, with a fifth of the call in OpenMP waits), now 8 of
 // 40 or 10 of 32. Each row's result is the same in any block, so unlike the backward's reduction
 // groups this may depend on the thread count.
-int64_t forward_block_rows(int64_t n, int64_t granule);
+int64_t forward_block_rows(int64_t n, int64_t granule, int64_t min_rows_per_thread);
 
 // Rows a forward thread needs before a second one pays: each thread reads both weights (converted
 // per call by the calling thread, so the others fetch them from its cache). Inference, 2 threads

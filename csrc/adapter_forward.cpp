@@ -70,7 +70,7 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
 
   const OutputEpilogue<acc_t> epilogue = forward_epilogue<acc_t>(op, y);
 
-  const int64_t rows = forward_block_rows(n, /*granule=*/8);
+  const int64_t rows = forward_block_rows(n, /*granule=*/8, kMinForwardRowsPerThread);
   const int64_t blocks = (n + rows - 1) / rows;
   parallel_tasks(blocks, [&](TaskQueue& tasks) {
     Scratch<acc_t> x_scratch(x_rows.as_stored() ? 0 : rows * d);

@@ -102,13 +102,15 @@ def test_16bit_within_twice_eager_error(dtype, case):
     assert_close(ours, theirs, versus_eager=n * r >= 64)
 
 
-@pytest.mark.parametrize("n, d", [(8, 4096), (100, 2048)])
+@pytest.mark.parametrize("n, d", [(8, 4096), (100, 2048), (48, 4096)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_weights_packed_side_by_side_give_the_one_thread_results(dtype, n, d):
     """Weights this large have their two per-call passes run on two threads at once where there are
     two (kSideBySideWeightElements, csrc/adapter_common.h): brgemm's packs (packs_side_by_side),
     the fp32 kernels' widened copies (operand_weights; float16 below 256 rows) and the weight
-    gradients written from the sums. Forward and backward are bitwise those of one thread."""
+    gradients written from the sums. Where bf16 brgemm runs on AVX-512 dot products, a 48-row
+    forward at d = 4096 also goes to both threads in blocks of 16 rows (forward_rows_per_thread,
+    csrc/adapter_brgemm.cpp). Forward and backward are bitwise those of one thread."""
     torch.manual_seed(d)
     x, wd, wu, bd, bu, _ = adapter_inputs(n, d, 64)
     x, g = x.to(dtype), torch.randn(n, d).to(dtype)
