@@ -317,8 +317,8 @@ bool packs_side_by_side(const Dims& dims) {
 // several times slower per product, enough rows for kDotForwardThreadFmas products of each GEMM,
 // from a quarter of kMinForwardRowsPerThread (weights of 2^18 elements) up to it (2^16 and fewer).
 // bf16, two threads, eager adapter over adapterfast, inference / training, 64 rows a thread ->
-// this bound (the AMD EPYC, in one process alternating the two per round, five rounds; printed,
-// not saved): d = 4096, r = 64 (16 rows): N = 32 0.93x / 0.64x -> 1.14x / 0.67x, N = 48 0.78x /
+// this bound (the AMD EPYC, in one process alternating the two per round, five rounds;
+// benchmarks/results/overhead_298c1db_amd.txt): d = 4096, r = 64 (16 rows): N = 32 0.93x / 0.64x -> 1.14x / 0.67x, N = 48 0.78x /
 // 0.55x -> 0.95x / 0.62x, N = 64 0.78x / 0.88x -> 1.16x / 0.99x, N = 96 0.97x / 0.76x -> 1.22x /
 // 0.82x, N = 127 and 192 within 0.13x either way; d = 2048, r = 64 (32 rows): N = 64 0.88x ->
 // 1.00x, N = 96 0.97x -> 1.21x inference, training within 0.09x; one thread unchanged. Not

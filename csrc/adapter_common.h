@@ -204,17 +204,19 @@ inline int64_t given_forward_max_rows(const Dims& dims) {
 // product is four or more vectors long. At one row, d = 4096, r = 64, fp32, the transposes took
 // 46% of an inference call's samples and project_out 7% (perf, the AMD EPYC). Eager adapter over
 // adapterfast, one thread / two, transposed panels -> dot products (the AMD EPYC, in one process
-// alternating the two per round, five rounds; printed, not saved):
+// alternating the two per round, five rounds):
 //   fp32 inference: d = 4096, r = 64: N = 1 0.70x / 1.16x -> 1.15x / 1.74x, N = 4 1.29x / 2.13x ->
 //     1.78x / 2.82x, N = 8 1.21x / 1.99x -> 1.42x / 2.65x, N = 16 1.19x / 1.84x -> 1.08x / 1.64x;
 //     d = 1024, r = 64: N = 1 0.99x / 0.81x -> 1.36x / 1.37x, N = 8 1.46x / 1.91x -> 1.55x /
 //     2.12x; d = 768, r = 16: N = 1 1.47x / 1.44x -> 1.60x / 1.61x, N = 4 within 0.05x, N = 8
-//     1.48x / 1.65x -> 1.20x / 1.37x;
-//   fp32 training, d = 4096, r = 64: N = 1 0.78x / 1.56x -> 0.93x / 1.72x;
+//     1.48x / 1.65x -> 1.20x / 1.37x (hence 4 rows below kGivenOutNtLongRank);
+//   fp32 training, d = 4096, r = 64: N = 1 0.78x / 1.56x -> 0.75x-0.93x / 1.72x-1.75x (two columns
+//     of the route at N = 1: the spread of this comparison);
 //   bf16 inference, d = 4096, r = 64 (on the block kernels up to 8 rows): N = 1 1.52x / 2.19x ->
 //     2.24x / 3.14x, N = 8 0.93x / 1.31x -> 0.98x / 1.51x; d = 1024, r = 64: N = 1 2.39x / 3.02x ->
 //     3.09x-3.29x / 4.34x-4.41x.
-// From 16 rows the transposed panels win at every shape measured.
+// From 16 rows the transposed panels win at every shape measured (the figures, with the command's
+// description: benchmarks/results/overhead_298c1db_amd.txt).
 constexpr int64_t kGivenOutNtMaxRows = 4;
 constexpr int64_t kGivenOutNtLongRank = 64;
 
