@@ -111,6 +111,10 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
 // rows from 33 to 127 rows, as here, made its bf16 training step slower on one thread (d = 4096,
 // r = 64, N = 40 / 64: 803-843 / 967-1070 us -> 1060-1170 / 1160-1190 us; d = 1024, N = 40:
 // 230-242 -> 289 us) and gained nothing beyond the spread on two (N = 65: 923-953 -> 906-950 us).
+// On AVX512-BF16 dot products (the AMD EPYC, d = 4096, r = 64, in one process alternately) they
+// gained up to 0.11x of the eager adapter's time on two threads, none at 64 rows, and cost up to
+// 0.04x on one (benchmarks/results/overhead_298c1db_amd.txt): the two [r, d] fp32 partials they
+// add cost about what the second thread saves.
 constexpr int64_t kMinBalancedBlockRows = 48;
 
 int64_t backward_block_rows(const Dims& dims) {
