@@ -318,16 +318,20 @@ bool packs_side_by_side(const Dims& dims) {
 // from a quarter of kMinForwardRowsPerThread (weights of 2^18 elements) up to it (2^16 and fewer).
 // bf16, two threads, eager adapter over adapterfast, inference / training, 64 rows a thread ->
 // this bound (the AMD EPYC, in one process alternating the two per round, five rounds;
-// benchmarks/results/overhead_298c1db_amd.txt): d = 4096, r = 64 (16 rows): N = 32 0.93x / 0.64x -> 1.14x / 0.67x, N = 48 0.78x /
-// 0.55x -> 0.95x / 0.62x, N = 64 0.78x / 0.88x -> 1.16x / 0.99x, N = 96 0.97x / 0.76x -> 1.22x /
-// 0.82x, N = 127 and 192 within 0.13x either way; d = 2048, r = 64 (32 rows): N = 64 0.88x ->
-// 1.00x, N = 96 0.97x -> 1.21x inference, training within 0.09x; one thread unchanged. Not
-// measured on AMX, which keeps the fp32 kernels' bound.
+// benchmarks/results/overhead_298c1db_amd.txt): d = 4096, r = 64 (16 rows): N = 32 0.93x /
+// 0.64x -> 1.14x / 0.67x, N = 48 0.78x / 0.55x -> 0.95x / 0.62x, N = 64 0.78x / 0.88x -> 1.16x /
+// 0.99x, N = 96 0.97x / 0.76x -> 1.22x / 0.82x, N = 127 and 192 within 0.13x either way;
+// d = 2048, r = 64 (32 rows): N = 64 0.88x -> 1.00x, N = 96 0.97x -> 1.21x inference, training
+// within 0.09x; one thread unchanged. Not measured on AMX, which keeps the fp32 kernels' bound.
 constexpr int64_t kDotForwardThreadFmas = int64_t(1) << 22;
 
-int64_t forward_rows_per_thread(const Dims& dims) {
+bool bf16_on_amx() {
   static const bool amx = brgemm_unit(at::kBFloat16) == "amx";
-  if (amx || dims.d * dims.r == 0) return kMinForwardRowsPerThread;
+  return amx;
+}
+
+int64_t forward_rows_per_thread(const Dims& dims) {
+  if (bf16_on_amx() || dims.d * dims.r == 0) return kMinForwardRowsPerThread;
   return std::clamp<int64_t>(kDotForwardThreadFmas / (dims.d * dims.r), kMinForwardRowsPerThread / 4,
                              kMinForwardRowsPerThread);
 }
@@ -422,6 +426,24 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
   });
 }
 
+// Whether a backward of one block (up to kBlockRows rows) spreads its dx and weight-gradient
+// products, and the repacks of its g and x rows they read, over the threads by ranges of whole
+// kOutCols-column chunks (backward_impl): where brgemm runs on AVX512-BF16 dot products, with
+// weights of kSideBySideWeightElements or more and threads to spare. Such a call is one reduction
+// group, which one thread ran alone; each chunk's arithmetic stays as it was, so the results are
+// bitwise those of one thread. bf16 training on two threads, eager adapter over adapterfast, one
+// thread's block -> column ranges (the AMD EPYC, in one process alternating the two per round,
+// five rounds, three runs; benchmarks/results/overhead_298c1db_amd.txt): d = 4096, r = 64: N = 8
+// 0.86x-0.89x -> 0.94x-0.98x, N = 16 0.78x-0.81x -> 0.87x-0.90x, N = 32 0.42x-0.64x ->
+// 0.53x-0.76x, N = 48 0.45x-0.60x -> 0.56x-0.78x, N = 64 0.50x-0.80x -> 0.61x-1.03x. At d = 2048
+// and 1024 (weights of 2^17 and 2^16) the changes went both ways (-0.12x to +0.15x, one cell
+// 1.30x -> 0.64x), so those stay on one thread. AMX, with products several times cheaper, is left
+// as it was (not measured there).
+bool backward_by_column_ranges(const Dims& dims) {
+  return !bf16_on_amx() && dims.n <= kBlockRows && dims.r * dims.d >= kSideBySideWeightElements &&
+         at::get_num_threads() > 1 && !at::in_parallel_region();
+}
+
 template <typename T, typename U>
 void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx, at::Tensor& partials,
                    at::Tensor& bias_partials) {
@@ -452,8 +474,9 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
   const BlockKernels<float>& kernels = block_kernels<float>();
 
   const OutputEpilogue<float> epilogue = dx_epilogue<float>(op.grad_y, ld_g, dx);
+  const bool column_ranges = !split && backward_by_column_ranges(op.dims);
 
-  parallel_tasks(groups, [&](TaskQueue& tasks) {
+  const auto body = [&](TaskQueue& tasks) {
     const int64_t dp = even(d);
     Scratch<T> gz(kBlockRows * dp);
     Scratch<T> x_scratch(kBlockRows * dp);
@@ -580,6 +603,33 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
                                 false, chunk.data(), &e, prefetch_next);
           U* const b = x_b.data() + run * d;
           split_rows_vnni(m, d, xb, ld_x, b, b + segment, b + 2 * segment);
+        } else if (column_ranges) {
+          // The only block, so its run starts at row 0 and ends here: the weight-gradient sums are
+          // taken per range too, and the run is done.
+          const int64_t chunks = (d + kOutCols - 1) / kOutCols;
+          at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+            const int64_t n_lo = c0 * kOutCols;
+            const int64_t w = std::min(d, c1 * kOutCols) - n_lo;
+            const int64_t col = b_column(layout, n_lo);
+            Scratch<float> range_chunk(kBlockRows * kOutCols);
+            const OutputEpilogue<float> e_range = e.from_column(n_lo);
+            product_by_columns<U>(layout, m, rp, w, dh.data(), rp, w_down_b.data() + col, ldb, nullptr, 0, false,
+                                  range_chunk.data(), &e_range, [](int64_t, int64_t) {});
+            if (dropout) {
+              rows_as_b<U>(layout, m, w, gz_rows + n_lo, ld_gz, gz_b.data() + col, nullptr, ldb);
+            } else {
+              rows_as_b_summed<U>(layout, m, w, gz_rows + n_lo, ld_gz, gz_b.data() + col, col_sums.data() + n_lo, ldb);
+              for (int64_t k = n_lo; k < n_lo + w; ++k) sums.db_up[k] += static_cast<double>(col_sums[k] * factor);
+            }
+            rows_as_b<U>(layout, m, w, xb + n_lo, ld_x, x_b.data() + col, nullptr, ldb);
+            accumulate_by_columns<U>(layout, r, mp, w, a_t.data(), kSumRows, gz_b.data() + col, ldb,
+                                     ColumnBlocked<float>{r, w, dw_up_sums.data + r * n_lo}, false);
+            accumulate_by_columns<U>(layout, r, mp, w, dh_t.data(), kSumRows, x_b.data() + col, ldb,
+                                     ColumnBlocked<float>{r, w, dw_down_sums.data + r * n_lo}, false);
+            brgemm_release(kVnni<U>);
+          });
+          first_run = false;
+          continue;
         } else {
           product_by_columns<U>(layout, m, rp, d, dh.data(), rp, w_down_b.data(), ldb, nullptr, 0, false,
                                 chunk.data(), &e, prefetch_next);
@@ -621,7 +671,12 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
       if (first_run) std::fill(row, row + partials.size(1), 0.0f);
     }
     brgemm_release(kVnni<U>);
-  });
+  };
+  if (column_ranges) {
+    tasks_on_caller(groups, body);
+  } else {
+    parallel_tasks(groups, body);
+  }
 }
 
 }  // namespace

@@ -133,4 +133,15 @@ void parallel_tasks(int64_t tasks, const Body& body) {
   });
 }
 
+// Runs body(queue) once on the calling thread over all of [0, tasks), outside a parallel region,
+// for a call whose single task goes over the threads itself (at::parallel_for inside a region
+// of parallel_tasks would run on its one thread).
+template <typename Body>
+void tasks_on_caller(int64_t tasks, const Body& body) {
+  TaskShare share;
+  share.reset(0, tasks);
+  TaskQueue queue(&share, 1, 0, /*steal=*/false);
+  body(queue);
+}
+
 }  // namespace adapterfast::cpu

@@ -132,6 +132,40 @@ def test_weights_packed_side_by_side_give_the_one_thread_results(dtype, n, d):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("n, d, p", [(64, 4100, 0.0), (17, 4100, 0.3), (63, 4096, 0.2), (9, 4096, 0.0)])
+def test_one_block_bf16_backward_by_column_ranges(n, d, p, residual):
+    """A bf16 backward of one block (up to 64 rows, weights of 2^18 elements or more) where brgemm
+    runs on AVX512-BF16 dot products spreads its dx and weight-gradient products over the threads
+    by ranges of 256-column chunks (backward_by_column_ranges, csrc/adapter_brgemm.cpp): d = 4100
+    ends in a 4-column chunk, odd row counts pad the VNNI pairs, dropout takes db_up's sums from
+    the dropout loop and without it from the repack of g. The results match the float64 reference within
+    twice eager's error and are bitwise those of one thread (where the route is not taken)."""
+    torch.manual_seed(n + d)
+    r = 64
+    x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
+    x, wd, wu, bd, bu = (t.to(torch.bfloat16) for t in (x, wd, wu, bd, bu))
+    res = torch.randn(n, d).to(torch.bfloat16) if residual else None
+    ours, theirs = errors(x, wd, wu, bd, bu, res, activation="silu", scale=0.7, p=p, seed=9)
+    assert_close(ours, theirs)
+    g = torch.randn(n, d).to(torch.bfloat16)
+
+    def run():
+        y, h = cpu.forward(x, wd, wu, bd, bu, "silu", 0.7, p, 9, res)
+        return (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, "silu", 0.7, p, 9, res is None))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(NAMES, one, two):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("weights", ["x", "fp32"])
 @pytest.mark.parametrize("n, d, r, p", [(1, 700, 64, 0.0), (40, 700, 64, 0.2), (100, 450, 64, 0.0), (64, 200, 24, 0.1)])
 def test_fp16_column_route_writes_gradients_by_panel(n, d, r, p, weights):
