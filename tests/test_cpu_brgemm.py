@@ -67,6 +67,20 @@ def assert_close(ours, theirs, versus_eager=True):
             assert err <= 2 * theirs[name] + 1e-4, (name, err, theirs[name])
 
 
+def assert_same_on_one_and_two_threads(run):
+    """run() (forward, then backward: NAMES) gives bitwise the same tensors on one thread and on two."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(NAMES, one, two):
+        assert torch.equal(a, b), name
+
+
 # Smooth activations only: with relu, one h within rounding of 0 flips act'(h) against float64
 # and the comparison measures luck (test_cpu_backend checks relu given the same h).
 CASES = [
@@ -120,16 +134,7 @@ def test_weights_packed_side_by_side_give_the_one_thread_results(dtype, n, d):
         y, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
         return (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, "gelu", 0.5, 0.0, 0, True))
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(2, threads))
-        two = run()
-    finally:
-        torch.set_num_threads(threads)
-    for name, a, b in zip(NAMES, one, two):
-        assert torch.equal(a, b), name
+    assert_same_on_one_and_two_threads(run)
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -139,8 +144,9 @@ def test_one_block_bf16_backward_by_column_ranges(n, d, p, residual):
     runs on AVX512-BF16 dot products spreads its dx and weight-gradient products over the threads
     by ranges of 256-column chunks (backward_by_column_ranges, csrc/adapter_brgemm.cpp): d = 4100
     ends in a 4-column chunk, odd row counts pad the VNNI pairs, dropout takes db_up's sums from
-    the dropout loop and without it from the repack of g. The results match the float64 reference within
-    twice eager's error and are bitwise those of one thread (where the route is not taken)."""
+    the dropout loop and without it from the repack of g. The results match the float64
+    reference within twice eager's error and are bitwise those of one thread (where the route is
+    not taken)."""
     torch.manual_seed(n + d)
     r = 64
     x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
@@ -154,16 +160,7 @@ def test_one_block_bf16_backward_by_column_ranges(n, d, p, residual):
         y, h = cpu.forward(x, wd, wu, bd, bu, "silu", 0.7, p, 9, res)
         return (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, "silu", 0.7, p, 9, res is None))
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(2, threads))
-        two = run()
-    finally:
-        torch.set_num_threads(threads)
-    for name, a, b in zip(NAMES, one, two):
-        assert torch.equal(a, b), name
+    assert_same_on_one_and_two_threads(run)
 
 
 @pytest.mark.parametrize("weights", ["x", "fp32"])
