@@ -212,9 +212,8 @@ int64_t b_stride(BrgemmLayout layout, int64_t d) {
   static const int forced = env_is("ADAPTERFAST_CPU_BRGEMM_PAD", "1")   ? 1
                             : env_is("ADAPTERFAST_CPU_BRGEMM_PAD", "0") ? 0
                                                                          : -1;
-  static const bool amx = brgemm_unit(at::kBFloat16) == "amx";
   if (layout != BrgemmLayout::vnni || forced == 0) return d;
-  return forced == 1 || (!amx && d % 512 == 0) ? d + 16 : d;
+  return forced == 1 || (!bf16_on_amx_tiles() && d % 512 == 0) ? d + 16 : d;
 }
 
 using Bf16 = c10::BFloat16;
@@ -325,13 +324,8 @@ bool packs_side_by_side(const Dims& dims) {
 // within 0.09x; one thread unchanged. Not measured on AMX, which keeps the fp32 kernels' bound.
 constexpr int64_t kDotForwardThreadFmas = int64_t(1) << 22;
 
-bool bf16_on_amx() {
-  static const bool amx = brgemm_unit(at::kBFloat16) == "amx";
-  return amx;
-}
-
 int64_t forward_rows_per_thread(const Dims& dims) {
-  if (bf16_on_amx() || dims.d * dims.r == 0) return kMinForwardRowsPerThread;
+  if (bf16_on_amx_tiles() || dims.d * dims.r == 0) return kMinForwardRowsPerThread;
   return std::clamp<int64_t>(kDotForwardThreadFmas / (dims.d * dims.r), kMinForwardRowsPerThread / 4,
                              kMinForwardRowsPerThread);
 }
@@ -440,7 +434,7 @@ void forward_impl(const ForwardOperands& op, BrgemmLayout layout, at::Tensor& y,
 // 1.30x -> 0.64x), so those stay on one thread. AMX, with products several times cheaper, is left
 // as it was (not measured there).
 bool backward_by_column_ranges(const Dims& dims) {
-  return !bf16_on_amx() && dims.n <= kBlockRows && dims.r * dims.d >= kSideBySideWeightElements &&
+  return !bf16_on_amx_tiles() && dims.n <= kBlockRows && dims.r * dims.d >= kSideBySideWeightElements &&
          at::get_num_threads() > 1 && !at::in_parallel_region();
 }
 

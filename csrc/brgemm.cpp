@@ -81,6 +81,11 @@ std::string brgemm_unit(at::ScalarType dtype) {
   return dtype != at::kFloat && at::native::cpublas::could_pack(dtype) ? "amx" : "avx512";
 }
 
+bool bf16_on_amx_tiles() {
+  static const bool amx = brgemm_unit(at::kBFloat16) == "amx";
+  return amx;
+}
+
 // float16 on AMX-BF16 without AMX-FP16 (Intel Xeon, Sapphire Rapids class, with AVX512-FP16; a
 // 2-core VM, load average 0.3-1.7), commit a1691af, 2026-12-03: `python -m benchmarks.cpu_paths
 // --dtype fp16 --paths eager,default,brgemm-off,fp16-native --repeats 4 --shapes 8192,768,16
@@ -132,7 +137,7 @@ Fp16Route fp16_route(bool backward, int64_t n, int64_t r) {
                                : env_is("ADAPTERFAST_CPU_FP16", "bf16x3-fwd") ? Forced::bf16x3_fwd
                                                                               : Forced::none;
   static const bool bf16 = brgemm_layout(at::kBFloat16) != BrgemmLayout::none;
-  static const bool bf16_amx = bf16 && brgemm_unit(at::kBFloat16) == "amx";
+  static const bool bf16_amx = bf16 && bf16_on_amx_tiles();
   static const bool f16 = brgemm_layout(at::kHalf) != BrgemmLayout::none;
   if (f16 && (forced == Forced::native || brgemm_unit(at::kHalf) == "amx")) return Fp16Route::native;
   if (bf16 && (forced == Forced::bf16x3 || (forced == Forced::bf16x3_fwd && !backward))) return Fp16Route::bf16x3;

@@ -42,6 +42,10 @@ BrgemmLayout brgemm_layout(at::ScalarType dtype);
 // "amx" when oneDNN packs this dtype for AMX tiles, else "avx512" (for the report in kernel_isa).
 std::string brgemm_unit(at::ScalarType dtype);
 
+// Whether bf16 brgemm runs on AMX tiles here (brgemm_unit of bf16, once per process): the drivers'
+// block sizes, threads and B padding differ between AMX and AVX512-BF16 dot products.
+bool bf16_on_amx_tiles();
+
 // How one pass of the single-adapter op runs its float16 products: on the fp32 block kernels with
 // float16 converted on load and store (fp32_kernels), on oneDNN's float16 brgemm kernel (native),
 // or as three bfloat16 products (bf16x3, bf16_split.h). By default: native where that kernel runs
