@@ -93,10 +93,9 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
 // of 33 to 127 rows keeps two threads busy (two reduction groups, or backward_by_columns' two bias
 // sums): of half kBlockRows up to kBlockRows rows, above it half the rows each (rounded up), where
 // blocks of half kBlockRows gave 65 rows a third block of one row and 96 rows a third of 32, both
-// left to one thread. From 2 kBlockRows rows, of the block sizes from kBlockRows down to
-// kMinBalancedBlockRows in steps of 8, the one whose largest reduction group holds the fewest rows
-// (the largest size among equals): kBlockRows gave 192 rows three blocks in two groups, one of 64
-// rows and one of 128, where blocks of 48 make two groups of 96. A function of the shape only.
+// left to one thread. From 2 kBlockRows rows, balanced_block_rows (adapter_operands.h):
+// kBlockRows gave 192 rows three blocks in two groups, one of 64 rows and one of 128, where
+// blocks of 48 make two groups of 96. A function of the shape only.
 // Each block adds a pass over the [r, d] weight-gradient sums, so one thread pays for the smaller
 // blocks: training, eager adapter over adapterfast, two threads / one, blocks of kBlockRows ->
 // balanced (the Xeon, `python -m benchmarks.overhead --r 64 --n 192 320 448`, the two builds
@@ -104,38 +103,22 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
 // 0.96x-0.97x -> 1.07x / 0.94x, N = 320 0.95x-0.98x / 0.98x -> 0.99x / 0.98x-0.99x; d = 1024:
 // N = 192 1.01x-1.03x -> 1.13x-1.14x, 320 1.10x-1.11x -> 1.15x, 448 1.15x-1.17x -> 1.23x-1.24x on
 // two threads, one unchanged; float16, d = 4096, N = 192: 0.78x -> 0.88x / 0.84x-0.85x -> 0.83x.
-// A floor of 40 rows (320 rows in 8 blocks of 40, not 6 of 56) made one thread at N = 320,
-// d = 4096 0.99x-1.01x -> 0.92x-0.94x. The brgemm driver keeps blocks of kBlockRows: the same
-// balancing there (its runs of kSumRows rows cut short) measured within the runs' spread for bf16
-// on two threads (d = 4096 and 1024, N = 192 and 448, three runs each), and two blocks of half the
-// rows from 33 to 127 rows, as here, made its bf16 training step slower on one thread (d = 4096,
-// r = 64, N = 40 / 64: 803-843 / 967-1070 us -> 1060-1170 / 1160-1190 us; d = 1024, N = 40:
-// 230-242 -> 289 us) and gained nothing beyond the spread on two (N = 65: 923-953 -> 906-950 us).
-// On AVX512-BF16 dot products (the AMD EPYC, d = 4096, r = 64, in one process alternately) they
-// gained up to 0.11x of the eager adapter's time on two threads, none at 64 rows, and cost up to
-// 0.04x on one (benchmarks/results/overhead_298c1db_amd.txt): the two [r, d] fp32 partials they
-// add cost about what the second thread saves.
-constexpr int64_t kMinBalancedBlockRows = 48;
-
+// The brgemm driver balances its blocks from 2 kBlockRows rows the same way on AVX512-BF16 dot
+// products, and keeps kBlockRows on AMX tiles (brgemm_backward_block_rows). Two blocks of half the
+// rows from 33 to 127 rows, as here, made its bf16 training step slower on one thread on the
+// Xeon (d = 4096, r = 64, N = 40 / 64: 803-843 / 967-1070 us -> 1060-1170 / 1160-1190 us;
+// d = 1024, N = 40: 230-242 -> 289 us) and gained nothing beyond the spread on two (N = 65:
+// 923-953 -> 906-950 us). On AVX512-BF16 dot products (the AMD EPYC, d = 4096, r = 64, in one
+// process alternately) they gained up to 0.11x of the eager adapter's time on two threads, none
+// at 64 rows, and cost up to 0.04x on one (benchmarks/results/overhead_298c1db_amd.txt): the two
+// [r, d] fp32 partials they add cost about what the second thread saves. Measured again there
+// as kBlockRows blocks' time over half blocks' time, in one process alternately (least and median
+// round; benchmarks/results/overhead_balanced_amd.txt): two threads 0.96x-1.04x at 80-127 rows,
+// 1.22x-1.43x only at 66, one thread 0.92x-1.06x.
 int64_t backward_block_rows(const Dims& dims) {
   const int64_t n = dims.n;
   if (n < 2 * kBlockRows) return n > kBlockRows ? (n + 1) / 2 : kBlockRows / 2;
-  int64_t best = kBlockRows;
-  int64_t best_load = n + 1;
-  for (int64_t rows = kBlockRows; rows >= kMinBalancedBlockRows; rows -= 8) {
-    const int64_t blocks = (n + rows - 1) / rows;
-    const int64_t groups = reduction_groups(dims, blocks, Partials<float>::size(dims));
-    int64_t load = 0;
-    for (int64_t group = 0; group < groups; ++group) {
-      const int64_t first = group * blocks / groups, end = (group + 1) * blocks / groups;
-      load = std::max(load, std::min(n, end * rows) - first * rows);
-    }
-    if (load < best_load) {
-      best = rows;
-      best_load = load;
-    }
-  }
-  return best;
+  return balanced_block_rows(dims);
 }
 
 // sums[k] = rows[0][k] + rows[1][k] + ... in row order, in acc_t: a block's column sums of g where
@@ -620,8 +603,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     using T = decltype(t);
     using acc_t = decltype(a);
     const int64_t size = Partials<acc_t>::size(dims);
-    // The brgemm driver walks blocks of kBlockRows; the block kernels backward_block_rows.
-    const int64_t rows = layout != BrgemmLayout::none ? kBlockRows : backward_block_rows(dims);
+    const int64_t rows = layout != BrgemmLayout::none ? brgemm_backward_block_rows(dims) : backward_block_rows(dims);
     const int64_t blocks = (dims.n + rows - 1) / rows;
     // A call that takes_backward_by_columns on the block kernels: backward_by_columns, with
     // the bias sums of each block kept apart as those of a group.

@@ -1,5 +1,6 @@
 // The 16-bit drivers (see adapter_brgemm.h). Per block of kBlockRows rows (fewer in a forward with
-// few blocks per thread: forward_block_rows):
+// few blocks per thread, forward_block_rows, and in a backward balanced over its reduction groups,
+// brgemm_backward_block_rows):
 //   forward:  h = x Wd^T (brgemm, K = d) + bd;  a = act(h) in T;  then per chunk of output
 //             columns u = a Wu^T (brgemm, K = r) and y = res + s * keep * (u + bu) (finish_rows).
 //   backward: gz = g (no dropout; the factor s is folded into dh and applied to dw_up once at the
@@ -464,7 +465,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
   const float factor = static_cast<float>(dropout ? op.scale / (1.0 - op.dropout_p) : op.scale);
   const float fold = dropout ? 1.0f : factor;
   const int64_t ld_keep = keep_row_bytes(d);
-  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  const int64_t rows = brgemm_backward_block_rows(op.dims);
+  const int64_t blocks = (n + rows - 1) / rows;
   const BlockKernels<float>& kernels = block_kernels<float>();
 
   const OutputEpilogue<float> epilogue = dx_epilogue<float>(op.grad_y, ld_g, dx);
@@ -509,8 +511,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
       int64_t run = 0;  // rows (even) collected for the weight gradients
       bool first_run = true;
       for (int64_t block = first_block; block < last_block; ++block) {
-        const int64_t row0 = block * kBlockRows;
-        const int64_t m = std::min(kBlockRows, n - row0);
+        const int64_t row0 = block * rows;
+        const int64_t m = std::min(rows, n - row0);
         const int64_t mp = even(m);
         const T* gb = g_data + row0 * ld_g;
 
@@ -586,7 +588,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
         e.out = dx_data + row0 * d;
         int64_t ld_x = 0;
         const T* xb = a_rows(x_data, x_row_stride, x_col_stride, d, row0, m, x_scratch.data(), ld_x);
-        const int64_t next_m = block + 1 < last_block ? std::min(kBlockRows, n - row0 - m) : 0;
+        const int64_t next_m = block + 1 < last_block ? std::min(rows, n - row0 - m) : 0;
         auto prefetch_next = [&](int64_t c, int64_t chunks) {
           prefetch_rows(g_data, ld_g, row0 + m, next_m, d, c, chunks);
           if (x_col_stride == 1) prefetch_rows(x_data, x_row_stride, row0 + m, next_m, d, c, chunks);
@@ -636,7 +638,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
           rows_as_b<U>(layout, m, d, xb, ld_x, x_b.data() + run * ldb, nullptr, ldb);
         }
         run += mp;
-        if (run == kSumRows || block + 1 == last_block) {
+        if (block + 1 == last_block || run + even(next_m) > kSumRows) {
           if constexpr (split) {
             constexpr int64_t ld = 3 * kSumRows;
             U* const a3 = t_split.data();
@@ -683,6 +685,21 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
     }
   }
   forward_impl<T, T>(op, layout, y, h);
+}
+
+// On AMX tiles kBlockRows rows per block: there the balanced blocks of the block kernels
+// (backward_block_rows) measured within the runs' spread for bf16 on two threads (the Xeon,
+// d = 4096 and 1024, N = 192 and 448, three runs each). On AVX512-BF16 dot products, several times
+// slower per product, the thread with the larger reduction group sets the time, so from
+// 2 kBlockRows rows the blocks are balanced_block_rows. bf16 training, blocks of kBlockRows time
+// over balanced blocks' time, least / median round, in one process alternately (the AMD EPYC,
+// benchmarks/results/overhead_balanced_amd.txt): two threads, d = 4096, r = 64: N = 192
+// 1.19x / 1.13x, N = 320 1.07x / 1.08x, N = 448 1.14x / 1.04x, N = 576 1.12x / 1.08x; d = 1024,
+// r = 64: N = 192 1.15x / 1.13x, 320 1.11x / 1.14x, 448 1.05x / 1.07x; d = 4096, r = 16: N = 192
+// 1.11x / 1.21x, 320 1.08x / 1.05x, 448 1.06x / 1.01x; one thread 0.95x-1.03x; N = 256 (blocks
+// unchanged) 0.99x-1.01x.
+int64_t brgemm_backward_block_rows(const Dims& dims) {
+  return !bf16_on_amx_tiles() && dims.n >= 2 * kBlockRows ? balanced_block_rows(dims) : kBlockRows;
 }
 
 template <typename T>

@@ -95,6 +95,10 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
 // Output columns per brgemm call: a [64, 256] fp32 product (64 KiB) stays in L2 for its epilogue.
 constexpr int64_t kOutCols = 256;
 
+// Rows per block of backward_blocks_brgemm, which the caller needs for its reduction groups:
+// kBlockRows, or balanced_block_rows where brgemm runs on AVX512-BF16 dot products.
+int64_t brgemm_backward_block_rows(const Dims& dims);
+
 // backward_blocks of adapter_backward.cpp on brgemm, one row group per row of `partials`. With
 // dropout it sums dw_up = gz^T a; without, g^T a, which the caller multiplies by the scale. The
 // two [r, d] sums of each row (dw_up^T, then dw_down, as Partials lays them out) are left blocked

@@ -163,6 +163,29 @@ def test_one_block_bf16_backward_by_column_ranges(n, d, p, residual):
     assert_same_on_one_and_two_threads(run)
 
 
+@pytest.mark.parametrize("n, d, p", [(192, 1024, 0.0), (197, 1024, 0.2), (320, 2048, 0.0), (449, 1030, 0.1)])
+def test_bf16_backward_blocks_balanced_over_reduction_groups(n, d, p):
+    """From 128 rows, a bf16 backward where brgemm runs on AVX512-BF16 dot products takes the block
+    size (64 down to 48 rows) whose larger reduction group holds the fewest rows
+    (brgemm_backward_block_rows, csrc/adapter_brgemm.cpp): 192 rows in four blocks of 48, 320 in
+    six of 56, whose weight-gradient runs end short of 128 rows; with odd row counts and d not a
+    multiple of 256. The results match the float64 reference within twice eager's error and are
+    bitwise those of one thread. On AMX the blocks stay at 64 rows, and this checks that path."""
+    torch.manual_seed(n + d)
+    r = 64
+    x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
+    x, wd, wu, bd, bu = (t.to(torch.bfloat16) for t in (x, wd, wu, bd, bu))
+    ours, theirs = errors(x, wd, wu, bd, bu, None, activation="gelu", scale=0.7, p=p, seed=5)
+    assert_close(ours, theirs)
+    g = torch.randn(n, d).to(torch.bfloat16)
+
+    def run():
+        y, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.7, p, 5, None)
+        return (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, "gelu", 0.7, p, 5, True))
+
+    assert_same_on_one_and_two_threads(run)
+
+
 @pytest.mark.parametrize("weights", ["x", "fp32"])
 @pytest.mark.parametrize("n, d, r, p", [(1, 700, 64, 0.0), (40, 700, 64, 0.2), (100, 450, 64, 0.0), (64, 200, 24, 0.1)])
 def test_fp16_column_route_writes_gradients_by_panel(n, d, r, p, weights):
