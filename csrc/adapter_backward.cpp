@@ -29,6 +29,7 @@
 #include "adapter_operands.h"
 #include "adapter_brgemm.h"
 #include "dx_epilogue.h"
+#include "gradient_writes.h"
 #include "parallel_tasks.h"
 #include "philox.h"
 #include "scratch.h"
@@ -162,110 +163,6 @@ void add_up_share(const BlockKernels<acc_t>& kernels, const Dims& dims, int64_t 
   }
   if constexpr (kFold) add_scaled_sums(block_sums + k0, factor, kc, db_up + k0);
 }
-
-// Weight- or bias-gradient sums as the drivers leave them: consecutive chunks of `chunk` columns,
-// each a dense [rows, nc] matrix (nc = min(chunk, cols - c0) for the chunk from column c0). The
-// brgemm driver's are column-blocked (kOutCols); the block kernels' row-major (chunk = cols).
-template <typename acc_t>
-struct SumChunks {
-  const acc_t* data;
-  int64_t rows, cols, chunk;
-
-  static SumChunks row_major(const acc_t* data, int64_t rows, int64_t cols) { return {data, rows, cols, cols}; }
-
-  // fn(src, c0, nc) for each chunk, src its [rows, nc] sums.
-  template <typename Fn>
-  void each(Fn&& fn) const {
-    for (int64_t c0 = 0; c0 < cols; c0 += chunk) fn(data + rows * c0, c0, std::min(chunk, cols - c0));
-  }
-};
-
-// Columns of fp32 sums transposed at a time on their way to a 16-bit gradient: a 32 KiB panel,
-// transposed in L1 and rounded from there.
-constexpr int64_t kNarrowPanelFloats = 8192;
-
-// The [rows, cols] sums (transposed with `transpose`), each multiplied by `factor` in the sums'
-// type first, written in out's dtype into out from its column col0 (with `transpose`, from its row
-// col0): the whole of a gradient (gradient) or a panel of one (backward_by_columns). One pass over
-// the sums: no row-major or transposed fp32 copy first (the column-blocked sums' copy into row
-// order, the [d, r] transposition and the rounding were three passes over 256 KiB each, together
-// ~17% of the bf16 training step at N = 1, d = 1024, r = 64 under perf on the Xeon).
-template <typename acc_t>
-void write_gradient(const SumChunks<acc_t>& sums, bool transpose, acc_t factor, at::Tensor& out, int64_t col0) {
-  const int64_t rows = sums.rows;
-  const int64_t ld = out.size(1);
-  const at::ScalarType dtype = out.scalar_type();
-  const int64_t offset = transpose ? col0 * ld : col0;
-  if (transpose && dtype == c10::CppTypeToScalarType<acc_t>::value && factor == acc_t(1)) {
-    acc_t* dst = out.data_ptr<acc_t>() + offset;
-    sums.each([&](const acc_t* src, int64_t c0, int64_t nc) {
-      block_kernels<acc_t>().transpose(rows, nc, src, nc, dst + c0 * rows);
-    });
-    return;
-  }
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (dtype == at::kHalf || dtype == at::kBFloat16) {  // rounded 8 at a time (narrow_row)
-      const auto narrow = [&](auto* dst) {
-        if (!transpose) {
-          sums.each([&](const float* src, int64_t c0, int64_t nc) {
-            for (int64_t i = 0; i < rows; ++i) narrow_row(src + i * nc, factor, dst + i * ld + c0, nc);
-          });
-          return;
-        }
-        const int64_t panel = std::max<int64_t>(16, kNarrowPanelFloats / std::max<int64_t>(rows, 1));
-        Scratch<float> t(panel * rows);
-        sums.each([&](const float* src, int64_t c0, int64_t nc) {
-          for (int64_t p0 = 0; p0 < nc; p0 += panel) {
-            const int64_t pc = std::min(panel, nc - p0);
-            block_kernels<float>().transpose(rows, pc, src + p0, nc, t.data());
-            for (int64_t k = 0; k < pc; ++k) narrow_row(t.data() + k * rows, factor, dst + (c0 + p0 + k) * rows, rows);
-          }
-        });
-      };
-      if (dtype == at::kHalf) {
-        narrow(out.data_ptr<c10::Half>() + offset);
-      } else {
-        narrow(out.data_ptr<c10::BFloat16>() + offset);
-      }
-      return;
-    }
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "adapterfast_cpu_gradient", [&] {
-    scalar_t* dst = out.data_ptr<scalar_t>() + offset;
-    const auto convert = [factor](acc_t v) { return static_cast<scalar_t>(v * factor); };
-    sums.each([&](const acc_t* src, int64_t c0, int64_t nc) {
-      if (transpose) {
-        copy_matrix(src, nc, 1, rows, nc, true, dst + c0 * rows, convert);
-      } else {
-        for (int64_t i = 0; i < rows; ++i) copy_matrix(src + i * nc, nc, 1, 1, nc, false, dst + i * ld + c0, convert);
-      }
-    });
-  });
-}
-
-// A weight or bias gradient in dtype from the [rows, cols] sums (write_gradient).
-template <typename acc_t>
-at::Tensor gradient(const SumChunks<acc_t>& sums, bool transpose, acc_t factor, at::ScalarType dtype,
-                    const at::TensorOptions& options) {
-  const std::array<int64_t, 2> sizes =
-      transpose ? std::array<int64_t, 2>{sums.cols, sums.rows} : std::array<int64_t, 2>{sums.rows, sums.cols};
-  at::Tensor out = at::empty(sizes, options.dtype(dtype));
-  write_gradient(sums, transpose, factor, out, 0);
-  return out;
-}
-
-// The two weight gradients backward_by_columns writes panel by panel (panel_gradients), in the
-// weights' dtypes: dw_down [r, d] and dw_up [d, r], each panel from its [r, nc] sums (dw_up's as
-// dw_up^T).
-struct WeightGradients {
-  at::Tensor dw_down, dw_up;
-
-  void write(const float* up, const float* down, int64_t c0, int64_t nc) {
-    const int64_t r = dw_down.size(0);
-    write_gradient(SumChunks<float>::row_major(down, r, nc), false, 1.0f, dw_down, c0);
-    write_gradient(SumChunks<float>::row_major(up, r, nc), true, 1.0f, dw_up, c0);
-  }
-};
 
 // kFold: there is no dropout, so gz = s g with s folded into the [rows, r] operands, and g itself
 // serves as gz, read as stored by the kernels (16-bit values widened as their tiles load them).
@@ -628,13 +525,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     };
     if (layout != BrgemmLayout::none) {
       if constexpr (std::is_same_v<acc_t, float>) {
-        partials = empty_output({groups, size}, options.dtype(acc));
-        backward_blocks_brgemm<T>(op, layout, dx, partials, bias_partials);
         // The brgemm driver sums g^T a: the factor s of gz = s g is applied once, at the end.
         if (dropout_p == 0.0) dw_up_factor = static_cast<acc_t>(scale);
-        up_sums = sum_partials<acc_t>(partials);
-        down_sums = up_sums + rd;
-        sums_chunk = kOutCols;
+        if (brgemm_backward_writes_gradients(dims, dtype)) {
+          WeightGradients gradients{at::empty({dims.r, dims.d}, options.dtype(w_down.scalar_type())),
+                                    at::empty({dims.d, dims.r}, options.dtype(w_up.scalar_type())), dw_up_factor};
+          partials = at::empty({groups, 0}, options.dtype(acc));
+          backward_blocks_brgemm<T>(op, layout, dx, partials, bias_partials, &gradients);
+          dw_down = gradients.dw_down;
+          dw_up = gradients.dw_up;
+        } else {
+          partials = empty_output({groups, size}, options.dtype(acc));
+          backward_blocks_brgemm<T>(op, layout, dx, partials, bias_partials, nullptr);
+          up_sums = sum_partials<acc_t>(partials);
+          down_sums = up_sums + rd;
+          sums_chunk = kOutCols;
+        }
       }
     } else if (panel_gradients) {
       if constexpr (!kUpByRows<T, acc_t>) {

@@ -176,6 +176,26 @@ void accumulate_split_by_columns(BrgemmLayout layout, int64_t M, int64_t K, int6
   }
 }
 
+// The weight gradients of a backward of one run, columns [n_lo, n_hi): per chunk of kOutCols
+// columns dw_up^T = a^T gz, then dw_down = dh^T x (brgemm, K = the run's rows; A operands [r, K]
+// with leading dimension lda, B the run's repacked gz and x rows) into `scratch` (r kOutCols
+// floats), each written from there into its gradient (WeightGradients) while it is in L2: the
+// same products as accumulate_by_columns into a partials row, without the [r, d] fp32 sums' trips
+// through memory and the caller's second pass over them.
+template <typename U>
+void write_gradients_by_chunks(BrgemmLayout layout, int64_t r, int64_t K, int64_t n_lo, int64_t n_hi, const U* a_t,
+                               const U* dh_t, int64_t lda, const U* gz_b, const U* x_b, int64_t ldb, float* scratch,
+                               WeightGradients& gradients) {
+  for (int64_t n0 = n_lo; n0 < n_hi; n0 += kOutCols) {
+    const int64_t nc = std::min(kOutCols, n_hi - n0);
+    const int64_t col = b_column(layout, n0);
+    brgemm(r, nc, K, lda, ldb, nc, false, a_t, gz_b + col, scratch, kVnni<U>);
+    gradients.write_up(scratch, n0, nc);
+    brgemm(r, nc, K, lda, ldb, nc, false, dh_t, x_b + col, scratch, kVnni<U>);
+    gradients.write_down(scratch, n0, nc);
+  }
+}
+
 // The weight src (K x N, as for pack_b) as a B operand of U with leading dimension ldb: for the
 // split, [hi; lo; hi] of pack_b_split (whose ldb is always N).
 template <typename T, typename U>
@@ -441,7 +461,7 @@ bool backward_by_column_ranges(const Dims& dims) {
 
 template <typename T, typename U>
 void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx, at::Tensor& partials,
-                   at::Tensor& bias_partials) {
+                   at::Tensor& bias_partials, WeightGradients* gradients) {
   constexpr bool split = kSplit<T, U>;
   // The split writes its B operands in the VNNI layout (split_rows_vnni), bf16's on every ISA.
   TORCH_CHECK(!split || layout == BrgemmLayout::vnni, "adapterfast: the float16 split needs bf16's VNNI layout");
@@ -471,6 +491,9 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
 
   const OutputEpilogue<float> epilogue = dx_epilogue<float>(op.grad_y, ld_g, dx);
   const bool column_ranges = !split && backward_by_column_ranges(op.dims);
+  // The one-run route of brgemm_backward_writes_gradients: no partials row.
+  const bool direct = gradients != nullptr;
+  TORCH_CHECK(!direct || (!split && blocks == 1), "adapterfast: gradients written by chunks need one block, not split");
 
   const auto body = [&](TaskQueue& tasks) {
     const int64_t dp = even(d);
@@ -498,14 +521,15 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
     std::vector<float> dh_sums(r);
     std::vector<float> col_sums(d);
     Scratch<float> chunk(kBlockRows * kOutCols);
+    Scratch<float> gradient_chunk(direct && !column_ranges ? r * kOutCols : 0);
     Scratch<uint8_t> keep(dropout ? kBlockRows * ld_keep : 0);
     OutputEpilogue<float> e = epilogue;
     for (int64_t group = tasks.next(); group >= 0; group = tasks.next()) {
-      float* row = partials.data_ptr<float>() + group * partials.size(1);
+      float* row = direct ? nullptr : partials.data_ptr<float>() + group * partials.size(1);
       double* bias_row = bias_partials.data_ptr<double>() + group * bias_partials.size(1);
       std::fill(bias_row, bias_row + bias_partials.size(1), 0.0);
       const Partials<float> sums(row, bias_row, op.dims);
-      const auto [dw_up_sums, dw_down_sums] = blocked_sums(row, r, d);
+      const auto [dw_up_sums, dw_down_sums] = direct ? std::array<ColumnBlocked<float>, 2>{} : blocked_sums(row, r, d);
       const int64_t first_block = group * blocks / groups;
       const int64_t last_block = (group + 1) * blocks / groups;
       int64_t run = 0;  // rows (even) collected for the weight gradients
@@ -607,7 +631,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
             const int64_t n_lo = c0 * kOutCols;
             const int64_t w = std::min(d, c1 * kOutCols) - n_lo;
             const int64_t col = b_column(layout, n_lo);
-            Scratch<float> range_chunk(kBlockRows * kOutCols);
+            // The dx chunks', then the weight-gradient chunks' products (write_gradients_by_chunks).
+            Scratch<float> range_chunk(std::max(kBlockRows, direct ? r : 0) * kOutCols);
             const OutputEpilogue<float> e_range = e.from_column(n_lo);
             product_by_columns<U>(layout, m, rp, w, dh.data(), rp, w_down_b.data() + col, ldb, nullptr, 0, false,
                                   range_chunk.data(), &e_range, [](int64_t, int64_t) {});
@@ -618,10 +643,15 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
               for (int64_t k = n_lo; k < n_lo + w; ++k) sums.db_up[k] += static_cast<double>(col_sums[k] * factor);
             }
             rows_as_b<U>(layout, m, w, xb + n_lo, ld_x, x_b.data() + col, nullptr, ldb);
-            accumulate_by_columns<U>(layout, r, mp, w, a_t.data(), kSumRows, gz_b.data() + col, ldb,
-                                     ColumnBlocked<float>{r, w, dw_up_sums.data + r * n_lo}, false);
-            accumulate_by_columns<U>(layout, r, mp, w, dh_t.data(), kSumRows, x_b.data() + col, ldb,
-                                     ColumnBlocked<float>{r, w, dw_down_sums.data + r * n_lo}, false);
+            if (direct) {
+              write_gradients_by_chunks<U>(layout, r, mp, n_lo, n_lo + w, a_t.data(), dh_t.data(), kSumRows,
+                                           gz_b.data(), x_b.data(), ldb, range_chunk.data(), *gradients);
+            } else {
+              accumulate_by_columns<U>(layout, r, mp, w, a_t.data(), kSumRows, gz_b.data() + col, ldb,
+                                       ColumnBlocked<float>{r, w, dw_up_sums.data + r * n_lo}, false);
+              accumulate_by_columns<U>(layout, r, mp, w, dh_t.data(), kSumRows, x_b.data() + col, ldb,
+                                       ColumnBlocked<float>{r, w, dw_down_sums.data + r * n_lo}, false);
+            }
             brgemm_release(kVnni<U>);
           });
           first_run = false;
@@ -654,6 +684,9 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
               accumulate_split_by_columns(layout, r, run, d, dh3, dh3 + 2 * kSumRows, ld, x_b.data(),
                                           x_b.data() + segment, dw_down_sums, !first_run);
             }
+          } else if (direct) {
+            write_gradients_by_chunks<U>(layout, r, run, 0, d, a_t.data(), dh_t.data(), kSumRows, gz_b.data(),
+                                         x_b.data(), ldb, gradient_chunk.data(), *gradients);
           } else {
             accumulate_by_columns<U>(layout, r, run, d, a_t.data(), kSumRows, gz_b.data(), ldb, dw_up_sums,
                                      !first_run);
@@ -664,7 +697,7 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
           first_run = false;
         }
       }
-      if (first_run) std::fill(row, row + partials.size(1), 0.0f);
+      if (first_run && !direct) std::fill(row, row + partials.size(1), 0.0f);
     }
     brgemm_release(kVnni<U>);
   };
@@ -702,22 +735,38 @@ int64_t brgemm_backward_block_rows(const Dims& dims) {
   return !bf16_on_amx_tiles() && dims.n >= 2 * kBlockRows ? balanced_block_rows(dims) : kBlockRows;
 }
 
+// bf16 training, the module step's time with the partials row and the caller's pass over it over
+// its time with the gradients written by chunks, least / median round, in one process alternately
+// (the AMD EPYC, freed memory kept as benchmarks.overhead keeps it;
+// benchmarks/results/overhead_balanced_amd.txt): d = 4096, r = 64, two threads: N = 8 1.11x / 1.11x,
+// N = 16 1.05x / 1.07x, N = 32 1.04x / 1.05x, N = 64 1.04x / 1.03x; one thread 1.00x-1.04x /
+// 0.99x-1.03x; d = 1024, r = 64 and d = 768, r = 16 0.94x-1.02x (their [r, d] sums stay in L2
+// either way). Under glibc's defaults the page faults of the call's fresh outputs
+// (about 240 a call at N = 64, d = 4096, in both) move one-thread times by up to 0.5x between rounds.
+bool brgemm_backward_writes_gradients(const Dims& dims, at::ScalarType dtype) {
+  const bool split = dtype == at::kHalf && fp16_route(true, dims.n, dims.r) == Fp16Route::bf16x3;
+  return dims.n > 0 && dims.n <= brgemm_backward_block_rows(dims) && !split;
+}
+
 template <typename T>
 void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx,
-                            at::Tensor& partials, at::Tensor& bias_partials) {
+                            at::Tensor& partials, at::Tensor& bias_partials, WeightGradients* gradients) {
   if constexpr (std::is_same_v<T, c10::Half>) {
     if (fp16_route(true, op.dims.n, op.dims.r) == Fp16Route::bf16x3) {
-      return backward_impl<T, c10::BFloat16>(op, layout, dx, partials, bias_partials);
+      return backward_impl<T, c10::BFloat16>(op, layout, dx, partials, bias_partials, gradients);
     }
   }
-  backward_impl<T, T>(op, layout, dx, partials, bias_partials);
+  backward_impl<T, T>(op, layout, dx, partials, bias_partials, gradients);
 }
 
 template void forward_blocks_brgemm<c10::BFloat16>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);
 template void forward_blocks_brgemm<c10::Half>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);
-template void backward_blocks_brgemm<c10::BFloat16>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&, at::Tensor&);
-template void backward_blocks_brgemm<c10::Half>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&, at::Tensor&);
+template void backward_blocks_brgemm<c10::BFloat16>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&,
+                                                    at::Tensor&, WeightGradients*);
+template void backward_blocks_brgemm<c10::Half>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&,
+                                                at::Tensor&, WeightGradients*);
 template void forward_blocks_brgemm<float>(const ForwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&);
-template void backward_blocks_brgemm<float>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&, at::Tensor&);
+template void backward_blocks_brgemm<float>(const BackwardOperands&, BrgemmLayout, at::Tensor&, at::Tensor&,
+                                            at::Tensor&, WeightGradients*);
 
 }  // namespace adapterfast::cpu

@@ -7,6 +7,7 @@
 
 #include "adapter_operands.h"
 #include "brgemm.h"
+#include "gradient_writes.h"
 
 namespace adapterfast::cpu {
 
@@ -95,6 +96,11 @@ void forward_blocks_brgemm(const ForwardOperands& op, BrgemmLayout layout, at::T
 // Output columns per brgemm call: a [64, 256] fp32 product (64 KiB) stays in L2 for its epilogue.
 constexpr int64_t kOutCols = 256;
 
+// Whether backward_blocks_brgemm writes the weight gradients itself: a backward of one block (one
+// reduction group, one weight-gradient run), except for float16 split into bf16 (fp16_route),
+// whose products take three calls per chunk.
+bool brgemm_backward_writes_gradients(const Dims& dims, at::ScalarType dtype);
+
 // Rows per block of backward_blocks_brgemm, which the caller needs for its reduction groups:
 // kBlockRows, or balanced_block_rows where brgemm runs on AVX512-BF16 dot products.
 int64_t brgemm_backward_block_rows(const Dims& dims);
@@ -104,8 +110,11 @@ int64_t brgemm_backward_block_rows(const Dims& dims);
 // two [r, d] sums of each row (dw_up^T, then dw_down, as Partials lays them out) are left blocked
 // by column chunk, the layout brgemm accumulates them in: chunks of kOutCols columns, each a dense
 // [r, nc] matrix, which the caller sums over the groups and writes the gradients from.
+// Where brgemm_backward_writes_gradients, the caller passes the gradients instead, and it writes
+// them itself, chunk by chunk from its products while they are in L2; `partials` is then not read
+// or written (it may be empty).
 template <typename T>
 void backward_blocks_brgemm(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& dx,
-                            at::Tensor& partials, at::Tensor& bias_partials);
+                            at::Tensor& partials, at::Tensor& bias_partials, WeightGradients* gradients);
 
 }  // namespace adapterfast::cpu

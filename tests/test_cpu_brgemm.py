@@ -138,17 +138,19 @@ def test_weights_packed_side_by_side_give_the_one_thread_results(dtype, n, d):
 
 
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("n, d, p", [(64, 4100, 0.0), (17, 4100, 0.3), (63, 4096, 0.2), (9, 4096, 0.0)])
-def test_one_block_bf16_backward_by_column_ranges(n, d, p, residual):
+@pytest.mark.parametrize("n, d, r, p", [(64, 4100, 64, 0.0), (17, 4100, 64, 0.3), (63, 4096, 64, 0.2),
+                                        (9, 4096, 64, 0.0), (40, 2736, 96, 0.0)])
+def test_one_block_bf16_backward_by_column_ranges(n, d, r, p, residual):
     """A bf16 backward of one block (up to 64 rows, weights of 2^18 elements or more) where brgemm
     runs on AVX512-BF16 dot products spreads its dx and weight-gradient products over the threads
     by ranges of 256-column chunks (backward_by_column_ranges, csrc/adapter_brgemm.cpp): d = 4100
     ends in a 4-column chunk, odd row counts pad the VNNI pairs, dropout takes db_up's sums from
-    the dropout loop and without it from the repack of g. The results match the float64
-    reference within twice eager's error and are bitwise those of one thread (where the route is
-    not taken)."""
+    the dropout loop and without it from the repack of g. A backward of one block writes the
+    weight gradients chunk by chunk (brgemm_backward_writes_gradients), here with the scale
+    applied to dw_up without dropout, and at r = 96 in chunks larger than the dx product's. The
+    results match the float64 reference within twice eager's error and are bitwise those of one
+    thread (where the route is not taken)."""
     torch.manual_seed(n + d)
-    r = 64
     x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
     x, wd, wu, bd, bu = (t.to(torch.bfloat16) for t in (x, wd, wu, bd, bu))
     res = torch.randn(n, d).to(torch.bfloat16) if residual else None
