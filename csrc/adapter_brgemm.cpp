@@ -528,7 +528,8 @@ void backward_impl(const BackwardOperands& op, BrgemmLayout layout, at::Tensor& 
       float* row = direct ? nullptr : partials.data_ptr<float>() + group * partials.size(1);
       double* bias_row = bias_partials.data_ptr<double>() + group * bias_partials.size(1);
       std::fill(bias_row, bias_row + bias_partials.size(1), 0.0);
-      const Partials<float> sums(row, bias_row, op.dims);
+      const Partials<float> sums = direct ? Partials<float>(nullptr, nullptr, bias_row, op.dims)
+                                          : Partials<float>(row, bias_row, op.dims);
       const auto [dw_up_sums, dw_down_sums] = direct ? std::array<ColumnBlocked<float>, 2>{} : blocked_sums(row, r, d);
       const int64_t first_block = group * blocks / groups;
       const int64_t last_block = (group + 1) * blocks / groups;
