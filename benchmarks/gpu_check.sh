@@ -14,9 +14,14 @@
 #   kernels  per-kernel timings and fractions of the copy-bandwidth floor  (gpu_check_speed.py)
 #   ops      eager, addmm, torch.compile default/max-autotune, adapterfast; CUDA-graph replay;
 #            the grouped op vs the loop over adapters and vs one adapter
+#   host     device time (profiler) and host time per call, eager vs adapterfast, adapterfast's
+#            layers one by one, a cProfile of its training step       (gpu_check_host.py)
 #   ncu      DRAM bytes per kernel when ncu works, else a note
-#   tests    the Triton kernel tests, then the `-m gpu` tests (collection errors do not stop them)
+#   tests    the Triton kernel tests (pytest-xdist when present), then the `-m gpu` tests of the
+#            files that have them
 #   pack     summary.json, summary.md; logs/ into logs.tar.gz
+# GPU_CHECK_SKIP="correct ncu" skips the steps named (a rerun that needs only some of them);
+# GPU_CHECK_SECONDS (default 540) is the steps' deadline, counted from after the install.
 # Files out (<= 8): results.jsonl summary.json summary.md logs.tar.gz.
 set -u
 cd "$(dirname "$0")/.."
@@ -36,12 +41,29 @@ if [ "$DRY" = 1 ]; then export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; 
 
 note() { echo "$*" | tee -a "$LOGS/steps.log"; }
 
-# step NAME CAP RESERVE CMD...: runs CMD under timeout min(CAP, time left - RESERVE) with SIGINT
+skipped() { case " ${GPU_CHECK_SKIP:-} " in *" $1 "*) return 0;; esac; return 1; }
+
+# reserve NAME: the caps of the steps after NAME that will run, so a slow step cannot eat them.
+reserve() {
+    local total=0 seen=0 name
+    for name in "${ORDER[@]}"; do
+        [ "$seen" = 1 ] && ! skipped "$name" && total=$((total + CAPS[$name]))
+        [ "$name" = "$1" ] && seen=1
+    done
+    echo "$total"
+}
+
+# step NAME CMD...: runs CMD under timeout min(its cap, time left - reserve NAME) with SIGINT
 # (then KILL 15 s later); output to logs/NAME.log; a line per step in logs/steps.log.
 step() {
-    local name="$1" cap="$2" reserve="$3"
-    shift 3
-    local left=$((DEADLINE - SECONDS - reserve))
+    local name="$1"
+    shift
+    if skipped "$name"; then
+        note "$name skipped: GPU_CHECK_SKIP"
+        return 0
+    fi
+    local cap="${CAPS[$name]}"
+    local left=$((DEADLINE - SECONDS - $(reserve "$name")))
     local limit=$((cap < left ? cap : left))
     if [ "$limit" -lt 10 ]; then
         note "$name skipped: out of time (${SECONDS}s of ${DEADLINE}s used)"
@@ -69,12 +91,9 @@ if [ "$DRY" != 1 ]; then
     nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1 || note "nvidia-smi failed"
 fi
 
-# adapterfast importable without network: an editable install (no deps, no C++ build), else a
-# sitecustomize shim that maps adapterfast.kernels onto kernels/ (as setup.py's package_dir does)
-if ! "$PY" -c "import adapterfast.kernels" > /dev/null 2>&1; then
-    "$PY" -m pip install -e . --no-deps --no-build-isolation --no-index -q > "$LOGS/install.log" 2>&1 \
-        || note "editable install failed (see logs/install.log)"
-fi
+# adapterfast importable without network or an install: a sitecustomize shim that maps
+# adapterfast.kernels onto kernels/ (as setup.py's package_dir does). An editable install is not
+# tried: on the GPU machine's pip (2026-12-04) it failed after ~25 s, wanting setuptools from an index.
 if ! "$PY" -c "import adapterfast.kernels" > /dev/null 2>&1; then
     SHIM="$OUT_DIR/.shim"
     mkdir -p "$SHIM"
@@ -93,17 +112,26 @@ EOF
 fi
 "$PY" -c "import adapterfast.kernels" > /dev/null 2>> "$LOGS/install.log" || note "adapterfast.kernels NOT importable"
 
-if [ "$DRY" = 1 ]; then CAP=120; DEADLINE="${GPU_CHECK_SECONDS:-3000}"; else CAP=0; fi
-# caps (s): env 45, warm 90, correct 75, kernels 75, ops 185, ncu 25, tests 45 = the 540 s deadline;
-# each step's reserve is the caps after it, so a slow step cannot eat the later ones (dry run: 120 each)
-step env      $((CAP ? CAP : 45))  495 "$PY" -m benchmarks.gpu_check env
-step warm     $((CAP ? CAP : 90))  405 "$PY" -m benchmarks.gpu_check_speed warm
-step correct  $((CAP ? CAP : 75))  330 "$PY" -m benchmarks.gpu_check_correct
-step kernels  $((CAP ? CAP : 75))  255 "$PY" -m benchmarks.gpu_check_speed kernels
-step ops      $((CAP ? CAP : 185)) 70  "$PY" -m benchmarks.gpu_check_speed ops
+# Each step's cap in seconds: they sum to the 540 s deadline (first GPU run, 2026-12-04: env 15+,
+# warm 15, correct 45, kernels 12, ops 94, ncu 9; the kernel tests compile a variant per test).
+# The clock starts here, after the install.
+ORDER=(env warm correct kernels ops host ncu tests_kernels tests_gpu)
+declare -A CAPS=([env]=45 [warm]=45 [correct]=75 [kernels]=45 [ops]=135 [host]=60 [ncu]=25 [tests_kernels]=80
+                 [tests_gpu]=30)
+if [ "$DRY" = 1 ]; then
+    for name in "${ORDER[@]}"; do CAPS[$name]=120; done
+    DEADLINE="${GPU_CHECK_SECONDS:-3000}"
+fi
+SECONDS=0
+step env      "$PY" -m benchmarks.gpu_check env
+step warm     "$PY" -m benchmarks.gpu_check_speed warm
+step correct  "$PY" -m benchmarks.gpu_check_correct
+step kernels  "$PY" -m benchmarks.gpu_check_speed kernels
+step ops      "$PY" -m benchmarks.gpu_check_speed ops
+step host     "$PY" -m benchmarks.gpu_check_host host
 
-if [ "$DRY" != 1 ] && command -v ncu > /dev/null 2>&1; then
-    step ncu 25 45 ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
+if [ "$DRY" != 1 ] && command -v ncu > /dev/null 2>&1 && ! skipped ncu; then
+    step ncu ncu --clock-control none --kernel-name regex:adapter_ --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
         --csv --log-file "$LOGS/ncu.csv" "$PY" -m benchmarks.gpu_check_speed ncu_target
     "$PY" - <<'EOF' >> "$LOGS/steps.log" 2>&1
 import csv, os
@@ -123,11 +151,14 @@ fi
 PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --continue-on-collection-errors)
 "$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST_ARGS+=(--timeout=60)
 if [ "$DRY" = 1 ]; then KERNEL_TESTS=(-k "philox or empty_batch"); else KERNEL_TESTS=(); fi
-step tests_kernels $((CAP ? CAP : 30)) 15 "$PY" -m pytest tests/test_triton_kernels.py "${KERNEL_TESTS[@]}" \
+# Each kernel test compiles its own variant: spread them over the machine's cores when xdist is there.
+if [ "$DRY" != 1 ] && "$PY" -c "import xdist" 2> /dev/null; then KERNEL_TESTS+=(-n 8); fi
+step tests_kernels "$PY" -m pytest tests/test_triton_kernels.py "${KERNEL_TESTS[@]}" \
     "${PYTEST_ARGS[@]}" --junitxml="$LOGS/tests_kernels.xml"
-if [ "$DRY" = 1 ]; then GPU_TESTS=(tests/test_triton_kernels.py tests/test_compile_check.py); else GPU_TESTS=(tests); fi
-step tests_gpu $((CAP ? CAP : 15)) 0 "$PY" -m pytest "${GPU_TESTS[@]}" -m gpu "${PYTEST_ARGS[@]}" \
-    --junitxml="$LOGS/tests_gpu.xml"
+# Only the files that have `gpu` tests: collecting all of tests/ takes longer than the step's cap.
+if [ "$DRY" = 1 ]; then GPU_TESTS=(tests/test_triton_kernels.py tests/test_compile_check.py)
+else mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/test_*.py); fi
+step tests_gpu "$PY" -m pytest "${GPU_TESTS[@]}" -m gpu "${PYTEST_ARGS[@]}" --junitxml="$LOGS/tests_gpu.xml"
 "$PY" - <<'EOF' >> "$LOGS/steps.log" 2>&1
 import os, xml.etree.ElementTree as ET
 from benchmarks.gpu_check import record

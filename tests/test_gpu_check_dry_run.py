@@ -12,8 +12,8 @@ import tarfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("env", "warm", "correct", "kernels", "ops", "ncu", "tests")
-LOGGED = ("env", "warm", "correct", "kernels", "ops", "tests_kernels", "tests_gpu")
+STEPS = ("env", "warm", "correct", "kernels", "ops", "host", "ncu", "tests")
+LOGGED = ("env", "warm", "correct", "kernels", "ops", "host", "tests_kernels", "tests_gpu")
 
 
 @pytest.mark.slow
@@ -42,6 +42,11 @@ def test_dry_run_end_to_end(tmp_path):
     assert {r["name"] for r in records if r["step"] == "ops"} >= {
         "eager", "addmm", "compile", "compile_max_autotune", "adapterfast", "cuda_graph", "grouped", "grouped_loop",
         "grouped_single"}
+    host = [r for r in records if r["step"] == "host"]
+    assert {(r["name"], r.get("call")) for r in host} >= {
+        ("eager", "forward"), ("eager", "step"), ("adapterfast", "forward"), ("adapterfast", "step"),
+        ("adapterfast layer", "launch backward_dxdw"), ("adapterfast layer", "reduce"), ("profile", None)}
+    assert all(r["host_us"] > 0 for r in host if "host_us" in r)
     tests = {r["name"]: r for r in records if r["step"] == "tests"}
     assert int(tests["tests_kernels"]["tests"]) > 0 and tests["tests_kernels"]["failures"] == "0"
     assert "## kernels" in (out / "summary.md").read_text()
@@ -49,8 +54,26 @@ def test_dry_run_end_to_end(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
         steps_log = tar.extractfile("logs/steps.log").read().decode()
+    assert "logs/host_profile.txt" in names
     for step in LOGGED:
         assert f"logs/{step}.log" in names
         # the dry run's -m gpu selection is empty (pytest's exit 5): the step ran, nothing failed
         empty = step == "tests_gpu" and "tests_gpu rc=5 " in steps_log and "(no tests selected)" in steps_log
         assert f"{step} rc=0" in steps_log or empty, steps_log
+
+
+def test_skipped_steps_leave_only_the_summary(tmp_path):
+    """``GPU_CHECK_SKIP`` names steps not to run: a rerun of some steps costs no time on the others."""
+    out = tmp_path / "out"
+    every = "env warm correct kernels ops host ncu tests_kernels tests_gpu"
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable, GPU_CHECK_SKIP=every)
+    run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        steps_log = tar.extractfile("logs/steps.log").read().decode()
+    for step in every.split():
+        if step != "ncu":
+            assert f"{step} skipped: GPU_CHECK_SKIP" in steps_log, steps_log
+    records = json.loads((out / "summary.json").read_text())["records"]
+    assert {r["step"] for r in records} <= {"ncu", "tests"}, records
