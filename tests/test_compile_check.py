@@ -4,6 +4,11 @@ This is the check for what the interpreter cannot see: dtype rules of the compil
 shapes (K >= 16), constexpr errors, bf16 dots, register spills, shared memory over the chip's
 limit, and whether 16-bit dots reach the tensor cores.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 pytest.importorskip("triton")
@@ -142,3 +147,47 @@ def test_problems_flags_spills_shared_memory_and_errors():
     assert compile_check.problems(dict(ok, spills=8))
     assert compile_check.problems(dict(ok, shared_bytes=compile_check.SHARED_LIMIT[80] + 1))
     assert compile_check.problems(dict(ok, error="CompilationError: at 1:2"))
+
+
+# Run where Triton compiles (no TRITON_INTERPRET), as compile_check's workers do: the interpreter
+# has no specialization, so in-process the kernels are not JITFunctions.
+_KEY_SPECIALIZATION = r"""
+import importlib, json
+import torch
+from triton.runtime.jit import JITFunction
+from adapterfast.compile_check import _source
+from adapterfast.kernels import backward_kernels, forward_kernel, philox
+
+exempt = {}
+for name in ("forward_kernel", "backward_kernels", "grouped_kernels"):
+    module = importlib.import_module("adapterfast.kernels." + name)
+    for attr, fn in vars(module).items():
+        if isinstance(fn, JITFunction) and "key_lo" in fn.arg_names and attr.endswith("_kernel"):
+            exempt[attr] = sorted(p.name for p in fn.params if p.do_not_specialize)
+x, g, wd, wu = torch.randn(8, 64), torch.randn(8, 64), torch.randn(4, 64), torch.randn(64, 4)
+_, h, fwd = forward_kernel.plan(x, wd, wu, None, None, "relu", 1.0, 0.1, 1, None)
+_, _, _, launches = backward_kernels.plan(g, x, wd, wu, h, "relu", 1.0, 0.1, 1, True)
+types = {launch.kernel.__name__: [_source(launch).signature[k] for k in ("key_lo", "key_hi", "threshold")]
+         for launch in (fwd, *launches)}
+print(json.dumps({"key_words_of_1": philox.key_words(1), "exempt": exempt, "types": types}))
+"""
+
+
+def test_launched_kernels_never_specialize_the_dropout_key():
+    """Triton's JIT makes an int argument equal to 1 a constant: a seed whose key word is 1 would
+    compile a kernel where the key has no ``.to`` (and every other seed recompile by its value). Every
+    launched kernel that takes the key exempts the key words and the threshold, and Triton's own
+    specialization of real launches with seed 1 keeps them runtime i32 arguments."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _KEY_SPECIALIZATION], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found["key_words_of_1"] == [1, 0]
+    assert sorted(found["exempt"]) == sorted(
+        ["adapter_forward_kernel", "adapter_backward_dh_kernel", "adapter_backward_dxdw_kernel",
+         "grouped_forward_kernel", "grouped_backward_dx_kernel", "grouped_backward_dw_kernel"])
+    for name, params in found["exempt"].items():
+        assert {"key_lo", "key_hi", "threshold"} <= set(params), (name, params)
+    assert found["types"] == {name: ["i32"] * 3 for name in
+                              ("adapter_forward_kernel", "adapter_backward_dh_kernel", "adapter_backward_dxdw_kernel")}
