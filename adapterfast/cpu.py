@@ -93,6 +93,27 @@ def kernel_isa(dtype: torch.dtype = torch.float32) -> str:
     return torch.ops.adapterfast_cpu.kernel_isa(dtype)
 
 
+# Measured with ``python -m benchmarks.overhead`` on an AMD EPYC with AVX2 and no AVX-512
+# (benchmarks/results/cpu_avx2_epyc.txt, 2026-12-04): the portable loops against the eager adapter.
+_GENERIC_MEASURED = ("0.14x-0.80x the eager adapter in float32 at N = 64-8192, where the reference ran 0.77x-1.06x; "
+                     "in bfloat16 at N = 64-320 the reference ran 4.5x-7.0x eager, the C++ loops 0.70x-4.4x")
+
+
+def slower_here(dtype: torch.dtype) -> Optional[str]:
+    """Why auto should not run this backend for ``dtype`` on this CPU, or None.
+
+    Where only the portable loops would run a training dtype (``kernel_isa(dtype) == "generic"``:
+    PyTorch itself runs below AVX-512 here), the reference on PyTorch's own GEMMs is faster than
+    them (fp32 and bf16 measured; fp16 converts the same way and is taken to follow), so auto runs
+    the reference, saying so once; ``use_backend("cpu")`` still runs the C++ kernels. float64 is
+    not a training dtype and keeps the C++ backend (not measured)."""
+    if dtype == torch.float64 or kernel_isa(dtype) != "generic":
+        return None
+    return (f"this CPU runs PyTorch at {torch.backends.cpu.get_cpu_capability()}, below AVX-512, where adapterfast's "
+            f"C++ kernels have only portable loops for {dtype} ({_GENERIC_MEASURED} on an AMD EPYC with AVX2); "
+            "use_backend('cpu') or ADAPTERFAST_BACKEND=cpu runs them anyway")
+
+
 def _require() -> None:
     if _IMPORT_ERROR is not None:
         raise RuntimeError(f"the adapterfast cpu backend is unavailable: {unavailable_reason()}")
@@ -148,6 +169,6 @@ if _IMPORT_ERROR is None:
     _op_forward = getattr(torch.ops.adapterfast_cpu.forward.default, "_op", torch.ops.adapterfast_cpu.forward)
     _op_fused = getattr(torch.ops.adapterfast_cpu.fused.default, "_op", torch.ops.adapterfast_cpu.fused)
     dispatch.register("cpu", forward=_op_forward, backward=_registered_backward,
-                      dtypes=DTYPES, unavailable=unavailable_reason, differentiable=_op_fused)
+                      dtypes=DTYPES, unavailable=unavailable_reason, differentiable=_op_fused, slower_here=slower_here)
 else:
     dispatch.register("cpu", forward=forward, backward=backward, dtypes=DTYPES, unavailable=unavailable_reason)

@@ -40,6 +40,10 @@ _choices: dict[tuple, str] = {}
 class Kernels:
     """A backend's two functions, with the dtypes of x it runs and why it cannot run, if so.
 
+    ``slower_here(dtype)``, where a backend has it, says why auto should not pick the backend for
+    inputs of ``dtype`` on this machine although it can run them (it is measured slower than the
+    eager reference here), or None; forcing the backend by name still runs it.
+
     ``differentiable``, where a backend has one, is the op with its derivative in one native
     autograd node, ``(x, w_down, w_up, b_down, b_up, activation, scale, dropout_p, seed, residual)
     -> y``: what an eager call with autograd recording runs instead of ``autograd.FusedAdapter``
@@ -51,6 +55,7 @@ class Kernels:
     dtypes: tuple[torch.dtype, ...]
     unavailable: Callable[[], Optional[str]]
     differentiable: Optional[Callable] = None
+    slower_here: Callable[[torch.dtype], Optional[str]] = lambda dtype: None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +73,11 @@ _registry: dict[str, Kernels] = {}
 
 
 def register(name: str, *, forward: Callable, backward: Callable, dtypes, unavailable=lambda: None,
-             differentiable: Optional[Callable] = None) -> None:
+             differentiable: Optional[Callable] = None, slower_here=lambda dtype: None) -> None:
     """Called by each backend module when imported: makes ``name`` selectable."""
     if name not in NAMES or name == "auto":
         raise ValueError(f"unknown adapterfast backend {name!r}")
-    _registry[name] = Kernels(name, forward, backward, tuple(dtypes), unavailable, differentiable)
+    _registry[name] = Kernels(name, forward, backward, tuple(dtypes), unavailable, differentiable, slower_here)
     _choices.clear()
 
 
@@ -188,6 +193,8 @@ def _choose(name: str, device: str, dtype: torch.dtype, r: int) -> str:
         return name
     fused = "cpu" if device == "cpu" else "triton"
     reason = _cannot_run(fused, device, dtype, r)
+    if reason is None:
+        reason = _registry[fused].slower_here(dtype)
     if reason is None:
         return fused
     warn_once(f"adapterfast: falling back to the eager reference: {reason}")

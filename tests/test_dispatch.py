@@ -116,3 +116,44 @@ def test_needs_input_grad_respected(backend):
     y64 = reference.adapter(x.double(), wd64, wu.double(), bd.double(), bu.double(), activation="silu")
     (want,) = torch.autograd.grad(y64, [wd64], g.double())
     assert rel_err(dwd, want) < 1e-5
+
+
+_AUTO_BELOW_AVX512 = r"""
+import logging, torch, adapterfast
+from adapterfast import cpu, dispatch
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+x = torch.randn(4, 16)
+picks = {str(t): dispatch.select(x.to(t), 4) for t in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+picks["float32 again"] = dispatch.select(x, 4)
+with adapterfast.use_backend("cpu"):
+    picks["forced"] = dispatch.select(x, 4)
+    y = adapterfast.fused_adapter(x, torch.randn(4, 16), torch.randn(16, 4))
+print(picks, cpu.kernel_isa(torch.float32), y.shape == x.shape)
+"""
+
+
+@pytest.mark.skipif(not dispatch.backends()["cpu"].available, reason="the C++ backend is not built")
+def test_auto_runs_the_reference_where_the_cpu_kernels_have_only_portable_loops():
+    """Below AVX-512 (ATEN_CPU_CAPABILITY=avx2 makes any x86 CPU such a one) the C++ kernels run portable
+    loops, several times slower than PyTorch's GEMMs: auto runs the reference for the training dtypes,
+    saying so once per dtype; float64 and a forced cpu backend still run the C++ kernels."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    run = subprocess.run([sys.executable, "-c", _AUTO_BELOW_AVX512], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == ("{'torch.float32': 'reference', 'torch.bfloat16': 'reference', 'torch.float16': "
+                                  "'reference', 'torch.float64': 'cpu', 'float32 again': 'reference', 'forced': 'cpu'} "
+                                  "generic True"), run.stdout
+    said = [line for line in run.stderr.splitlines() if "falling back to the eager reference" in line]
+    assert len(said) == 3, run.stderr
+    assert all("below AVX-512" in line and "use_backend('cpu')" in line for line in said)
+
+
+@pytest.mark.skipif(not dispatch.backends()["cpu"].available, reason="the C++ backend is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_auto_on_this_cpu_follows_its_kernels(dtype):
+    """Here, auto picks the C++ backend exactly where it has more than portable loops (or for float64)."""
+    from adapterfast import cpu
+
+    generic = cpu.kernel_isa(dtype) == "generic" and dtype != torch.float64
+    assert dispatch.select(torch.randn(3, 8, dtype=dtype), 4) == ("reference" if generic else "cpu")
