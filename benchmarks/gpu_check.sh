@@ -152,15 +152,16 @@ fi
 PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --continue-on-collection-errors)
 "$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST_ARGS+=(--timeout=60)
 if [ "$DRY" = 1 ]; then KERNEL_TESTS=(-k "philox or empty_batch"); else KERNEL_TESTS=(); fi
-# Each kernel test compiles its own variant: spread them over the machine's cores when xdist is there.
-if [ "$DRY" != 1 ] && "$PY" -c "import xdist" 2> /dev/null; then KERNEL_TESTS+=(-n 8); fi
-step tests_kernels "$PY" -m pytest tests/test_triton_kernels.py "${KERNEL_TESTS[@]}" \
+# Each kernel test compiles its own variant: spread the tests over the machine's cores when xdist is there.
+WORKERS=()
+if [ "$DRY" != 1 ] && "$PY" -c "import xdist" 2> /dev/null; then WORKERS=(-n 8); fi
+step tests_kernels "$PY" -m pytest tests/test_triton_kernels.py "${KERNEL_TESTS[@]}" "${WORKERS[@]}" \
     "${PYTEST_ARGS[@]}" --junitxml="$LOGS/tests_kernels.xml"
 # Only the files that have `gpu` tests: collecting all of tests/ takes longer than the step's cap.
 if [ "$DRY" = 1 ]; then GPU_TESTS=(tests/test_triton_kernels.py tests/test_compile_check.py)
 else mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/test_*.py); fi
-if [ "$DRY" != 1 ] && "$PY" -c "import xdist" 2> /dev/null; then GPU_TESTS+=(-n 8); fi
-step tests_gpu "$PY" -m pytest "${GPU_TESTS[@]}" -m gpu "${PYTEST_ARGS[@]}" --junitxml="$LOGS/tests_gpu.xml"
+step tests_gpu "$PY" -m pytest "${GPU_TESTS[@]}" -m gpu "${WORKERS[@]}" "${PYTEST_ARGS[@]}" \
+    --junitxml="$LOGS/tests_gpu.xml"
 "$PY" - <<'EOF' >> "$LOGS/steps.log" 2>&1
 import os, xml.etree.ElementTree as ET
 from benchmarks.gpu_check import record

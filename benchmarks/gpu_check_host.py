@@ -100,16 +100,13 @@ def _layers(module, x, g):
     _, _, fwd = forward_kernel.plan(x, wd, wu, None, None, "relu", 1.0, 0.0, None, None)
     _, dh, parts, (dh_launch, dxdw_launch) = backward_kernels.plan(g, x, wd, wu, h, "relu", 1.0, 0.0, None, True)
 
-    def reduce():
-        return [part.sum(0).to(wd.dtype) for part in parts] + [dh.sum(0).to(wd.dtype)]
-
     return {
         "kernels.forward": lambda: kernels.forward(x, wd, wu, None, None, "relu", 1.0, 0.0, None, None),
         "kernels.backward": lambda: kernels.backward(g, x, wd, wu, None, None, h, "relu", 1.0, 0.0, None, True),
         "launch forward": fwd,
         "launch backward_dh": dh_launch,
         "launch backward_dxdw": dxdw_launch,
-        "reduce": reduce,
+        "reduce": lambda: backward_kernels.reduce(parts, dh, wd.dtype, wu.dtype),
     }
 
 

@@ -84,7 +84,7 @@ def _launches(t, p, activation="relu"):
                                                             1.0, p, seed, True)
 
     def reduce():
-        return [part.sum(0) for part in parts] + [dh.sum(0)]
+        return backward_kernels.reduce(parts, dh, t["w_down"].dtype, t["w_up"].dtype)
 
     return fwd, dh_kernel, dxdw, reduce
 

@@ -276,8 +276,14 @@ def backward(grad_y, x, w_down, w_up, b_down, b_up, h, activation, scale, dropou
         return (dx, *_zero_grads(x, w_down, w_up))
     for launch in launches:
         launch()
+    return (dx, *reduce(parts, dh, w_down.dtype, w_up.dtype))
+
+
+def reduce(parts, dh, down_dtype, up_dtype):
+    """``(dw_down, db_down, dw_up, db_up)``: the fp32 partials of ``plan`` summed over their row
+    slices in a fixed order (and db_down over dh's rows), in the weights' dtypes."""
     dw_down_part, dw_up_part, db_up_part = parts
-    return (dx, dw_down_part.sum(0).to(w_down.dtype), dh.sum(0).to(w_down.dtype),
-            dw_up_part.sum(0).to(w_up.dtype), db_up_part.sum(0).to(w_up.dtype))
+    return (dw_down_part.sum(0).to(down_dtype), dh.sum(0).to(down_dtype), dw_up_part.sum(0).to(up_dtype),
+            db_up_part.sum(0).to(up_dtype))
 
 
