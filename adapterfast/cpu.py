@@ -20,12 +20,15 @@ What runs the GEMMs is chosen at run time, per dtype (``kernel_isa(dtype)`` says
   forwards and the backward on the fp32 kernels below, which measured faster there than both the
   split and oneDNN's AVX512-FP16 kernel (figures in ``csrc/brgemm.cpp`` at ``fp16_route``);
 - otherwise, and for float32: hand-tiled AVX-512 fp32 kernels where PyTorch itself runs AVX-512
-  (``"avx512"``; 16-bit rows read as stored and widened as the tiles load them), else portable C++
-  (``"generic"``, always for float64; 16-bit operands converted to fp32 a row at a time).
+  (``"avx512"``; 16-bit rows read as stored and widened as the tiles load them), else the same row
+  blocks with their products on PyTorch's BLAS, MKL's sgemm in PyTorch's x86 builds (``"blas"``;
+  16-bit operands widened to fp32 a block at a time), or portable C++ loops where PyTorch exports
+  no sgemm or ``ADAPTERFAST_CPU_BLAS=0`` (``"generic"``, always for float64).
 
 Switches for tests and for comparing paths on one machine: ``ADAPTERFAST_CPU_BRGEMM=0`` turns
 brgemm off; ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` makes oneDNN act as on a CPU without AMX;
-``ATEN_CPU_CAPABILITY=avx2`` selects the portable kernels (and so no brgemm);
+``ATEN_CPU_CAPABILITY=avx2`` selects the BLAS kernels (and so no brgemm), with
+``ADAPTERFAST_CPU_BLAS=0`` the portable ones;
 ``ADAPTERFAST_CPU_FP16=native`` runs float16 on oneDNN's float16 kernel wherever it exists,
 ``=bf16x3`` splits forward and backward at every r and row count wherever bf16 brgemm runs
 (``"brgemm-amx-bf16x3"``, or ``"brgemm-avx512-bf16x3"`` without AMX), and ``=bf16x3-fwd`` the
@@ -86,7 +89,7 @@ def kernel_isa(dtype: torch.dtype = torch.float32) -> str:
     """What runs the single-adapter op's GEMMs for inputs of ``dtype`` here: ``"brgemm-amx"``,
     ``"brgemm-avx512"``, ``"brgemm-amx-bf16x3"`` / ``"brgemm-avx512-bf16x3"`` (float16 split into
     bf16 in both passes; with ``-fwd`` in the forward only, at the ranks and rows it is split),
-    ``"avx512"`` or ``"generic"`` (see the module docstring). Calls of a few rows may take the
+    ``"avx512"``, ``"blas"`` or ``"generic"`` (see the module docstring). Calls of a few rows may take the
     fp32 kernels even where this names brgemm: bf16 forwards of up to 4 rows (8 with weights of
     2^17 elements or more) read the weights as given there instead of packing them."""
     _require()
@@ -103,14 +106,16 @@ def slower_here(dtype: torch.dtype) -> Optional[str]:
     """Why auto should not run this backend for ``dtype`` on this CPU, or None.
 
     Where only the portable loops would run a training dtype (``kernel_isa(dtype) == "generic"``:
-    PyTorch itself runs below AVX-512 here), the reference on PyTorch's own GEMMs is faster than
-    them (fp32 and bf16 measured; fp16 converts the same way and is taken to follow), so auto runs
-    the reference, saying so once; ``use_backend("cpu")`` still runs the C++ kernels. float64 is
-    not a training dtype and keeps the C++ backend (not measured)."""
+    PyTorch itself runs below AVX-512 here and the BLAS kernels are off or missing), the reference
+    on PyTorch's own GEMMs is faster than them (fp32 and bf16 measured; fp16 converts the same way
+    and is taken to follow), so auto runs the reference, saying so once; ``use_backend("cpu")``
+    still runs the C++ kernels. float64 is not a training dtype and keeps the C++ backend (not
+    measured). On the BLAS kernels (``"blas"``) the C++ backend runs."""
     if dtype == torch.float64 or kernel_isa(dtype) != "generic":
         return None
     return (f"this CPU runs PyTorch at {torch.backends.cpu.get_cpu_capability()}, below AVX-512, where adapterfast's "
-            f"C++ kernels have only portable loops for {dtype} ({_GENERIC_MEASURED} on an AMD EPYC with AVX2); "
+            f"C++ kernels have only portable loops for {dtype} without PyTorch's BLAS (ADAPTERFAST_CPU_BLAS=0, or no "
+            f"sgemm exported) ({_GENERIC_MEASURED} on an AMD EPYC with AVX2); "
             "use_backend('cpu') or ADAPTERFAST_BACKEND=cpu runs them anyway")
 
 

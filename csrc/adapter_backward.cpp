@@ -346,7 +346,7 @@ void backward_by_columns(const BackwardOperands& op, at::Tensor& dx, const std::
   }
 
   Scratch<acc_t> da(n * r);
-  at::parallel_for(0, r, spread ? 1 : r, [&](int64_t j0, int64_t j1) {
+  by_column_slices(r, spread, kernels.nt_at_full_speed, [&](int64_t j0, int64_t j1) {
     if constexpr (kFold) {
       kernels.project_in_stored(n, j1 - j0, d, g_data, kind, ld_g, w_up + j0, r, da.data() + j0, r);
     } else {

@@ -194,7 +194,37 @@ constexpr int64_t kGivenForwardMaxRows = 2 * kBlockRows;
 //     inference 1.02x / 1.06x -> 0.93x-0.96x / 0.98x-0.99x;
 //   float16 at N = 192 (from 256 rows it takes the split forward): inference 0.93x-0.95x / 0.83x
 //     -> 0.88x-0.89x / 0.97x-1.00x, training within the spread.
-inline int64_t given_forward_max_rows(const Dims& dims) {
+//
+// On kernels with nt_at_full_speed (BLAS, below AVX-512), kBlasGivenForwardMaxRows instead: there
+// the block forward pays the two transposed weight copies and, in every block, sgemm's repacking
+// of both weights, while forward_given reads them as given in one product each. On the AMD EPYC
+// with AVX2 (fp32, r = 64, relu; eager adapter over fused forward, least time per call over 7
+// rounds alternating the two bounds in one process; 400 routes every N measured as 384 does;
+// before h's columns went over the threads in fixed slices), bound 128 -> 400: d = 1024, one
+// thread: N = 129 0.87x -> 1.01x, 192 0.86x -> 1.00x, 320 1.02x -> 1.04x; two threads: 129 0.65x
+// -> 0.87x, 192 0.70x -> 0.93x, 320 1.31x -> 1.40x; d = 4096, two threads: 129 0.71x -> 1.23x, 320
+// 0.97x -> 1.02x. At N = 512 and 1024 (d = 1024) the blocks won: 0.97x / 1.04x against 0.91x /
+// 0.87x on one thread, 1.21x / 1.16x against 1.11x / 1.13x on two.
+constexpr int64_t kBlasGivenForwardMaxRows = 6 * kBlockRows;
+
+// Columns per slice of the r-wide products by_column_slices gives kernels with nt_at_full_speed.
+constexpr int64_t kBlasSliceCols = 32;
+
+// Calls fn(j0, j1) for ranges of r columns over the threads (where `spread`, else all on the calling
+// thread): at::parallel_for's ranges of single columns, or with fixed_slices (kernels with
+// nt_at_full_speed: BlockKernels) whole slices of kBlasSliceCols, so that no product's shape
+// depends on the thread count.
+template <typename Fn>
+void by_column_slices(int64_t r, bool spread, bool fixed_slices, Fn&& fn) {
+  const int64_t cols = fixed_slices ? kBlasSliceCols : 1;
+  const int64_t slices = (r + cols - 1) / cols;
+  at::parallel_for(0, slices, spread ? 1 : slices, [&](int64_t s0, int64_t s1) {
+    fn(s0 * cols, std::min(r, s1 * cols));
+  });
+}
+
+inline int64_t given_forward_max_rows(const Dims& dims, bool nt_at_full_speed) {
+  if (nt_at_full_speed) return kBlasGivenForwardMaxRows;
   return dims.r * dims.d >= kSideBySideWeightElements ? 2 * kGivenForwardMaxRows : kGivenForwardMaxRows;
 }
 

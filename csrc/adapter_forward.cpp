@@ -70,7 +70,9 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
 
   const OutputEpilogue<acc_t> epilogue = forward_epilogue<acc_t>(op, y);
 
-  const int64_t rows = forward_block_rows(n, /*granule=*/8, kMinForwardRowsPerThread);
+  // BLAS's products of a row depend on its block's rows: blocks of fixed rows, whatever the threads.
+  const int64_t rows =
+      kernels.nt_at_full_speed ? kBlockRows : forward_block_rows(n, /*granule=*/8, kMinForwardRowsPerThread);
   const int64_t blocks = (n + rows - 1) / rows;
   parallel_tasks(blocks, [&](TaskQueue& tasks) {
     Scratch<acc_t> x_scratch(x_rows.as_stored() ? 0 : rows * d);
@@ -102,11 +104,17 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   });
 }
 
+// Columns per panel of forward_given's y on kernels with nt_at_full_speed (BLAS): fixed, so that no
+// product's shape depends on the thread count, and each one sgemm call (kOutCols in
+// block_kernels_blas.cpp).
+constexpr int64_t kBlasPanelCols = 256;
+
 // The forward of a call of up to given_forward_max_rows rows, one block, from the weights as given
 // (in x's dtype: weight_in_x_dtype): h's columns by project_nt from rows of Wd, then y's columns,
 // each kGivenPanelCols of them by project_out from a panel of Wu^T widened and transposed in L1
 // just before (the same products in the same order as from a transposed copy), or, in a call of
-// a few rows (forward_out_by_dots), by project_out_nt from the panel's rows of Wu as they are.
+// a few rows (forward_out_by_dots) or on kernels with nt_at_full_speed (BLAS), by project_out_nt
+// from the panel's rows of Wu as they are.
 // Both go over the threads by columns, which leaves every element's arithmetic as it is: bitwise
 // the same results for any thread count.
 template <typename T, typename acc_t>
@@ -126,7 +134,7 @@ void forward_given(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const Kind x_kind = x_rows.as_stored() ? x_rows.kind() : kAccKind<acc_t>;
   const int64_t ld_x = x_rows.as_stored() ? x_rows.ld() : d;
 
-  at::parallel_for(0, r, spread ? 1 : r, [&](int64_t j0, int64_t j1) {
+  by_column_slices(r, spread, kernels.nt_at_full_speed, [&](int64_t j0, int64_t j1) {
     kernels.project_nt(n, j1 - j0, d, xb, x_kind, ld_x, w_down + j0 * d * w_bytes, w_kind, d, h_data + j0, r);
   });
   Scratch<acc_t> a(n * r);
@@ -140,12 +148,13 @@ void forward_given(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   }
   set_residual(op, 0, xb, x_kind, ld_x, e);
   e.out = y.data_ptr();
-  const int64_t panels = (d + kGivenPanelCols - 1) / kGivenPanelCols;
-  const bool by_dots = forward_out_by_dots(op.dims);
+  const bool by_dots = kernels.nt_at_full_speed || forward_out_by_dots(op.dims);
+  const int64_t panel_cols = kernels.nt_at_full_speed ? kBlasPanelCols : kGivenPanelCols;
+  const int64_t panels = (d + panel_cols - 1) / panel_cols;
   at::parallel_for(0, panels, spread ? 1 : panels, [&](int64_t p0, int64_t p1) {
-    Scratch<acc_t> panel(by_dots ? 0 : r * kGivenPanelCols);
-    for (int64_t k0 = p0 * kGivenPanelCols; k0 < std::min(d, p1 * kGivenPanelCols); k0 += kGivenPanelCols) {
-      const int64_t kc = std::min(kGivenPanelCols, d - k0);
+    Scratch<acc_t> panel(by_dots ? 0 : r * panel_cols);
+    for (int64_t k0 = p0 * panel_cols; k0 < std::min(d, p1 * panel_cols); k0 += panel_cols) {
+      const int64_t kc = std::min(panel_cols, d - k0);
       if (by_dots) {
         kernels.project_out_nt(n, r, kc, a.data(), r, w_up + k0 * r * w_bytes, w_kind, r, e.from_column(k0));
       } else {
@@ -170,7 +179,8 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
   const at::ScalarType acc = accumulation_type(dtype);
 
   const BrgemmLayout layout = brgemm_layout_for(dtype, dims, /*backward=*/false);
-  const bool given = layout == BrgemmLayout::none ? dims.n <= given_forward_max_rows(dims)
+  const bool nt_fast = acc == at::kFloat && block_kernels<float>().nt_at_full_speed;
+  const bool given = layout == BrgemmLayout::none ? dims.n <= given_forward_max_rows(dims, nt_fast)
                                                   : packs_given_weights(layout, dtype, w_down, w_up, dims, false);
   const auto [w_down_t, w_up_t] =
       given ? std::pair<at::Tensor, at::Tensor>() : operand_weights(w_down, w_up, dtype, /*transpose=*/true, dims);

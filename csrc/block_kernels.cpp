@@ -3,13 +3,17 @@
 
 #include <ATen/Version.h>
 
+#include "env.h"
+
 namespace adapterfast::cpu {
 
 template <>
 const BlockKernels<float>& block_kernels<float>() {
   static const BlockKernels<float>* const chosen = [] {
     const BlockKernels<float>* fast = avx512::kernels();
-    return fast != nullptr && at::get_cpu_capability() == "AVX512" ? fast : &generic::kernels<float>();
+    if (fast != nullptr && at::get_cpu_capability() == "AVX512") return fast;
+    const BlockKernels<float>* blas = blas::kernels();
+    return blas == nullptr || env_is("ADAPTERFAST_CPU_BLAS", "0") ? &generic::kernels<float>() : blas;
   }();
   return *chosen;
 }

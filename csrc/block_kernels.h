@@ -3,7 +3,8 @@
 // dropout mask of that block. The forward and backward drivers (adapter_forward.cpp,
 // adapter_backward.cpp) are written once against this table; each instruction set supplies its
 // own table (block_kernels_generic.cpp: portable loops for float and double;
-// block_kernels_avx512.cpp: AVX-512 micro-kernels for float).
+// block_kernels_blas.cpp: the portable table with its products on PyTorch's BLAS, for float below
+// AVX-512; block_kernels_avx512.cpp: AVX-512 micro-kernels for float).
 //
 // Operands are row-major views: element (i, k) of an operand with leading dimension ld is
 // ptr[i * ld + k]. project_in takes its weight as [d, r] and project_out as [r, d], so the
@@ -152,11 +153,31 @@ struct BlockKernels {
   // call may differ in the last bits from the same rows' y in a larger call.
   void (*project_out_nt)(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const void* B,
                          Kind b_kind, int64_t ldb, const OutputEpilogue<acc_t>& epilogue);
+
+  // Whether project_nt and project_out_nt run as fast as project_in and project_out at any row
+  // count and width (BLAS packs either layout of its operands): the forward reads the weights as
+  // given up to more rows (given_forward_max_rows) and computes all their output columns by
+  // project_out_nt from Wu as given, instead of widening and transposing Wu panel by panel.
+  // Such kernels' results for a row may also depend on the shape of the call that computes it
+  // (sgemm picks its kernels by shape), so the drivers give them only shapes that do not depend
+  // on the thread count: fixed blocks of rows and fixed slices of columns.
+  bool nt_at_full_speed = false;
 };
 
 namespace generic {
 template <typename acc_t>
 const BlockKernels<acc_t>& kernels();
+
+// out[i, col0 + k] = epilogue(u[i, k]) for i < M, k < K: project_out's epilogue on a product
+// computed elsewhere (by BLAS, block_kernels_blas.cpp), as portable loops.
+template <typename acc_t>
+void finish_rows(int64_t M, int64_t K, const acc_t* u, int64_t ldu, int64_t col0, const OutputEpilogue<acc_t>& e);
+}  // namespace generic
+
+namespace blas {
+// The portable table with its products on PyTorch's BLAS (sgemm), for CPUs below AVX-512, or
+// null when PyTorch's library exports no sgemm.
+const BlockKernels<float>* kernels();
 }
 
 namespace avx512 {
@@ -170,9 +191,9 @@ void finish_rows(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0
                  const OutputEpilogue<float>& e);
 }
 
-// The kernels used for this accumulation type on this machine: AVX-512 where PyTorch itself
-// dispatches to AVX-512 (so ATEN_CPU_CAPABILITY=avx2 or =default selects the portable ones),
-// else the portable loops.
+// The kernels used for this accumulation type on this machine. float: AVX-512 where PyTorch
+// itself dispatches to AVX-512, else BLAS (so ATEN_CPU_CAPABILITY=avx2 or =default selects the
+// BLAS ones), or the portable loops with ADAPTERFAST_CPU_BLAS=0. double: the portable loops.
 template <typename acc_t>
 const BlockKernels<acc_t>& block_kernels();
 

@@ -1,5 +1,6 @@
-// Portable block kernels: plain loops the compiler vectorises. They run float64 (gradcheck),
-// and float wherever the AVX-512 kernels do not apply (see block_kernels.h for the contract).
+// Portable block kernels: plain loops the compiler vectorises. They run float64 (gradcheck), and
+// float where neither the AVX-512 kernels nor the BLAS ones apply (ADAPTERFAST_CPU_BLAS=0); the
+// BLAS table takes its copies, its dropout mask and its epilogue from here (see block_kernels.h).
 #include "block_kernels.h"
 
 #include <algorithm>
@@ -214,6 +215,12 @@ void project_out_nt(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda
 }  // namespace
 
 template <typename acc_t>
+void finish_rows(int64_t M, int64_t K, const acc_t* u, int64_t ldu, int64_t col0, const OutputEpilogue<acc_t>& e) {
+  const OutputEpilogue<acc_t> columns = e.from_column(col0);
+  for (int64_t i = 0; i < M; ++i) finish_row(i, u + i * ldu, K, columns);
+}
+
+template <typename acc_t>
 const BlockKernels<acc_t>& kernels() {
   static const BlockKernels<acc_t> table{"generic", &project_in<acc_t>, &accumulate_outer<acc_t>,
                                          &project_out<acc_t>, &transpose<acc_t>, &dropout_keep,
@@ -225,5 +232,6 @@ const BlockKernels<acc_t>& kernels() {
 
 template const BlockKernels<float>& kernels<float>();
 template const BlockKernels<double>& kernels<double>();
+template void finish_rows<float>(int64_t, int64_t, const float*, int64_t, int64_t, const OutputEpilogue<float>&);
 
 }  // namespace adapterfast::cpu::generic

@@ -132,15 +132,32 @@ print(picks, cpu.kernel_isa(torch.float32), y.shape == x.shape)
 """
 
 
-@pytest.mark.skipif(not dispatch.backends()["cpu"].available, reason="the C++ backend is not built")
-def test_auto_runs_the_reference_where_the_cpu_kernels_have_only_portable_loops():
-    """Below AVX-512 (ATEN_CPU_CAPABILITY=avx2 makes any x86 CPU such a one) the C++ kernels run portable
-    loops, several times slower than PyTorch's GEMMs: auto runs the reference for the training dtypes,
-    saying so once per dtype; float64 and a forced cpu backend still run the C++ kernels."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+def _auto_below_avx512(switches: dict) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", **switches)
     run = subprocess.run([sys.executable, "-c", _AUTO_BELOW_AVX512], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.skipif(not dispatch.backends()["cpu"].available, reason="the C++ backend is not built")
+def test_auto_runs_the_cpu_kernels_on_blas_below_avx512():
+    """Below AVX-512 (ATEN_CPU_CAPABILITY=avx2 makes any x86 CPU such a one) the C++ kernels run their
+    products on PyTorch's BLAS, and auto runs them for every dtype, with nothing to say."""
+    run = _auto_below_avx512({})
+    picks = ("{'torch.float32': 'cpu', 'torch.bfloat16': 'cpu', 'torch.float16': 'cpu', 'torch.float64': 'cpu', "
+             "'float32 again': 'cpu', 'forced': 'cpu'} blas True")
+    assert run.stdout.strip() == picks, run.stdout
+    assert "falling back to the eager reference" not in run.stderr, run.stderr
+
+
+@pytest.mark.skipif(not dispatch.backends()["cpu"].available, reason="the C++ backend is not built")
+def test_auto_runs_the_reference_where_the_cpu_kernels_have_only_portable_loops():
+    """Below AVX-512 without BLAS (ADAPTERFAST_CPU_BLAS=0, or a PyTorch that exports no sgemm) the C++
+    kernels run portable loops, several times slower than PyTorch's GEMMs: auto runs the reference for
+    the training dtypes, saying so once per dtype; float64 and a forced cpu backend still run the C++
+    kernels."""
+    run = _auto_below_avx512({"ADAPTERFAST_CPU_BLAS": "0"})
     assert run.stdout.strip() == ("{'torch.float32': 'reference', 'torch.bfloat16': 'reference', 'torch.float16': "
                                   "'reference', 'torch.float64': 'cpu', 'float32 again': 'reference', 'forced': 'cpu'} "
                                   "generic True"), run.stdout
