@@ -53,10 +53,31 @@ void portable_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   }
 }
 
+// A per-thread float buffer of at least n values, reused from call to call.
+float* scratch(std::vector<float>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
+}
+
+thread_local std::vector<float> t_dense_a;  // colmajor_gemm's operands with rows closer than BLAS allows
+thread_local std::vector<float> t_dense_b;
+
+// The column-major [rows, cols] operand X as one BLAS can read: X itself where ld >= rows, else a
+// dense copy in `buffer` (ld below rows: an expanded x, whose rows are 0 elements apart); *ld is
+// set to the result's leading dimension.
+const float* readable(const float* X, int64_t* ld, int64_t rows, int64_t cols, std::vector<float>& buffer) {
+  if (*ld >= rows) return X;
+  float* out = scratch(buffer, rows * cols);
+  for (int64_t j = 0; j < cols; ++j) std::copy(X + j * *ld, X + j * *ld + rows, out + j * rows);
+  *ld = rows;
+  return out;
+}
+
 // C = beta C + op(A) op(B), column-major, C [m, n]: sgemm_ with its arguments checked for BLAS's
 // 32-bit integers. The leading dimension of an operand of one column is never read and may be
-// anything a caller had at hand: it is raised to what BLAS requires. Dimensions past 2^31 (a row
-// stride of 2^31 elements: an operand of several GiB) take portable_gemm instead.
+// anything a caller had at hand: it is raised to what BLAS requires; an operand of more columns
+// whose columns overlap (an expanded x) is copied first. Dimensions past 2^31 (a row stride of
+// 2^31 elements: an operand of several GiB) take portable_gemm instead.
 void colmajor_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
@@ -64,6 +85,8 @@ void colmajor_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   const int64_t b_rows = trans_b ? n : k, b_cols = trans_b ? k : n;
   if (a_cols <= 1) lda = std::max(lda, a_rows);
   if (b_cols <= 1) ldb = std::max(ldb, b_rows);
+  A = readable(A, &lda, a_rows, a_cols, t_dense_a);
+  B = readable(B, &ldb, b_rows, b_cols, t_dense_b);
   if (n <= 1) ldc = std::max(ldc, m);
   lda = std::max<int64_t>(lda, 1);
   ldb = std::max<int64_t>(ldb, 1);
@@ -93,11 +116,6 @@ void gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
   colmajor_gemm(false, true, K, N, M, B, ldb, A, lda, beta, C, ldc);
 }
 
-// A per-thread float buffer of at least n values, reused from call to call.
-float* scratch(std::vector<float>& buffer, int64_t n) {
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(static_cast<size_t>(n));
-  return buffer.data();
-}
 
 // The [M, K] operand A as floats: A itself when it is stored as float, else widened into `buffer`
 // (leading dimension K); *ld is set to the result's leading dimension.

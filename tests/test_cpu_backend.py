@@ -383,10 +383,13 @@ import sys, torch
 from adapterfast import cpu, reference
 assert {cpu.kernel_isa(t) for t in (torch.float32, torch.bfloat16, torch.float16)} == {sys.argv[1]}
 torch.manual_seed(0)
-for dtype, n in ((torch.float32, 70), (torch.bfloat16, 70), (torch.float16, 70), (torch.float32, 40),
-                 (torch.float16, 40), (torch.float32, 3), (torch.bfloat16, 2), (torch.float32, 385),
-                 (torch.bfloat16, 400), (torch.float16, 300)):
-    x = torch.randn(n, 131).to(dtype)
+for dtype, n, expanded in ((torch.float32, 70, False), (torch.bfloat16, 70, False), (torch.float16, 70, False),
+                          (torch.float32, 40, False), (torch.float16, 40, False), (torch.float32, 3, False),
+                          (torch.bfloat16, 2, False), (torch.float32, 385, False), (torch.bfloat16, 400, False),
+                          (torch.float16, 300, False), (torch.float32, 40, True), (torch.float32, 200, True),
+                          (torch.float32, 400, True)):
+    # expanded: every row of x is the same memory (row stride 0), which BLAS cannot read as it is
+    x = torch.randn(1, 131).expand(n, 131) if expanded else torch.randn(n, 131).to(dtype)
     wd, wu, bd, bu = torch.randn(9, 131) / 11, torch.randn(131, 9) / 3, torch.randn(9), torch.randn(131)
     if n <= 64:  # weights in x's dtype: read as given (project_nt; y by project_out_nt up to 4 rows)
         wd, wu, bd, bu = (t.to(dtype) for t in (wd, wu, bd, bu))
@@ -396,8 +399,7 @@ for dtype, n in ((torch.float32, 70), (torch.bfloat16, 70), (torch.float16, 70),
     d = lambda t: None if t is None else t.double()
     y64, h64 = reference.forward(d(x), d(wd), d(wu), d(bd), d(bu), "gelu", 0.5, 0.3, 8, None)
     want = (y64, h64) + tuple(reference.backward(d(g), d(x), d(wd), d(wu), d(bd), d(bu), h.double(), "gelu", 0.5,
-                                                 0.3, 8,
-                                                 True))
+                                                 0.3, 8, True))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for a, b in zip(got, want):
         assert ((a.double() - b).norm() / b.norm()).item() < tol
@@ -410,7 +412,7 @@ def test_kernels_below_avx512_in_a_subprocess(kernels, switches):
     """ATEN_CPU_CAPABILITY=avx2 makes any x86 CPU one below AVX-512: the float kernels are then the
     BLAS ones, or with ADAPTERFAST_CPU_BLAS=0 the portable loops, and both must agree as well (at 40
     rows with weights in x's dtype, on the route that reads them as given; up to 384 rows on BLAS,
-    and in blocks past it)."""
+    and in blocks past it), an expanded x (rows 0 elements apart) among them."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", **switches)
     done = subprocess.run([sys.executable, "-c", _BELOW_AVX512_CHECK, kernels], env=env, capture_output=True,
                           text=True, timeout=300)
