@@ -94,7 +94,8 @@ def test_training_step_outputs_streamed_from_2_mib(d, dtype, n, tol):
     rows equal a 129-row call's (which streams nothing; rows are independent in y and dx among
     calls of more than 128 rows, which take the same route: kGivenForwardMaxRows), and
     everything matches the float64 reference. d = 1000 leaves a ragged last tile per row, written
-    with plain stores."""
+    with plain stores. On BLAS (below AVX-512) a row's results depend on the call's other rows, as
+    in eager, so there the rows are not compared with a smaller call's."""
     r = 16
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(n, d, generator=gen).to(dtype)
@@ -110,7 +111,8 @@ def test_training_step_outputs_streamed_from_2_mib(d, dtype, n, tol):
         y_infer = dispatch.kernels("cpu").differentiable(x, wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)
     assert torch.equal(y.detach(), y_infer)
     dx = leaves[0].grad
-    for rows in (slice(0, 129), slice(n - 129, n)):
+    row_independent = cpu.kernel_isa(dtype) != "blas"
+    for rows in (slice(0, 129), slice(n - 129, n)) if row_independent else ():
         h_small = cpu.forward(x[rows], wd, wu, bd, bu, "gelu", 0.5, 0.0, 0, None)[1]
         dx_small = cpu.backward(g[rows], x[rows], wd, wu, bd, bu, h_small, "gelu", 0.5, 0.0, 0, True)[0]
         assert torch.equal(dx[rows], dx_small)
