@@ -12,6 +12,7 @@
 // Operands stored in 16 bits are widened into a per-thread scratch buffer first (a block's rows,
 // or a weight's), since sgemm reads only float.
 #include "block_kernels.h"
+#include "convert_rows.h"
 
 #include <algorithm>
 #include <climits>
@@ -127,13 +128,10 @@ const float* as_float(const void* A, Kind kind, int64_t lda, int64_t M, int64_t 
   }
   float* out = scratch(buffer, M * K);
   for (int64_t i = 0; i < M; ++i) {
-    float* o = out + i * K;
     if (kind == Kind::bf16) {
-      const c10::BFloat16* a = static_cast<const c10::BFloat16*>(A) + i * lda;
-      for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(a[k]);
+      widen_row(static_cast<const c10::BFloat16*>(A) + i * lda, out + i * K, K);
     } else {
-      const c10::Half* a = static_cast<const c10::Half*>(A) + i * lda;
-      for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(a[k]);
+      widen_row(static_cast<const c10::Half*>(A) + i * lda, out + i * K, K);
     }
   }
   *ld = K;
