@@ -4,12 +4,14 @@
 #include "block_kernels.h"
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "convert_rows.h"
 #include "matrix_copy.h"
 #include "philox.h"
 
@@ -54,14 +56,97 @@ void accumulate_outer(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t l
   }
 }
 
+// Columns of a row that epilogue_row finishes at a time, in stack buffers that stay in L1.
+constexpr int64_t kEpilogueChunk = 256;
+
+// dst[k] = src[k] as Out (not acc_t) for k < n: bf16 and float16 rounded (to nearest even) by
+// narrow_row.
+template <typename acc_t, typename Out>
+void store_row(const acc_t* __restrict src, Out* __restrict dst, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<Out, double>) {
+    narrow_row(src, 1.0f, dst, n);
+  } else {
+    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<Out>(src[k]);
+  }
+}
+
+// dst[0 : bytes) = src[0 : bytes), with non-temporal stores from dst's first 32-byte boundary
+// (OutputEpilogue::stream_out) where AVX is available, plain copies for the rest; the caller
+// ends its rows with end_streams.
+inline void stream_bytes(const void* __restrict src, void* __restrict dst, int64_t bytes) {
+  const char* from = static_cast<const char*>(src);
+  char* to = static_cast<char*>(dst);
+#if defined(__AVX__)
+  const int64_t head = std::min<int64_t>(bytes, (32 - reinterpret_cast<uintptr_t>(to) % 32) % 32);
+  std::memcpy(to, from, static_cast<size_t>(head));
+  int64_t b = head;
+  for (; b + 32 <= bytes; b += 32) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from + b));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(to + b), bits);
+  }
+  from += b;
+  to += b;
+  bytes -= b;
+#endif
+  std::memcpy(to, from, static_cast<size_t>(bytes));
+}
+
+// Orders the non-temporal stores of an epilogue before whatever the thread does next (another
+// thread may read the output once this one has finished).
+template <typename acc_t>
+void end_streams(const OutputEpilogue<acc_t>& e) {
+#if defined(__AVX__)
+  if (e.stream_out) _mm_sfence();
+#endif
+}
+
+// out[k] = res[k] + factor[k] * (u[k] + bias[k]) for k < K (OutputEpilogue), a chunk of columns
+// at a time (in place in out where it is acc_t), each step one loop with the tests of the optional
+// operands outside it, so that every loop vectorises; 16-bit residuals and outputs convert by
+// convert_rows.h, and a streamed output (stream) leaves by stream_bytes. The one loop with the
+// tests inside that this replaced stayed scalar: 9% of the samples of a fp32 training step on the
+// BLAS kernels (the AMD EPYC with AVX2, N = 320, d = 4096, r = 64, under perf).
 template <typename acc_t, typename Res, typename Out>
-void epilogue_row(const acc_t* u, int64_t K, const Res* res, const acc_t* bias, acc_t scale,
-                  const uint8_t* keep, Out* out) {
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t factor = keep == nullptr ? scale : (keep[k] ? scale : acc_t(0));
-    const acc_t branch = bias == nullptr ? u[k] : u[k] + bias[k];
-    const acc_t base = res == nullptr ? acc_t(0) : static_cast<acc_t>(res[k]);
-    out[k] = static_cast<Out>(base + factor * branch);
+void epilogue_row(const acc_t* __restrict u, int64_t K, const Res* __restrict res, const acc_t* __restrict bias,
+                  acc_t scale, const uint8_t* __restrict keep, Out* __restrict out, bool stream) {
+  alignas(64) acc_t v[kEpilogueChunk];
+  alignas(64) acc_t base[kEpilogueChunk];
+  alignas(64) Out narrow[std::is_same_v<Out, acc_t> ? 1 : kEpilogueChunk];
+  for (int64_t k0 = 0; k0 < K; k0 += kEpilogueChunk) {
+    const int64_t n = std::min(kEpilogueChunk, K - k0);
+    const acc_t* uc = u + k0;
+    const acc_t* bc = bias == nullptr ? nullptr : bias + k0;
+    const uint8_t* kc = keep == nullptr ? nullptr : keep + k0;
+    acc_t* __restrict y = v;
+    if constexpr (std::is_same_v<Out, acc_t>) {
+      if (!stream) y = out + k0;
+    }
+    if (bc != nullptr && kc != nullptr) {
+      for (int64_t k = 0; k < n; ++k) y[k] = (kc[k] ? scale : acc_t(0)) * (uc[k] + bc[k]);
+    } else if (bc != nullptr) {
+      for (int64_t k = 0; k < n; ++k) y[k] = scale * (uc[k] + bc[k]);
+    } else if (kc != nullptr) {
+      for (int64_t k = 0; k < n; ++k) y[k] = (kc[k] ? scale : acc_t(0)) * uc[k];
+    } else {
+      for (int64_t k = 0; k < n; ++k) y[k] = scale * uc[k];
+    }
+    if (res != nullptr) {
+      const acc_t* r = base;
+      if constexpr (std::is_same_v<Res, acc_t>) {
+        r = res + k0;
+      } else {
+        widen_row(res + k0, base, n);
+      }
+      for (int64_t k = 0; k < n; ++k) y[k] = r[k] + y[k];
+    }
+    if constexpr (std::is_same_v<Out, acc_t>) {
+      if (stream) stream_bytes(v, out + k0, n * static_cast<int64_t>(sizeof(Out)));
+    } else if (stream) {
+      store_row(v, narrow, n);
+      stream_bytes(narrow, out + k0, n * static_cast<int64_t>(sizeof(Out)));
+    } else {
+      store_row(v, out + k0, n);
+    }
   }
 }
 
@@ -74,7 +159,8 @@ void finish_row(int64_t i, const acc_t* u, int64_t K, const OutputEpilogue<acc_t
       using Res = decltype(res_tag);
       const Res* res = e.res == nullptr ? nullptr : static_cast<const Res*>(e.res) + e.res_row(i) * e.ld_res;
       const uint8_t* keep = e.keep == nullptr ? nullptr : e.keep + i * e.ld_keep;
-      epilogue_row(u, K, res, e.bias, e.scale, keep, static_cast<Out*>(e.out) + e.out_row(i) * e.ld_out);
+      epilogue_row(u, K, res, e.bias, e.scale, keep, static_cast<Out*>(e.out) + e.out_row(i) * e.ld_out,
+                   e.stream_out);
     });
   });
 }
@@ -92,6 +178,7 @@ void project_out(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, c
     }
     finish_row(i, u.data(), K, e);
   }
+  end_streams(e);
 }
 
 void dropout_keep(uint64_t seed, uint32_t threshold, int64_t row0, int64_t M, int64_t d,
@@ -210,6 +297,7 @@ void project_out_nt(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda
     project_nt<acc_t>(1, K, N, A + i * lda, kAccKind<acc_t>, lda, B, b_kind, ldb, u.data(), K);
     finish_row(i, u.data(), K, e);
   }
+  end_streams(e);
 }
 
 }  // namespace
@@ -218,6 +306,7 @@ template <typename acc_t>
 void finish_rows(int64_t M, int64_t K, const acc_t* u, int64_t ldu, int64_t col0, const OutputEpilogue<acc_t>& e) {
   const OutputEpilogue<acc_t> columns = e.from_column(col0);
   for (int64_t i = 0; i < M; ++i) finish_row(i, u + i * ldu, K, columns);
+  end_streams(e);
 }
 
 template <typename acc_t>

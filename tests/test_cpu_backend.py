@@ -387,7 +387,7 @@ for dtype, n, expanded in ((torch.float32, 70, False), (torch.bfloat16, 70, Fals
                           (torch.float32, 40, False), (torch.float16, 40, False), (torch.float32, 3, False),
                           (torch.bfloat16, 2, False), (torch.float32, 385, False), (torch.bfloat16, 400, False),
                           (torch.float16, 300, False), (torch.float32, 40, True), (torch.float32, 200, True),
-                          (torch.float32, 400, True)):
+                          (torch.float32, 400, True), (torch.float32, 4100, False), (torch.float16, 8200, False)):
     # expanded: every row of x is the same memory (row stride 0), which BLAS cannot read as it is
     x = torch.randn(1, 131).expand(n, 131) if expanded else torch.randn(n, 131).to(dtype)
     wd, wu, bd, bu = torch.randn(9, 131) / 11, torch.randn(131, 9) / 3, torch.randn(9), torch.randn(131)
@@ -412,7 +412,9 @@ def test_kernels_below_avx512_in_a_subprocess(kernels, switches):
     """ATEN_CPU_CAPABILITY=avx2 makes any x86 CPU one below AVX-512: the float kernels are then the
     BLAS ones, or with ADAPTERFAST_CPU_BLAS=0 the portable loops, and both must agree as well (at 40
     rows with weights in x's dtype, on the route that reads them as given; up to 384 rows on BLAS,
-    and in blocks past it), an expanded x (rows 0 elements apart) among them."""
+    and in blocks past it), an expanded x (rows 0 elements apart) among them, and a dx of over
+    2 MiB (4100 and 8200 rows), written with non-temporal stores from rows that start off any
+    32-byte boundary (d = 131)."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", **switches)
     done = subprocess.run([sys.executable, "-c", _BELOW_AVX512_CHECK, kernels], env=env, capture_output=True,
                           text=True, timeout=300)
