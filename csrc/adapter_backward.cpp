@@ -115,11 +115,13 @@ void activation_backward_row(Act f, const acc_t* __restrict h, const acc_t* __re
 // [r, d] fp32 partials they add cost about what the second thread saves. Measured again there
 // as kBlockRows blocks' time over half blocks' time, in one process alternately (least and median
 // round; benchmarks/results/overhead_balanced_amd.txt): two threads 0.96x-1.04x at 80-127 rows,
-// 1.22x-1.43x only at 66, one thread 0.92x-1.06x.
+// 1.22x-1.43x only at 66, one thread 0.92x-1.06x. On the BLAS kernels the balanced blocks start
+// from blas_block_rows (adapter_common.h).
+template <typename acc_t>
 int64_t backward_block_rows(const Dims& dims) {
   const int64_t n = dims.n;
   if (n < 2 * kBlockRows) return n > kBlockRows ? (n + 1) / 2 : kBlockRows / 2;
-  return balanced_block_rows(dims);
+  return balanced_block_rows(dims, block_kernels<acc_t>().nt_at_full_speed ? blas_block_rows(dims) : kBlockRows);
 }
 
 // sums[k] = rows[0][k] + rows[1][k] + ... in row order, in acc_t: a block's column sums of g where
@@ -185,7 +187,7 @@ void backward_blocks(const BackwardOperands& op, at::Tensor& dx, const std::vect
   const uint32_t threshold = philox::threshold(op.dropout_p);
   const acc_t factor = static_cast<acc_t>(dropout ? op.scale / (1.0 - op.dropout_p) : op.scale);
   const int64_t ld_keep = keep_row_bytes(d);
-  const int64_t rows = backward_block_rows(op.dims);
+  const int64_t rows = backward_block_rows<acc_t>(op.dims);
   const int64_t blocks = (n + rows - 1) / rows;
   const int64_t groups = static_cast<int64_t>(group_sums.size());
 
@@ -317,7 +319,7 @@ void backward_by_columns(const BackwardOperands& op, at::Tensor& dx, const std::
   const int64_t ld_g = op.grad_y.stride(0);
   const acc_t* w_up = op.w_up.data_ptr<acc_t>();
   const acc_t factor = static_cast<acc_t>(kFold ? op.scale : op.scale / (1.0 - op.dropout_p));
-  const int64_t rows = backward_block_rows(op.dims);
+  const int64_t rows = backward_block_rows<acc_t>(op.dims);
   const int64_t blocks = static_cast<int64_t>(block_sums.size());
   const int64_t ld_keep = keep_row_bytes(d);
   const bool spread = n * d * r >= kGivenSpreadFmas;
@@ -500,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     using T = decltype(t);
     using acc_t = decltype(a);
     const int64_t size = Partials<acc_t>::size(dims);
-    const int64_t rows = layout != BrgemmLayout::none ? brgemm_backward_block_rows(dims) : backward_block_rows(dims);
+    const int64_t rows = layout != BrgemmLayout::none ? brgemm_backward_block_rows(dims) : backward_block_rows<acc_t>(dims);
     const int64_t blocks = (dims.n + rows - 1) / rows;
     // A call that takes_backward_by_columns on the block kernels: backward_by_columns, with
     // the bias sums of each block kept apart as those of a group.

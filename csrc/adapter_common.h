@@ -204,8 +204,34 @@ constexpr int64_t kGivenForwardMaxRows = 2 * kBlockRows;
 // thread: N = 129 0.87x -> 1.01x, 192 0.86x -> 1.00x, 320 1.02x -> 1.04x; two threads: 129 0.65x
 // -> 0.87x, 192 0.70x -> 0.93x, 320 1.31x -> 1.40x; d = 4096, two threads: 129 0.71x -> 1.23x, 320
 // 0.97x -> 1.02x. At N = 512 and 1024 (d = 1024) the blocks won: 0.97x / 1.04x against 0.91x /
-// 0.87x on one thread, 1.21x / 1.16x against 1.11x / 1.13x on two.
+// 0.87x on one thread, 1.21x / 1.16x against 1.11x / 1.13x on two. Checked again against blocks
+// of 128 rows (blas_block_rows; inference, r = 64, thread CPU time on one thread), bound 100 -> 400:
+// d = 4096: N = 192 0.92x / 1.42x -> 1.10x / 1.49x, N = 320 1.16x / 1.12x -> 1.24x / 1.28x;
+// d = 1024: N = 192 0.91x / 1.24x -> 1.07x / 1.09x, N = 320 0.94x / 1.12x -> 1.05x / 1.02x.
 constexpr int64_t kBlasGivenForwardMaxRows = 6 * kBlockRows;
+
+// Rows per forward block, and the largest backward block (balanced_block_rows, adapter_operands.h),
+// on kernels with nt_at_full_speed (BLAS): 2 kBlockRows from r = kBlasLongBlockMinRank, else
+// kBlockRows. Every block makes sgemm pack both weights again, and in the backward adds its two
+// [r, d] weight-gradient shares to the sums in a pass of their own, with products whose reduction
+// runs over the block's rows only; at d = 4096 a block of 64 fp32 rows (1 MiB) already leaves a
+// 512 KiB L2, so larger blocks lose little locality. On the AMD EPYC with AVX2 (fp32; eager time
+// over fused, one process alternating the block sizes, thread CPU time on one thread / wall time
+// on two; printed, not saved), blocks of at most 64 -> 128 rows:
+//   backward of a training step, r = 64: d = 4096, N = 320: 0.86x-0.91x / 0.98x-1.02x ->
+//     1.01x-1.03x / 1.29x-1.34x; N = 2048: 1.00x-1.12x / 1.03x-1.05x -> 1.12x-1.28x / 1.17x-1.18x;
+//     d = 1024, N = 2048: 1.15x / 1.17x -> 1.53x / 1.26x;
+//   r = 16 and 32 either way within the spread or worse on two threads (d = 1024, r = 16,
+//     N = 8192: 2.00x-2.01x / 2.02x-2.10x -> 1.94x / 1.87x-1.93x; d = 768, N = 2048: 1.58x / 1.60x
+//     -> 1.72x / 1.47x; d = 1024, r = 32, N = 2048: 1.43x / 1.54x -> 1.36x / 1.60x);
+//   inference, r = 64: N = 8192, d = 4096: 1.09x / 1.36x -> 1.27x / 1.59x; d = 1024: 1.34x / 1.90x
+//     -> 1.46x / 1.96x; N = 512, d = 4096: 0.93x / 1.24x-1.30x -> 1.06x / 1.25x-1.27x; r = 16
+//     (N = 2048, d = 1024): 2.43x / 2.87x -> 2.40x / 2.85x.
+constexpr int64_t kBlasLongBlockMinRank = 64;
+
+inline int64_t blas_block_rows(const Dims& dims) {
+  return dims.r >= kBlasLongBlockMinRank ? 2 * kBlockRows : kBlockRows;
+}
 
 // Columns per slice of the r-wide products by_column_slices gives kernels with nt_at_full_speed.
 constexpr int64_t kBlasSliceCols = 32;

@@ -72,7 +72,7 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
 
   // BLAS's products of a row depend on its block's rows: blocks of fixed rows, whatever the threads.
   const int64_t rows =
-      kernels.nt_at_full_speed ? kBlockRows : forward_block_rows(n, /*granule=*/8, kMinForwardRowsPerThread);
+      kernels.nt_at_full_speed ? blas_block_rows(op.dims) : forward_block_rows(n, /*granule=*/8, kMinForwardRowsPerThread);
   const int64_t blocks = (n + rows - 1) / rows;
   parallel_tasks(blocks, [&](TaskQueue& tasks) {
     Scratch<acc_t> x_scratch(x_rows.as_stored() ? 0 : rows * d);

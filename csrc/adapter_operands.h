@@ -113,14 +113,15 @@ inline int64_t reduction_groups(const Dims& dims, int64_t blocks, int64_t partia
 constexpr int64_t kMinBalancedBlockRows = 48;
 
 // Rows per backward block for a call of 2 kBlockRows rows or more: of the block sizes from
-// kBlockRows down to kMinBalancedBlockRows in steps of 8, the one whose largest reduction group
-// (reduction_groups) holds the fewest rows, the largest size among equals. Blocks of kBlockRows
-// give 192 rows three blocks in two groups, of 64 and 128 rows; blocks of 48 two groups of 96.
-// A function of the shape only, so the summation order never depends on the thread count.
-inline int64_t balanced_block_rows(const Dims& dims) {
-  int64_t best = kBlockRows;
+// `largest` (kBlockRows, or twice that on the BLAS kernels: adapter_backward.cpp) down to
+// largest * kMinBalancedBlockRows / kBlockRows in steps of 8, the one whose largest reduction
+// group (reduction_groups) holds the fewest rows, the largest size among equals. Blocks of
+// kBlockRows give 192 rows three blocks in two groups, of 64 and 128 rows; blocks of 48 two groups
+// of 96. A function of the shape only, so the summation order never depends on the thread count.
+inline int64_t balanced_block_rows(const Dims& dims, int64_t largest = kBlockRows) {
+  int64_t best = largest;
   int64_t best_load = dims.n + 1;
-  for (int64_t rows = kBlockRows; rows >= kMinBalancedBlockRows; rows -= 8) {
+  for (int64_t rows = largest; rows >= largest * kMinBalancedBlockRows / kBlockRows; rows -= 8) {
     const int64_t blocks = (dims.n + rows - 1) / rows;
     const int64_t groups = reduction_groups(dims, blocks, Partials<float>::size(dims));
     int64_t load = 0;
