@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -45,18 +44,10 @@ import adapterfast
 from adapterfast import AdapterBank, fused_adapter
 
 from . import allocator
-from .machine import cpu_name
+from .machine import cpu_flags, cpu_name
 from .timing import CpuTimer
 
 RESULTS = Path(__file__).parent / "results" / "grouped.jsonl"
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return " ".join(sorted(set(re.findall(r"\b(avx512[a-z_0-9]*|amx[a-z_0-9]*)\b", text))))
 
 
 def loop_forward(bank: AdapterBank, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -196,7 +187,7 @@ def main(argv=None) -> int:
         parser.error("--clock cpu measures one thread: use it with --threads 1")
     torch.set_num_threads(threads)
     timer = CpuTimer(threads) if args.clock == "wall" else None
-    machine = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": threads, "clock": args.clock,
+    machine = {"cpu": cpu_name(), "flags": " ".join(cpu_flags()), "threads": threads, "clock": args.clock,
                "allocator": allocator.configure(args.allocator), "torch": torch.__version__,
                "adapterfast": adapterfast.__version__, "isa": adapterfast.cpu.kernel_isa()
                if adapterfast.backends()["cpu"].available else "none"}
