@@ -104,11 +104,6 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   });
 }
 
-// Columns per panel of forward_given's y on kernels with nt_at_full_speed (BLAS): fixed, so that no
-// product's shape depends on the thread count, and each one sgemm call (kOutCols in
-// block_kernels_blas.cpp).
-constexpr int64_t kBlasPanelCols = 256;
-
 // The forward of a call of up to given_forward_max_rows rows, one block, from the weights as given
 // (in x's dtype: weight_in_x_dtype): h's columns by project_nt from rows of Wd, then y's columns,
 // each kGivenPanelCols of them by project_out from a panel of Wu^T widened and transposed in L1
@@ -149,7 +144,8 @@ void forward_given(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   set_residual(op, 0, xb, x_kind, ld_x, e);
   e.out = y.data_ptr();
   const bool by_dots = kernels.nt_at_full_speed || forward_out_by_dots(op.dims);
-  const int64_t panel_cols = kernels.nt_at_full_speed ? kBlasPanelCols : kGivenPanelCols;
+  // On BLAS, fixed panels (no product's shape depends on the thread count) of one sgemm call each.
+  const int64_t panel_cols = kernels.nt_at_full_speed ? blas::kOutCols : kGivenPanelCols;
   const int64_t panels = (d + panel_cols - 1) / panel_cols;
   at::parallel_for(0, panels, spread ? 1 : panels, [&](int64_t p0, int64_t p1) {
     Scratch<acc_t> panel(by_dots ? 0 : r * panel_cols);

@@ -178,6 +178,11 @@ namespace blas {
 // The portable table with its products on PyTorch's BLAS (sgemm), for CPUs below AVX-512, or
 // null when PyTorch's library exports no sgemm.
 const BlockKernels<float>* kernels();
+
+// Columns of project_out's product that one sgemm call computes before the epilogue reads them:
+// the [M, kOutCols] product stays in L1/L2 between the two. The forward's panels of y on these
+// kernels are as wide (forward_given, adapter_forward.cpp), so each is one call.
+constexpr int64_t kOutCols = 256;
 }
 
 namespace avx512 {

@@ -36,10 +36,6 @@ extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 namespace adapterfast::cpu::blas {
 namespace {
 
-// Columns of project_out's product held at once before the epilogue: the [M, kOutCols] product
-// stays in L1/L2 between the GEMM that writes it and the epilogue that reads it.
-constexpr int64_t kOutCols = 256;
-
 // colmajor_gemm's arguments as loops, for operands too large for BLAS's 32-bit integers.
 void portable_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
