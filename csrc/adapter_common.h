@@ -236,17 +236,28 @@ inline int64_t blas_block_rows(const Dims& dims) {
 // Columns per slice of the r-wide products by_column_slices gives kernels with nt_at_full_speed.
 constexpr int64_t kBlasSliceCols = 32;
 
-// Calls fn(j0, j1) for ranges of r columns over the threads (where `spread`, else all on the calling
-// thread): at::parallel_for's ranges of single columns, or with fixed_slices (kernels with
-// nt_at_full_speed: BlockKernels) whole slices of kBlasSliceCols, so that no product's shape
-// depends on the thread count.
+// Calls fn(c0, c1) for ranges [c0, c1) of `cols` columns, made of whole units of `unit` columns:
+// where `spread`, over the threads (at::parallel_for's ranges of units or, with fixed_units, one
+// call per unit), else once, fn(0, cols), on the calling thread. `spread` is a function of the
+// call's shape, so with fixed_units no product's shape depends on the thread count: kernels with
+// nt_at_full_speed (BLAS) need that, since their results for a column may depend on the columns
+// computed with it (MKL's dgemm on the AMD EPYC with AVX2 gave some columns other bits in a call
+// of 64 columns than in one of their 32).
+template <typename Fn>
+void by_column_ranges(int64_t cols, int64_t unit, bool spread, bool fixed_units, Fn&& fn) {
+  if (!spread) return fn(int64_t(0), cols);
+  const int64_t units = (cols + unit - 1) / unit;
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    if (!fixed_units) return fn(u0 * unit, std::min(cols, u1 * unit));
+    for (int64_t u = u0; u < u1; ++u) fn(u * unit, std::min(cols, (u + 1) * unit));
+  });
+}
+
+// by_column_ranges over the r columns of a bottleneck product: ranges of single columns, or with
+// fixed_slices (kernels with nt_at_full_speed) one call per slice of kBlasSliceCols.
 template <typename Fn>
 void by_column_slices(int64_t r, bool spread, bool fixed_slices, Fn&& fn) {
-  const int64_t cols = fixed_slices ? kBlasSliceCols : 1;
-  const int64_t slices = (r + cols - 1) / cols;
-  at::parallel_for(0, slices, spread ? 1 : slices, [&](int64_t s0, int64_t s1) {
-    fn(s0 * cols, std::min(r, s1 * cols));
-  });
+  by_column_ranges(r, fixed_slices ? kBlasSliceCols : 1, spread, fixed_slices, fn);
 }
 
 inline int64_t given_forward_max_rows(const Dims& dims, bool nt_at_full_speed) {
