@@ -23,7 +23,9 @@ What runs the GEMMs is chosen at run time, per dtype (``kernel_isa(dtype)`` says
   (``"avx512"``; 16-bit rows read as stored and widened as the tiles load them), else the same row
   blocks with their products on PyTorch's BLAS, MKL's sgemm in PyTorch's x86 builds (``"blas"``;
   16-bit operands widened to fp32 a block at a time), or portable C++ loops where PyTorch exports
-  no sgemm or ``ADAPTERFAST_CPU_BLAS=0`` (``"generic"``, always for float64).
+  no sgemm or ``ADAPTERFAST_CPU_BLAS=0`` (``"generic"``);
+- float64: the same row blocks on PyTorch's dgemm on every CPU (``"blas"``), or the portable loops
+  where PyTorch exports no dgemm or ``ADAPTERFAST_CPU_BLAS=0`` (``"generic"``).
 
 Switches for tests and for comparing paths on one machine: ``ADAPTERFAST_CPU_BRGEMM=0`` turns
 brgemm off; ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` makes oneDNN act as on a CPU without AMX;
@@ -97,25 +99,26 @@ def kernel_isa(dtype: torch.dtype = torch.float32) -> str:
 
 
 # Measured with ``python -m benchmarks.overhead`` on an AMD EPYC with AVX2 and no AVX-512
-# (benchmarks/results/cpu_avx2_epyc.txt, 2026-12-04): the portable loops against the eager adapter.
+# (benchmarks/results/cpu_avx2_epyc.txt, 2026-12-04/05): the portable loops against the eager adapter.
 _GENERIC_MEASURED = ("0.14x-0.80x the eager adapter in float32 at N = 64-8192, where the reference ran 0.77x-1.06x; "
-                     "in bfloat16 at N = 64-320 the reference ran 4.5x-7.0x eager, the C++ loops 0.70x-4.4x")
+                     "in bfloat16 at N = 64-320 the reference ran 4.5x-7.0x eager, the C++ loops 0.70x-4.4x; "
+                     "0.22x-0.72x in float64 at N = 64-2048")
 
 
 def slower_here(dtype: torch.dtype) -> Optional[str]:
     """Why auto should not run this backend for ``dtype`` on this CPU, or None.
 
-    Where only the portable loops would run a training dtype (``kernel_isa(dtype) == "generic"``:
-    PyTorch itself runs below AVX-512 here and the BLAS kernels are off or missing), the reference
-    on PyTorch's own GEMMs is faster than them (fp32 and bf16 measured; fp16 converts the same way
-    and is taken to follow), so auto runs the reference, saying so once; ``use_backend("cpu")``
-    still runs the C++ kernels. float64 is not a training dtype and keeps the C++ backend (not
-    measured). On the BLAS kernels (``"blas"``) the C++ backend runs."""
-    if dtype == torch.float64 or kernel_isa(dtype) != "generic":
+    Where only the portable loops would run (``kernel_isa(dtype) == "generic"``: the BLAS kernels
+    are off or PyTorch exports no such gemm, and for the 16-bit dtypes and float32 PyTorch itself
+    runs below AVX-512 here), the reference on PyTorch's own GEMMs is faster than them (float32,
+    bfloat16 and float64 measured; float16 converts as bfloat16 does and is taken to follow), so
+    auto runs the reference, saying so once; ``use_backend("cpu")`` still runs the C++ kernels.
+    Everywhere else (``"blas"``, ``"avx512"``, brgemm) the C++ backend runs."""
+    if kernel_isa(dtype) != "generic":
         return None
-    return (f"this CPU runs PyTorch at {torch.backends.cpu.get_cpu_capability()}, below AVX-512, where adapterfast's "
-            f"C++ kernels have only portable loops for {dtype} without PyTorch's BLAS (ADAPTERFAST_CPU_BLAS=0, or no "
-            f"sgemm exported) ({_GENERIC_MEASURED} on an AMD EPYC with AVX2); "
+    return (f"adapterfast's C++ kernels have only portable loops for {dtype} on this CPU (PyTorch runs at "
+            f"{torch.backends.cpu.get_cpu_capability()}; no BLAS kernels: ADAPTERFAST_CPU_BLAS=0, or PyTorch exports "
+            f"no such gemm) ({_GENERIC_MEASURED} on an AMD EPYC with AVX2); "
             "use_backend('cpu') or ADAPTERFAST_BACKEND=cpu runs them anyway")
 
 

@@ -4,7 +4,8 @@ Per-call cost decides small calls (a layer call sees batch x sequence rows: one 
 so this measures ``adapterfast.Adapter`` against the seed's eager adapter (``nn.Linear`` down,
 activation, ``nn.Linear`` up, plus the residual; ``providers.EagerAdapter``) holding the same
 weights, for N in {1, 8, 64, 320, 1024, 2048, 4096, 8192, 32768}, d in {128, 384, 768}, r = 16,
-fp32 (``--dtype bf16`` / ``fp16``: both modules and the inputs in that dtype), on 1 and 2 threads:
+fp32 (``--dtype bf16`` / ``fp16`` / ``fp64``: both modules and the inputs in that dtype), on 1 and 2
+threads:
 
 - ``train``: ``torch.autograd.grad(adapter(x), [x, *params], g)`` (forward + backward of a layer,
   as ``benchmarks.run`` times it). Grids before 2026-12-03 timed ``adapter(x).backward(g)``, which
@@ -51,7 +52,7 @@ QUICK_DS = (128, 768)
 PASSES = ("train", "infer")
 FLOP_PER_NDR = {"train": 12, "infer": 4}
 MATMUL_SIZE = 2048
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

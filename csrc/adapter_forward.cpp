@@ -175,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_as(
   const at::ScalarType acc = accumulation_type(dtype);
 
   const BrgemmLayout layout = brgemm_layout_for(dtype, dims, /*backward=*/false);
-  const bool nt_fast = acc == at::kFloat && block_kernels<float>().nt_at_full_speed;
+  const bool nt_fast =
+      acc == at::kFloat ? block_kernels<float>().nt_at_full_speed : block_kernels<double>().nt_at_full_speed;
   const bool given = layout == BrgemmLayout::none ? dims.n <= given_forward_max_rows(dims, nt_fast)
                                                   : packs_given_weights(layout, dtype, w_down, w_up, dims, false);
   const auto [w_down_t, w_up_t] =

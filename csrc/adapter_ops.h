@@ -32,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_b
     c10::string_view activation, double scale, double dropout_p, int64_t seed, bool residual_is_x);
 
 // What runs the GEMMs for inputs of this dtype here: "brgemm-amx" or "brgemm-avx512" (16-bit
-// dtypes on oneDNN's ukernel), else the block kernels that run in fp32, "avx512" or "generic".
+// dtypes on oneDNN's ukernel), else the name of the block kernels of its accumulation type:
+// "avx512", "blas" or "generic" (float64: "blas" or "generic").
 std::string kernel_isa(at::ScalarType dtype);
 
 }  // namespace adapterfast::cpu

@@ -13,7 +13,7 @@ namespace adapterfast::cpu {
 
 std::string kernel_isa(at::ScalarType dtype) {
   if (const std::string name = brgemm_kernel_name(dtype); !name.empty()) return name;
-  return dtype == at::kDouble ? "generic" : block_kernels<float>().name;
+  return dtype == at::kDouble ? block_kernels<double>().name : block_kernels<float>().name;
 }
 
 }  // namespace adapterfast::cpu

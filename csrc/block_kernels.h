@@ -4,7 +4,7 @@
 // adapter_backward.cpp) are written once against this table; each instruction set supplies its
 // own table (block_kernels_generic.cpp: portable loops for float and double;
 // block_kernels_blas.cpp: the portable table with its products on PyTorch's BLAS, for float below
-// AVX-512; block_kernels_avx512.cpp: AVX-512 micro-kernels for float).
+// AVX-512 and for double; block_kernels_avx512.cpp: AVX-512 micro-kernels for float).
 //
 // Operands are row-major views: element (i, k) of an operand with leading dimension ld is
 // ptr[i * ld + k]. project_in takes its weight as [d, r] and project_out as [r, d], so the
@@ -175,9 +175,10 @@ void finish_rows(int64_t M, int64_t K, const acc_t* u, int64_t ldu, int64_t col0
 }  // namespace generic
 
 namespace blas {
-// The portable table with its products on PyTorch's BLAS (sgemm), for CPUs below AVX-512, or
-// null when PyTorch's library exports no sgemm.
-const BlockKernels<float>* kernels();
+// The portable table with its products on PyTorch's BLAS (sgemm for float, below AVX-512; dgemm
+// for double), or null when PyTorch's library exports no such gemm.
+template <typename acc_t>
+const BlockKernels<acc_t>* kernels();
 
 // Columns of project_out's product that one sgemm call computes before the epilogue reads them:
 // the [M, kOutCols] product stays in L1/L2 between the two. The forward's panels of y on these
@@ -198,7 +199,8 @@ void finish_rows(int64_t M, int64_t K, const float* u, int64_t ldu, int64_t col0
 
 // The kernels used for this accumulation type on this machine. float: AVX-512 where PyTorch
 // itself dispatches to AVX-512, else BLAS (so ATEN_CPU_CAPABILITY=avx2 or =default selects the
-// BLAS ones), or the portable loops with ADAPTERFAST_CPU_BLAS=0. double: the portable loops.
+// BLAS ones), or the portable loops with ADAPTERFAST_CPU_BLAS=0. double: BLAS, or the portable
+// loops with ADAPTERFAST_CPU_BLAS=0.
 template <typename acc_t>
 const BlockKernels<acc_t>& block_kernels();
 

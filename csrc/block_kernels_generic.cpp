@@ -322,5 +322,6 @@ const BlockKernels<acc_t>& kernels() {
 template const BlockKernels<float>& kernels<float>();
 template const BlockKernels<double>& kernels<double>();
 template void finish_rows<float>(int64_t, int64_t, const float*, int64_t, int64_t, const OutputEpilogue<float>&);
+template void finish_rows<double>(int64_t, int64_t, const double*, int64_t, int64_t, const OutputEpilogue<double>&);
 
 }  // namespace adapterfast::cpu::generic

@@ -127,9 +127,9 @@ def test_small_calls_read_the_weights_as_given(dtype, tol):
 def _rows_depend_on_the_call(dtype: torch.dtype) -> bool:
     """Whether a row's results may differ in the last bits between calls with different rows: where
     BLAS runs the products (kernel_isa "blas", CPUs below AVX-512), sgemm picks its kernels by the
-    call's shape, as in eager PyTorch. Results stay bitwise the same for any thread count there
-    (test_bitwise_identical_across_threads_and_runs)."""
-    return dtype != torch.float64 and cpu.kernel_isa(dtype) == "blas"
+    call's shape, as in eager PyTorch (float64 runs on dgemm on every CPU). Results stay bitwise the
+    same for any thread count there (test_bitwise_identical_across_threads_and_runs)."""
+    return cpu.kernel_isa(dtype) == "blas"
 
 
 @pytest.mark.parametrize("r, rows", [(33, 4), (64, 8)])
@@ -229,6 +229,29 @@ def test_bf16_relu_backward_against_reference_backward():
 def test_float64_matches_reference():
     x, wd, wu, bd, bu, res = adapter_inputs(50, 123, 5, dtype=torch.float64, residual=True)
     check_against_reference(x, wd, wu, bd, bu, res, tol=1e-12, activation="tanh", scale=0.3, p=0.4, seed=9)
+
+
+@pytest.mark.parametrize("r", [33, 64])
+def test_float64_every_route(r):
+    """float64 runs its products on PyTorch's dgemm wherever it is exported (kernel_isa "blas", on
+    every CPU), else on the portable loops: calls of up to 384 rows read the weights as given
+    (kBlasGivenForwardMaxRows), larger ones take blocks of 64 rows, or 128 from r = 64
+    (blas_block_rows), and several reduction groups in the backward. A separate residual, dropout,
+    fp32 weights (read in float64), a strided x and an expanded x (rows 0 elements apart, which BLAS
+    cannot read as they are) take the other operands; every result matches the float64 reference."""
+    torch.manual_seed(8)
+    d = 131
+    x, wd, wu, bd, bu, res = adapter_inputs(1500, d, r, dtype=torch.float64, residual=True)
+    for n in (1, 5, 64, 384, 385, 1500):
+        check_against_reference(x[:n], wd, wu, bd, bu, None, tol=1e-12, activation="gelu", scale=0.5)
+    check_against_reference(x[:700], wd, wu, bd, bu, res[:700], tol=1e-12, activation="silu", p=0.3, seed=5)
+    low = [t.float() for t in (wd, wu, bd, bu)]  # weight gradients come back in fp32: within its rounding
+    check_against_reference(x[:500], *low, None, tol=1e-7, activation="gelu")
+    wide = torch.randn(600, 2 * d, dtype=torch.float64)
+    check_against_reference(wide[:, ::2], wd, wu, bd, bu, res[:600], tol=1e-12, p=0.3, seed=5)
+    for n in (40, 400):
+        check_against_reference(torch.randn(1, d, dtype=torch.float64).expand(n, d), wd, wu, bd, bu, None,
+                                tol=1e-12)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "quick_gelu"])
@@ -332,7 +355,7 @@ def _run_all(x, wd, wu, bd, bu, g, **kw):
 # forward_given (kGivenForwardMaxRows) with backward_by_columns at r = 64 (takes_backward_by_columns)
 # and the block backward at r = 24, two blocks of 50 rows each.
 @pytest.mark.parametrize("n, r", [(3000, 24), (1024, 24), (320, 64), (192, 24), (48, 64), (100, 64), (100, 24)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_bitwise_identical_across_threads_and_runs(dtype, n, r):
     x, wd, wu, bd, bu, _ = adapter_inputs(n, 200, r)
     x, g = x.to(dtype), torch.randn(n, 200).to(dtype)

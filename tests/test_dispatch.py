@@ -128,7 +128,7 @@ picks["float32 again"] = dispatch.select(x, 4)
 with adapterfast.use_backend("cpu"):
     picks["forced"] = dispatch.select(x, 4)
     y = adapterfast.fused_adapter(x, torch.randn(4, 16), torch.randn(16, 4))
-print(picks, cpu.kernel_isa(torch.float32), y.shape == x.shape)
+print(picks, cpu.kernel_isa(torch.float32), cpu.kernel_isa(torch.float64), y.shape == x.shape)
 """
 
 
@@ -143,10 +143,11 @@ def _auto_below_avx512(switches: dict) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not dispatch.backends()["cpu"].available, reason="the C++ backend is not built")
 def test_auto_runs_the_cpu_kernels_on_blas_below_avx512():
     """Below AVX-512 (ATEN_CPU_CAPABILITY=avx2 makes any x86 CPU such a one) the C++ kernels run their
-    products on PyTorch's BLAS, and auto runs them for every dtype, with nothing to say."""
+    products on PyTorch's BLAS (float64's on dgemm, as on every CPU), and auto runs them for every
+    dtype, with nothing to say."""
     run = _auto_below_avx512({})
     picks = ("{'torch.float32': 'cpu', 'torch.bfloat16': 'cpu', 'torch.float16': 'cpu', 'torch.float64': 'cpu', "
-             "'float32 again': 'cpu', 'forced': 'cpu'} blas True")
+             "'float32 again': 'cpu', 'forced': 'cpu'} blas blas True")
     assert run.stdout.strip() == picks, run.stdout
     assert "falling back to the eager reference" not in run.stderr, run.stderr
 
@@ -155,22 +156,35 @@ def test_auto_runs_the_cpu_kernels_on_blas_below_avx512():
 def test_auto_runs_the_reference_where_the_cpu_kernels_have_only_portable_loops():
     """Below AVX-512 without BLAS (ADAPTERFAST_CPU_BLAS=0, or a PyTorch that exports no sgemm) the C++
     kernels run portable loops, several times slower than PyTorch's GEMMs: auto runs the reference for
-    the training dtypes, saying so once per dtype; float64 and a forced cpu backend still run the C++
-    kernels."""
+    every dtype, saying so once per dtype; a forced cpu backend still runs the C++ kernels."""
     run = _auto_below_avx512({"ADAPTERFAST_CPU_BLAS": "0"})
     assert run.stdout.strip() == ("{'torch.float32': 'reference', 'torch.bfloat16': 'reference', 'torch.float16': "
-                                  "'reference', 'torch.float64': 'cpu', 'float32 again': 'reference', 'forced': 'cpu'} "
-                                  "generic True"), run.stdout
+                                  "'reference', 'torch.float64': 'reference', 'float32 again': 'reference', "
+                                  "'forced': 'cpu'} generic generic True"), run.stdout
     said = [line for line in run.stderr.splitlines() if "falling back to the eager reference" in line]
-    assert len(said) == 3, run.stderr
-    assert all("below AVX-512" in line and "use_backend('cpu')" in line for line in said)
+    assert len(said) == 4, run.stderr
+    assert all("only portable loops" in line and "AVX2" in line and "use_backend('cpu')" in line for line in said)
+
+
+@pytest.mark.skipif(not dispatch.backends()["cpu"].available, reason="the C++ backend is not built")
+def test_auto_runs_the_reference_for_float64_without_blas_on_any_cpu():
+    """float64 has no hand-tiled kernels on any CPU: without BLAS (ADAPTERFAST_CPU_BLAS=0) its C++
+    kernels are the portable loops, and auto runs the reference for it whatever PyTorch's capability
+    (float32 keeps its AVX-512 kernels where PyTorch runs AVX-512)."""
+    code = ("import torch; from adapterfast import cpu, dispatch; "
+            "print(dispatch.select(torch.randn(4, 16, dtype=torch.float64), 4), cpu.kernel_isa(torch.float64))")
+    env = dict(os.environ, ADAPTERFAST_CPU_BLAS="0")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["reference", "generic"], run.stdout
+    assert "only portable loops for torch.float64" in run.stderr, run.stderr
 
 
 @pytest.mark.skipif(not dispatch.backends()["cpu"].available, reason="the C++ backend is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_auto_on_this_cpu_follows_its_kernels(dtype):
-    """Here, auto picks the C++ backend exactly where it has more than portable loops (or for float64)."""
+    """Here, auto picks the C++ backend exactly where it has more than portable loops."""
     from adapterfast import cpu
 
-    generic = cpu.kernel_isa(dtype) == "generic" and dtype != torch.float64
+    generic = cpu.kernel_isa(dtype) == "generic"
     assert dispatch.select(torch.randn(3, 8, dtype=dtype), 4) == ("reference" if generic else "cpu")
