@@ -12,7 +12,8 @@
 // caller runs next (its rows left in the sorted order), which are prefetched.
 //
 // Each instruction set supplies a table (grouped_row_kernels.cpp: portable loops for float and
-// double; grouped_row_kernels_avx512.cpp: AVX-512 for float), chosen as block_kernels() chooses.
+// double, and the BLAS block kernels on gathered rows; grouped_row_kernels_avx512.cpp: AVX-512 for
+// float), chosen as block_kernels() chooses.
 #include <cstdint>
 
 namespace adapterfast::cpu::grouped {
@@ -37,8 +38,9 @@ const RowKernels<float>* row_kernels();
 }  // namespace avx512
 
 // The row kernels for this accumulation type: the AVX-512 ones exactly where block_kernels<float>()
-// is the AVX-512 table (so ATEN_CPU_CAPABILITY=avx2 or =default selects the portable loops for
-// both), else the portable loops.
+// is the AVX-512 table, the gathering ones where block_kernels<acc_t>() is the BLAS table (so
+// ATEN_CPU_CAPABILITY=avx2 selects BLAS for both, and ADAPTERFAST_CPU_BLAS=0 the portable loops),
+// else the portable loops.
 template <typename acc_t>
 const RowKernels<acc_t>& row_kernels();
 

@@ -1,8 +1,8 @@
 """The C++ grouped op's row-list GEMMs (csrc/grouped_row_kernels*.cpp), which read a block's x rows
 where they lie in x instead of a gathered copy: every register-tile width and K chunk of the
 AVX-512 kernel, x views with a row stride other than d (read in place) or a column stride other
-than 1 (gathered), and the portable kernels that ATEN_CPU_CAPABILITY=avx2/default select, each
-against the float64 loop over single adapters (tests/test_grouped.py)."""
+than 1 (gathered), and the BLAS and portable kernels that ATEN_CPU_CAPABILITY=avx2/default select,
+each against the float64 loop over single adapters (tests/test_grouped.py)."""
 from __future__ import annotations
 
 import os
@@ -76,10 +76,11 @@ def test_strided_x(dtype, layout):
         assert rel_err(got.grad, leaf.grad) < 4 * TOL[dtype]
 
 
-_PORTABLE_CHECK = """
-import torch
-from adapterfast import use_backend
+_BELOW_AVX512_CHECK = """
+import sys, torch
+from adapterfast import cpu, use_backend
 from test_grouped import run_case
+assert {cpu.kernel_isa(t) for t in (torch.float32, torch.float64)} == {sys.argv[1]}
 torch.manual_seed(0)
 for r in (5, 40):
     index = torch.randint(-1, 3, (301,))
@@ -91,14 +92,16 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("capability", ["avx2", "default"])
-def test_portable_row_kernels_in_a_subprocess(capability):
-    """ATEN_CPU_CAPABILITY below AVX512 selects the portable row kernels with the portable block
-    kernels; the grouped op must agree with the loop there as well (bf16 too, whose rows the
+@pytest.mark.parametrize("capability, switches, rows", [("avx2", {}, "blas"), ("default", {}, "blas"),
+                                                      ("avx2", {"ADAPTERFAST_CPU_BLAS": "0"}, "generic")])
+def test_row_kernels_below_avx512_in_a_subprocess(capability, switches, rows):
+    """ATEN_CPU_CAPABILITY below AVX512 selects the BLAS block kernels, whose row kernels gather a
+    block's listed rows and make one gemm of them, or with ADAPTERFAST_CPU_BLAS=0 the portable block
+    and row kernels; the grouped op must agree with the loop there as well (bf16 too, whose rows the
     block kernels take gathered where brgemm does not run)."""
     tests = str(Path(__file__).resolve().parent)
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, **switches,
                PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _BELOW_AVX512_CHECK, rows], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tests)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
