@@ -73,26 +73,13 @@ void portable_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
 // Per-thread buffers of acc_t, reused from call to call.
 template <typename acc_t>
 struct Buffers {
-  static thread_local std::vector<acc_t> dense_a;  // colmajor_gemm's operands with rows closer than BLAS allows
-  static thread_local std::vector<acc_t> dense_b;
-  static thread_local std::vector<acc_t> operand;  // a widened block of rows
-  static thread_local std::vector<acc_t> weight;   // a widened weight
-  static thread_local std::vector<acc_t> product;  // project_out's product columns, before the epilogue
-  static thread_local std::vector<acc_t> share;    // accumulate_outer_stored's block share, before it is added
+  static inline thread_local std::vector<acc_t> dense_a;  // colmajor_gemm's operands with rows closer than BLAS allows
+  static inline thread_local std::vector<acc_t> dense_b;
+  static inline thread_local std::vector<acc_t> operand;  // a widened block of rows
+  static inline thread_local std::vector<acc_t> weight;   // a widened weight
+  static inline thread_local std::vector<acc_t> product;  // project_out's product columns, before the epilogue
+  static inline thread_local std::vector<acc_t> share;    // accumulate_outer_stored's block share, before it is added
 };
-
-template <typename acc_t>
-thread_local std::vector<acc_t> Buffers<acc_t>::dense_a;
-template <typename acc_t>
-thread_local std::vector<acc_t> Buffers<acc_t>::dense_b;
-template <typename acc_t>
-thread_local std::vector<acc_t> Buffers<acc_t>::operand;
-template <typename acc_t>
-thread_local std::vector<acc_t> Buffers<acc_t>::weight;
-template <typename acc_t>
-thread_local std::vector<acc_t> Buffers<acc_t>::product;
-template <typename acc_t>
-thread_local std::vector<acc_t> Buffers<acc_t>::share;
 
 // `buffer` with room for at least n values.
 template <typename acc_t>
