@@ -6,7 +6,9 @@
 // accumulation, which run here on the block while it is in cache. The portable loops' products
 // (block_kernels_generic.cpp) ran 0.14x-0.80x the eager adapter in float and 0.22x-0.72x in double
 // on an AMD EPYC with AVX2 (benchmarks/results/cpu_avx2_epyc.txt). The transposes, the dropout
-// mask and the epilogue's loops are the portable ones.
+// mask and the epilogue's loops are the portable ones. float's project_out, where its output and
+// residual are float, runs on AVX2 register tiles instead (project_out_avx2.cpp), the epilogue in
+// the registers.
 //
 // BLAS is column-major: a row-major [R, C] operand with leading dimension ld is the column-major
 // [C, R] operand with the same ld, so each row-major product C = A B runs as C^T = B^T A^T.
@@ -15,6 +17,7 @@
 // gemm reads only its own type.
 #include "block_kernels.h"
 #include "convert_rows.h"
+#include "project_out_avx2.h"
 
 #include <algorithm>
 #include <climits>
@@ -195,9 +198,26 @@ void project_out_chunks(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t
   }
 }
 
+// float with a float output and residual: avx2::project_out, the product in registers and the epilogue
+// applied there, where sgemm zeroed, filled and handed back a [M, 256] buffer per chunk for the
+// epilogue's own pass, and packed both operands in every call (together with that pass, about 40% of
+// an inference call's samples at N = 1024, d = 768, r = 16, where the product's FMAs are 28%). On the
+// AMD EPYC with AVX2 (eager adapter over fused, one process alternating the two routes through a
+// temporary switch, 5 rounds, thread CPU time, one thread; printed, not saved; the grids before and
+// after are in benchmarks/results/cpu_avx2_epyc.txt section 8), sgemm -> AVX2 tiles:
+//   r = 16, d = 768: N = 320 inference 0.89x -> 1.10x, training 0.95x -> 1.11x; N = 1024 0.88x ->
+//     1.07x / 1.09x -> 1.24x; N = 2048 0.92x -> 1.16x / 1.11x -> 1.28x; d = 384, N = 1024 0.88x ->
+//     1.11x / 0.96x -> 1.12x; d = 128, N = 4096 0.93x -> 1.15x / 1.01x -> 1.18x;
+//   r = 64, d = 1024: N = 320 0.92x -> 0.99x / 0.96x -> 1.02x, N = 1024 0.84x -> 0.93x / 1.02x ->
+//     1.05x; d = 768, N = 320 0.90x -> 0.98x / 0.95x -> 1.00x;
+//   N = 2048-8192 at d = 1024 and 4096 (r = 16 and 64): within this machine's spread (+-7%) either way.
+// bf16 and float16 outputs or residuals keep sgemm and the portable epilogue.
 template <typename acc_t>
 void project_out(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb,
                  const OutputEpilogue<acc_t>& e) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx2::handles(e)) return avx2::project_out(M, N, K, A, lda, B, ldb, e);
+  }
   project_out_chunks(M, N, K, A, lda, B, ldb, false, e);
 }
 
@@ -250,6 +270,13 @@ void project_nt(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int
 template <typename acc_t>
 void project_out_nt(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const void* B, Kind b_kind,
                     int64_t ldb, const OutputEpilogue<acc_t>& e) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx2::handles(e)) {  // as in project_out, from Wu^T widened and transposed once per call
+      acc_t* b = scratch(Buffers<acc_t>::weight, N * K);
+      generic::kernels<acc_t>().widen_transposed(K, N, B, b_kind, ldb, b);
+      return avx2::project_out(M, N, K, A, lda, b, K, e);
+    }
+  }
   int64_t ld_b = 0;
   const acc_t* b = as_acc(B, b_kind, ldb, K, N, Buffers<acc_t>::weight, &ld_b);
   project_out_chunks(M, N, K, A, lda, b, ld_b, true, e);

@@ -444,6 +444,51 @@ def test_kernels_below_avx512_in_a_subprocess(kernels, switches):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+_AVX2_PROJECT_OUT_CHECK = """
+import torch
+from adapterfast import cpu, reference
+assert cpu.kernel_isa(torch.float32) == "blas"
+torch.manual_seed(0)
+# n: every row-tile tail (6-row tiles, then 4, 2 and 1); d: partial 16-column tiles (131, 24), whole
+# ones (16, 136), rows 4 KiB apart (1024); outputs past 2 MiB (training) and 6 MiB (inference) with
+# rows on 32-byte boundaries: non-temporal stores. residual: x itself, or a separate tensor.
+for n, d, r, separate in ((1, 16, 3, False), (5, 24, 9, True), (11, 131, 9, False), (13, 8, 1, True),
+                          (70, 40, 16, False), (385, 136, 64, True), (4100, 136, 9, False), (1537, 1024, 16, True)):
+    x = torch.randn(n, d)
+    wd, wu, bd, bu = torch.randn(r, d) / d ** 0.5, torch.randn(d, r) / r ** 0.5, torch.randn(r), torch.randn(d)
+    res = torch.randn(n, d) if separate else None
+    for p in (0.0, 0.3):
+        y, h = cpu.forward(x, wd, wu, bd, bu, "gelu", 0.5, p, 8, res)
+        g = torch.randn_like(y)
+        got = (y, h) + tuple(cpu.backward(g, x, wd, wu, bd, bu, h, "gelu", 0.5, p, 8, not separate))
+        d64 = lambda t: None if t is None else t.double()
+        y64, h64 = reference.forward(d64(x), d64(wd), d64(wu), d64(bd), d64(bu), "gelu", 0.5, p, 8, d64(res))
+        want = (y64, h64) + tuple(reference.backward(d64(g), d64(x), d64(wd), d64(wu), d64(bd), d64(bu), h.double(),
+                                                     "gelu", 0.5, p, 8, not separate))
+        for a, b in zip(got, want):
+            assert ((a.double() - b).norm() / b.norm()).item() < 1e-5, (n, d, r, separate, p)
+x, wd, wu = torch.randn(1537, 1024), torch.randn(16, 1024) / 32, torch.randn(1024, 16) / 4
+runs = []
+for threads in (1, 2, 1):
+    torch.set_num_threads(threads)
+    y, h = cpu.forward(x, wd, wu, None, None, "relu", 1.0, 0.0, 0, None)
+    runs.append((y, cpu.backward(torch.ones_like(y), x, wd, wu, None, None, h, "relu", 1.0, 0.0, 0, True)[0]))
+assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+print("ok")
+"""
+
+
+def test_avx2_project_out_in_a_subprocess():
+    """Below AVX-512 float's project_out runs on AVX2 register tiles with the epilogue in the registers
+    (csrc/project_out_avx2.cpp): against float64 eager with every row-tile tail, partial column tiles,
+    dropout, a separate residual and streamed outputs, in training and inference; and bitwise the same
+    for 1 and 2 threads. In a subprocess with ATEN_CPU_CAPABILITY=avx2, so it runs on AVX-512 CPUs too."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    done = subprocess.run([sys.executable, "-c", _AVX2_PROJECT_OUT_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def _forward_output(n, d, r=16):
     torch.manual_seed(0)
     x, wd, wu, bd, bu, _ = adapter_inputs(n, d, r)
