@@ -7,8 +7,8 @@
 // (block_kernels_generic.cpp) ran 0.14x-0.80x the eager adapter in float and 0.22x-0.72x in double
 // on an AMD EPYC with AVX2 (benchmarks/results/cpu_avx2_epyc.txt). The transposes, the dropout
 // mask and the epilogue's loops are the portable ones. float's project_out, where its output and
-// residual are float, runs on AVX2 register tiles instead (project_out_avx2.cpp), the epilogue in
-// the registers.
+// residual are float, runs on AVX2 register tiles instead (block_kernels_avx2.cpp), the epilogue in
+// the registers, and so does its project_in up to r = 32 (kAvx2InMaxRank).
 //
 // BLAS is column-major: a row-major [R, C] operand with leading dimension ld is the column-major
 // [C, R] operand with the same ld, so each row-major product C = A B runs as C^T = B^T A^T.
@@ -17,7 +17,7 @@
 // gemm reads only its own type.
 #include "block_kernels.h"
 #include "convert_rows.h"
-#include "project_out_avx2.h"
+#include "block_kernels_avx2.h"
 
 #include <algorithm>
 #include <climits>
@@ -171,9 +171,28 @@ const acc_t* as_acc(const void* A, Kind kind, int64_t lda, int64_t M, int64_t K,
   return out;
 }
 
+// Bottleneck widths up to which float's project_in runs on AVX2 register tiles (avx2::project_in)
+// instead of sgemm, whose kernels for such narrow products (MKL's "pst" at 8 columns) ran the
+// down-projection of a 64-row block at about half the rate of one call over all rows: at r = 8 the
+// fused forward took 0.77x-0.80x the eager adapter's time. On the AMD EPYC with AVX2 (eager over fused,
+// one process alternating the two through a temporary switch, 5 rounds, thread CPU time, one
+// thread; printed, not saved), sgemm -> AVX2 tiles, inference / training:
+//   r = 8: N = 1024, d = 1024 0.77x -> 1.50x / 1.74x -> 2.48x; N = 2048, d = 768 0.80x -> 2.21x /
+//     1.57x -> 2.77x; N = 8192, d = 1024 1.02x -> 1.57x / 2.20x -> 3.13x;
+//   r = 16: N = 1024, d = 1024 1.17x -> 1.23x / 1.16x -> 1.28x; N = 2048, d = 768 1.28x -> 1.65x /
+//     1.35x -> 1.48x; two threads, N = 1024, d = 768 1.14x -> 1.29x / 1.27x -> 1.35x;
+//   r = 32: N = 1024, d = 1024 0.97x -> 1.10x / 1.05x -> 1.11x; N = 2048, d = 4096 1.12x -> 1.17x /
+//     1.12x -> 1.14x;
+//   r = 48: d = 768 1.07x -> 1.15x / 1.06x -> 1.12x, but d = 4096 1.10x -> 1.11x / 1.22x -> 1.16x;
+//   r = 64: within the spread at d = 768 and 1024, d = 4096 1.03x -> 0.97x / 1.05x -> 0.94x.
+constexpr int64_t kAvx2InMaxRank = 32;
+
 template <typename acc_t>
 void project_in(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb, acc_t* C,
                 int64_t ldc) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx2::available() && N <= kAvx2InMaxRank) return avx2::project_in(M, N, K, A, lda, B, ldb, C, ldc);
+  }
   gemm(M, N, K, A, lda, B, ldb, false, acc_t(0), C, ldc);
 }
 

@@ -444,7 +444,7 @@ def test_kernels_below_avx512_in_a_subprocess(kernels, switches):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
-_AVX2_PROJECT_OUT_CHECK = """
+_AVX2_KERNELS_CHECK = """
 import torch
 from adapterfast import cpu, reference
 assert cpu.kernel_isa(torch.float32) == "blas"
@@ -452,8 +452,11 @@ torch.manual_seed(0)
 # n: every row-tile tail (6-row tiles, then 4, 2 and 1); d: partial 16-column tiles (131, 24), whole
 # ones (16, 136), rows 4 KiB apart (1024); outputs past 2 MiB (training) and 6 MiB (inference) with
 # rows on 32-byte boundaries: non-temporal stores. residual: x itself, or a separate tensor.
+# project_in on AVX2 tiles (r <= 32) in the forward's blocks (from 385 rows) and the backward: 12-row
+# tiles of one vector (r <= 8) and 6-row ones of two, with every tail, and r = 64 on sgemm.
 for n, d, r, separate in ((1, 16, 3, False), (5, 24, 9, True), (11, 131, 9, False), (13, 8, 1, True),
-                          (70, 40, 16, False), (385, 136, 64, True), (4100, 136, 9, False), (1537, 1024, 16, True)):
+                          (70, 40, 16, False), (385, 136, 64, True), (4100, 136, 9, False), (1537, 1024, 16, True),
+                          (389, 40, 3, False), (397, 131, 32, True), (459, 72, 24, False), (401, 64, 8, True)):
     x = torch.randn(n, d)
     wd, wu, bd, bu = torch.randn(r, d) / d ** 0.5, torch.randn(d, r) / r ** 0.5, torch.randn(r), torch.randn(d)
     res = torch.randn(n, d) if separate else None
@@ -478,13 +481,14 @@ print("ok")
 """
 
 
-def test_avx2_project_out_in_a_subprocess():
-    """Below AVX-512 float's project_out runs on AVX2 register tiles with the epilogue in the registers
-    (csrc/project_out_avx2.cpp): against float64 eager with every row-tile tail, partial column tiles,
-    dropout, a separate residual and streamed outputs, in training and inference; and bitwise the same
-    for 1 and 2 threads. In a subprocess with ATEN_CPU_CAPABILITY=avx2, so it runs on AVX-512 CPUs too."""
+def test_avx2_kernels_in_a_subprocess():
+    """Below AVX-512 float's project_out runs on AVX2 register tiles with the epilogue in the registers,
+    and its project_in up to r = 32 (csrc/block_kernels_avx2.cpp): against float64 eager with every
+    row-tile tail, partial column tiles, dropout, a separate residual and streamed outputs, in training
+    and inference; and bitwise the same for 1 and 2 threads. In a subprocess with
+    ATEN_CPU_CAPABILITY=avx2, so it runs on AVX-512 CPUs too."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
-    done = subprocess.run([sys.executable, "-c", _AVX2_PROJECT_OUT_CHECK], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _AVX2_KERNELS_CHECK], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 

@@ -1,13 +1,16 @@
-// project_out for float on AVX2 register tiles (block_kernels.h's contract), for the BLAS block
-// kernels (block_kernels_blas.cpp): the [M, r] x [r, K] product with the output epilogue applied
-// to each tile as it leaves the registers, where sgemm writes the product to a buffer that the
-// epilogue then reads back (and first zeroes it, and packs both operands, in every call). At
-// r <= 64 the product is a few FMAs per output element, so on the eager adapter's footing (the same
-// sgemm) the fused op wins only by what it does around the product.
+// project_in and project_out for float on AVX2 register tiles (block_kernels.h's contract), for the
+// BLAS block kernels (block_kernels_blas.cpp, which says where each runs instead of sgemm).
+// project_out: the [M, r] x [r, K] product with the output epilogue applied to each tile as it
+// leaves the registers, where sgemm writes the product to a buffer that the epilogue then reads
+// back (and first zeroes it, and packs both operands, in every call). At r <= 64 the product is a
+// few FMAs per output element, so on the eager adapter's footing (the same sgemm) the fused op wins
+// only by what it does around the product. project_in: the [M, d] x [d, r] product of narrow r,
+// where sgemm's kernels for narrow products ran at half their rate.
 //
-// Each output element sums its r products in order, from zero, whatever the tile: its bits depend on
-// its row of A and column of B only, never on the call's shape or the thread count.
-#include "project_out_avx2.h"
+// Each output element of project_out sums its r products in order, from zero, and each of project_in
+// sums its products in runs of kSumRun: whatever the tile, its bits depend on its row of A and
+// column of B only, never on the call's shape or the thread count.
+#include "block_kernels_avx2.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -215,7 +218,100 @@ void project_out_as(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
   if (stream) _mm_sfence();
 }
 
+// Products project_in sums in registers before adding them to C: K is summed blockwise, so the
+// rounding error grows with kSumRun + K / kSumRun rather than with K, as in the AVX-512 kernels.
+constexpr int64_t kSumRun = 64;
+
+// C[0:kTile, 0:8 kInVecs] = A[0:kTile, 0:K] B[0:K, 0:8 kInVecs] for one tile (A, C at its first row,
+// B, C at its first column; lanes m), per k one row of B and one broadcast of each row's element.
+// A's rows (x, mostly from memory) are read once, as kTile interleaved streams the prefetchers do
+// not follow: each row's next run is requested while this one is summed.
+template <int kTile, int kInVecs, bool kFull>
+ALWAYS_INLINE void in_tile(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                           const __m256i (&m)[kInVecs], float* C, int64_t ldc) {
+  for (int64_t s0 = 0; s0 < K; s0 += kSumRun) {
+    const int64_t s1 = std::min(K, s0 + kSumRun);
+    if (s1 < K) {
+#pragma GCC unroll 12
+      for (int t = 0; t < kTile; ++t) {
+        const char* next = reinterpret_cast<const char*>(A + t * lda + s1);
+        for (int line = 0; line < 4; ++line) _mm_prefetch(next + 64 * line, _MM_HINT_T0);
+      }
+    }
+    __m256 acc[kTile][kInVecs];
+#pragma GCC unroll 12
+    for (int t = 0; t < kTile; ++t) {
+#pragma GCC unroll 2
+      for (int v = 0; v < kInVecs; ++v) acc[t][v] = _mm256_setzero_ps();
+    }
+    for (int64_t k = s0; k < s1; ++k) {
+      __m256 b[kInVecs];
+#pragma GCC unroll 2
+      for (int v = 0; v < kInVecs; ++v) b[v] = load<kFull>(B + k * ldb + v * kLanes, m[v]);
+#pragma GCC unroll 12
+      for (int t = 0; t < kTile; ++t) {
+        const __m256 x = _mm256_broadcast_ss(A + t * lda + k);
+#pragma GCC unroll 2
+        for (int v = 0; v < kInVecs; ++v) acc[t][v] = _mm256_fmadd_ps(x, b[v], acc[t][v]);
+      }
+    }
+#pragma GCC unroll 12
+    for (int t = 0; t < kTile; ++t) {
+#pragma GCC unroll 2
+      for (int v = 0; v < kInVecs; ++v) {
+        float* c = C + t * ldc + v * kLanes;
+        const __m256 sum = s0 == 0 ? acc[t][v] : _mm256_add_ps(load<kFull>(c, m[v]), acc[t][v]);
+        if constexpr (kFull) {
+          _mm256_storeu_ps(c, sum);
+        } else {
+          _mm256_maskstore_ps(c, m[v], sum);
+        }
+      }
+    }
+  }
+}
+
+// One row tile of kTile rows over all N columns, 8 kInVecs at a time.
+template <int kTile, int kInVecs>
+void in_row_tile(int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += kInVecs * kLanes) {
+    __m256i m[kInVecs];
+    for (int v = 0; v < kInVecs; ++v) m[v] = lanes(N - n0 - v * kLanes);
+    if (N - n0 >= kInVecs * kLanes) {
+      in_tile<kTile, kInVecs, true>(K, A, lda, B + n0, ldb, m, C + n0, ldc);
+    } else {
+      in_tile<kTile, kInVecs, false>(K, A, lda, B + n0, ldb, m, C + n0, ldc);
+    }
+  }
+}
+
+// Rows in tiles of kTile, the rest in tiles of half as many, down to one (a tile computes all its rows).
+template <int kTile, int kInVecs>
+void in_rows(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+             int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kTile <= M; i += kTile) in_row_tile<kTile, kInVecs>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+  if constexpr (kTile > 1) {
+    if (i < M) in_rows<kTile / 2, kInVecs>(M - i, N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc);
+  }
+}
+
 }  // namespace
+
+bool available() { return true; }
+
+// Up to 8 columns (r <= 8) in tiles of 12 rows by one vector: 12 accumulators, one load of B and 12
+// broadcasts per 12 FMAs; wider in project_out's 6 x 2 tiles, over all columns per row tile, so that
+// the tile's rows of x stay in L1 for every 16 columns after the first.
+void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                int64_t ldc) {
+  if (N <= kLanes) {
+    in_rows<12, 1>(M, N, K, A, lda, B, ldb, C, ldc);
+  } else {
+    in_rows<kRows, kVecs>(M, N, K, A, lda, B, ldb, C, ldc);
+  }
+}
 
 bool handles(const OutputEpilogue<float>& e) {
   return e.out_kind == Kind::f32 && (e.res == nullptr || e.res_kind == Kind::f32);
@@ -231,6 +327,10 @@ void project_out(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
 }
 
 #else
+
+bool available() { return false; }
+
+void project_in(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 
 bool handles(const OutputEpilogue<float>&) { return false; }
 

@@ -1,0 +1,25 @@
+#pragma once
+// project_in and project_out for float on AVX2 register tiles, project_out with the output epilogue
+// applied in the registers: what the BLAS block kernels (block_kernels_blas.cpp) run instead of sgemm
+// where it measured faster (block_kernels_avx2.cpp).
+#include "block_kernels.h"
+
+namespace adapterfast::cpu::avx2 {
+
+// Whether this build has the kernels: an x86-64 build for AVX2 and FMA (setup.py builds all of
+// adapterfast's x86-64 code so).
+bool available();
+
+// Whether project_out runs this epilogue: a float output and a float residual or none, where
+// available() (the 16-bit storage kinds take the BLAS product).
+bool handles(const OutputEpilogue<float>& e);
+
+// C[M, N] = A[M, K] B[K, N], block_kernels.h's project_in.
+void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                int64_t ldc);
+
+// out[M, K] = epilogue(A[M, N] B[N, K]), block_kernels.h's project_out, for an epilogue it handles.
+void project_out(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                 const OutputEpilogue<float>& e);
+
+}  // namespace adapterfast::cpu::avx2
