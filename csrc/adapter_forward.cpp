@@ -105,7 +105,8 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
 }
 
 // The forward of a call of up to given_forward_max_rows rows, one block, from the weights as given
-// (in x's dtype: weight_in_x_dtype): h's columns by project_nt from rows of Wd, then y's columns,
+// (in x's dtype: weight_in_x_dtype): h's columns by project_nt from rows of Wd (or its rows, on
+// kernels whose project_nt computes a row from that row alone: nt_by_rows_max_cols), then y's columns,
 // each kGivenPanelCols of them by project_out from a panel of Wu^T widened and transposed in L1
 // just before (the same products in the same order as from a transposed copy), or, in a call of
 // a few rows (forward_out_by_dots) or on kernels with nt_at_full_speed (BLAS), by project_out_nt
@@ -129,9 +130,17 @@ void forward_given(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const Kind x_kind = x_rows.as_stored() ? x_rows.kind() : kAccKind<acc_t>;
   const int64_t ld_x = x_rows.as_stored() ? x_rows.ld() : d;
 
-  by_column_slices(r, spread, kernels.nt_at_full_speed, [&](int64_t j0, int64_t j1) {
-    kernels.project_nt(n, j1 - j0, d, xb, x_kind, ld_x, w_down + j0 * d * w_bytes, w_kind, d, h_data + j0, r);
-  });
+  if (spread && r <= kernels.nt_by_rows_max_cols) {
+    const int64_t x_bytes = kind_bytes(x_kind);
+    at::parallel_for(0, n, kGivenRowGrain, [&](int64_t i0, int64_t i1) {
+      kernels.project_nt(i1 - i0, r, d, static_cast<const char*>(xb) + i0 * ld_x * x_bytes, x_kind, ld_x, w_down,
+                         w_kind, d, h_data + i0 * r, r);
+    });
+  } else {
+    by_column_slices(r, spread, kernels.nt_at_full_speed, [&](int64_t j0, int64_t j1) {
+      kernels.project_nt(n, j1 - j0, d, xb, x_kind, ld_x, w_down + j0 * d * w_bytes, w_kind, d, h_data + j0, r);
+    });
+  }
   Scratch<acc_t> a(n * r);
   bottleneck_rows<T>(op, n, h_data, a.data());
 

@@ -163,6 +163,11 @@ struct BlockKernels {
   // (sgemm picks its kernels by shape), so the drivers give them only shapes that do not depend
   // on the thread count: fixed blocks of rows and fixed slices of columns.
   bool nt_at_full_speed = false;
+
+  // Up to this many columns (N), project_nt computes each row of C from that row of A alone, with
+  // the same bits whatever the call's other rows: the forward may then split x Wd^T over the threads
+  // by rows in ranges of any size (forward_given, adapter_forward.cpp). 0: no such bound is promised.
+  int64_t nt_by_rows_max_cols = 0;
 };
 
 namespace generic {

@@ -14,12 +14,24 @@ bool available();
 // available() (the 16-bit storage kinds take the BLAS product).
 bool handles(const OutputEpilogue<float>& e);
 
+// B[k, i] = A[i, k] for i < M, k < K, B's rows ldb apart: a weight into the layout the kernels read.
+void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B, int64_t ldb);
+
 // C[M, N] = A[M, K] B[K, N], block_kernels.h's project_in.
 void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                int64_t ldc);
+
+// C[M, N] = A[M, K] W[N, K]^T from W as it is (rows ldw apart), with the same bits as project_in from
+// W^T: for calls of a few rows, where transposing W costs more than the product.
+void project_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw, float* C,
                 int64_t ldc);
 
 // out[M, K] = epilogue(A[M, N] B[N, K]), block_kernels.h's project_out, for an epilogue it handles.
 void project_out(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                  const OutputEpilogue<float>& e);
+
+// project_out from W [K, N] = B^T as it is (rows ldw apart): block_kernels.h's project_out_nt, float W.
+void project_out_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw,
+                    const OutputEpilogue<float>& e);
 
 }  // namespace adapterfast::cpu::avx2

@@ -185,7 +185,18 @@ const acc_t* as_acc(const void* A, Kind kind, int64_t lda, int64_t M, int64_t K,
 //     1.12x -> 1.14x;
 //   r = 48: d = 768 1.07x -> 1.15x / 1.06x -> 1.12x, but d = 4096 1.10x -> 1.11x / 1.22x -> 1.16x;
 //   r = 64: within the spread at d = 768 and 1024, d = 4096 1.03x -> 0.97x / 1.05x -> 0.94x.
+// project_nt (the forward of up to kBlasGivenForwardMaxRows rows, x Wd^T from Wd as given) too, from Wd
+// transposed per call, r = 16, inference, one thread / two: N = 320, d = 384 1.21x -> 1.34x / 1.04x
+// -> 1.08x; d = 768 1.16x -> 1.24x / 1.75x -> 2.00x; N = 64, d = 768 1.22x -> 1.24x / 1.56x ->
+// 1.64x; N = 8, d = 768 1.35x -> 1.30x (one thread).
 constexpr int64_t kAvx2InMaxRank = 32;
+
+// Rows from which project_nt transposes Wd for avx2::project_in; fewer take avx2::project_nt, which
+// transposes its 8 x 8 blocks in registers instead, with the same bits. One thread, r = 16, inference,
+// transposed Wd -> in registers below 8 rows (printed, not saved): N = 1, d = 4096 0.98x -> 1.16x
+// (sgemm: 1.32x); N = 4, d = 4096 1.29x -> 1.32x; N = 8, d = 1024 within the spread; in registers
+// for every row count, N = 64, d = 768 read 0.91x against 1.42x.
+constexpr int64_t kAvx2NtMinRows = 8;
 
 template <typename acc_t>
 void project_in(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb, acc_t* C,
@@ -282,6 +293,15 @@ void project_nt(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int
                 int64_t ldb, acc_t* C, int64_t ldc) {
   int64_t ld_a = 0, ld_b = 0;
   const acc_t* a = as_acc(A, a_kind, lda, M, K, Buffers<acc_t>::operand, &ld_a);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx2::available() && N <= kAvx2InMaxRank) {  // as project_in, from Wd transposed once per call
+      const acc_t* b = as_acc(B, b_kind, ldb, N, K, Buffers<acc_t>::weight, &ld_b);
+      if (M < kAvx2NtMinRows) return avx2::project_nt(M, N, K, a, ld_a, b, ld_b, C, ldc);
+      acc_t* b_t = scratch(Buffers<acc_t>::product, N * K);
+      avx2::transpose(N, K, b, ld_b, b_t, N);
+      return avx2::project_in(M, N, K, a, ld_a, b_t, N, C, ldc);
+    }
+  }
   const acc_t* b = as_acc(B, b_kind, ldb, N, K, Buffers<acc_t>::weight, &ld_b);
   gemm(M, N, K, a, ld_a, b, ld_b, true, acc_t(0), C, ldc);
 }
@@ -290,10 +310,10 @@ template <typename acc_t>
 void project_out_nt(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const void* B, Kind b_kind,
                     int64_t ldb, const OutputEpilogue<acc_t>& e) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (avx2::handles(e)) {  // as in project_out, from Wu^T widened and transposed once per call
-      acc_t* b = scratch(Buffers<acc_t>::weight, N * K);
-      generic::kernels<acc_t>().widen_transposed(K, N, B, b_kind, ldb, b);
-      return avx2::project_out(M, N, K, A, lda, b, K, e);
+    if (avx2::handles(e)) {  // as in project_out
+      int64_t ld_w = 0;
+      const acc_t* w = as_acc(B, b_kind, ldb, K, N, Buffers<acc_t>::weight, &ld_w);
+      return avx2::project_out_nt(M, N, K, A, lda, w, ld_w, e);
     }
   }
   int64_t ld_b = 0;
@@ -327,6 +347,7 @@ const BlockKernels<acc_t>* kernels() {
     t.project_nt = &project_nt<acc_t>;
     t.project_out_nt = &project_out_nt<acc_t>;
     t.nt_at_full_speed = true;
+    if constexpr (std::is_same_v<acc_t, float>) t.nt_by_rows_max_cols = avx2::available() ? kAvx2InMaxRank : 0;
     return t;
   }();
   return &table;

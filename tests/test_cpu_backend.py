@@ -470,6 +470,14 @@ for n, d, r, separate in ((1, 16, 3, False), (5, 24, 9, True), (11, 131, 9, Fals
                                                      "gelu", 0.5, p, 8, not separate))
         for a, b in zip(got, want):
             assert ((a.double() - b).norm() / b.norm()).item() < 1e-5, (n, d, r, separate, p)
+# A row's h and y are the same bits whatever the call's other rows up to r = 32 (the forward of up
+# to 384 rows splits x Wd^T over the threads by rows; below 8 rows Wd's blocks are transposed in registers).
+for d, r in ((131, 9), (1024, 32)):
+    x, wd, wu = torch.randn(70, d), torch.randn(r, d) / d ** 0.5, torch.randn(d, r) / r ** 0.5
+    y, h = cpu.forward(x, wd, wu, None, None, "relu", 1.0, 0.0, 0, None)
+    for i0, i1 in ((0, 1), (3, 10), (20, 27), (40, 70)):
+        y_part, h_part = cpu.forward(x[i0:i1], wd, wu, None, None, "relu", 1.0, 0.0, 0, None)
+        assert torch.equal(h_part, h[i0:i1]) and torch.equal(y_part, y[i0:i1]), (d, r, i0, i1)
 x, wd, wu = torch.randn(1537, 1024), torch.randn(16, 1024) / 32, torch.randn(1024, 16) / 4
 runs = []
 for threads in (1, 2, 1):
@@ -483,10 +491,11 @@ print("ok")
 
 def test_avx2_kernels_in_a_subprocess():
     """Below AVX-512 float's project_out runs on AVX2 register tiles with the epilogue in the registers,
-    and its project_in up to r = 32 (csrc/block_kernels_avx2.cpp): against float64 eager with every
-    row-tile tail, partial column tiles, dropout, a separate residual and streamed outputs, in training
-    and inference; and bitwise the same for 1 and 2 threads. In a subprocess with
-    ATEN_CPU_CAPABILITY=avx2, so it runs on AVX-512 CPUs too."""
+    and its project_in and project_nt up to r = 32 (csrc/block_kernels_avx2.cpp): against float64 eager
+    with every row-tile tail, partial column tiles, dropout, a separate residual and streamed outputs,
+    in training and inference; a row's results the same bits in calls of other rows; and bitwise the
+    same for 1 and 2 threads. In a subprocess with ATEN_CPU_CAPABILITY=avx2, so it runs on AVX-512
+    CPUs too."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     done = subprocess.run([sys.executable, "-c", _AVX2_KERNELS_CHECK], env=env, capture_output=True, text=True,
                           timeout=300)
