@@ -111,8 +111,8 @@ void forward_blocks(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
 // just before (the same products in the same order as from a transposed copy), or, in a call of
 // a few rows (forward_out_by_dots) or on kernels with nt_at_full_speed (BLAS), by project_out_nt
 // from the panel's rows of Wu as they are.
-// Both go over the threads by columns, which leaves every element's arithmetic as it is: bitwise
-// the same results for any thread count.
+// Both go over the threads by columns (h by rows on such kernels), which leaves every element's
+// arithmetic as it is: bitwise the same results for any thread count.
 template <typename T, typename acc_t>
 void forward_given(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
   const BlockKernels<acc_t>& kernels = block_kernels<acc_t>();

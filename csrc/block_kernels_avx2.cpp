@@ -84,6 +84,18 @@ struct Rows {
   float* out_at(int64_t row, int64_t k0) const { return out + (out_rows == nullptr ? row : out_rows[row]) * ld_out + k0; }
 };
 
+// acc[t][v] += a[t lda] b[v] for the kTile rows of a tile: one step of its rank update (one broadcast
+// per row, kV FMAs each).
+template <int kTile, int kV>
+ALWAYS_INLINE void rank_one(const float* a, int64_t lda, const __m256 (&b)[kV], __m256 (&acc)[kTile][kV]) {
+#pragma GCC unroll 12
+  for (int t = 0; t < kTile; ++t) {
+    const __m256 x = _mm256_broadcast_ss(a + t * lda);
+#pragma GCC unroll 2
+    for (int v = 0; v < kV; ++v) acc[t][v] = _mm256_fmadd_ps(x, b[v], acc[t][v]);
+  }
+}
+
 // What one tile needs besides its rows: the product's operands and the epilogue of its columns.
 struct Step {
   const Rows& rows;
@@ -141,12 +153,7 @@ ALWAYS_INLINE void tile(const Step& s, int64_t i0) {
     __m256 b[kVecs];
 #pragma GCC unroll 2
     for (int v = 0; v < kVecs; ++v) b[v] = _mm256_loadu_ps(b_row + v * kLanes);
-#pragma GCC unroll 6
-    for (int t = 0; t < kTile; ++t) {
-      const __m256 x = _mm256_broadcast_ss(a + t * lda + j);
-#pragma GCC unroll 2
-      for (int v = 0; v < kVecs; ++v) acc[t][v] = _mm256_fmadd_ps(x, b[v], acc[t][v]);
-    }
+    rank_one(a + j, lda, b, acc);
   }
 #pragma GCC unroll 6
   for (int t = 0; t < kTile; ++t) finish_row<kRes, kFull, kStream>(s, i0 + t, acc[t]);
@@ -291,12 +298,7 @@ ALWAYS_INLINE void in_tile(int64_t K, const float* A, int64_t lda, const float* 
       __m256 b[kInVecs];
 #pragma GCC unroll 2
       for (int v = 0; v < kInVecs; ++v) b[v] = load<kFull>(B + k * ldb + v * kLanes, m[v]);
-#pragma GCC unroll 12
-      for (int t = 0; t < kTile; ++t) {
-        const __m256 x = _mm256_broadcast_ss(A + t * lda + k);
-#pragma GCC unroll 2
-        for (int v = 0; v < kInVecs; ++v) acc[t][v] = _mm256_fmadd_ps(x, b[v], acc[t][v]);
-      }
+      rank_one(A + k, lda, b, acc);
     }
 #pragma GCC unroll 12
     for (int t = 0; t < kTile; ++t) {
