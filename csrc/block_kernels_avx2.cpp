@@ -1,5 +1,6 @@
-// project_in and project_out for float on AVX2 register tiles (block_kernels.h's contract), for the
-// BLAS block kernels (block_kernels_blas.cpp, which says where each runs instead of sgemm).
+// project_in, project_nt and project_out for float on AVX2 register tiles (block_kernels.h's
+// contract), for the BLAS block kernels (block_kernels_blas.cpp, which says where each runs instead
+// of sgemm), and the weight transpose they read.
 // project_out: the [M, r] x [r, K] product with the output epilogue applied to each tile as it
 // leaves the registers, where sgemm writes the product to a buffer that the epilogue then reads
 // back (and first zeroes it, and packs both operands, in every call). At r <= 64 the product is a
@@ -8,8 +9,8 @@
 // where sgemm's kernels for narrow products ran at half their rate.
 //
 // Each output element of project_out sums its r products in order, from zero, and each of project_in
-// sums its products in runs of kSumRun: whatever the tile, its bits depend on its row of A and
-// column of B only, never on the call's shape or the thread count.
+// (and of project_nt, from W = B^T) sums its products in runs of kSumRun: whatever the tile, its bits
+// depend on its row of A and column of B only, never on the call's shape or the thread count.
 #include "block_kernels_avx2.h"
 
 #include <algorithm>
@@ -18,7 +19,7 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define ADAPTERFAST_AVX2_OUT 1
+#define ADAPTERFAST_AVX2_KERNELS 1
 // Inlined with their loops unrolled, so that the accumulators are indexed by constants only and
 // stay in registers (without, GCC kept the tile on the stack and stored it back at every step).
 #define ALWAYS_INLINE inline __attribute__((always_inline))
@@ -26,7 +27,7 @@
 
 namespace adapterfast::cpu::avx2 {
 
-#ifdef ADAPTERFAST_AVX2_OUT
+#ifdef ADAPTERFAST_AVX2_KERNELS
 namespace {
 
 constexpr int64_t kLanes = 8;
@@ -48,6 +49,7 @@ inline __m256i lanes(int64_t n) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + kLanes - n));
 }
 
+// The lanes of a tile's two vectors that fall inside the n columns left from its first one.
 struct Columns {
   __m256i m[kVecs];
   bool full;
