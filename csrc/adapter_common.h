@@ -236,9 +236,9 @@ inline int64_t blas_block_rows(const Dims& dims) {
 // Columns per slice of the r-wide products by_column_slices gives kernels with nt_at_full_speed.
 constexpr int64_t kBlasSliceCols = 32;
 
-// Rows per thread at least where forward_given splits x Wd^T over the threads by rows
-// (BlockKernels::nt_by_rows_max_cols): at r <= kBlasSliceCols the column slices are one, which left
-// the product on one thread. On the AMD EPYC with AVX2 (fp32, r = 16, two threads, eager adapter
+// at::parallel_for's grain where forward_given splits x Wd^T over the threads by rows
+// (BlockKernels::nt_by_rows_max_cols; any split gives the same bits): at r <= kBlasSliceCols the
+// column slices are one, which left the product on one thread. On the AMD EPYC with AVX2 (fp32, r = 16, two threads, eager adapter
 // over fused, one process alternating the routes, printed, not saved), column slice -> rows:
 // N = 320, d = 384 inference 1.08x -> 1.30x, training 1.01x -> 1.22x; d = 768 2.00x -> 2.26x /
 // 1.72x -> 1.78x; N = 64, d = 768 1.64x -> 1.66x / 1.56x -> 1.57x.

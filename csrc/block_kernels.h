@@ -4,7 +4,8 @@
 // adapter_backward.cpp) are written once against this table; each instruction set supplies its
 // own table (block_kernels_generic.cpp: portable loops for float and double;
 // block_kernels_blas.cpp: the portable table with its products on PyTorch's BLAS, for float below
-// AVX-512 (project_out on AVX2 register tiles: block_kernels_avx2.cpp) and for double;
+// AVX-512 (where its narrow products and project_out run on AVX2 register tiles:
+// block_kernels_avx2.cpp) and for double;
 // block_kernels_avx512.cpp: AVX-512 micro-kernels for float).
 //
 // Operands are row-major views: element (i, k) of an operand with leading dimension ld is

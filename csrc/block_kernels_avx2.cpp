@@ -391,7 +391,8 @@ void project_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
   }
 }
 
-void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B, int64_t ldb) {
+void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B) {
+  const int64_t ldb = M;
   for (int64_t i0 = 0; i0 < M; i0 += kLanes) {
     const int64_t mi = std::min(kLanes, M - i0);
     for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
@@ -462,7 +463,7 @@ bool available() { return false; }
 
 void project_nt(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 
-void transpose(int64_t, int64_t, const float*, int64_t, float*, int64_t) {}
+void transpose(int64_t, int64_t, const float*, int64_t, float*) {}
 
 void project_in(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t) {}
 

@@ -14,8 +14,9 @@ bool available();
 // available() (the 16-bit storage kinds take the BLAS product).
 bool handles(const OutputEpilogue<float>& e);
 
-// B[k, i] = A[i, k] for i < M, k < K, B's rows ldb apart: a weight into the layout the kernels read.
-void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B, int64_t ldb);
+// B[k, i] = A[i, k] for i < M, k < K, B dense [K, M]: block_kernels.h's transpose (the BLAS table's
+// for float), and Wd into the layout project_in reads.
+void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B);
 
 // C[M, N] = A[M, K] B[K, N], block_kernels.h's project_in.
 void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,

@@ -5,10 +5,11 @@
 // by what it does not do: the [N, d] passes of the bias, the residual add and the gradient
 // accumulation, which run here on the block while it is in cache. The portable loops' products
 // (block_kernels_generic.cpp) ran 0.14x-0.80x the eager adapter in float and 0.22x-0.72x in double
-// on an AMD EPYC with AVX2 (benchmarks/results/cpu_avx2_epyc.txt). The transposes, the dropout
-// mask and the epilogue's loops are the portable ones. float's project_out, where its output and
-// residual are float, runs on AVX2 register tiles instead (block_kernels_avx2.cpp), the epilogue in
-// the registers, and so does its project_in up to r = 32 (kAvx2InMaxRank).
+// on an AMD EPYC with AVX2 (benchmarks/results/cpu_avx2_epyc.txt). The dropout mask, 16-bit
+// weights' transposes and the epilogue's loops are the portable ones. float's project_out, where its
+// output and residual are float, runs on AVX2 register tiles instead (block_kernels_avx2.cpp), the
+// epilogue in the registers, and so do its project_in and project_nt up to r = 32 (kAvx2InMaxRank)
+// and its weight transposes.
 //
 // BLAS is column-major: a row-major [R, C] operand with leading dimension ld is the column-major
 // [C, R] operand with the same ld, so each row-major product C = A B runs as C^T = B^T A^T.
@@ -298,7 +299,7 @@ void project_nt(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int
       const acc_t* b = as_acc(B, b_kind, ldb, N, K, Buffers<acc_t>::weight, &ld_b);
       if (M < kAvx2NtMinRows) return avx2::project_nt(M, N, K, a, ld_a, b, ld_b, C, ldc);
       acc_t* b_t = scratch(Buffers<acc_t>::product, N * K);
-      avx2::transpose(N, K, b, ld_b, b_t, N);
+      avx2::transpose(N, K, b, ld_b, b_t);
       return avx2::project_in(M, N, K, a, ld_a, b_t, N, C, ldc);
     }
   }
@@ -347,7 +348,12 @@ const BlockKernels<acc_t>* kernels() {
     t.project_nt = &project_nt<acc_t>;
     t.project_out_nt = &project_out_nt<acc_t>;
     t.nt_at_full_speed = true;
-    if constexpr (std::is_same_v<acc_t, float>) t.nt_by_rows_max_cols = avx2::available() ? kAvx2InMaxRank : 0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (avx2::available()) {
+        t.transpose = &avx2::transpose;
+        t.nt_by_rows_max_cols = kAvx2InMaxRank;
+      }
+    }
     return t;
   }();
   return &table;
