@@ -453,10 +453,13 @@ torch.manual_seed(0)
 # ones (16, 136), rows 4 KiB apart (1024); outputs past 2 MiB (training) and 6 MiB (inference) with
 # rows on 32-byte boundaries: non-temporal stores. residual: x itself, or a separate tensor.
 # project_in on AVX2 tiles (r <= 32) in the forward's blocks (from 385 rows) and the backward: 12-row
-# tiles of one vector (r <= 8) and 6-row ones of two, with every tail, and r = 64 on sgemm.
+# tiles of one vector (r <= 8) and 6-row ones of two, with every tail, and r = 64 on sgemm. Past 256 KiB
+# of B (d x r floats) it walks d in chunks of whole 64-product runs, the last one short (d = 2113,
+# r = 32: chunks of 512; d = 2801, r = 24: of 640, in the forward of up to 384 rows and in blocks).
 for n, d, r, separate in ((1, 16, 3, False), (5, 24, 9, True), (11, 131, 9, False), (13, 8, 1, True),
                           (70, 40, 16, False), (385, 136, 64, True), (4100, 136, 9, False), (1537, 1024, 16, True),
-                          (389, 40, 3, False), (397, 131, 32, True), (459, 72, 24, False), (401, 64, 8, True)):
+                          (389, 40, 3, False), (397, 131, 32, True), (459, 72, 24, False), (401, 64, 8, True),
+                          (23, 2113, 32, False), (391, 2801, 24, True)):
     x = torch.randn(n, d)
     wd, wu, bd, bu = torch.randn(r, d) / d ** 0.5, torch.randn(d, r) / r ** 0.5, torch.randn(r), torch.randn(d)
     res = torch.randn(n, d) if separate else None
@@ -472,7 +475,7 @@ for n, d, r, separate in ((1, 16, 3, False), (5, 24, 9, True), (11, 131, 9, Fals
             assert ((a.double() - b).norm() / b.norm()).item() < 1e-5, (n, d, r, separate, p)
 # A row's h and y are the same bits whatever the call's other rows up to r = 32 (the forward of up
 # to 384 rows splits x Wd^T over the threads by rows; below 8 rows Wd's blocks are transposed in registers).
-for d, r in ((131, 9), (1024, 32)):
+for d, r in ((131, 9), (1024, 32), (2113, 32)):
     x, wd, wu = torch.randn(70, d), torch.randn(r, d) / d ** 0.5, torch.randn(d, r) / r ** 0.5
     y, h = cpu.forward(x, wd, wu, None, None, "relu", 1.0, 0.0, 0, None)
     for i0, i1 in ((0, 1), (3, 10), (20, 27), (40, 70)):
