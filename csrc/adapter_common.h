@@ -237,7 +237,8 @@ inline int64_t blas_block_rows(const Dims& dims) {
 constexpr int64_t kBlasSliceCols = 32;
 
 // at::parallel_for's grain where forward_given splits x Wd^T over the threads by rows
-// (BlockKernels::nt_by_rows_max_cols; any split gives the same bits): at r <= kBlasSliceCols the
+// (BlockKernels::nt_by_rows_max_cols; ranges of at least nt_by_rows_min_rows rows, which give the same
+// bits however the rows are split): at r <= kBlasSliceCols the
 // column slices are one, which left the product on one thread. On the AMD EPYC with AVX2 (fp32, r = 16, two threads, eager adapter
 // over fused, one process alternating the routes, printed, not saved), column slice -> rows:
 // N = 320, d = 384 inference 1.08x -> 1.30x, training 1.01x -> 1.22x; d = 768 2.00x -> 2.26x /

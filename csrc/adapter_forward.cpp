@@ -132,7 +132,10 @@ void forward_given(const ForwardOperands& op, at::Tensor& y, at::Tensor& h) {
 
   if (spread && r <= kernels.nt_by_rows_max_cols) {
     const int64_t x_bytes = kind_bytes(x_kind);
-    at::parallel_for(0, n, kGivenRowGrain, [&](int64_t i0, int64_t i1) {
+    const int64_t unit = kernels.nt_by_rows_min_rows;
+    const int64_t units = std::max<int64_t>(1, n / unit);
+    at::parallel_for(0, units, (kGivenRowGrain + unit - 1) / unit, [&](int64_t u0, int64_t u1) {
+      const int64_t i0 = u0 * unit, i1 = u1 == units ? n : u1 * unit;
       kernels.project_nt(i1 - i0, r, d, static_cast<const char*>(xb) + i0 * ld_x * x_bytes, x_kind, ld_x, w_down,
                          w_kind, d, h_data + i0 * r, r);
     });

@@ -166,9 +166,11 @@ struct BlockKernels {
   bool nt_at_full_speed = false;
 
   // Up to this many columns (N), project_nt computes each row of C from that row of A alone, with
-  // the same bits whatever the call's other rows: the forward may then split x Wd^T over the threads
-  // by rows in ranges of any size (forward_given, adapter_forward.cpp). 0: no such bound is promised.
+  // the same bits whatever the call's other rows, in every call of at least nt_by_rows_min_rows
+  // rows: the forward may then split x Wd^T over the threads by rows in ranges of that many rows or
+  // more (forward_given, adapter_forward.cpp). 0: no such bound is promised.
   int64_t nt_by_rows_max_cols = 0;
+  int64_t nt_by_rows_min_rows = 1;
 };
 
 namespace generic {

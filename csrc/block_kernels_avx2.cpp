@@ -8,9 +8,13 @@
 // only by what it does around the product. project_in: the [M, d] x [d, r] product of narrow r,
 // where sgemm's kernels for narrow products ran at half their rate.
 //
-// Each output element of project_out sums its r products in order, from zero, and each of project_in
-// (and of project_nt, from W = B^T) sums its products in runs of kSumRun: whatever the tile, its bits
-// depend on its row of A and column of B only, never on the call's shape or the thread count.
+// project_nt: the same product as project_in from W = B^T as it is, by dot products along K, for
+// calls of a few rows, where transposing W costs more than the product.
+//
+// Each output element of project_out sums its r products in order, from zero; each of project_in sums
+// its products in runs of kSumRun, and each of project_nt in 8 lanes: whatever the tile, its bits
+// depend on its row of A and column of B only, never on the call's shape or the thread count (but
+// project_nt's differ from project_in's).
 #include "block_kernels_avx2.h"
 
 #include <algorithm>
@@ -224,29 +228,53 @@ const float* panels(int64_t N, int64_t K, const float* B, int64_t ldb) {
 // panels of B = W^T from W [K, N] as it is (rows ldw apart), in one pass: 8 x 8 tiles of W transposed
 // in registers. Transposing W first and packing that was two passes over the weight, which at one
 // row, d = 4096, r = 16 made the forward 0.91x the eager adapter.
-const float* panels_of_transposed(int64_t N, int64_t K, const float* W, int64_t ldw) {
-  const int64_t count = (K + kTileCols - 1) / kTileCols;
-  if (static_cast<int64_t>(panels_buffer.size()) < count * N * kTileCols) {
-    panels_buffer.resize(static_cast<size_t>(count * N * kTileCols));
-  }
-  float* out = panels_buffer.data();
-  for (int64_t k0 = 0; k0 < count * kTileCols; k0 += kLanes) {
+void transposed_panel(int64_t N, int64_t K, const float* W, int64_t ldw, int64_t p0, float* panel) {
+  for (int64_t half = 0; half < kTileCols; half += kLanes) {
+    const int64_t k0 = p0 + half;
     const int64_t kc = std::clamp<int64_t>(K - k0, 0, kLanes);
-    float* panel = out + (k0 / kTileCols) * N * kTileCols + k0 % kTileCols;
     for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
       const int64_t nj = std::min(kLanes, N - j0);
       const __m256i cols = lanes(nj);
       __m256 r[kLanes];
       for (int t = 0; t < kLanes; ++t) r[t] = t < kc ? load<false>(W + (k0 + t) * ldw + j0, cols) : _mm256_setzero_ps();
       transpose8(r);
-      for (int64_t c = 0; c < nj; ++c) _mm256_storeu_ps(panel + (j0 + c) * kTileCols, r[c]);
+      for (int64_t c = 0; c < nj; ++c) _mm256_storeu_ps(panel + (j0 + c) * kTileCols + half, r[c]);
     }
   }
+}
+
+const float* panels_of_transposed(int64_t N, int64_t K, const float* W, int64_t ldw) {
+  const int64_t count = (K + kTileCols - 1) / kTileCols;
+  if (static_cast<int64_t>(panels_buffer.size()) < count * N * kTileCols) {
+    panels_buffer.resize(static_cast<size_t>(count * N * kTileCols));
+  }
+  float* out = panels_buffer.data();
+  for (int64_t p = 0; p < count; ++p) transposed_panel(N, K, W, ldw, p * kTileCols, out + p * N * kTileCols);
   return out;
 }
 
+// Where project_out_as reads B's panel of columns [k0, k0 + 16): from all of them packed before the
+// product, or made from W = B^T into `one` (in L1) just before its tiles, for a call of one row group,
+// which reads each panel once: packing all of them first wrote them out and read them back (1 MiB at
+// d = 4096, r = 64). Inference, one thread, eager adapter over fused, all packed -> panel by panel
+// (one process alternating the two, medians of 9 rounds, printed, not saved): r = 64, d = 4096, N = 16
+// 1.08x -> 1.10x, N = 24 1.05x -> 1.06x; d = 1024, N = 8 1.22x -> 1.24x; r = 16, d = 768, N = 16 1.48x ->
+// 1.52x: small, but in every cell measured.
+struct PanelSource {
+  const float* packed;
+  const float* W;
+  int64_t ldw;
+  float* one;
+
+  const float* at(int64_t N, int64_t K, int64_t k0) const {
+    if (packed != nullptr) return packed + k0 * N;
+    transposed_panel(N, K, W, ldw, k0, one);
+    return one;
+  }
+};
+
 template <bool kRes>
-void project_out_as(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* packed,
+void project_out_as(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const PanelSource& panels,
                     const OutputEpilogue<float>& e) {
   const Rows rows(e);
   const bool stream = e.stream_out && reinterpret_cast<uintptr_t>(e.out) % 32 == 0 && e.ld_out % kLanes == 0;
@@ -254,7 +282,7 @@ void project_out_as(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
     const int64_t g1 = std::min(M, g0 + kGroupRows);
     for (int64_t k0 = 0; k0 < K; k0 += kTileCols) {
       const Columns cols(K - k0);
-      Step s{rows, N, A, lda, packed + k0 * N, k0, cols, {}, _mm256_set1_ps(e.scale)};
+      Step s{rows, N, A, lda, panels.at(N, K, k0), k0, cols, {}, _mm256_set1_ps(e.scale)};
       for (int v = 0; v < kVecs; ++v) {
         s.bias[v] = e.bias == nullptr ? _mm256_setzero_ps() : load<false>(e.bias + k0 + v * kLanes, cols.m[v]);
       }
@@ -366,36 +394,70 @@ void in_rows(int64_t M, int64_t N, int64_t k_begin, int64_t K, const float* A, i
   }
 }
 
-// project_in's tile of kTile rows by one vector of columns from W = B^T [N, K] as it is (rows ldw
-// apart): per 8 products of each row, an 8 x 8 block of W transposed in registers, then the same FMAs
-// in the same order as in_tile's from B (every element's bits are the same either way), where
-// transposing all of W into B first cost more than the product for a call of one row (at d = 4096,
-// r = 16 the forward ran 0.91x the eager adapter; with sgemm, 1.24x).
-template <int kTile>
-ALWAYS_INLINE void in_tile_nt(int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw, int64_t nj,
-                              __m256i m, float* C, int64_t ldc) {
-  for (int64_t s0 = 0; s0 < K; s0 += kSumRun) {
-    const int64_t s1 = std::min(K, s0 + kSumRun);
-    __m256 acc[kTile];
-    for (int t = 0; t < kTile; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t k0 = s0; k0 < s1; k0 += kLanes) {
-      const int64_t kc = std::min(kLanes, s1 - k0);
-      const __m256i cols = lanes(kc);
-      __m256 r[kLanes];
-      for (int j = 0; j < kLanes; ++j) r[j] = j < nj ? _mm256_maskload_ps(W + j * ldw + k0, cols) : _mm256_setzero_ps();
-      transpose8(r);
-      for (int c = 0; c < kc; ++c) {
+// project_nt's tiles: kNtRows rows of A by kNtCols rows of W, one accumulator per dot product,
+// each lane of which sums every 8th product of it; 6 loads per 8 FMAs.
+constexpr int kNtRows = 2;
+constexpr int kNtCols = 4;
+// Products per lane summed in registers before a run's dot products are reduced and added to the
+// total, as project_in's runs: the error grows with kSumRun + K / kNtRun.
+constexpr int64_t kNtRun = kSumRun * kLanes;
+
+// The sums of the 8 accumulators, v[i] in lane i: pairs of lanes, pairs of pairs, then the halves.
+ALWAYS_INLINE __m256 sum_each_lanes(const __m256 (&v)[kNtRows * kNtCols]) {
+  const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
+// acc[t kNtCols + c] += a[t][k0 : k0 + 8] w[c][k0 : k0 + 8] for the tile's kR rows, lanes m.
+template <int kR, bool kFull>
+ALWAYS_INLINE void dot_step(const float* const (&a)[kR], const float* const (&w)[kNtCols], int64_t k0, __m256i m,
+                            __m256 (&acc)[kNtRows * kNtCols]) {
+  __m256 vw[kNtCols];
 #pragma GCC unroll 4
-        for (int t = 0; t < kTile; ++t) acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + t * lda + k0 + c), r[c], acc[t]);
-      }
-    }
+  for (int c = 0; c < kNtCols; ++c) vw[c] = load<kFull>(w[c] + k0, m);
+#pragma GCC unroll 2
+  for (int t = 0; t < kR; ++t) {
+    const __m256 va = load<kFull>(a[t] + k0, m);
 #pragma GCC unroll 4
-    for (int t = 0; t < kTile; ++t) {
-      float* c = C + t * ldc;
-      const __m256 sum = s0 == 0 ? acc[t] : _mm256_add_ps(_mm256_maskload_ps(c, m), acc[t]);
-      _mm256_maskstore_ps(c, m, sum);
-    }
+    for (int c = 0; c < kNtCols; ++c) acc[t * kNtCols + c] = _mm256_fmadd_ps(va, vw[c], acc[t * kNtCols + c]);
   }
+}
+
+// C[t, 0:nj] (+)= the dot products of rows a[t] of A and rows [0, nj) of W over K's chunk [k_begin,
+// K), for one tile (C at its first row and column; set where k_begin = 0, else added to). A tile of
+// fewer than kNtCols rows of W repeats its last one and does not store it.
+template <int kR>
+ALWAYS_INLINE void nt_tile(int64_t k_begin, int64_t K, const float* const (&a)[kR], const float* W, int64_t ldw,
+                           int64_t nj, float* C, int64_t ldc) {
+  const float* w[kNtCols];
+  for (int c = 0; c < kNtCols; ++c) w[c] = W + std::min<int64_t>(c, nj - 1) * ldw;
+  const __m128i cols = _mm256_castsi256_si128(lanes(nj));
+  __m128 row_totals[kNtRows] = {_mm_setzero_ps(), _mm_setzero_ps()};
+  if (k_begin > 0) {
+    for (int t = 0; t < kR; ++t) row_totals[t] = _mm_maskload_ps(C + t * ldc, cols);
+  }
+  __m256 total = _mm256_set_m128(row_totals[1], row_totals[0]);
+  for (int64_t s0 = k_begin; s0 < K; s0 += kNtRun) {
+    const int64_t end = std::min(K, s0 + kNtRun);
+    __m256 acc[kNtRows * kNtCols];
+    for (auto& v : acc) v = _mm256_setzero_ps();
+    int64_t k = s0;
+    const __m256i all = lanes(kLanes);
+    for (; k + kLanes <= end; k += kLanes) dot_step<kR, true>(a, w, k, all, acc);
+    if (k < end) dot_step<kR, false>(a, w, k, lanes(end - k), acc);
+    total = _mm256_add_ps(total, sum_each_lanes(acc));
+  }
+  _mm_maskstore_ps(C, cols, _mm256_castps256_ps128(total));
+  if (kR > 1) _mm_maskstore_ps(C + ldc, cols, _mm256_extractf128_ps(total, 1));
+}
+
+// Where W is larger than kInWholeBBytes, project_nt too walks K in chunks of about kInChunkBytes of
+// W (whole runs).
+inline int64_t nt_chunk(int64_t N, int64_t K) {
+  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(float));
+  if (K * row_bytes <= kInWholeBBytes) return K;
+  return std::max<int64_t>(1, kInChunkBytes / row_bytes / kNtRun) * kNtRun;
 }
 
 }  // namespace
@@ -404,12 +466,22 @@ bool available() { return true; }
 
 void project_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw, float* C,
                 int64_t ldc) {
-  for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
-    const int64_t nj = std::min(kLanes, N - j0);
-    const __m256i m = lanes(nj);
+  const int64_t chunk = nt_chunk(N, K);
+  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+    const int64_t k1 = std::min(K, k0 + chunk);
     int64_t i = 0;
-    for (; i + 4 <= M; i += 4) in_tile_nt<4>(K, A + i * lda, lda, W + j0 * ldw, ldw, nj, m, C + i * ldc + j0, ldc);
-    for (; i < M; ++i) in_tile_nt<1>(K, A + i * lda, lda, W + j0 * ldw, ldw, nj, m, C + i * ldc + j0, ldc);
+    for (; i + kNtRows <= M; i += kNtRows) {
+      const float* const a[kNtRows] = {A + i * lda, A + (i + 1) * lda};
+      for (int64_t j0 = 0; j0 < N; j0 += kNtCols) {
+        nt_tile<kNtRows>(k0, k1, a, W + j0 * ldw, ldw, std::min<int64_t>(kNtCols, N - j0), C + i * ldc + j0, ldc);
+      }
+    }
+    if (i < M) {
+      const float* const a[1] = {A + i * lda};
+      for (int64_t j0 = 0; j0 < N; j0 += kNtCols) {
+        nt_tile<1>(k0, k1, a, W + j0 * ldw, ldw, std::min<int64_t>(kNtCols, N - j0), C + i * ldc + j0, ldc);
+      }
+    }
   }
 }
 
@@ -462,12 +534,12 @@ bool handles(const OutputEpilogue<float>& e) {
 
 namespace {
 
-void project_out_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* packed,
-                        const OutputEpilogue<float>& e) {
+void project_out_from(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const PanelSource& panels,
+                      const OutputEpilogue<float>& e) {
   if (e.res == nullptr) {
-    project_out_as<false>(M, N, K, A, lda, packed, e);
+    project_out_as<false>(M, N, K, A, lda, panels, e);
   } else {
-    project_out_as<true>(M, N, K, A, lda, packed, e);
+    project_out_as<true>(M, N, K, A, lda, panels, e);
   }
 }
 
@@ -475,12 +547,19 @@ void project_out_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t
 
 void project_out(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                  const OutputEpilogue<float>& e) {
-  project_out_packed(M, N, K, A, lda, panels(N, K, B, ldb), e);
+  project_out_from(M, N, K, A, lda, PanelSource{panels(N, K, B, ldb), nullptr, 0, nullptr}, e);
 }
 
 void project_out_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw,
                     const OutputEpilogue<float>& e) {
-  project_out_packed(M, N, K, A, lda, panels_of_transposed(N, K, W, ldw), e);
+  if (M > kGroupRows) {
+    return project_out_from(M, N, K, A, lda, PanelSource{panels_of_transposed(N, K, W, ldw), nullptr, 0, nullptr},
+                            e);
+  }
+  if (static_cast<int64_t>(panels_buffer.size()) < N * kTileCols) {
+    panels_buffer.resize(static_cast<size_t>(N * kTileCols));
+  }
+  project_out_from(M, N, K, A, lda, PanelSource{nullptr, W, ldw, panels_buffer.data()}, e);
 }
 
 #else

@@ -22,8 +22,9 @@ void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B);
 void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                 int64_t ldc);
 
-// C[M, N] = A[M, K] W[N, K]^T from W as it is (rows ldw apart), with the same bits as project_in from
-// W^T: for calls of a few rows, where transposing W costs more than the product.
+// C[M, N] = A[M, K] W[N, K]^T from W as it is (rows ldw apart), by dot products along K, each summed in
+// 8 lanes: for calls of a few rows, where transposing W for project_in costs more than the product.
+// A row's bits depend on its rows of A and W alone (not on M), and differ from project_in's.
 void project_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw, float* C,
                 int64_t ldc);
 

@@ -192,12 +192,30 @@ const acc_t* as_acc(const void* A, Kind kind, int64_t lda, int64_t M, int64_t K,
 // 1.64x; N = 8, d = 768 1.35x -> 1.30x (one thread).
 constexpr int64_t kAvx2InMaxRank = 32;
 
-// Rows from which project_nt transposes Wd for avx2::project_in; fewer take avx2::project_nt, which
-// transposes its 8 x 8 blocks in registers instead, with the same bits. One thread, r = 16, inference,
-// transposed Wd -> in registers below 8 rows (printed, not saved): N = 1, d = 4096 0.98x -> 1.16x
-// (sgemm: 1.32x); N = 4, d = 4096 1.29x -> 1.32x; N = 8, d = 1024 within the spread; in registers
-// for every row count, N = 64, d = 768 read 0.91x against 1.42x.
+// Rows from which project_nt (x Wd^T in the forward of up to kBlasGivenForwardMaxRows rows, from Wd
+// as given) runs on the tiles, from Wd transposed for avx2::project_in. Calls of fewer rows take dot
+// products along Wd's rows (avx2::project_nt), which read Wd once as it is where the tiles first
+// wrote its transpose (as many bytes again, read back). Their bits differ from the tiles': a row of
+// h in a call of fewer rows may differ in the last bits from the same row in a larger call, as in
+// eager PyTorch (GEMV against GEMM). The forward splits x Wd^T over threads in ranges of at least
+// this many rows (nt_by_rows_min_rows), so its bits do not depend on the thread count.
+// One thread, inference, eager adapter over fused, Wd's 8 x 8 blocks transposed in registers ->
+// dot products (one process alternating the two through a temporary switch, medians of 9 rounds,
+// printed, not saved): r = 16, d = 4096: N = 1 1.24x -> 1.49x, N = 4 1.34x -> 1.69x; d = 768, N = 8
+// 1.53x -> 1.73x; r = 64, d = 4096, N = 4 1.17x -> 1.54x; dot products at every row count instead
+// lost from 64 rows (N = 64, d = 768 1.43x -> 1.36x; N = 320, d = 4096 1.30x -> 1.12x).
 constexpr int64_t kAvx2NtMinRows = 8;
+
+// Whether project_out_nt (y in that forward, from Wu as given) computes its product by dot products
+// along Wu's rows (avx2::project_nt, then the portable epilogue), reading Wu once as it is, instead of
+// on the tiles from panels of Wu^T made from it: for one row, or up to r / 16 rows (fewer than
+// kAvx2NtMinRows), where the panels cost more than the dot products' sums across lanes (one per
+// output element and row). Same measurements, panels -> dot products: r = 64, d = 4096: N = 1 0.85x ->
+// 1.31x, N = 2 1.18x -> 1.68x, N = 4 1.53x -> 1.66x, N = 6 1.53x -> 1.47x; r = 32, d = 4096: N = 2
+// 1.40x -> 1.80x, N = 4 1.52x -> 1.49x; r = 16, d = 4096: N = 1 1.32x -> 1.54x, N = 2 1.54x -> 1.30x;
+// r = 8, d = 4096: N = 1 1.44x -> 1.60x, N = 2 1.72x -> 1.63x. A row's y in such a call may differ in
+// the last bits from the same row in a larger call, as h's.
+inline bool out_by_dots(int64_t M, int64_t r) { return M < kAvx2NtMinRows && (M == 1 || 16 * M <= r); }
 
 template <typename acc_t>
 void project_in(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb, acc_t* C,
@@ -214,19 +232,28 @@ void accumulate_outer(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t l
   gemm_tn(M, N, K, A, lda, B, ldb, acc_t(1), C, ldc);
 }
 
-// out[:, cols] = epilogue(A op(B)[:, cols]) in column chunks of kOutCols; op(B) is B [N, K] or,
-// for b_transposed, B^T with B [K, N] (project_out_nt's weight as given).
-template <typename acc_t>
-void project_out_chunks(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb,
-                        bool b_transposed, const OutputEpilogue<acc_t>& e) {
+// out[:, cols] = epilogue(product) for the K output columns in chunks of kOutCols:
+// product(col0, cols, u) writes the chunk's [M, cols] product to u (leading dimension cols).
+template <typename acc_t, typename Product>
+void finish_in_chunks(int64_t M, int64_t K, const OutputEpilogue<acc_t>& e, Product&& product) {
   const int64_t chunk = std::min(K, kOutCols);
   acc_t* u = scratch(Buffers<acc_t>::product, M * chunk);
   for (int64_t col0 = 0; col0 < K; col0 += chunk) {
     const int64_t cols = std::min(chunk, K - col0);
-    const acc_t* b = b_transposed ? B + col0 * ldb : B + col0;
-    gemm(M, cols, N, A, lda, b, ldb, b_transposed, acc_t(0), u, cols);
+    product(col0, cols, u);
     generic::finish_rows(M, cols, u, cols, col0, e);
   }
+}
+
+// out[:, cols] = epilogue(A op(B)[:, cols]) on sgemm / dgemm; op(B) is B [N, K] or, for
+// b_transposed, B^T with B [K, N] (project_out_nt's weight as given).
+template <typename acc_t>
+void project_out_chunks(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb,
+                        bool b_transposed, const OutputEpilogue<acc_t>& e) {
+  finish_in_chunks(M, K, e, [&](int64_t col0, int64_t cols, acc_t* u) {
+    const acc_t* b = b_transposed ? B + col0 * ldb : B + col0;
+    gemm(M, cols, N, A, lda, b, ldb, b_transposed, acc_t(0), u, cols);
+  });
 }
 
 // float with a float output and residual: avx2::project_out, the product in registers and the epilogue
@@ -311,6 +338,13 @@ template <typename acc_t>
 void project_out_nt(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const void* B, Kind b_kind,
                     int64_t ldb, const OutputEpilogue<acc_t>& e) {
   if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx2::available() && out_by_dots(M, N)) {
+      int64_t ld_w = 0;
+      const acc_t* w = as_acc(B, b_kind, ldb, K, N, Buffers<acc_t>::weight, &ld_w);
+      return finish_in_chunks(M, K, e, [&](int64_t col0, int64_t cols, acc_t* u) {
+        avx2::project_nt(M, cols, N, A, lda, w + col0 * ld_w, ld_w, u, cols);
+      });
+    }
     if (avx2::handles(e)) {  // as in project_out
       int64_t ld_w = 0;
       const acc_t* w = as_acc(B, b_kind, ldb, K, N, Buffers<acc_t>::weight, &ld_w);
@@ -352,6 +386,7 @@ const BlockKernels<acc_t>* kernels() {
       if (avx2::available()) {
         t.transpose = &avx2::transpose;
         t.nt_by_rows_max_cols = kAvx2InMaxRank;
+        t.nt_by_rows_min_rows = kAvx2NtMinRows;
       }
     }
     return t;

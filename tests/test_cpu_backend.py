@@ -459,7 +459,7 @@ torch.manual_seed(0)
 for n, d, r, separate in ((1, 16, 3, False), (5, 24, 9, True), (11, 131, 9, False), (13, 8, 1, True),
                           (70, 40, 16, False), (385, 136, 64, True), (4100, 136, 9, False), (1537, 1024, 16, True),
                           (389, 40, 3, False), (397, 131, 32, True), (459, 72, 24, False), (401, 64, 8, True),
-                          (23, 2113, 32, False), (391, 2801, 24, True)):
+                          (23, 2113, 32, False), (391, 2801, 24, True), (3, 2113, 32, True), (7, 4100, 24, False)):
     x = torch.randn(n, d)
     wd, wu, bd, bu = torch.randn(r, d) / d ** 0.5, torch.randn(d, r) / r ** 0.5, torch.randn(r), torch.randn(d)
     res = torch.randn(n, d) if separate else None
@@ -473,21 +473,30 @@ for n, d, r, separate in ((1, 16, 3, False), (5, 24, 9, True), (11, 131, 9, Fals
                                                      "gelu", 0.5, p, 8, not separate))
         for a, b in zip(got, want):
             assert ((a.double() - b).norm() / b.norm()).item() < 1e-5, (n, d, r, separate, p)
-# A row's h and y are the same bits whatever the call's other rows up to r = 32 (the forward of up
-# to 384 rows splits x Wd^T over the threads by rows; below 8 rows Wd's blocks are transposed in registers).
+# A row's h and y are the same bits whatever the call's other rows up to r = 32, in calls of 8 rows or
+# more (the forward of up to 384 rows splits x Wd^T over the threads by rows, in ranges of 8 or more);
+# calls of fewer rows take dot products along Wd's rows for h, the same bits for a row whatever the
+# call's other rows among them (and for y, at one row or up to r / 16, along Wu's).
 for d, r in ((131, 9), (1024, 32), (2113, 32)):
     x, wd, wu = torch.randn(70, d), torch.randn(r, d) / d ** 0.5, torch.randn(d, r) / r ** 0.5
     y, h = cpu.forward(x, wd, wu, None, None, "relu", 1.0, 0.0, 0, None)
-    for i0, i1 in ((0, 1), (3, 10), (20, 27), (40, 70)):
+    for i0, i1 in ((3, 11), (20, 28), (40, 70)):
         y_part, h_part = cpu.forward(x[i0:i1], wd, wu, None, None, "relu", 1.0, 0.0, 0, None)
         assert torch.equal(h_part, h[i0:i1]) and torch.equal(y_part, y[i0:i1]), (d, r, i0, i1)
-x, wd, wu = torch.randn(1537, 1024), torch.randn(16, 1024) / 32, torch.randn(1024, 16) / 4
-runs = []
-for threads in (1, 2, 1):
-    torch.set_num_threads(threads)
-    y, h = cpu.forward(x, wd, wu, None, None, "relu", 1.0, 0.0, 0, None)
-    runs.append((y, cpu.backward(torch.ones_like(y), x, wd, wu, None, None, h, "relu", 1.0, 0.0, 0, True)[0]))
-assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+    y_few, h_few = cpu.forward(x[:7], wd, wu, None, None, "relu", 1.0, 0.0, 0, None)
+    for i0, i1 in ((0, 1), (2, 5), (6, 7)):
+        y_part, h_part = cpu.forward(x[i0:i1], wd, wu, None, None, "relu", 1.0, 0.0, 0, None)
+        assert torch.equal(h_part, h_few[i0:i1]), (d, r, i0, i1)
+# Bitwise the same for any thread count: in blocks (1537 rows), and split by rows (241 rows: on 16
+# threads at::parallel_for's own ranges would leave the last one a single row).
+for n, d, r in ((1537, 1024, 16), (241, 131, 9)):
+    x, wd, wu = torch.randn(n, d), torch.randn(r, d) / d ** 0.5, torch.randn(d, r) / r ** 0.5
+    runs = []
+    for threads in (1, 2, 16, 1):
+        torch.set_num_threads(threads)
+        y, h = cpu.forward(x, wd, wu, None, None, "relu", 1.0, 0.0, 0, None)
+        runs.append((y, h, cpu.backward(torch.ones_like(y), x, wd, wu, None, None, h, "relu", 1.0, 0.0, 0, True)[0]))
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0])), (n, d, r)
 print("ok")
 """
 
@@ -496,8 +505,9 @@ def test_avx2_kernels_in_a_subprocess():
     """Below AVX-512 float's project_out runs on AVX2 register tiles with the epilogue in the registers,
     and its project_in and project_nt up to r = 32 (csrc/block_kernels_avx2.cpp): against float64 eager
     with every row-tile tail, partial column tiles, dropout, a separate residual and streamed outputs,
-    in training and inference; a row's results the same bits in calls of other rows; and bitwise the
-    same for 1 and 2 threads. In a subprocess with ATEN_CPU_CAPABILITY=avx2, so it runs on AVX-512
+    in training and inference; a row's results the same bits in calls of other rows (of 8 rows or
+    more, and among calls of fewer, which take dot products); and bitwise the same for 1, 2 and 16
+    threads. In a subprocess with ATEN_CPU_CAPABILITY=avx2, so it runs on AVX-512
     CPUs too."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     done = subprocess.run([sys.executable, "-c", _AVX2_KERNELS_CHECK], env=env, capture_output=True, text=True,
