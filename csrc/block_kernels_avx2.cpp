@@ -108,7 +108,8 @@ struct Step {
   int64_t N;
   const float* A;
   int64_t lda;
-  const float* B;  // the panel of B's columns [k0, k0 + 16): N rows of 16, zero past K
+  const float* B;  // B's columns [k0, k0 + 16): N rows of 16, ldb apart (a panel: 16, zero past K)
+  int64_t ldb;
   int64_t k0;
   const Columns& cols;
   __m256 bias[kVecs];
@@ -155,10 +156,10 @@ ALWAYS_INLINE void tile(const Step& s, int64_t i0) {
   const float* a = s.A + i0 * s.lda;
   const int64_t lda = s.lda;
   const float* b_row = s.B;
-  for (int64_t j = 0; j < s.N; ++j, b_row += kTileCols) {
+  for (int64_t j = 0; j < s.N; ++j, b_row += s.ldb) {
     __m256 b[kVecs];
 #pragma GCC unroll 2
-    for (int v = 0; v < kVecs; ++v) b[v] = _mm256_loadu_ps(b_row + v * kLanes);
+    for (int v = 0; v < kVecs; ++v) b[v] = load<kFull>(b_row + v * kLanes, s.cols.m[v]);
     rank_one(a + j, lda, b, acc);
   }
 #pragma GCC unroll 6
@@ -253,24 +254,32 @@ const float* panels_of_transposed(int64_t N, int64_t K, const float* W, int64_t 
   return out;
 }
 
-// Where project_out_as reads B's panel of columns [k0, k0 + 16): from all of them packed before the
-// product, or made from W = B^T into `one` (in L1) just before its tiles, for a call of one row group,
-// which reads each panel once: packing all of them first wrote them out and read them back (1 MiB at
-// d = 4096, r = 64). Inference, one thread, eager adapter over fused, all packed -> panel by panel
-// (one process alternating the two, medians of 9 rounds, printed, not saved): r = 64, d = 4096, N = 16
-// 1.08x -> 1.10x, N = 24 1.05x -> 1.06x; d = 1024, N = 8 1.22x -> 1.24x; r = 16, d = 768, N = 16 1.48x ->
-// 1.52x: small, but in every cell measured.
+// Where project_out_as reads B's columns [k0, k0 + 16): from panels packed before the product; made
+// from W = B^T into `one` (in L1) just before their tiles, for a call of one row group, which reads
+// each panel once; or from B itself, for a call of one row tile, which reads each line of B once
+// (the panels are for the tiles after the first: rows of B a multiple of 4 KiB apart share L1 sets).
+// Either of the latter spares packing all panels first, which wrote them out and read them back
+// (1 MiB at d = 4096, r = 64). Eager adapter over fused, one thread, one process alternating the two
+// (medians of 9 rounds, printed, not saved), all packed -> panel by panel, inference: r = 64, d = 4096,
+// N = 16 1.08x -> 1.10x, N = 24 1.05x -> 1.06x; d = 1024, N = 8 1.22x -> 1.24x; r = 16, d = 768, N = 16
+// 1.48x -> 1.52x (small, but in every cell measured); packed -> B itself, training (dx = dh Wd,
+// medians of 9): r = 64, d = 4096, N = 1 0.98x -> 1.02x, N = 4 1.13x -> 1.16x; d = 1024, N = 1 1.17x ->
+// 1.20x, N = 6 1.27x -> 1.30x; r = 16, d = 4096, N = 1 1.23x -> 1.27x; d = 768, N = 6 1.32x -> 1.34x.
 struct PanelSource {
   const float* packed;
   const float* W;
   int64_t ldw;
   float* one;
+  const float* B = nullptr;
+  int64_t ldb = 0;
 
   const float* at(int64_t N, int64_t K, int64_t k0) const {
     if (packed != nullptr) return packed + k0 * N;
+    if (B != nullptr) return B + k0;
     transposed_panel(N, K, W, ldw, k0, one);
     return one;
   }
+  int64_t stride() const { return B != nullptr ? ldb : kTileCols; }
 };
 
 template <bool kRes>
@@ -282,7 +291,7 @@ void project_out_as(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
     const int64_t g1 = std::min(M, g0 + kGroupRows);
     for (int64_t k0 = 0; k0 < K; k0 += kTileCols) {
       const Columns cols(K - k0);
-      Step s{rows, N, A, lda, panels.at(N, K, k0), k0, cols, {}, _mm256_set1_ps(e.scale)};
+      Step s{rows, N, A, lda, panels.at(N, K, k0), panels.stride(), k0, cols, {}, _mm256_set1_ps(e.scale)};
       for (int v = 0; v < kVecs; ++v) {
         s.bias[v] = e.bias == nullptr ? _mm256_setzero_ps() : load<false>(e.bias + k0 + v * kLanes, cols.m[v]);
       }
@@ -547,6 +556,7 @@ void project_out_from(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
 
 void project_out(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                  const OutputEpilogue<float>& e) {
+  if (M <= kRows) return project_out_from(M, N, K, A, lda, PanelSource{nullptr, nullptr, 0, nullptr, B, ldb}, e);
   project_out_from(M, N, K, A, lda, PanelSource{panels(N, K, B, ldb), nullptr, 0, nullptr}, e);
 }
 
