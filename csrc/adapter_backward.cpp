@@ -293,6 +293,17 @@ bool takes_backward_by_columns(const Dims& dims) {
 // 2.58 / 1.52-1.67; N = 1 within 461-491 / 381-389 us at every width.
 constexpr int64_t kGradientPanelCols = 192;
 
+// Columns per panel of backward_by_columns on BLAS (nt_at_full_speed), where each panel is one call of
+// its own (by_column_ranges' fixed units, so that no product's shape depends on the thread count): 128
+// divides the usual widths (768, 1024, 4096), which 192 splits into two threads' shares of unequal
+// width (d = 1024: 576 and 448 columns). fp32, r = 64, two threads, training, eager adapter over fused
+// (the AMD EPYC with AVX2, one process alternating the two through a temporary switch, medians of 9
+// rounds, printed, not saved), 192 -> 128: N = 64, d = 1024 1.40x -> 1.48x; N = 100, d = 1024 1.30x-1.33x
+// -> 1.37x-1.38x, d = 4096 1.34x -> 1.38x, d = 768 1.35x -> 1.39x; N = 64, d = 4096 within the spread;
+// one thread the same either way. (Earlier, widths of 128, 192, 256 and 512 had measured within the
+// spread of each other at N = 1-100, d = 1024 and 4096, with a busier machine.)
+constexpr int64_t kBlasGradientPanelCols = 128;
+
 // The backward of a call that takes_backward_by_columns (two blocks of backward_block_rows, or
 // one), in three phases that each go over the threads by columns, where
 // backward_blocks would give such a call one thread per block:
@@ -323,10 +334,8 @@ void backward_by_columns(const BackwardOperands& op, at::Tensor& dx, const std::
   const int64_t blocks = static_cast<int64_t>(block_sums.size());
   const int64_t ld_keep = keep_row_bytes(d);
   const bool spread = n * d * r >= kGivenSpreadFmas;
-  // On BLAS one call per panel (by_column_ranges' fixed units) of kGradientPanelCols: panels of
-  // 128, 192, 256 and 512 columns measured within the spread of each other (fp32, r = 64,
-  // N = 1-100, d = 1024 and 4096, one and two threads, the AMD EPYC with AVX2).
-  const int64_t panel_cols = kernels.nt_at_full_speed ? kGradientPanelCols : kGivenPanelCols;
+  // On BLAS one call per panel (by_column_ranges' fixed units) of kBlasGradientPanelCols.
+  const int64_t panel_cols = kernels.nt_at_full_speed ? kBlasGradientPanelCols : kGivenPanelCols;
   // Calls fn(k0, k1) for column ranges [k0, k1) of d, whole panels each, over the threads.
   const auto by_panels = [&](auto&& fn) { by_column_ranges(d, panel_cols, spread, kernels.nt_at_full_speed, fn); };
   for (const Partials<acc_t>& sums : block_sums) {
