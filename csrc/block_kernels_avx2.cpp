@@ -266,12 +266,16 @@ const float* panels_of_transposed(int64_t N, int64_t K, const float* W, int64_t 
 // medians of 9): r = 64, d = 4096, N = 1 0.98x -> 1.02x, N = 4 1.13x -> 1.16x; d = 1024, N = 1 1.17x ->
 // 1.20x, N = 6 1.27x -> 1.30x; r = 16, d = 4096, N = 1 1.23x -> 1.27x; d = 768, N = 6 1.32x -> 1.34x.
 struct PanelSource {
-  const float* packed;
-  const float* W;
-  int64_t ldw;
-  float* one;
+  const float* packed = nullptr;
+  const float* W = nullptr;
+  int64_t ldw = 0;
+  float* one = nullptr;
   const float* B = nullptr;
   int64_t ldb = 0;
+
+  static PanelSource of_packed(const float* packed) { return {packed}; }
+  static PanelSource made_from(const float* W, int64_t ldw, float* one) { return {nullptr, W, ldw, one}; }
+  static PanelSource of_b(const float* B, int64_t ldb) { return {nullptr, nullptr, 0, nullptr, B, ldb}; }
 
   const float* at(int64_t N, int64_t K, int64_t k0) const {
     if (packed != nullptr) return packed + k0 * N;
@@ -323,11 +327,11 @@ constexpr int64_t kSumRun = 64;
 constexpr int64_t kInChunkBytes = 64 << 10;
 constexpr int64_t kInWholeBBytes = 256 << 10;
 
-// The columns of K per chunk for B of N columns: K itself, or whole runs.
-inline int64_t in_chunk(int64_t N, int64_t K) {
+// The columns of K per chunk for B of N columns: K itself, or whole runs of `run` products.
+inline int64_t k_chunk(int64_t N, int64_t K, int64_t run) {
   const int64_t row_bytes = N * static_cast<int64_t>(sizeof(float));
   if (K * row_bytes <= kInWholeBBytes) return K;
-  return std::max<int64_t>(1, kInChunkBytes / row_bytes / kSumRun) * kSumRun;
+  return std::max<int64_t>(1, kInChunkBytes / row_bytes / run) * run;
 }
 
 // C[0:kTile, 0:8 kInVecs] += A[0:kTile, k_begin:K] B[k_begin:K, 0:8 kInVecs] for one tile (A, C at its
@@ -447,12 +451,12 @@ ALWAYS_INLINE void nt_tile(int64_t k_begin, int64_t K, const float* const (&a)[k
     for (int t = 0; t < kR; ++t) row_totals[t] = _mm_maskload_ps(C + t * ldc, cols);
   }
   __m256 total = _mm256_set_m128(row_totals[1], row_totals[0]);
+  const __m256i all = lanes(kLanes);
   for (int64_t s0 = k_begin; s0 < K; s0 += kNtRun) {
     const int64_t end = std::min(K, s0 + kNtRun);
     __m256 acc[kNtRows * kNtCols];
     for (auto& v : acc) v = _mm256_setzero_ps();
     int64_t k = s0;
-    const __m256i all = lanes(kLanes);
     for (; k + kLanes <= end; k += kLanes) dot_step<kR, true>(a, w, k, all, acc);
     if (k < end) dot_step<kR, false>(a, w, k, lanes(end - k), acc);
     total = _mm256_add_ps(total, sum_each_lanes(acc));
@@ -461,13 +465,6 @@ ALWAYS_INLINE void nt_tile(int64_t k_begin, int64_t K, const float* const (&a)[k
   if (kR > 1) _mm_maskstore_ps(C + ldc, cols, _mm256_extractf128_ps(total, 1));
 }
 
-// Where W is larger than kInWholeBBytes, project_nt too walks K in chunks of about kInChunkBytes of
-// W (whole runs).
-inline int64_t nt_chunk(int64_t N, int64_t K) {
-  const int64_t row_bytes = N * static_cast<int64_t>(sizeof(float));
-  if (K * row_bytes <= kInWholeBBytes) return K;
-  return std::max<int64_t>(1, kInChunkBytes / row_bytes / kNtRun) * kNtRun;
-}
 
 }  // namespace
 
@@ -475,7 +472,7 @@ bool available() { return true; }
 
 void project_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw, float* C,
                 int64_t ldc) {
-  const int64_t chunk = nt_chunk(N, K);
+  const int64_t chunk = k_chunk(N, K, kNtRun);  // as project_in's, of W
   for (int64_t k0 = 0; k0 < K; k0 += chunk) {
     const int64_t k1 = std::min(K, k0 + chunk);
     int64_t i = 0;
@@ -526,7 +523,7 @@ void transpose(int64_t M, int64_t K, const float* A, int64_t lda, float* B) {
 // the tile's rows of x stay in L1 for every 16 columns after the first.
 void project_in(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                 int64_t ldc) {
-  const int64_t chunk = in_chunk(N, K);
+  const int64_t chunk = k_chunk(N, K, kSumRun);
   for (int64_t k0 = 0; k0 < K; k0 += chunk) {
     const int64_t k1 = std::min(K, k0 + chunk);
     if (N <= kLanes) {
@@ -556,20 +553,19 @@ void project_out_from(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
 
 void project_out(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                  const OutputEpilogue<float>& e) {
-  if (M <= kRows) return project_out_from(M, N, K, A, lda, PanelSource{nullptr, nullptr, 0, nullptr, B, ldb}, e);
-  project_out_from(M, N, K, A, lda, PanelSource{panels(N, K, B, ldb), nullptr, 0, nullptr}, e);
+  if (M <= kRows) return project_out_from(M, N, K, A, lda, PanelSource::of_b(B, ldb), e);
+  project_out_from(M, N, K, A, lda, PanelSource::of_packed(panels(N, K, B, ldb)), e);
 }
 
 void project_out_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw,
                     const OutputEpilogue<float>& e) {
   if (M > kGroupRows) {
-    return project_out_from(M, N, K, A, lda, PanelSource{panels_of_transposed(N, K, W, ldw), nullptr, 0, nullptr},
-                            e);
+    return project_out_from(M, N, K, A, lda, PanelSource::of_packed(panels_of_transposed(N, K, W, ldw)), e);
   }
   if (static_cast<int64_t>(panels_buffer.size()) < N * kTileCols) {
     panels_buffer.resize(static_cast<size_t>(N * kTileCols));
   }
-  project_out_from(M, N, K, A, lda, PanelSource{nullptr, W, ldw, panels_buffer.data()}, e);
+  project_out_from(M, N, K, A, lda, PanelSource::made_from(W, ldw, panels_buffer.data()), e);
 }
 
 #else

@@ -337,23 +337,17 @@ void project_nt(int64_t M, int64_t N, int64_t K, const void* A, Kind a_kind, int
 template <typename acc_t>
 void project_out_nt(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const void* B, Kind b_kind,
                     int64_t ldb, const OutputEpilogue<acc_t>& e) {
+  int64_t ld_w = 0;
+  const acc_t* w = as_acc(B, b_kind, ldb, K, N, Buffers<acc_t>::weight, &ld_w);
   if constexpr (std::is_same_v<acc_t, float>) {
     if (avx2::available() && out_by_dots(M, N)) {
-      int64_t ld_w = 0;
-      const acc_t* w = as_acc(B, b_kind, ldb, K, N, Buffers<acc_t>::weight, &ld_w);
       return finish_in_chunks(M, K, e, [&](int64_t col0, int64_t cols, acc_t* u) {
         avx2::project_nt(M, cols, N, A, lda, w + col0 * ld_w, ld_w, u, cols);
       });
     }
-    if (avx2::handles(e)) {  // as in project_out
-      int64_t ld_w = 0;
-      const acc_t* w = as_acc(B, b_kind, ldb, K, N, Buffers<acc_t>::weight, &ld_w);
-      return avx2::project_out_nt(M, N, K, A, lda, w, ld_w, e);
-    }
+    if (avx2::handles(e)) return avx2::project_out_nt(M, N, K, A, lda, w, ld_w, e);  // as in project_out
   }
-  int64_t ld_b = 0;
-  const acc_t* b = as_acc(B, b_kind, ldb, K, N, Buffers<acc_t>::weight, &ld_b);
-  project_out_chunks(M, N, K, A, lda, b, ld_b, true, e);
+  project_out_chunks(M, N, K, A, lda, w, ld_w, true, e);
 }
 
 // Whether PyTorch's library exports the Fortran gemm of acc_t.
